@@ -1,0 +1,249 @@
+"""The `pronet-wsi` command line: the one Click module.
+
+Commands call into the package; every InputError/ValueError becomes a one-line message and exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from pronet_wsi.errors import InputError
+
+
+def friendly_errors(func):
+    """Turn bad-input exceptions into one-line ClickExceptions (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except (InputError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as exc:
+            raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="pronet-wsi")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def main(verbose: bool) -> None:
+    """PROnet nuclei instance segmentation from point annotations, for images and whole slides."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+# --- commands are added below, one function each ---
+
+
+@main.command()
+@click.argument("pred_dir", type=click.Path(path_type=Path))
+@click.argument("gt_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output_csv", type=click.Path(path_type=Path), default=None,
+              help="Write per-image scores and their mean to this CSV (image, object_dice, pixel_dice, aji, pq).")
+@friendly_errors
+def evaluate(pred_dir: Path, gt_dir: Path, output_csv: Path | None) -> None:
+    """Score predicted instance maps in PRED_DIR against ground truth in GT_DIR (paired by file stem).
+
+    Prints object Dice, pixel Dice, AJI and PQ per image and their mean over images.
+    """
+    from pronet_wsi.evaluation import evaluate_folder, format_table, write_scores_csv
+
+    rows, mean = evaluate_folder(pred_dir, gt_dir)
+    click.echo(format_table(rows, mean))
+    if output_csv is not None:
+        write_scores_csv(output_csv, rows, mean)
+        click.echo(f"wrote {output_csv}")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Folder for <stem>.tif (uint32 instance map) and <stem>_overlay.png.")
+@click.option("-m", "--model", "model_dir", default=None, type=click.Path(path_type=str),
+              help="Model folder (default: the shipped model).")
+@click.option("--mpp", type=float, default=None,
+              help="Images' resolution in um/px (default: the model's); resampled to the model's.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--window-px", default=1024, show_default=True, help="Images larger than this run in overlapping windows.")
+@friendly_errors
+def predict(inputs: tuple[str, ...], outdir: str, model_dir: str | None, mpp: float | None, device: str,
+            window_px: int) -> None:
+    """Segment nuclei in PNG/TIFF/JPEG images; write instance maps and overlays."""
+    from pathlib import Path
+
+    from pronet_wsi.images import list_images, read_image, write_labels, write_png
+    from pronet_wsi.inference import InferenceConfig, Predictor, segment_image
+    from pronet_wsi.overlay import draw_contours
+
+    if mpp is not None and mpp <= 0:
+        raise click.BadParameter(f"{mpp}: must be > 0", param_hint="--mpp")
+    paths = list_images(list(inputs))
+    images = [(p, read_image(p)) for p in paths[:1]]  # fail fast on the first file before loading the model
+    predictor = Predictor(model_dir, InferenceConfig(device=device, window_px=window_px))
+    out = Path(outdir)
+    for i, path in enumerate(paths):
+        image = images[0][1] if i == 0 else read_image(path)
+        seg = segment_image(image, predictor, mpp=mpp)
+        write_labels(out / f"{path.stem}.tif", seg.labels)
+        write_png(out / f"{path.stem}_overlay.png", draw_contours(image, seg.labels))
+        click.echo(f"{path.name}: {seg.n} nuclei -> {out / (path.stem + '.tif')}")
+
+
+@main.command()
+def info() -> None:
+    """Print versions, the compute device and the default model."""
+    import platform
+
+    import numpy as np
+    import torch
+
+    from pronet_wsi import __version__
+    from pronet_wsi.model import default_model_dir, load_model
+
+    click.echo(f"pronet-wsi {__version__}  python {platform.python_version()}  numpy {np.__version__}  "
+               f"torch {torch.__version__}")
+    if torch.cuda.is_available():
+        click.echo(f"device: cuda ({torch.cuda.get_device_name(0)})")
+    else:
+        click.echo(f"device: cpu ({torch.get_num_threads()} threads)")
+    found = default_model_dir()
+    if found is None:
+        click.echo("default model: none installed (pass -m MODEL_DIR)")
+    else:
+        b = load_model(found)
+        click.echo(f"default model: {found} (width {b.config.width}, mpp {b.config.mpp})")
+
+
+def _names(value: str | None) -> list[str] | None:
+    return [n.strip() for n in value.split(",") if n.strip()] if value else None
+
+
+@main.command()
+@click.option("--images", type=click.Path(path_type=str), help="Folder of training images.")
+@click.option("--points", type=click.Path(path_type=str), help="Folder of <stem>.csv / <stem>.geojson point files.")
+@click.option("--labels", type=click.Path(path_type=str),
+              help="Folder of instance maps; points = their centroids (for experiments).")
+@click.option("--names", help="Comma-separated image stems to use (default: all).")
+@click.option("--shift", nargs=2, type=float, default=None, help="Shift label-derived points by MIN MAX px.")
+@click.option("--slide", type=click.Path(path_type=str), help="Train from a whole-slide image ...")
+@click.option("--slide-mpp", type=float, default=None, help="... whose mpp is this when the file has none.")
+@click.option("--val-images", type=click.Path(path_type=str), help="Validation images folder.")
+@click.option("--val-labels", type=click.Path(path_type=str), help="Validation instance maps (for scores/tuning).")
+@click.option("--val-names", help="Comma-separated validation stems.")
+@click.option("--width", type=float, default=0.25, show_default=True, help="Channel multiplier (1.0 = paper VGG16).")
+@click.option("--epochs", type=int, default=150, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--weight-decay", type=float, default=3e-2, show_default=True)
+@click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
+@click.option("--patch-px", type=int, default=256, show_default=True)
+@click.option("--patches-per-image", type=int, default=16, show_default=True)
+@click.option("--mpp", type=float, default=0.25, show_default=True, help="Resolution of the training images.")
+@click.option("--euclidean", is_flag=True, help="Euclidean instead of geodesic pseudo labels (ablation).")
+@click.option("--no-offsets", is_flag=True, help="No offset module: centre map + binary only (ablation).")
+@click.option("--no-refine", is_flag=True, help="No EM point refinement (ablation).")
+@click.option("--max-minutes", type=float, default=None, help="Stop after this wall time (model still written).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in MODEL_DIR from its last checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Model folder to write.")
+@friendly_errors
+def train(images, points, labels, names, shift, slide, slide_mpp, val_images, val_labels, val_names, width, epochs,
+          batch_size, lr, weight_decay, schedule, patch_px, patches_per_image, mpp, euclidean, no_offsets, no_refine,
+          max_minutes, seed, device, resume, quiet, outdir) -> None:
+    """Train PROnet from point annotations (image folders + points, or QuPath points on a slide)."""
+    from pathlib import Path
+
+    from pronet_wsi.training.dataset import load_items, load_slide_items
+    from pronet_wsi.training.loop import TrainConfig
+    from pronet_wsi.training.loop import train as run_training
+    from pronet_wsi.training.pseudolabels import PseudoLabelConfig
+
+    if resume and (Path(outdir) / "train" / "train_config.json").exists():
+        import json
+
+        config = TrainConfig.from_json(json.loads((Path(outdir) / "train" / "train_config.json").read_text()))
+    else:
+        config = TrainConfig(
+            epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
+            patch_px=patch_px, patches_per_image=patches_per_image, width=width, mpp=mpp, seed=seed, device=device,
+            max_minutes=max_minutes, use_offsets=not no_offsets, use_refinement=not no_refine,
+            grouping="nearest_center" if no_offsets else "offsets",
+            offset_start_epoch=max(1, round(epochs * 20 / 150)), refine_start_epoch=max(1, round(epochs * 30 / 150)),
+            pseudo=PseudoLabelConfig(geodesic=not euclidean))
+    if slide:
+        if not points or images or labels:
+            raise click.UsageError("--slide needs --points POINTS.geojson and no --images/--labels")
+        items = load_slide_items(slide, points, config.mpp, slide_mpp=slide_mpp, region_px=4 * config.patch_px)
+    else:
+        if not images:
+            raise click.UsageError("give --images (with --points or --labels) or --slide with --points")
+        items = load_items(images, points, labels, names=_names(names), shift=tuple(shift) if shift else None,
+                           seed=seed)
+    val = None
+    if val_images:
+        if not val_labels:
+            raise click.UsageError("--val-images needs --val-labels (instance maps to score against)")
+        from pronet_wsi.training.dataset import load_val_items
+
+        val = load_val_items(val_images, val_labels, _names(val_names))
+    out = run_training(config, items, outdir, val_items=val, resume=resume, progress=not quiet)
+    click.echo(f"model written to {out}")
+
+
+@main.command("pseudo-labels")
+@click.argument("image", type=click.Path(path_type=Path))
+@click.argument("points", type=click.Path(path_type=Path))
+@click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for <stem>_voronoi.png, <stem>_cluster.png, <stem>_pseudolabels.png (+ .json).")
+@click.option("--lam", type=float, default=None, help="Geodesic weight in [0, 1] (default: PseudoLabelConfig's).")
+@click.option("--euclidean", is_flag=True, help="Euclidean instead of geodesic distance (the paper's ablation).")
+@click.option("--d-star", type=float, default=None, help="Distance truncation for k-means (paper: 70 MoNuSeg).")
+@click.option("--drop-outside", is_flag=True, help="Drop points outside the image instead of failing.")
+@friendly_errors
+def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, euclidean: bool,
+                  d_star: float | None, drop_outside: bool) -> None:
+    """Voronoi label V and cluster label K (paper 2.1) of IMAGE from the POINTS file (.csv x,y or .geojson).
+
+    The label PNGs are uint8: 0 background, 1 foreground, 2 ignore.
+    """
+    import dataclasses
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from pronet_wsi.images import atomic_write, read_image
+    from pronet_wsi.training.points import clip_points, read_points
+    from pronet_wsi.training.pseudolabels import PseudoLabelConfig, figure_pseudo_labels
+    from pronet_wsi.training.pseudolabels import pseudo_labels as make_pseudo_labels
+
+    overrides = {k: v for k, v in (("lam", lam), ("d_star", d_star)) if v is not None}
+    config = PseudoLabelConfig(geodesic=not euclidean, **overrides)
+    rgb = read_image(image)
+    pts, n_dropped = clip_points(read_points(points), rgb.shape[:2], drop_outside=drop_outside, source=str(points))
+    if len(pts) == 0:
+        raise InputError(f"{points}: no points inside the image; pseudo labels need at least one point")
+    voronoi, cluster = make_pseudo_labels(rgb, pts, config)
+    stem = image.stem
+    for name, lab in (("voronoi", voronoi), ("cluster", cluster)):
+        atomic_write(outdir / f"{stem}_{name}.png", lambda tmp, lab=lab: Image.fromarray(lab).save(tmp, format="PNG"))
+    fig = figure_pseudo_labels(rgb, voronoi, cluster, pts, title=f"{stem}: {len(pts)} points, "
+                               + ("Euclidean" if euclidean else f"geodesic lam={config.lam:g}"))
+    atomic_write(outdir / f"{stem}_pseudolabels.png", lambda tmp: fig.savefig(tmp, format="png"))
+    record = {"image": str(image), "points": str(points), "n_points": len(pts), "n_dropped": n_dropped,
+              "config": dataclasses.asdict(config),
+              "pixel_counts_bg_fg_ignore": {name: np.bincount(lab.ravel(), minlength=3).tolist()
+                            for name, lab in (("voronoi", voronoi), ("cluster", cluster))}}
+    atomic_write(outdir / f"{stem}_pseudolabels.json",
+                 lambda tmp: tmp.write_text(json.dumps(record, indent=2), encoding="utf-8"))
+    dropped = f" ({n_dropped} outside the image dropped)" if n_dropped else ""
+    click.echo(f"{image.name}: {len(pts)} points{dropped} -> {outdir / (stem + '_voronoi.png')}, "
+               f"{stem}_cluster.png, {stem}_pseudolabels.png")

@@ -1,0 +1,207 @@
+"""Outputs for QuPath and QC: streamed GeoJSON, a zarr label image, an overlay thumbnail, the run record.
+
+GeoJSON follows QuPath's import rules (see ``research/peer-tools.md`` section 3): one FeatureCollection; each
+nucleus a Feature with a UUID ``id``, a valid closed Polygon in level-0 pixels (QuPath frame) with
+coordinates rounded to 0.01 px, and ``properties`` holding ``objectType: "detection"``,
+``classification: {"name": "Nucleus", "color": [r, g, b]}`` and a ``measurements`` map. Features are written
+one at a time; the collection never exists in memory. Every file is written under a temporary name and renamed
+when complete.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from pronet_wsi.instances import Instances
+
+NUCLEUS_CLASS = {"name": "Nucleus", "color": [220, 50, 50]}
+_UUID_NAMESPACE = uuid.UUID("6f1c3c1e-5e0b-4a43-9a57-7d1f3b2c9e10")
+_CLASS_TEXT = json.dumps(NUCLEUS_CLASS, separators=(",", ":"))
+
+
+def nucleus_uuid(slide_stem: str, global_id: int) -> str:
+    """Deterministic UUID of nucleus ``global_id`` of a slide (the same on every rerun)."""
+    return str(uuid.uuid5(_UUID_NAMESPACE, f"{slide_stem}/{global_id}"))
+
+
+def _num(v: float) -> str:
+    v = float(v)
+    return repr(v) if np.isfinite(v) else "0.0"
+
+
+def feature_bodies(inst: Instances) -> list[str]:
+    """Text of each nucleus's Feature after its id: ``,"geometry":{...},"properties":{...}}``."""
+    out = []
+    for i in range(len(inst)):
+        m = inst.measurements(i)
+        meas = ",".join(f'"{k}":{_num(v)}' for k, v in m.items())
+        out.append(f',"geometry":{{"type":"Polygon","coordinates":{inst.geometry_json(i)}}},"properties":'
+                   f'{{"objectType":"detection","classification":{_CLASS_TEXT},"measurements":{{{meas}}}}}}}')
+    return out
+
+
+def feature_text(feature_id: str, body: str) -> str:
+    return f'{{"type":"Feature","id":"{feature_id}"{body}'
+
+
+class GeoJSONWriter:
+    """Stream a FeatureCollection to ``path`` (gzip when ``gzip``); the file appears only on :meth:`close`.
+
+    Use as a context manager: an exception inside the block removes the temporary file.
+    """
+
+    def __init__(self, path: Path, gzip_output: bool = False) -> None:
+        self.path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self._tmp = Path(tmp)
+        raw = os.fdopen(fd, "wb")
+        self._raw = raw
+        # mtime=0 and no file name: the same features give the same bytes on every run
+        self._fh = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if gzip_output else raw
+        self._buf = io.StringIO()
+        self.count = 0
+        self._fh.write(b'{"type":"FeatureCollection","features":[\n')
+
+    def write(self, feature: str) -> None:
+        if self.count:
+            self._buf.write(",\n")
+        self._buf.write(feature)
+        self.count += 1
+        if self._buf.tell() > 1 << 20:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._fh.write(self._buf.getvalue().encode())
+        self._buf = io.StringIO()
+
+    def close(self) -> None:
+        self._flush()
+        self._fh.write(b"\n]}\n")
+        if self._fh is not self._raw:
+            self._fh.close()
+        self._raw.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            if self._fh is not self._raw:
+                self._fh.close()
+            self._raw.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> GeoJSONWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def read_geojson(path: str | os.PathLike) -> dict:
+    """Read a (possibly gzipped) GeoJSON file back (whole, for tests and small files)."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    opener = gzip.open if magic == b"\x1f\x8b" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+class LabelsWriter:
+    """A uint32 instance-label image in the processing frame, as a zarr v3 array written chunk by chunk.
+
+    Chunks are ``chunk_px`` squares aligned with the tile cores, so each is written exactly once. Attributes
+    record the pixel size and the scale to level 0 (level-0 px per label px).
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, int], chunk_px: int, attrs: dict) -> None:
+        import zarr
+
+        self.path = Path(path)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self.array = zarr.create_array(store=str(self._tmp), shape=shape, chunks=(chunk_px, chunk_px),
+                                       dtype="uint32", fill_value=0, zarr_format=3)
+        self.array.attrs.update(attrs)
+
+    def write(self, row0: int, col0: int, block: np.ndarray) -> None:
+        if block.any():
+            self.array[row0 : row0 + block.shape[0], col0 : col0 + block.shape[1]] = block
+
+    def close(self) -> None:
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+class Overlay:
+    """A QC thumbnail: the slide with nucleus outlines and the tissue-mask border drawn on it.
+
+    thumbnail : (h, w, 3) uint8; downsample : level-0 px per thumbnail px.
+    """
+
+    def __init__(self, thumbnail: np.ndarray, downsample: float, mask: np.ndarray | None = None) -> None:
+        self.image = Image.fromarray(np.ascontiguousarray(thumbnail))
+        self.downsample = downsample
+        self._draw = ImageDraw.Draw(self.image)
+        if mask is not None and mask.any():
+            from scipy import ndimage as ndi
+
+            m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(self.image.size, Image.NEAREST)) > 0
+            edge = m & ~ndi.binary_erosion(m)
+            arr = np.asarray(self.image).copy()
+            arr[edge] = (0, 160, 0)
+            self.image = Image.fromarray(arr)
+            self._draw = ImageDraw.Draw(self.image)
+
+    def add(self, inst: Instances) -> None:
+        ds = self.downsample
+        for i in range(len(inst)):
+            ring = inst.polygon(i) / ds
+            if len(ring) >= 3:
+                self._draw.line(ring.ravel().tolist(), fill=(20, 20, 220), width=1)
+
+    def save(self, path: Path) -> None:
+        atomic_bytes(Path(path), _png_bytes(self.image))
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_mask_png(path: Path, mask: np.ndarray) -> None:
+    """Write a bool mask as a black/white PNG, atomically."""
+    atomic_bytes(Path(path), _png_bytes(Image.fromarray(mask.astype(np.uint8) * 255)))
+
+
+def write_json(path: Path, record: dict) -> None:
+    atomic_bytes(Path(path), (json.dumps(record, indent=2, default=str) + "\n").encode())
+
+
+def atomic_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,118 @@
+"""Plain image files in and out (PNG/TIFF/JPEG): RGB uint8 images and uint32 instance maps."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from pronet_wsi.errors import InputError
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+
+def _read_any(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise InputError(f"{path}: file not found; check the path")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file; give an image file or a folder of images")
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return np.asarray(tifffile.imread(path))
+        with Image.open(path) as im:
+            if im.mode in ("P", "CMYK", "YCbCr", "LA"):
+                im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
+            return np.asarray(im)
+    except InputError:
+        raise
+    except Exception as exc:  # any decoder failure is a bad file for the user
+        raise InputError(f"{path}: cannot be read as an image ({type(exc).__name__}); give a PNG, TIFF or JPEG") from exc
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an RGB image as (H, W, 3) uint8.
+
+    RGBA is composited on white, 16-bit and float images are rescaled to 8 bits. Grayscale images are refused
+    because the model needs H&E colour.
+    """
+    path = Path(path)
+    arr = _read_any(path)
+    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # planar TIFF
+    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 1):
+        raise InputError(f"{path}: grayscale image; pronet-wsi needs an RGB (H&E) image")
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        raise InputError(f"{path}: unsupported image shape {arr.shape}; expected (H, W, 3) RGB or (H, W, 4) RGBA")
+    arr = _to_uint8(arr, path)
+    if arr.shape[-1] == 4:
+        alpha = arr[..., 3:4].astype(np.float32) / 255.0
+        rgb = arr[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+        arr = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(arr[..., :3])
+
+
+def _to_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.uint16:
+        return (arr.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        scale = 255.0 if float(np.nanmax(arr)) <= 1.0 else 1.0
+        return np.clip(np.nan_to_num(arr) * scale, 0, 255).astype(np.uint8)
+    raise InputError(f"{path}: unsupported pixel type {arr.dtype}; give an 8- or 16-bit RGB image")
+
+
+def read_labels(path: str | os.PathLike) -> np.ndarray:
+    """Read an instance map (PNG or TIFF, 0 = background) as (H, W) int64."""
+    path = Path(path)
+    arr = _read_any(path)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        raise InputError(f"{path}: an RGB image, not an instance map; give a single-channel label image")
+    if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+        raise InputError(f"{path}: not an instance map (shape {arr.shape}, {arr.dtype}); expected a 2-D integer image")
+    return arr.astype(np.int64)
+
+
+def list_images(inputs: list[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders into a sorted list of image paths; an empty folder is an error."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+            if not found:
+                raise InputError(f"{p}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            out.extend(found)
+        elif not p.exists():
+            raise InputError(f"{p}: file not found; check the path")
+        else:
+            out.append(p)
+    return out
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename into ``path``, so a crash never leaves a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_labels(path: Path, labels: np.ndarray) -> None:
+    """Write a uint32 instance map as a zlib-compressed TIFF, atomically."""
+    atomic_write(Path(path), lambda tmp: tifffile.imwrite(tmp, labels.astype(np.uint32), compression="zlib"))
+
+
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    """Write an (H, W, 3) uint8 image as PNG, atomically."""
+    atomic_write(Path(path), lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG"))

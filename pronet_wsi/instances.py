@@ -1,0 +1,292 @@
+"""One results type for nuclei: centres, polygons and measurements, columnar (one row per nucleus).
+
+:func:`tile_instances` turns one tile's :class:`~pronet_wsi.postprocess.Segmentation` into the candidates that
+tile offers for stitching: every instance whose centre lies in the tile's core grown by the match radius, with
+a valid QuPath-ready polygon in level-0 pixels. Pure numpy/shapely; no files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import shapely
+from scipy import ndimage as ndi
+
+from pronet_wsi.geometry import Box, Frame
+
+SIMPLIFY_PX = 0.5
+GRID_PX = 0.01
+
+
+@dataclass(frozen=True)
+class Instances:
+    """Nuclei, one row each. All coordinates level-0 ``(x, y)`` px (QuPath frame) unless stated.
+
+    centers_xy : (N, 2) float64, predicted nucleus centre (pixel-centre convention).
+    priority : (N,) float64, distance in processing px from the centre to the edge of the tile that saw it
+        (larger = more context; used to choose between two tiles' views of one nucleus).
+    in_core : (N,) bool, centre inside the tile's core.
+    area_px : (N,) float64, area in level-0 px^2 (pixel count times scale^2).
+    area_um2 : (N,) float64, area in um^2.
+    center_score : (N,) float32, centre-heatmap value at the centre.
+    foreground_mean : (N,) float32, mean foreground probability over the nucleus.
+    coords : (M, 2) float64, polygon exterior rings (closed) concatenated; ring i is
+        ``coords[offsets[i]:offsets[i + 1]]``.
+    offsets : (N + 1,) int64.
+    masks : optional per-nucleus masks for label images: ``bbox`` (N, 4) int64 ``(r0, c0, r1, c1)`` in the
+        processing frame and ``bits`` packed bits with ``bit_offsets`` (N + 1,) int64 (see :meth:`mask`).
+    """
+
+    centers_xy: np.ndarray
+    priority: np.ndarray
+    in_core: np.ndarray
+    area_px: np.ndarray
+    area_um2: np.ndarray
+    center_score: np.ndarray
+    foreground_mean: np.ndarray
+    coords: np.ndarray
+    offsets: np.ndarray
+    bbox: np.ndarray | None = None
+    bits: np.ndarray | None = None
+    bit_offsets: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.centers_xy)
+
+    def polygon(self, i: int) -> np.ndarray:
+        """(K, 2) closed exterior ring of nucleus ``i``."""
+        return self.coords[self.offsets[i] : self.offsets[i + 1]]
+
+    def mask(self, i: int) -> np.ndarray:
+        """(h, w) bool mask of nucleus ``i`` inside its ``bbox`` (processing frame)."""
+        r0, c0, r1, c1 = (int(v) for v in self.bbox[i])
+        n = (r1 - r0) * (c1 - c0)
+        packed = self.bits[self.bit_offsets[i] : self.bit_offsets[i + 1]]
+        return np.unpackbits(packed, count=n).astype(bool).reshape(r1 - r0, c1 - c0)
+
+    def select(self, keep: np.ndarray) -> Instances:
+        """The rows where ``keep`` (bool (N,) or index array) is set, in order."""
+        idx = np.nonzero(keep)[0] if np.asarray(keep).dtype == bool else np.asarray(keep, np.int64)
+        lens = np.diff(self.offsets)[idx]
+        take = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in idx]) if len(idx) else \
+            np.zeros(0, np.int64)
+        extra = {}
+        if self.bbox is not None:
+            blens = np.diff(self.bit_offsets)[idx]
+            btake = (np.concatenate([np.arange(self.bit_offsets[i], self.bit_offsets[i + 1]) for i in idx])
+                     if len(idx) else np.zeros(0, np.int64))
+            extra = {"bbox": self.bbox[idx], "bits": self.bits[btake],
+                     "bit_offsets": np.concatenate([[0], np.cumsum(blens)]).astype(np.int64)}
+        return Instances(self.centers_xy[idx], self.priority[idx], self.in_core[idx], self.area_px[idx],
+                         self.area_um2[idx], self.center_score[idx], self.foreground_mean[idx],
+                         self.coords[take].reshape(-1, 2), np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+                         **extra)
+
+    def geometry_json(self, i: int) -> str:
+        """The GeoJSON ``coordinates`` of nucleus ``i`` (one ring, rounded to 0.01 px) as text."""
+        ring = np.round(self.polygon(i), 2)
+        if np.all(ring == np.rint(ring)):
+            ring = ring.astype(np.int64)
+        return json.dumps([ring.tolist()], separators=(",", ":"))
+
+    def measurements(self, i: int) -> dict[str, float]:
+        return {"area_um2": round(float(self.area_um2[i]), 3), "area_px": round(float(self.area_px[i]), 2),
+                "center_score": round(float(self.center_score[i]), 4),
+                "foreground_mean": round(float(self.foreground_mean[i]), 4)}
+
+    @classmethod
+    def empty(cls, with_masks: bool = False) -> Instances:
+        z = np.zeros(0)
+        extra = ({"bbox": np.zeros((0, 4), np.int64), "bits": np.zeros(0, np.uint8),
+                  "bit_offsets": np.zeros(1, np.int64)} if with_masks else {})
+        return cls(np.zeros((0, 2)), z, np.zeros(0, bool), z, z, np.zeros(0, np.float32), np.zeros(0, np.float32),
+                   np.zeros((0, 2)), np.zeros(1, np.int64), **extra)
+
+
+def tile_instances(labels: np.ndarray, centers_rc: np.ndarray, center_scores: np.ndarray, foreground: np.ndarray,
+                   read: Box, core: Box, frame: Frame, model_mpp: float, match_radius_px: float,
+                   with_masks: bool = False) -> Instances:
+    """Candidates of one tile: instances whose centre lies in ``core`` grown by ``match_radius_px``.
+
+    Parameters
+    ----------
+    labels : (H, W) uint32 tile instance map (ids 1..N), processing px, tile-local.
+    centers_rc : (N, 2) float64 tile-local (row, col) centre of instance i + 1.
+    center_scores : (N,) float32.
+    foreground : (H, W) float32 foreground probability.
+    read, core : the tile's read and core boxes in the processing frame.
+    frame : the slide's processing frame (scale to level 0).
+    model_mpp : um per processing px.
+    match_radius_px : candidates reach this far (processing px) beyond the core.
+    with_masks : also keep each nucleus's pixel mask (for ``--labels-zarr``).
+
+    Returns
+    -------
+    :class:`Instances` sorted by centre (y, then x); nuclei whose polygon collapses are dropped.
+    """
+    n = len(centers_rc)
+    if n == 0:
+        return Instances.empty(with_masks)
+    centers_p = np.stack([centers_rc[:, 1] + 0.5 + read.x0, centers_rc[:, 0] + 0.5 + read.y0], axis=1)
+    cand = core.expand(match_radius_px).contains_xy(centers_p)
+    ids = np.nonzero(cand)[0] + 1
+    if len(ids) == 0:
+        return Instances.empty(with_masks)
+    objs = ndi.find_objects(labels, max_label=n)
+    ok = np.array([objs[i - 1] is not None for i in ids], bool)
+    ids = ids[ok]
+    if len(ids) == 0:
+        return Instances.empty(with_masks)
+    bbox = np.array([[objs[i - 1][0].start, objs[i - 1][1].start, objs[i - 1][0].stop, objs[i - 1][1].stop]
+                     for i in ids], np.int64)
+    lab = np.ascontiguousarray(labels, dtype=np.int64) if labels.dtype != np.int64 else labels
+    coords, offsets = _trace_outlines(lab, ids.astype(np.int64), bbox)
+    rings = (coords + np.array([read.x0, read.y0])) * frame.scale  # processing corners -> level 0
+    polys = _valid_polygons(rings, offsets, frame.scale != 1.0)
+    alive = ~shapely.is_empty(polys)
+    ids, bbox, polys = ids[alive], bbox[alive], polys[alive]
+    if len(ids) == 0:
+        return Instances.empty(with_masks)
+    flat = lab.ravel()
+    counts = np.bincount(flat, minlength=n + 1)[ids].astype(np.float64)
+    fg_sum = np.bincount(flat, weights=np.asarray(foreground, np.float64).ravel(), minlength=n + 1)[ids]
+    c_p = centers_p[ids - 1]
+    order = np.lexsort((c_p[:, 0], c_p[:, 1]))
+    ids, bbox, polys, counts, fg_sum, c_p = ids[order], bbox[order], polys[order], counts[order], fg_sum[order], \
+        c_p[order]
+    ring_coords, ring_offsets = _exterior_arrays(polys)
+    extra = {}
+    if with_masks:
+        packed = [np.packbits(lab[r0:r1, c0:c1] == i) for i, (r0, c0, r1, c1) in zip(ids, bbox, strict=True)]
+        extra = {"bbox": bbox + np.array([read.y0, read.x0, read.y0, read.x0], np.int64),
+                 "bits": np.concatenate(packed) if packed else np.zeros(0, np.uint8),
+                 "bit_offsets": np.concatenate([[0], np.cumsum([len(p) for p in packed])]).astype(np.int64)}
+    return Instances(
+        centers_xy=frame.to_level0(c_p),
+        priority=read.edge_distance(c_p),
+        in_core=core.contains_xy(c_p),
+        area_px=counts * frame.scale**2,
+        area_um2=counts * model_mpp**2,
+        center_score=np.asarray(center_scores, np.float32)[ids - 1],
+        foreground_mean=(fg_sum / np.maximum(counts, 1)).astype(np.float32),
+        coords=ring_coords,
+        offsets=ring_offsets,
+        **extra,
+    )
+
+
+def _valid_polygons(coords: np.ndarray, offsets: np.ndarray, snap: bool) -> np.ndarray:
+    """Closed rings -> valid simplified polygons (largest piece of make_valid), snapped to 0.01 px if ``snap``."""
+    n = len(offsets) - 1
+    polys = shapely.from_ragged_array(shapely.GeometryType.POLYGON, coords,
+                                      (offsets, np.arange(n + 1, dtype=np.int64)))
+    bad = ~shapely.is_valid(polys)
+    if bad.any():
+        polys[bad] = [_largest_polygon(g) for g in shapely.make_valid(polys[bad])]
+    simple = shapely.simplify(polys, SIMPLIFY_PX, preserve_topology=False)
+    broken = ~shapely.is_valid(simple) | shapely.is_empty(simple)
+    if broken.any():
+        simple[broken] = shapely.simplify(polys[broken], SIMPLIFY_PX, preserve_topology=True)
+    polys = simple
+    if snap:
+        polys = shapely.set_precision(polys, GRID_PX)
+    fix = ~shapely.is_empty(polys) & (shapely.get_type_id(polys) != 3)  # 3 = Polygon
+    fix |= ~shapely.is_valid(polys)
+    if fix.any():
+        polys[fix] = [_largest_polygon(shapely.make_valid(g)) for g in polys[fix]]
+    # drop holes: a nucleus outline is its exterior ring
+    return shapely.polygons(shapely.get_exterior_ring(polys))
+
+
+def _largest_polygon(geom) -> shapely.Geometry:
+    """Largest Polygon in ``geom`` (an empty Polygon when there is none)."""
+    if geom is None or geom.is_empty:
+        return shapely.Polygon()
+    if geom.geom_type == "Polygon":
+        return geom
+    parts = [g for g in getattr(geom, "geoms", []) if g.geom_type in ("Polygon", "MultiPolygon")]
+    polys = [p for g in parts for p in (g.geoms if g.geom_type == "MultiPolygon" else [g])]
+    return max(polys, key=lambda p: p.area) if polys else shapely.Polygon()
+
+
+def _exterior_arrays(polys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exterior rings of Polygons -> (M, 2) coords and (N + 1,) offsets."""
+    rings = shapely.get_exterior_ring(polys)
+    coords, idx = shapely.get_coordinates(rings, return_index=True)
+    counts = np.bincount(idx, minlength=len(polys))
+    return coords, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+@numba.njit(cache=True)
+def _inside(lab, y, x, ident):
+    h, w = lab.shape
+    return 0 <= y < h and 0 <= x < w and lab[y, x] == ident
+
+
+@numba.njit(cache=True, nogil=True)
+def _trace_outlines(lab, ids, bbox):
+    """Outer boundary of each 4-connected instance, traced along pixel edges (crack following).
+
+    Each corner of the pixel-edge outline is cut 0.5 px along both of its edges (the marching-squares
+    outline at level 0.5), so one-pixel stairs become straight diagonals and two pixels that touch only at a
+    corner do not make the ring touch itself. Points are ``(x, y)`` tile-local processing px; rings are closed.
+    """
+    dys = (0, 1, 0, -1)  # E, S, W, N: turning right is +1
+    dxs = (1, 0, -1, 0)
+    # ahead-left / ahead-right pixel offsets (row, col) from the vertex, per direction
+    alr = (-1, 0, 0, -1)
+    alc = (0, 0, -1, -1)
+    arr_ = (0, 0, -1, -1)
+    arc = (0, -1, -1, 0)
+    cap = 64 * len(ids) + 16
+    out = np.empty((cap, 2), np.float64)
+    offsets = np.zeros(len(ids) + 1, np.int64)
+    m = 0
+    for k in range(len(ids)):
+        ident = ids[k]
+        r0 = bbox[k, 0]
+        c0 = bbox[k, 1]
+        while lab[r0, c0] != ident:
+            c0 += 1
+        y, x, d = r0, c0, 0
+        start = m
+        steps = 0
+        limit = 4 * (bbox[k, 2] - bbox[k, 0] + 1) * (bbox[k, 3] - bbox[k, 1] + 1) + 8
+        while True:
+            y += dys[d]
+            x += dxs[d]
+            steps += 1
+            a_r = _inside(lab, y + arr_[d], x + arc[d], ident)
+            a_l = _inside(lab, y + alr[d], x + alc[d], ident)
+            if not a_r:
+                nd = (d + 1) % 4
+            elif a_l:
+                nd = (d + 3) % 4
+            else:
+                nd = d
+            if nd != d:
+                if m + 4 >= out.shape[0]:
+                    bigger = np.empty((out.shape[0] * 2, 2), np.float64)
+                    bigger[:m] = out[:m]
+                    out = bigger
+                px = x - 0.5 * dxs[d]
+                py = y - 0.5 * dys[d]
+                if m == start or out[m - 1, 0] != px or out[m - 1, 1] != py:
+                    out[m, 0] = px
+                    out[m, 1] = py
+                    m += 1
+                out[m, 0] = x + 0.5 * dxs[nd]
+                out[m, 1] = y + 0.5 * dys[nd]
+                m += 1
+            d = nd
+            if (y == r0 and x == c0 and d == 0) or steps > limit:
+                break
+        if out[m - 1, 0] != out[start, 0] or out[m - 1, 1] != out[start, 1]:
+            out[m, 0] = out[start, 0]  # close the ring
+            out[m, 1] = out[start, 1]
+            m += 1
+        offsets[k + 1] = m
+    return out[:m].copy(), offsets

@@ -1,0 +1,216 @@
+"""PRONet (paper Fig. 1): VGG16 encoder, U-Net decoder, and three modules in sequence
+(binary -> offset -> centre) joined by residual units and attention units.
+
+``forward(x)`` returns raw maps, the same in train and eval:
+``foreground`` (B, 1, H, W) logits, ``offsets`` (B, 2, H, W) (dy, dx) px, ``centers`` (B, 1, H, W) logits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pronet_wsi.errors import InputError
+from pronet_wsi.postprocess import PostprocessConfig
+
+VGG16_STAGES = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))  # 13 conv layers in 5 stages
+WEIGHTS_FILE = "weights.pt"
+ARCHITECTURE = "pronet-vgg16"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What a model folder records about the network and its input.
+
+    width : channel multiplier; 1.0 = the paper's VGG16 channels (64..512).
+    mpp : microns per pixel of the training images; inputs are resampled to it.
+    mean, std : per-channel RGB normalisation of inputs scaled to [0, 1].
+    offset_scale : the offset head's raw output is multiplied by this (px), so targets are O(1).
+    """
+
+    architecture: str = ARCHITECTURE
+    width: float = 1.0
+    batch_norm: bool = True
+    mpp: float = 0.25
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    offset_scale: float = 10.0
+    center_radius_px: float = 8.0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.architecture != ARCHITECTURE:
+            raise ValueError(f"architecture={self.architecture!r}: only {ARCHITECTURE!r} is known")
+        if not 0.05 <= self.width <= 2.0:
+            raise ValueError(f"width={self.width}: must be in [0.05, 2.0]")
+        if self.mpp <= 0:
+            raise ValueError(f"mpp={self.mpp}: must be > 0")
+
+
+def _ch(c: int, width: float) -> int:
+    return max(4, int(round(c * width)))
+
+
+def _conv(cin: int, cout: int, bn: bool) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=not bn)]
+    if bn:
+        layers.append(nn.BatchNorm2d(cout))
+    layers.append(nn.ReLU(inplace=True))
+    return layers
+
+
+class ResidualUnit(nn.Module):
+    """x + conv-bn-relu-conv-bn(x), then ReLU: lets a later module reuse an earlier one's features."""
+
+    def __init__(self, c: int, bn: bool) -> None:
+        super().__init__()
+        norm = nn.BatchNorm2d if bn else nn.Identity
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=not bn), norm(c), nn.ReLU(inplace=True),
+                                  nn.Conv2d(c, c, 3, padding=1, bias=not bn), norm(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.body(x))
+
+
+class AttentionUnit(nn.Module):
+    """Refines features with a later module's prediction: f * (1 + sigmoid(conv(prediction)))."""
+
+    def __init__(self, c_pred: int, c: int) -> None:
+        super().__init__()
+        self.gate = nn.Sequential(nn.Conv2d(c_pred, c, 3, padding=1), nn.Sigmoid())
+
+    def forward(self, features: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+        return features * (1.0 + self.gate(prediction))
+
+
+class PRONet(nn.Module):
+    """PRONet with a VGG16 encoder; any input size (padded internally to a multiple of 16)."""
+
+    def __init__(self, config: ModelConfig = ModelConfig()) -> None:
+        super().__init__()
+        self.config = config
+        bn, w = config.batch_norm, config.width
+        self.stages = nn.ModuleList()
+        cin, chans = 3, []
+        for c, n in VGG16_STAGES:
+            c = _ch(c, w)
+            layers: list[nn.Module] = []
+            for _ in range(n):
+                layers += _conv(cin, c, bn)
+                cin = c
+            self.stages.append(nn.Sequential(*layers))
+            chans.append(c)
+        # decoder: up from stage 5, concatenating skips of stages 4..1
+        self.decoder = nn.ModuleList()
+        c_up = chans[-1]
+        for skip in reversed(chans[:-1]):
+            self.decoder.append(nn.Sequential(*_conv(c_up + skip, skip, bn), *_conv(skip, skip, bn)))
+            c_up = skip
+        c = chans[0]
+        self.ru_binary = ResidualUnit(c, bn)
+        self.ru_offset = ResidualUnit(c, bn)
+        self.ru_center = ResidualUnit(c, bn)
+        self.au_offset = AttentionUnit(1, c)  # centre prediction refines offset features
+        self.au_binary = AttentionUnit(2, c)  # offset prediction refines binary features
+        self.head_binary = nn.Conv2d(c, 1, 1)
+        self.head_offset = nn.Conv2d(c, 2, 1)
+        self.head_center = nn.Conv2d(c, 1, 1)
+        nn.init.constant_(self.head_center.bias, -2.19)  # CenterNet prior: sigmoid = 0.1
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % 16, (-w) % 16
+        if ph or pw:
+            mode = "reflect" if h > ph and w > pw else "replicate"
+            x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        skips = []
+        for i, stage in enumerate(self.stages):
+            if i:
+                x = F.max_pool2d(x, 2)
+            x = stage(x)
+            skips.append(x)
+        for block, skip in zip(self.decoder, reversed(skips[:-1]), strict=True):
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(torch.cat([x, skip], dim=1))
+        f_binary = self.ru_binary(x)
+        f_offset = self.ru_offset(f_binary)
+        f_center = self.ru_center(f_offset)
+        centers = self.head_center(f_center)
+        offsets = self.head_offset(self.au_offset(f_offset, torch.sigmoid(centers))) * self.config.offset_scale
+        foreground = self.head_binary(self.au_binary(f_binary, offsets / self.config.offset_scale))
+        return {"foreground": foreground[..., :h, :w], "offsets": offsets[..., :h, :w], "centers": centers[..., :h, :w]}
+
+
+def save_model(model: PRONet, path: str | Path, thresholds: PostprocessConfig = PostprocessConfig(),
+               extra: dict | None = None) -> Path:
+    """Write a model folder: ``config.json``, ``thresholds.json``, ``weights.pt`` (a plain state dict)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = asdict(model.config)
+    if extra:
+        cfg["extra"] = {**cfg.get("extra", {}), **extra}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path / (WEIGHTS_FILE + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path / WEIGHTS_FILE)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (path / "thresholds.json").write_text(json.dumps(asdict(thresholds), indent=2) + "\n")
+    return path
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A loaded model folder: the network (eval mode), its config and its post-processing thresholds."""
+
+    model: PRONet
+    config: ModelConfig
+    thresholds: PostprocessConfig
+    path: Path | None = None
+
+
+def load_model(path: str | Path) -> ModelBundle:
+    """Read a model folder written by :func:`save_model`; weights load without unpickling code."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path}: not a model folder (no config.json); give -m a folder made by `pronet-wsi train`")
+    try:
+        raw = json.loads((path / "config.json").read_text())
+        raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
+        config = ModelConfig(**raw)
+        thr_file = path / "thresholds.json"
+        thresholds = PostprocessConfig(**json.loads(thr_file.read_text())) if thr_file.exists() else PostprocessConfig()
+        state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise InputError(f"{path}: broken model folder ({exc}); retrain or reinstall the model") from exc
+    model = PRONet(config)
+    model.load_state_dict(state)
+    model.eval()
+    return ModelBundle(model, config, thresholds, path)
+
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_MODEL = "pronet-monuseg"
+
+
+def default_model_dir() -> Path | None:
+    """The shipped model folder, or None when none is installed."""
+    for base in (Path(__file__).resolve().parent / "models", MODELS_DIR):
+        if (base / DEFAULT_MODEL / "config.json").is_file():
+            return base / DEFAULT_MODEL
+    return None
+
+
+def resolve_model_dir(path: str | Path | None) -> Path:
+    """``-m`` or the shipped model; a clear error when neither exists."""
+    if path is not None:
+        return Path(path)
+    found = default_model_dir()
+    if found is None:
+        raise InputError(f"no model given and no default model installed at {MODELS_DIR / DEFAULT_MODEL}; "
+                         "pass -m MODEL_DIR (a folder made by `pronet-wsi train`)")
+    return found

@@ -1,0 +1,101 @@
+"""Per-tile results on disk, so a killed run resumes where it stopped.
+
+One ``.npz`` file per finished tile under ``OUTDIR/.<slide stem>.parts/``, written to a temporary name and
+renamed, so a file that exists is complete. ``fingerprint.json`` records what the parts were computed from
+(slide, model, settings); a store whose fingerprint differs is emptied before use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from pronet_wsi.instances import Instances
+
+_FIELDS = ("centers_xy", "priority", "in_core", "area_px", "area_um2", "center_score", "foreground_mean",
+           "coords", "offsets")
+_MASK_FIELDS = ("bbox", "bits", "bit_offsets")
+
+
+class PartStore:
+    """A folder of per-tile results.
+
+    Parameters
+    ----------
+    root : the folder (created).
+    fingerprint : plain-JSON description of the run; parts from a different fingerprint are deleted.
+        None opens an existing store as it is (tile tasks).
+    """
+
+    def __init__(self, root: Path, fingerprint: dict | None = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        if fingerprint is None:
+            return
+        fp_path = self.root / "fingerprint.json"
+        text = json.dumps(fingerprint, sort_keys=True, indent=1, default=str)
+        old = fp_path.read_text() if fp_path.exists() else None
+        if old != text:
+            for p in self.root.glob("*.npz"):
+                p.unlink()
+            _atomic_text(fp_path, text)
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.npz"
+
+    def done(self) -> set[str]:
+        """Keys of the tiles whose results are on disk."""
+        return {p.stem for p in self.root.glob("*.npz")}
+
+    def save(self, key: str, inst: Instances, bodies: list[str], stats: dict) -> None:
+        """Write one tile's candidates, their GeoJSON feature bodies and its stats, atomically."""
+        blob = "".join(bodies).encode()
+        lens = np.array([len(b.encode()) for b in bodies], np.int64)
+        arrays = {f: getattr(inst, f) for f in _FIELDS}
+        if inst.bbox is not None:
+            arrays.update({f: getattr(inst, f) for f in _MASK_FIELDS})
+        arrays["text"] = np.frombuffer(blob, np.uint8)
+        arrays["text_offsets"] = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        arrays["stats"] = np.frombuffer(json.dumps(stats).encode(), np.uint8)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npz", dir=self.root)
+        os.close(fd)
+        try:
+            np.savez_compressed(tmp, **arrays)
+            os.replace(tmp, self.path(key))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load(self, key: str, masks: bool = False) -> Instances:
+        with np.load(self.path(key)) as z:
+            extra = {f: z[f] for f in _MASK_FIELDS if masks and f in z.files}
+            return Instances(**{f: z[f] for f in _FIELDS}, **extra)
+
+    def load_centers(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(centers_xy, priority, in_core) only (cheap; for stitching decisions)."""
+        with np.load(self.path(key)) as z:
+            return z["centers_xy"], z["priority"], z["in_core"]
+
+    def load_texts(self, key: str) -> list[str]:
+        with np.load(self.path(key)) as z:
+            blob, off = z["text"].tobytes(), z["text_offsets"]
+        return [blob[a:b].decode() for a, b in zip(off[:-1], off[1:], strict=True)]
+
+    def load_stats(self, key: str) -> dict:
+        with np.load(self.path(key)) as z:
+            return json.loads(z["stats"].tobytes().decode())
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)

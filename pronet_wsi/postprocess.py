@@ -1,0 +1,172 @@
+"""Maps -> instances: centre peaks, then paper Eq. 1 (each foreground pixel joins the centre nearest to
+its own position plus its predicted offset)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.spatial import cKDTree
+
+GROUPINGS = ("offsets", "nearest_center", "components")
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """Thresholds for turning maps into instances (tuned on validation; stored in ``thresholds.json``).
+
+    grouping : ``offsets`` = paper Eq. 1; ``nearest_center`` = each pixel joins its nearest centre
+    (the ablation without an offset module); ``components`` = connected components of the mask
+    (the Qu et al. 2019 baseline).
+    """
+
+    center_threshold: float = 0.2
+    foreground_threshold: float = 0.5
+    min_area_px: int = 10
+    nms_px: int = 3
+    grouping: str = "offsets"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.center_threshold < 1.0:
+            raise ValueError(f"center_threshold={self.center_threshold}: must be in (0, 1)")
+        if not 0.0 < self.foreground_threshold < 1.0:
+            raise ValueError(f"foreground_threshold={self.foreground_threshold}: must be in (0, 1)")
+        if self.min_area_px < 0:
+            raise ValueError(f"min_area_px={self.min_area_px}: must be >= 0")
+        if self.grouping not in GROUPINGS:
+            raise ValueError(f"grouping={self.grouping!r}: must be one of {', '.join(GROUPINGS)}")
+        if self.nms_px < 1 or self.nms_px % 2 == 0:
+            raise ValueError(f"nms_px={self.nms_px}: must be an odd integer >= 1")
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """Instances of one image or tile.
+
+    labels : (H, W) uint32, 0 = background, ids 1..N.
+    centers_rc : (N, 2) float64, (row, col) centre of instance i + 1 in the array frame.
+    center_scores : (N,) float32, centre-heatmap probability at that centre (0 for fragments without a peak).
+    """
+
+    labels: np.ndarray
+    centers_rc: np.ndarray
+    center_scores: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.centers_rc)
+
+
+def find_centers(centers: np.ndarray, config: PostprocessConfig = PostprocessConfig()) -> np.ndarray:
+    """Local maxima of the centre heatmap above the threshold.
+
+    Parameters
+    ----------
+    centers : (H, W) float, centre-heatmap probability.
+
+    Returns
+    -------
+    (N, 2) float64 (row, col) peaks; a plateau of equal maxima gives one peak at its centroid.
+    """
+    peak = (centers == ndi.maximum_filter(centers, size=config.nms_px, mode="nearest"))
+    peak &= centers > config.center_threshold
+    comp, n = ndi.label(peak, structure=np.ones((3, 3)))
+    if n == 0:
+        return np.zeros((0, 2))
+    return np.asarray(ndi.center_of_mass(peak, comp, np.arange(1, n + 1)), float).reshape(-1, 2)
+
+
+def group_pixels(foreground: np.ndarray, offsets: np.ndarray, centers_rc: np.ndarray) -> np.ndarray:
+    """Paper Eq. 1: each foreground pixel joins the centre nearest to (row, col) + offset.
+
+    Parameters
+    ----------
+    foreground : (H, W) bool mask.
+    offsets : (2, H, W) float, (dy, dx) px from each pixel to its nucleus centre.
+    centers_rc : (N, 2) float centres.
+
+    Returns
+    -------
+    (H, W) int64, 0 = background or no centre, i + 1 = joined ``centers_rc[i]``.
+    """
+    out = np.zeros(foreground.shape, np.int64)
+    if len(centers_rc) == 0:
+        return out
+    rows, cols = np.nonzero(foreground)
+    votes = np.stack([rows + offsets[0, rows, cols], cols + offsets[1, rows, cols]], axis=1)
+    _, idx = cKDTree(np.asarray(centers_rc, float)).query(votes, workers=-1)
+    out[rows, cols] = idx + 1
+    return out
+
+
+def postprocess(maps: dict[str, np.ndarray], config: PostprocessConfig = PostprocessConfig()) -> Segmentation:
+    """Instances from one tile's maps.
+
+    ``maps`` holds ``foreground`` (H, W) probability, ``offsets`` (2, H, W) (dy, dx) px and ``centers``
+    (H, W) probability. Each centre keeps its largest connected piece; other pieces of at least
+    ``min_area_px`` become instances of their own (a nucleus whose centre peak was missed), smaller ones
+    are dropped.
+    """
+    centers_map = np.asarray(maps["centers"], np.float32)
+    fg = np.asarray(maps["foreground"]) > config.foreground_threshold
+    if config.grouping == "components":
+        assigned = ndi.label(fg)[0]
+        peaks = instance_centroids_rc(assigned)
+    else:
+        peaks = find_centers(centers_map, config)
+        offsets = np.asarray(maps["offsets"], np.float32)
+        if config.grouping == "nearest_center":
+            offsets = np.zeros_like(offsets)
+        assigned = group_pixels(fg, offsets, peaks)
+    # connected pieces of constant assignment (4-connectivity)
+    pieces = _pieces(assigned)
+    n_pieces = int(pieces.max())
+    if n_pieces == 0:
+        return Segmentation(np.zeros(fg.shape, np.uint32), np.zeros((0, 2)), np.zeros(0, np.float32))
+    flat = pieces.ravel()
+    area = np.bincount(flat, minlength=n_pieces + 1)[1:]
+    owner = np.zeros(n_pieces, np.int64)
+    owner[flat[flat > 0] - 1] = assigned.ravel()[flat > 0]  # each piece has one owner centre
+    # largest piece per owner centre
+    order = np.lexsort((-area, owner))
+    first = np.ones(n_pieces, bool)
+    first[1:] = owner[order][1:] != owner[order][:-1]
+    is_main = np.zeros(n_pieces, bool)
+    is_main[order[first]] = True
+    keep = area >= max(config.min_area_px, 1)
+    new_id = np.zeros(n_pieces + 1, np.uint32)
+    kept = np.nonzero(keep)[0]
+    new_id[kept + 1] = np.arange(1, len(kept) + 1, dtype=np.uint32)
+    labels = new_id[pieces]
+    n = len(kept)
+    centers_rc = np.zeros((n, 2))
+    scores = np.zeros(n, np.float32)
+    main = is_main[kept]
+    centers_rc[main] = peaks[owner[kept[main]] - 1]
+    ri = np.clip(np.rint(centers_rc[main]).astype(np.int64), 0, np.array(fg.shape) - 1)
+    scores[main] = centers_map[ri[:, 0], ri[:, 1]]
+    if (~main).any():
+        frag_ids = np.nonzero(~main)[0] + 1
+        centers_rc[~main] = np.asarray(ndi.center_of_mass(labels > 0, labels, frag_ids), float).reshape(-1, 2)
+    return Segmentation(labels, centers_rc, scores)
+
+
+def instance_centroids_rc(labels: np.ndarray) -> np.ndarray:
+    """(N, 2) float64 (row, col) centroids of ids 1..max(labels) (NaN for absent ids)."""
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        return np.zeros((0, 2))
+    rows, cols = np.indices(labels.shape)
+    flat = labels.ravel().astype(np.int64)
+    count = np.bincount(flat, minlength=n + 1)[1:].astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.stack([np.bincount(flat, rows.ravel(), minlength=n + 1)[1:] / count,
+                         np.bincount(flat, cols.ravel(), minlength=n + 1)[1:] / count], axis=1)
+
+
+def _pieces(assigned: np.ndarray) -> np.ndarray:
+    """Label 4-connected regions of equal non-zero value."""
+    from skimage.measure import label
+
+    return label(assigned, background=0, connectivity=1).astype(np.int64)

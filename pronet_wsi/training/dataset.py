@@ -1,0 +1,298 @@
+"""Images + points -> augmented training patches with PROnet's targets.
+
+Pseudo labels (V, K and the Voronoi cells) are computed once per image and cached on disk. Points and the
+predicted mask change during training (EM refinement, offset targets), so they live on the samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+
+from pronet_wsi.errors import InputError
+from pronet_wsi.images import IMAGE_SUFFIXES, read_image, read_labels
+from pronet_wsi.training import points as points_io
+from pronet_wsi.training.pseudolabels import PseudoLabelConfig, cluster_label, geodesic_voronoi, voronoi_label
+from pronet_wsi.training.targets import center_heatmap
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random crop (always), flips + 90-degree rotations, random rescale, mild colour jitter."""
+
+    dihedral: bool = True
+    scale_range: tuple[float, float] = (0.8, 1.25)
+    gain: float = 0.08
+    bias: float = 10.0
+    hue_jitter: bool = True
+
+    def __post_init__(self) -> None:
+        lo, hi = self.scale_range
+        if not 0.25 <= lo <= hi <= 4.0:
+            raise ValueError(f"scale_range={self.scale_range}: need 0.25 <= min <= max <= 4")
+
+
+@dataclass
+class Sample:
+    """One training image and everything derived from it (arrays in the image frame).
+
+    image : (H, W, 3) uint8. points_xy : (N, 2) float64 current (refined) points.
+    voronoi, cluster : (H, W) uint8 pseudo labels (0 bg, 1 fg, 2 ignore).
+    cells : (H, W) int32 Voronoi cell index into ``points_xy`` (-1 none).
+    pred_mask : (H, W) bool predicted foreground (None until offsets are switched on).
+    """
+
+    name: str
+    image: np.ndarray
+    points_xy: np.ndarray
+    voronoi: np.ndarray
+    cluster: np.ndarray
+    cells: np.ndarray
+    initial_points_xy: np.ndarray = field(default=None)  # type: ignore[assignment]
+    pred_mask: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.initial_points_xy is None:
+            self.initial_points_xy = self.points_xy.copy()
+
+
+def find_points_file(points_dir: Path, stem: str) -> Path | None:
+    for suffix in (".csv", ".geojson", ".json"):
+        p = points_dir / f"{stem}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def load_items(images: str | Path, points: str | Path | None = None, labels: str | Path | None = None,
+               names: list[str] | None = None, shift: tuple[float, float] | None = None, seed: int = 0
+               ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Read (name, image, points_xy) for every image in a folder.
+
+    Points come from ``points`` (a folder of ``<stem>.csv`` / ``<stem>.geojson``) or are derived from
+    instance labels in ``labels`` (``<stem>.png``/``.tif``; centroids, optionally shifted by
+    ``shift = (min_px, max_px)``). ``names`` restricts to those stems. Images without points are skipped
+    with a warning only when some other image has points; none at all is an error.
+    """
+    images = Path(images)
+    if not images.is_dir():
+        raise InputError(f"--images {images}: not a folder of images")
+    if (points is None) == (labels is None):
+        raise InputError("give exactly one of --points (folder of point files) or --labels (instance maps)")
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if names is not None:
+        wanted = set(names)
+        files = [p for p in files if p.stem in wanted]
+        missing = wanted - {p.stem for p in files}
+        if missing:
+            raise InputError(f"--images {images}: no image for {sorted(missing)[:3]}")
+    if not files:
+        raise InputError(f"--images {images}: folder holds no images")
+    items = []
+    for i, path in enumerate(files):
+        image = read_image(path)
+        if labels is not None:
+            lab_path = next((Path(labels) / f"{path.stem}{s}" for s in (".png", ".tif", ".tiff")
+                             if (Path(labels) / f"{path.stem}{s}").is_file()), None)
+            if lab_path is None:
+                raise InputError(f"--labels {labels}: no instance map for {path.stem} (.png or .tif)")
+            pts, _ = points_io.centroids_from_labels(read_labels(lab_path))
+            if shift is not None and shift[1] > 0:
+                pts = points_io.shift_points(pts, shift[0], shift[1], image.shape[:2], seed=seed + i)
+        else:
+            pf = find_points_file(Path(points), path.stem)
+            if pf is None:
+                continue
+            pts = points_io.read_points(pf)
+        pts, _ = points_io.clip_points(pts, image.shape[:2], source=str(path))
+        if len(pts) == 0:
+            continue
+        items.append((path.stem, image, pts))
+    if not items:
+        raise InputError(f"no image in {images} has points; expected <stem>.csv or <stem>.geojson in {points}")
+    return items
+
+
+def prepare_samples(items: list[tuple[str, np.ndarray, np.ndarray]], config: PseudoLabelConfig,
+                    cache_dir: Path | None) -> list[Sample]:
+    """Pseudo labels for each item, cached in ``cache_dir`` keyed by image, points and config."""
+    samples = []
+    for name, image, pts in items:
+        key = hashlib.sha1(image.tobytes()[:1_000_000] + pts.tobytes() +
+                           json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:16]
+        cache = None if cache_dir is None else Path(cache_dir) / f"{name}_{key}.npz"
+        if cache is not None and cache.exists():
+            z = np.load(cache)
+            v, k, cells = z["voronoi"], z["cluster"], z["cells"]
+        else:
+            v, k, cells = pseudo_labels_with_cells(image, pts, config)
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_suffix(".tmp.npz")
+                np.savez_compressed(tmp, voronoi=v, cluster=k, cells=cells)
+                tmp.replace(cache)
+        samples.append(Sample(name, image, pts.astype(np.float64), v, k, cells.astype(np.int32)))
+    return samples
+
+
+def pseudo_labels_with_cells(image: np.ndarray, points_xy: np.ndarray, config: PseudoLabelConfig
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """V, K and the (geodesic) Voronoi cells, which the offset targets and refinement need too."""
+    points_rc = np.asarray(points_xy, np.float64)[:, ::-1]
+    distance, cells = geodesic_voronoi(image, points_rc, config.lam if config.geodesic else 0.0, config.iterations)
+    voronoi = voronoi_label(cells, points_rc, config.point_radius_px)
+    cluster = cluster_label(image, distance, config.d_star, config.seed, config.kmeans_samples)
+    return voronoi, cluster, cells
+
+
+def channel_stats(samples: list[Sample]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of the training images scaled to [0, 1]."""
+    px = np.concatenate([s.image.reshape(-1, 3)[::7] for s in samples]).astype(np.float64) / 255.0
+    return tuple(px.mean(0).round(4).tolist()), tuple(np.maximum(px.std(0), 1e-3).round(4).tolist())
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """Random augmented patches; item ``i`` of epoch ``e`` is a pure function of (seed, e, i)."""
+
+    def __init__(self, samples: list[Sample], patch_px: int, patches_per_image: int, radius_px: float,
+                 mean: tuple[float, ...], std: tuple[float, ...], augment: AugmentConfig = AugmentConfig(),
+                 seed: int = 0) -> None:
+        self.samples, self.patch_px, self.ppi = samples, patch_px, patches_per_image
+        self.radius_px, self.augment, self.seed = radius_px, augment, seed
+        self.mean = np.asarray(mean, np.float32) * 255
+        self.std = np.asarray(std, np.float32) * 255
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.samples) * self.ppi
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        s = self.samples[i % len(self.samples)]
+        return make_patch(s, rng, self.patch_px, self.radius_px, self.augment, self.mean, self.std)
+
+
+def make_patch(s: Sample, rng: np.random.Generator, patch_px: int, radius_px: float, aug: AugmentConfig,
+               mean: np.ndarray, std: np.ndarray) -> dict[str, torch.Tensor]:
+    """Crop, rescale, rotate/flip, jitter; then compute the heatmap and offset targets in the patch frame."""
+    h, w = s.image.shape[:2]
+    scale = float(np.exp(rng.uniform(*np.log(aug.scale_range))))
+    crop = int(round(patch_px / scale))
+    r0 = int(rng.integers(0, max(h - crop, 0) + 1))
+    c0 = int(rng.integers(0, max(w - crop, 0) + 1))
+    sl = (slice(r0, r0 + crop), slice(c0, c0 + crop))
+    pred = s.pred_mask[sl] if s.pred_mask is not None else np.zeros((min(crop, h - r0), min(crop, w - c0)), bool)
+    layers = [s.image[sl], s.voronoi[sl], s.cluster[sl], s.cells[sl], pred]
+    ch, cw = layers[1].shape
+    if (ch, cw) != (crop, crop):  # image smaller than the crop: pad, labels ignore
+        pads = ((0, crop - ch), (0, crop - cw))
+        layers = [np.pad(layers[0], (*pads, (0, 0)), mode="reflect"), np.pad(layers[1], pads, constant_values=2),
+                  np.pad(layers[2], pads, constant_values=2), np.pad(layers[3], pads, constant_values=-1),
+                  np.pad(layers[4], pads)]
+    zoom = patch_px / crop
+    img = _resize(layers[0], patch_px, order=1)
+    voronoi, cluster, cells, pred = (_resize(a, patch_px, order=0) for a in layers[1:])
+    pts_rc = (s.points_xy[:, ::-1] - [r0, c0] + 0.5) * zoom - 0.5
+    if aug.dihedral:
+        k, flip = int(rng.integers(4)), bool(rng.integers(2))
+        img, voronoi, cluster, cells, pred = (_dihedral(a, k, flip) for a in (img, voronoi, cluster, cells, pred))
+        pts_rc = _dihedral_points(pts_rc, k, flip, patch_px)
+    img = img.astype(np.float32)
+    img = img * (1 + rng.uniform(-aug.gain, aug.gain, 3)) + rng.uniform(-aug.bias, aug.bias, 3)
+    img = ((np.clip(img, 0, 255) - mean) / std).astype(np.float32)
+    inside = (pts_rc >= -0.5).all(1) & (pts_rc < patch_px - 0.5).all(1)
+    heat = center_heatmap(pts_rc[inside], (patch_px, patch_px), radius_px)
+    mask = pred & (cells >= 0)
+    offsets = np.zeros((2, patch_px, patch_px), np.float32)
+    rr, cc = np.nonzero(mask)
+    tgt = pts_rc[cells[rr, cc]]
+    offsets[0, rr, cc] = tgt[:, 0] - rr
+    offsets[1, rr, cc] = tgt[:, 1] - cc
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+        "voronoi": torch.from_numpy(np.ascontiguousarray(voronoi)),
+        "cluster": torch.from_numpy(np.ascontiguousarray(cluster)),
+        "heatmap": torch.from_numpy(heat),
+        "offsets": torch.from_numpy(offsets),
+        "offset_mask": torch.from_numpy(np.ascontiguousarray(mask)),
+    }
+
+
+def _resize(a: np.ndarray, size: int, order: int) -> np.ndarray:
+    if a.shape[0] == size and a.shape[1] == size:
+        return a
+    z = (size / a.shape[0], size / a.shape[1]) + ((1,) if a.ndim == 3 else ())
+    out = ndi.zoom(a, z, order=order, mode="nearest", grid_mode=True)
+    return out[:size, :size]
+
+
+def _dihedral(a: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    a = np.rot90(a, k, axes=(0, 1))
+    return a[:, ::-1] if flip else a
+
+
+def _dihedral_points(rc: np.ndarray, k: int, flip: bool, n: int) -> np.ndarray:
+    """The same transform as :func:`_dihedral` on (row, col) points of an n x n patch."""
+    r, c = rc[:, 0].copy(), rc[:, 1].copy()
+    for _ in range(k):  # np.rot90 (counter-clockwise): new[r, c] = old[c, n - 1 - r]
+        r, c = n - 1 - c, r
+    if flip:
+        c = n - 1 - c
+    return np.stack([r, c], axis=1)
+
+
+def load_val_items(images: str | Path, labels: str | Path, names: list[str] | None = None
+                   ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, image, instance map) for validation scoring."""
+    images, labels = Path(images), Path(labels)
+    files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if images.is_dir() else []
+    if names is not None:
+        files = [p for p in files if p.stem in set(names)]
+    if not files:
+        raise InputError(f"--val-images {images}: no images found")
+    out = []
+    for p in files:
+        lab = next((labels / f"{p.stem}{s}" for s in (".png", ".tif", ".tiff") if (labels / f"{p.stem}{s}").is_file()),
+                   None)
+        if lab is None:
+            raise InputError(f"--val-labels {labels}: no instance map for {p.stem}")
+        out.append((p.stem, read_image(p), read_labels(lab)))
+    return out
+
+
+def load_slide_items(slide_path: str | Path, points_path: str | Path, mpp: float, slide_mpp: float | None = None,
+                     region_px: int = 1024) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Training regions cut from a whole-slide image around QuPath point annotations.
+
+    The slide is read at the model's ``mpp`` in ``region_px`` squares on a grid over the points' bounding box;
+    regions without points are skipped. Points (level-0 x, y in QuPath's frame) are mapped into each region.
+    """
+    from pronet_wsi.geometry import Box
+    from pronet_wsi.slide import open_slide
+
+    pts = points_io.read_points(points_path)
+    if len(pts) == 0:
+        raise InputError(f"{points_path}: no points; annotate nuclei as points in QuPath and export them")
+    items = []
+    with open_slide(slide_path, mpp=slide_mpp) as slide:
+        pts, _ = points_io.clip_points(pts, slide.shape, source=str(points_path))
+        scale = slide.mpp / mpp  # model px per level-0 px
+        step0 = region_px / scale
+        gx = np.floor((pts[:, 0] - pts[:, 0].min()) / step0).astype(int)
+        gy = np.floor((pts[:, 1] - pts[:, 1].min()) / step0).astype(int)
+        for cx, cy in sorted(set(zip(gx.tolist(), gy.tolist(), strict=True))):
+            x0 = pts[:, 0].min() + cx * step0 - 0.5
+            y0 = pts[:, 1].min() + cy * step0 - 0.5
+            box = Box(x0, y0, x0 + step0, y0 + step0)
+            local = (pts - [x0, y0]) * scale - 0.5
+            keep = ((local > -0.5) & (local < region_px - 0.5)).all(axis=1)
+            if keep.any():
+                image = slide.read_box(box, (region_px, region_px))
+                items.append((f"{Path(slide_path).stem}_{cx}_{cy}", image, local[keep]))
+    return items

@@ -1,0 +1,305 @@
+"""train(config) -> checkpoints, a CSV log, a training curve and a model folder ``load_model`` reads.
+
+The paper's schedule: offset loss after ``offset_start_epoch`` (targets from the current predicted mask and
+the current points), EM refinement after ``refine_start_epoch``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pronet_wsi.errors import InputError
+from pronet_wsi.inference import InferenceConfig, Predictor
+from pronet_wsi.metrics import evaluate_image, mean_scores
+from pronet_wsi.model import ModelBundle, ModelConfig, PRONet, save_model
+from pronet_wsi.postprocess import PostprocessConfig, postprocess
+from pronet_wsi.training.dataset import AugmentConfig, PatchDataset, Sample, channel_stats, prepare_samples
+from pronet_wsi.training.losses import LossConfig, pronet_loss
+from pronet_wsi.training.pseudolabels import PseudoLabelConfig
+from pronet_wsi.training.refinement import RefineConfig, refine_points
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; defaults are the paper's (150 epochs, Adam 1e-4, wd 3e-2, batch 4).
+
+    use_offsets / use_refinement switch the paper's modules off for the ablation; ``grouping`` is the
+    post-processing the saved model uses. ``max_minutes`` stops early (the model is still written).
+    """
+
+    epochs: int = 150
+    batch_size: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 3e-2
+    schedule: str = "constant"
+    warmup_epochs: int = 0
+    patch_px: int = 256
+    patches_per_image: int = 16
+    width: float = 1.0
+    mpp: float = 0.25
+    radius_px: float = 8.0
+    offset_start_epoch: int = 20
+    refine_start_epoch: int = 30
+    use_offsets: bool = True
+    use_refinement: bool = True
+    grouping: str = "offsets"
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    num_threads: int | None = None
+    max_minutes: float | None = None
+    val_every: int = 5
+    tune_thresholds: bool = True
+    pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs={self.epochs}: must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule={self.schedule!r}: must be constant or cosine")
+        if self.patch_px < 64 or self.patch_px % 16:
+            raise ValueError(f"patch_px={self.patch_px}: must be a multiple of 16 and >= 64")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> TrainConfig:
+        raw = dict(raw)
+        raw["pseudo"] = PseudoLabelConfig(**raw["pseudo"])
+        raw["loss"] = LossConfig(**raw["loss"])
+        raw["refine"] = RefineConfig(**raw["refine"])
+        aug = dict(raw["augment"])
+        aug["scale_range"] = tuple(aug["scale_range"])
+        raw["augment"] = AugmentConfig(**aug)
+        return cls(**raw)
+
+
+def _lr_factor(config: TrainConfig, epoch: int) -> float:
+    if config.warmup_epochs and epoch < config.warmup_epochs:
+        return (epoch + 1) / config.warmup_epochs
+    if config.schedule == "cosine":
+        t = (epoch - config.warmup_epochs) / max(config.epochs - config.warmup_epochs, 1)
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t))
+    return 1.0
+
+
+def _predict_full(predictor: Predictor, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    predictor.model.eval()
+    out = [predictor.predict_image(im) for im in images]
+    predictor.model.train()
+    return out
+
+
+def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items: list | None = None,
+          resume: bool = False, progress: bool = True) -> Path:
+    """Train PRONet on ``train_items`` = [(name, image uint8 HxWx3, points_xy Nx2)], write ``outdir``.
+
+    ``outdir`` becomes a model folder (config.json, thresholds.json, weights.pt) with ``train/`` holding
+    checkpoint.pt, log.csv, curve.png, train_config.json and the pseudo-label cache. ``val_items`` =
+    [(name, image, gt instance map)] are used for validation scores and threshold tuning.
+    """
+    outdir = Path(outdir)
+    work = outdir / "train"
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt_path = work / CHECKPOINT
+    if resume and not ckpt_path.exists():
+        raise InputError(f"--resume: no checkpoint in {work}; start without --resume")
+    if not resume and ckpt_path.exists():
+        raise InputError(f"{outdir} already holds a training run; pass --resume to continue it or choose a new -o")
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    torch.manual_seed(config.seed)
+    (work / "train_config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
+
+    samples = prepare_samples(train_items, config.pseudo, work / "cache")
+    mean, std = channel_stats(samples)
+    mcfg = ModelConfig(width=config.width, mpp=config.mpp, mean=mean, std=std, center_radius_px=config.radius_px)
+    model = PRONet(mcfg)
+    thresholds = PostprocessConfig(grouping=config.grouping)
+    bundle = ModelBundle(model, mcfg, thresholds)
+    predictor = Predictor(bundle, InferenceConfig(device=config.device, amp=config.amp))
+    device = predictor.device
+    model = predictor.model
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    start_epoch, elapsed0 = 0, 0.0
+    if resume:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        for s, pts in zip(samples, state["points"], strict=True):
+            s.points_xy = np.asarray(pts)
+        start_epoch, elapsed0 = state["epoch"] + 1, state["elapsed_s"]
+        log.info("resumed from epoch %d", start_epoch)
+    dataset = PatchDataset(samples, config.patch_px, config.patches_per_image, config.radius_px, mean, std,
+                           config.augment, config.seed)
+    log_path = work / "log.csv"
+    fields = ["epoch", "minutes", "lr", "loss", "voronoi", "cluster", "center", "offset", "mean_movement",
+              "val_object_dice", "val_aji"]
+    if not resume or not log_path.exists():
+        with open(log_path, "w", newline="") as f:
+            csv.writer(f).writerow(fields)
+    t0 = time.monotonic() - elapsed0
+    autocast = predictor.autocast_dtype
+    bar = _progress(config.epochs, start_epoch, progress)
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, config.epochs):
+        for g in opt.param_groups:
+            g["lr"] = config.lr * _lr_factor(config, epoch)
+        use_offsets = config.use_offsets and epoch >= config.offset_start_epoch
+        refine = config.use_offsets and config.use_refinement and epoch >= config.refine_start_epoch
+        movement = float("nan")
+        t_epoch = time.monotonic()
+        if use_offsets or refine:
+            maps = _predict_full(predictor, [s.image for s in samples])
+            moves = []
+            for s, m in zip(samples, maps, strict=True):
+                s.pred_mask = m["foreground"] > 0.5
+                if refine:
+                    s.points_xy, mv = refine_points(s.points_xy, s.cells, s.pred_mask, m["offsets"], config.refine)
+                    moves.append(mv)
+            if moves:
+                movement = float(np.concatenate(moves).mean())
+        t_pred = time.monotonic() - t_epoch
+        dataset.epoch = epoch
+        loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                                             generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+        model.train()
+        sums: dict[str, float] = {}
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            x = batch["image"]
+            if device.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                out = model(x)
+            out = {k: v.float() for k, v in out.items()}
+            terms = pronet_loss(out, batch, config.loss, use_offsets)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        n = max(len(loader), 1)
+        log.info("epoch %d: predict+refine %.1f s, %d steps %.1f s", epoch, t_pred, n,
+                 time.monotonic() - t_epoch - t_pred)
+        row = {"epoch": epoch, "minutes": round((time.monotonic() - t0) / 60, 3), "lr": opt.param_groups[0]["lr"],
+               **{k: round(v / n, 5) for k, v in sums.items()}, "mean_movement": movement,
+               "val_object_dice": "", "val_aji": ""}
+        last = epoch == config.epochs - 1 or _out_of_time(config, t0)
+        if val_items and (last or (epoch + 1) % config.val_every == 0):
+            vs = validate(predictor, val_items, thresholds)
+            row["val_object_dice"], row["val_aji"] = round(vs.object_dice, 4), round(vs.aji, 4)
+        with open(log_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields, extrasaction="ignore").writerow(row)
+        _save_checkpoint(ckpt_path, model, opt, samples, epoch, time.monotonic() - t0)
+        bar.update(1)
+        bar.set_postfix(loss=row.get("loss"), val_aji=row["val_aji"] or None)
+        if last:
+            break
+    bar.close()
+    if val_items and config.tune_thresholds:
+        thresholds = tune_thresholds(predictor, val_items, thresholds)
+    model.eval()
+    save_model(model.to("cpu").to(memory_format=torch.contiguous_format), outdir, thresholds,
+               extra={"epochs_trained": epoch + 1, "train_minutes": round((time.monotonic() - t0) / 60, 2)})
+    _write_points(work, samples)
+    plot_curve(log_path, work / "curve.png")
+    return outdir
+
+
+def _out_of_time(config: TrainConfig, t0: float) -> bool:
+    return config.max_minutes is not None and (time.monotonic() - t0) / 60 >= config.max_minutes
+
+
+def _progress(total: int, done: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc="epochs", unit="ep", disable=not enabled, dynamic_ncols=True)
+
+
+def _save_checkpoint(path: Path, model, opt, samples: list[Sample], epoch: int, elapsed_s: float) -> None:
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "elapsed_s": elapsed_s,
+             "points": [s.points_xy for s in samples]}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _write_points(work: Path, samples: list[Sample]) -> None:
+    from pronet_wsi.training.points import write_points_csv
+
+    for s in samples:
+        write_points_csv(work / "refined_points" / f"{s.name}.csv", s.points_xy)
+
+
+def validate(predictor: Predictor, val_items: list, thresholds: PostprocessConfig):
+    """Mean scores of the model on [(name, image, gt labels)]."""
+    was_training = predictor.model.training
+    predictor.model.eval()
+    scores = [evaluate_image(gt, postprocess(predictor.predict_image(im), thresholds).labels)
+              for _, im, gt in val_items]
+    predictor.model.train(was_training)
+    return mean_scores(scores)
+
+
+def tune_thresholds(predictor: Predictor, val_items: list, base: PostprocessConfig) -> PostprocessConfig:
+    """Grid-search centre and foreground thresholds for the best mean AJI on the validation images."""
+    predictor.model.eval()
+    maps = [predictor.predict_image(im) for _, im, _ in val_items]
+    best, best_aji = base, -1.0
+    for ct in (0.1, 0.2, 0.3, 0.4):
+        for ft in (0.4, 0.5, 0.6):
+            cand = replace(base, center_threshold=ct, foreground_threshold=ft)
+            aji = mean_scores([evaluate_image(gt, postprocess(m, cand).labels)
+                               for m, (_, _, gt) in zip(maps, val_items, strict=True)]).aji
+            if aji > best_aji:
+                best, best_aji = cand, aji
+    log.info("tuned thresholds %s (val AJI %.4f)", best, best_aji)
+    return best
+
+
+def plot_curve(log_path: Path, png: Path) -> None:
+    """Loss terms and validation scores against epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(log_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    ep = [int(r["epoch"]) for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for k in ("loss", "voronoi", "cluster", "center", "offset"):
+        a1.plot(ep, [float(r[k] or "nan") for r in rows], label=k)
+    a1.set_xlabel("epoch")
+    a1.set_yscale("log")
+    a1.legend()
+    vr = [(int(r["epoch"]), float(r["val_aji"]), float(r["val_object_dice"])) for r in rows if r["val_aji"]]
+    if vr:
+        a2.plot([v[0] for v in vr], [v[1] for v in vr], "o-", label="val AJI")
+        a2.plot([v[0] for v in vr], [v[2] for v in vr], "s-", label="val object Dice")
+        a2.legend()
+    a2.set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)

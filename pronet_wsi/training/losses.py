@@ -1,0 +1,82 @@
+"""PROnet losses (paper Eq. 2-4): L = lambda_B (L_V + L_K) + lambda_O L_O + lambda_C L_C."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = 2
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss weights and the focal-loss exponents (CenterNet alpha 2, beta 4)."""
+
+    lambda_b: float = 1.0
+    lambda_o: float = 1.0
+    lambda_c: float = 1.0
+    alpha: float = 2.0
+    beta: float = 4.0
+
+    def __post_init__(self) -> None:
+        for name in ("lambda_b", "lambda_o", "lambda_c", "alpha", "beta"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+
+
+def masked_bce(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over labelled pixels only (label 0 or 1; 2 = ignore), normalised by their count.
+
+    logits : (B, 1, H, W) foreground logits; label : (B, H, W) uint8/long in {0, 1, 2}.
+    """
+    label = label.long()
+    valid = label != IGNORE
+    n = valid.sum()
+    if n == 0:
+        return logits.sum() * 0.0
+    target = (label == 1).float()
+    loss = F.binary_cross_entropy_with_logits(logits[:, 0].float(), target, reduction="none")
+    return (loss * valid).sum() / n
+
+
+def focal_center_loss(logits: torch.Tensor, heatmap: torch.Tensor, alpha: float = 2.0, beta: float = 4.0
+                      ) -> torch.Tensor:
+    """CenterNet focal loss (paper Eq. 3), normalised by the number of points (pixels where heatmap == 1).
+
+    logits : (B, 1, H, W) centre logits; heatmap : (B, H, W) Gaussian target in [0, 1].
+    """
+    logits = logits[:, 0].float()
+    pos = heatmap >= 1.0 - 1e-6
+    log_p = F.logsigmoid(logits)
+    log_1mp = F.logsigmoid(-logits)
+    p = torch.sigmoid(logits)
+    pos_loss = ((1 - p) ** alpha * log_p)[pos].sum()
+    neg_loss = ((1 - heatmap) ** beta * p**alpha * log_1mp)[~pos].sum()
+    n_points = pos.sum().clamp(min=1)
+    return -(pos_loss + neg_loss) / n_points
+
+
+def offset_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L1 offset loss (paper Eq. 4): mean over all pixels of |O - O_hat|, target 0 where ``mask`` is False.
+
+    pred, target : (B, 2, H, W) (dy, dx) px; mask : (B, H, W) bool, pixels that carry an offset target.
+    Pixels outside the mask are not penalised (the paper's target there is undefined).
+    """
+    diff = (pred.float() - target).abs().sum(dim=1) * mask
+    return diff.sum() / mask.numel()
+
+
+def pronet_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], config: LossConfig,
+                use_offsets: bool) -> dict[str, torch.Tensor]:
+    """All terms and the weighted total, for logging and backward."""
+    l_v = masked_bce(out["foreground"], batch["voronoi"])
+    l_k = masked_bce(out["foreground"], batch["cluster"])
+    l_c = focal_center_loss(out["centers"], batch["heatmap"], config.alpha, config.beta)
+    if use_offsets:
+        l_o = offset_l1(out["offsets"], batch["offsets"], batch["offset_mask"])
+    else:
+        l_o = out["offsets"].sum() * 0.0
+    total = config.lambda_b * (l_v + l_k) + config.lambda_c * l_c + config.lambda_o * l_o
+    return {"loss": total, "voronoi": l_v, "cluster": l_k, "center": l_c, "offset": l_o}

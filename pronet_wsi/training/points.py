@@ -1,0 +1,264 @@
+"""Point annotations in and out (CSV, QuPath GeoJSON), centroids from instance masks, shift simulation.
+
+Every array here is ``points_xy``: (N, 2) float64, level-0 pixel (x, y). A pixel's centre sits at integer
+coordinates (the array-index frame that ``scipy.ndimage.center_of_mass`` uses), so pixel ``[row, col]`` holds
+the points with ``round(y) == row`` and ``round(x) == col``, and a point lies inside an (H, W) image when
+``-0.5 <= x < W - 0.5`` and ``-0.5 <= y < H - 0.5``.
+
+An empty file (a header, or a FeatureCollection without features) reads as a (0, 2) array; it is the
+training code's job to refuse an image with no points (``pseudo_labels`` raises a ValueError for it).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from pronet_wsi.errors import InputError
+from pronet_wsi.images import atomic_write
+
+CSV_SUFFIXES = (".csv",)
+GEOJSON_SUFFIXES = (".geojson", ".json")
+
+
+def read_points(path: str | os.PathLike) -> np.ndarray:
+    """Read points from a CSV (``x,y`` header) or a QuPath GeoJSON file, chosen by the file suffix.
+
+    Returns
+    -------
+    points_xy : (N, 2) float64, level-0 pixel (x, y), in file order.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in CSV_SUFFIXES:
+        return read_points_csv(path)
+    if suffix in GEOJSON_SUFFIXES:
+        return read_points_geojson(path)
+    raise InputError(f"{path}: unknown point file type {suffix!r}; give a .csv (x,y header) or a .geojson file")
+
+
+def write_points(path: str | os.PathLike, points_xy: np.ndarray) -> None:
+    """Write points as CSV or QuPath GeoJSON (by suffix), atomically; ``read_points`` gives them back exactly."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in CSV_SUFFIXES:
+        write_points_csv(path, points_xy)
+    elif suffix in GEOJSON_SUFFIXES:
+        write_points_geojson(path, points_xy)
+    else:
+        raise InputError(f"{path}: unknown point file type {suffix!r}; use .csv or .geojson")
+
+
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise InputError(f"{path}: file not found; check the path")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file; give a point file (.csv or .geojson)")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not a UTF-8 text file; give a CSV or GeoJSON point file") from exc
+
+
+def read_points_csv(path: str | os.PathLike) -> np.ndarray:
+    """Read a CSV whose header names columns ``x`` and ``y`` (level-0 px floats); other columns are ignored."""
+    path = Path(path)
+    rows = csv.reader(_read_text(path).splitlines())
+    header = next(rows, None)
+    while header is not None and not any(cell.strip() for cell in header):
+        header = next(rows, None)  # skip leading blank lines
+    if header is None:
+        raise InputError(f"{path}: empty file; a point CSV starts with a header line 'x,y'")
+    names = [cell.strip().lower() for cell in header]
+    if "x" not in names or "y" not in names:
+        raise InputError(f"{path}:{rows.line_num}: header {','.join(header)!r} lacks columns x and y; "
+                         "the first line must name them, e.g. 'x,y'")
+    ix, iy = names.index("x"), names.index("y")
+    out: list[tuple[float, float]] = []
+    for row in rows:
+        if not any(cell.strip() for cell in row):
+            continue
+        try:
+            x, y = float(row[ix]), float(row[iy])
+        except (IndexError, ValueError):
+            raise InputError(f"{path}:{rows.line_num}: bad row {','.join(row)!r}; "
+                             "expected numbers in columns x and y") from None
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise InputError(f"{path}:{rows.line_num}: non-finite coordinate in {','.join(row)!r}")
+        out.append((x, y))
+    return np.array(out, np.float64).reshape(-1, 2)
+
+
+def write_points_csv(path: str | os.PathLike, points_xy: np.ndarray) -> None:
+    """Write ``x,y`` rows with full float precision, atomically."""
+    pts = _as_points(points_xy)
+    text = "x,y\n" + "".join(f"{float(x)!r},{float(y)!r}\n" for x, y in pts)
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def read_points_geojson(path: str | os.PathLike) -> np.ndarray:
+    """Read Point / MultiPoint features (QuPath's export of point annotations), level-0 px coordinates.
+
+    Accepts a FeatureCollection, a single Feature, a bare geometry or a list of Features. Any other geometry
+    type is an error naming the feature, because it is usually the wrong export (cells instead of points).
+    """
+    path = Path(path)
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); give a GeoJSON file") from None
+    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        features = data.get("features")
+        if not isinstance(features, list):
+            raise InputError(f"{path}: FeatureCollection without a 'features' list")
+    elif isinstance(data, dict) and data.get("type") == "Feature":
+        features = [data]
+    elif isinstance(data, dict) and data.get("type") in ("Point", "MultiPoint"):
+        features = [{"type": "Feature", "geometry": data}]
+    elif isinstance(data, list):
+        features = data
+    else:
+        raise InputError(f"{path}: not a GeoJSON FeatureCollection, Feature or list of features")
+    out: list[list[float]] = []
+    for i, feature in enumerate(features):
+        out.extend(_feature_points(path, i, feature))
+    return np.array(out, np.float64).reshape(-1, 2)
+
+
+def _feature_points(path: Path, i: int, feature: object) -> list[list[float]]:
+    if not isinstance(feature, dict) or not isinstance(feature.get("geometry"), dict):
+        raise InputError(f"{path}: feature {i} has no geometry; expected Point or MultiPoint features")
+    geometry = feature["geometry"]
+    kind = geometry.get("type")
+    coords = geometry.get("coordinates")
+    if kind == "Point":
+        coords = [coords]
+    elif kind != "MultiPoint":
+        raise InputError(f"{path}: feature {i} is a {kind}; export point annotations (Point/MultiPoint)")
+    if not isinstance(coords, list):
+        raise InputError(f"{path}: feature {i} ({kind}) has no coordinate list")
+    pts = []
+    for xy in coords:
+        if (not isinstance(xy, list) or len(xy) < 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in xy[:2])
+                or not all(math.isfinite(v) for v in xy[:2])):
+            raise InputError(f"{path}: feature {i} ({kind}) has a bad coordinate {xy!r}; expected [x, y] numbers")
+        pts.append([float(xy[0]), float(xy[1])])
+    return pts
+
+
+def write_points_geojson(path: str | os.PathLike, points_xy: np.ndarray, name: str = "Nucleus") -> None:
+    """Write one QuPath point annotation (a MultiPoint feature) holding every point, atomically.
+
+    No points gives a FeatureCollection without features.
+    """
+    pts = _as_points(points_xy)
+    features = []
+    if len(pts):
+        features.append({
+            "type": "Feature",
+            "geometry": {"type": "MultiPoint", "coordinates": [[float(x), float(y)] for x, y in pts]},
+            "properties": {"objectType": "annotation", "classification": {"name": name}},
+        })
+    text = json.dumps({"type": "FeatureCollection", "features": features})
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _as_points(points_xy: np.ndarray) -> np.ndarray:
+    pts = np.asarray(points_xy, np.float64)
+    if pts.size == 0:
+        return pts.reshape(0, 2)
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise ValueError(f"points_xy has shape {pts.shape}; expected (N, 2) (x, y)")
+    if not np.isfinite(pts).all():
+        raise ValueError("points_xy holds NaN or infinite coordinates")
+    return pts
+
+
+def inside_image(points_xy: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(N,) bool: which points round to a pixel of an image of ``shape`` (H, W)."""
+    pts = _as_points(points_xy)
+    h, w = shape[:2]
+    x, y = pts[:, 0], pts[:, 1]
+    return (x >= -0.5) & (x < w - 0.5) & (y >= -0.5) & (y < h - 0.5)
+
+
+def clip_points(points_xy: np.ndarray, shape: tuple[int, int], drop_outside: bool = False,
+                source: str = "points") -> tuple[np.ndarray, int]:
+    """Check that every point lies in an (H, W) image.
+
+    Parameters
+    ----------
+    points_xy : (N, 2) float, level-0 (x, y).
+    shape : (H, W) of the image the points annotate.
+    drop_outside : if False, a point outside the image is an InputError (usually the wrong image or
+        coordinates at another resolution); if True such points are dropped.
+    source : how to name the points in the message (e.g. the file path).
+
+    Returns
+    -------
+    points_xy : (M, 2) float64, the points inside, in input order.
+    n_dropped : int, how many were dropped (0 unless ``drop_outside``).
+    """
+    pts = _as_points(points_xy)
+    keep = inside_image(pts, shape)
+    n_out = int((~keep).sum())
+    if n_out and not drop_outside:
+        first = pts[~keep][0]
+        raise InputError(f"{source}: {n_out} of {len(pts)} points lie outside the {shape[1]}x{shape[0]} image "
+                         f"(first at x={first[0]:g}, y={first[1]:g}); check that the points belong to this image "
+                         "at level 0, or drop them (--drop-outside)")
+    return pts[keep], n_out
+
+
+def centroids_from_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One point per instance: the float centroid of each non-zero label.
+
+    Parameters
+    ----------
+    labels : (H, W) int instance map, 0 = background.
+
+    Returns
+    -------
+    centers_xy : (N, 2) float64 (x, y) centroids, in increasing label-id order.
+    ids : (N,) int64, the label id of each centroid.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels has shape {labels.shape}; expected an (H, W) instance map")
+    ids = np.unique(labels)
+    ids = ids[ids != 0].astype(np.int64)
+    if ids.size == 0:
+        return np.zeros((0, 2)), ids
+    centers_rc = np.array(ndi.center_of_mass(np.ones(labels.shape), labels, ids), np.float64).reshape(-1, 2)
+    return centers_rc[:, ::-1].copy(), ids
+
+
+def shift_points(points_xy: np.ndarray, min_px: float, max_px: float, shape: tuple[int, int],
+                 seed: int = 0) -> np.ndarray:
+    """Simulate imprecise annotation: move each point by a random distance in a random direction.
+
+    The distance is uniform in [``min_px``, ``max_px``], the direction uniform on the circle; the result is
+    clipped to the image ([0, W-1] x [0, H-1]), so a point near the border can move less than ``min_px``.
+
+    Returns
+    -------
+    shifted_xy : (N, 2) float64, level-0 (x, y); the input is not modified.
+    """
+    if not (0 <= min_px <= max_px):
+        raise ValueError(f"shift range [{min_px}, {max_px}]: need 0 <= min_px <= max_px")
+    pts = _as_points(points_xy)
+    rng = np.random.default_rng(seed)
+    dist = rng.uniform(min_px, max_px, len(pts))
+    angle = rng.uniform(0.0, 2.0 * np.pi, len(pts))
+    moved = pts + np.stack([dist * np.cos(angle), dist * np.sin(angle)], axis=1)
+    h, w = shape[:2]
+    moved[:, 0] = np.clip(moved[:, 0], 0, w - 1)
+    moved[:, 1] = np.clip(moved[:, 1], 0, h - 1)
+    return moved

@@ -1,0 +1,37 @@
+"""Shared fixtures: synthetic nuclei, the shared real data (skipped cleanly when absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pronet_wsi.synthetic import synthetic_nuclei
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MONUSEG = SHARED_DATA / "monuseg"
+SLIDES = SHARED_DATA / "slides"
+
+
+def require_shared(path: Path = SHARED_DATA) -> Path:
+    """Skip the calling test when ../shared/data (or a file under it) is absent."""
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is absent (tests read ../shared/data beside the checkout)")
+    return path
+
+
+@pytest.fixture
+def monuseg_dir() -> Path:
+    return require_shared(MONUSEG)
+
+
+@pytest.fixture
+def slides_dir() -> Path:
+    return require_shared(SLIDES)
+
+
+@pytest.fixture
+def nuclei() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image uint8 HxWx3, labels uint32 HxW, centers_rc Nx2) on a 256x256 synthetic tile."""
+    return synthetic_nuclei((256, 256), n_nuclei=40, seed=1)

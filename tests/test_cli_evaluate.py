@@ -1,0 +1,157 @@
+"""`pronet-wsi evaluate PRED_DIR GT_DIR -o CSV`: good runs and one-line errors that leave no CSV behind."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pronet_wsi.cli import main
+from pronet_wsi.evaluation import pair_files
+from pronet_wsi.images import write_labels, write_png
+from pronet_wsi.metrics import evaluate_image
+from pronet_wsi.synthetic import synthetic_nuclei
+
+
+def save_png_labels(path, labels: np.ndarray) -> None:
+    Image.fromarray(labels.astype(np.uint16)).save(path)
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """pred/ with two uint32 TIFFs and an overlay PNG, gt/ with two uint16 PNGs; returns (pred, gt, truth)."""
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir()
+    gt_dir.mkdir()
+    truth = {}
+    for k, stem in enumerate(["img_a", "img_b"]):
+        image, labels, _ = synthetic_nuclei((96, 128), n_nuclei=12, seed=k)
+        pred = np.roll(labels, 1 + k, axis=1)
+        save_png_labels(gt_dir / f"{stem}.png", labels)
+        write_labels(pred_dir / f"{stem}.tif", pred)
+        write_png(pred_dir / f"{stem}_overlay.png", image)
+        truth[stem] = evaluate_image(labels, pred)
+    (pred_dir / "config.json").write_text("{}")
+    return pred_dir, gt_dir, truth
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, ["evaluate", *map(str, args)])
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    lines = [line for line in result.output.strip().splitlines() if line]
+    assert len(lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_good_run_writes_csv_with_mean_row(folders, tmp_path):
+    pred_dir, gt_dir, truth = folders
+    out = tmp_path / "res" / "scores.csv"
+    result = run(pred_dir, gt_dir, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "img_a" in result.output and "mean" in result.output and "overlay" not in result.output
+    with open(out, newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["image", "object_dice", "pixel_dice", "aji", "pq"]
+    assert [r[0] for r in rows[1:]] == ["img_a", "img_b", "mean"]
+    values = {r[0]: [float(v) for v in r[1:]] for r in rows[1:]}
+    for stem, s in truth.items():
+        assert values[stem] == pytest.approx([s.object_dice, s.pixel_dice, s.aji, s.pq], abs=1e-6)
+        assert all(0.0 < v < 1.0 for v in values[stem])
+    mean = np.mean([values["img_a"], values["img_b"]], axis=0)
+    assert values["mean"] == pytest.approx(mean.tolist(), abs=2e-6)
+    assert [p.name for p in out.parent.iterdir()] == ["scores.csv"]  # no temporary file left
+
+
+def test_without_output_prints_only(folders):
+    pred_dir, gt_dir, _ = folders
+    result = run(pred_dir, gt_dir)
+    assert result.exit_code == 0, result.output
+    assert len(result.output.strip().splitlines()) == 2 + 2 + 2  # header, rule, 2 images, rule, mean
+
+
+def test_pairing_skips_overlays_and_sidecars(folders):
+    pred_dir, gt_dir, _ = folders
+    pairs = pair_files(pred_dir, gt_dir)
+    assert [(p.stem, p.pred_path.name, p.gt_path.name) for p in pairs] == [
+        ("img_a", "img_a.tif", "img_a.png"), ("img_b", "img_b.tif", "img_b.png")]
+
+
+def test_missing_ground_truth_file(folders, tmp_path):
+    pred_dir, gt_dir, _ = folders
+    (gt_dir / "img_b.png").unlink()
+    out = tmp_path / "scores.csv"
+    assert_one_line_error(run(pred_dir, gt_dir, "-o", out), "img_b", "no ground truth")
+    assert not out.exists()
+
+
+def test_missing_prediction_file(folders, tmp_path):
+    pred_dir, gt_dir, _ = folders
+    (pred_dir / "img_a.tif").unlink()
+    out = tmp_path / "scores.csv"
+    assert_one_line_error(run(pred_dir, gt_dir, "-o", out), "img_a", "no prediction")
+    assert not out.exists()
+
+
+def test_mismatched_stems(folders, tmp_path):
+    pred_dir, gt_dir, _ = folders
+    (gt_dir / "img_a.png").rename(gt_dir / "other.png")
+    out = tmp_path / "scores.csv"
+    assert_one_line_error(run(pred_dir, gt_dir, "-o", out), "img_a")
+    assert not out.exists()
+
+
+def test_missing_folder(folders, tmp_path):
+    pred_dir, _, _ = folders
+    out = tmp_path / "scores.csv"
+    assert_one_line_error(run(pred_dir, tmp_path / "nope", "-o", out), "nope", "not found")
+    assert not out.exists()
+
+
+def test_empty_folder(folders, tmp_path):
+    _, gt_dir, _ = folders
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "scores.csv"
+    assert_one_line_error(run(empty, gt_dir, "-o", out), "empty", "no instance maps")
+    assert not out.exists()
+
+
+def test_non_image_file(folders, tmp_path):
+    pred_dir, gt_dir, _ = folders
+    (gt_dir / "img_b.png").write_text("not an image")
+    out = tmp_path / "scores.csv"
+    assert_one_line_error(run(pred_dir, gt_dir, "-o", out), "img_b.png", "cannot be read")
+    assert not out.exists()
+
+
+def test_rgb_image_is_not_an_instance_map(folders, tmp_path):
+    pred_dir, gt_dir, _ = folders
+    write_png(gt_dir / "img_a.png", np.zeros((96, 128, 3), np.uint8))
+    out = tmp_path / "scores.csv"
+    assert_one_line_error(run(pred_dir, gt_dir, "-o", out), "img_a.png", "instance map")
+    assert not out.exists()
+
+
+def test_shape_mismatch_names_both_files(folders, tmp_path):
+    pred_dir, gt_dir, _ = folders
+    save_png_labels(gt_dir / "img_b.png", np.zeros((90, 128), np.uint16))
+    out = tmp_path / "scores.csv"
+    assert_one_line_error(run(pred_dir, gt_dir, "-o", out), "img_b.tif", "img_b.png", "shapes differ")
+    assert not out.exists()
+
+
+def test_jpeg_and_duplicate_stems_are_refused(folders, tmp_path):
+    pred_dir, gt_dir, _ = folders
+    write_png(gt_dir / "img_c.jpg", np.zeros((4, 4, 3), np.uint8))
+    assert_one_line_error(run(pred_dir, gt_dir), "img_c.jpg", "lossy")
+    (gt_dir / "img_c.jpg").unlink()
+    save_png_labels(pred_dir / "img_a.png", np.zeros((96, 128), np.uint16))
+    assert_one_line_error(run(pred_dir, gt_dir), "img_a", "same stem")

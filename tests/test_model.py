@@ -1,0 +1,71 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pronet_wsi.errors import InputError
+from pronet_wsi.model import VGG16_STAGES, ModelConfig, PRONet, load_model, save_model
+from pronet_wsi.postprocess import PostprocessConfig
+
+
+@pytest.mark.parametrize("hw", [(250, 250), (333, 517), (64, 48)])
+def test_forward_backward_odd_sizes(hw):
+    torch.manual_seed(0)
+    model = PRONet(ModelConfig(width=0.1))
+    x = torch.randn(2, 3, *hw, requires_grad=True)
+    out = model(x)
+    assert out["foreground"].shape == (2, 1, *hw)
+    assert out["offsets"].shape == (2, 2, *hw)
+    assert out["centers"].shape == (2, 1, *hw)
+    sum(v.mean() for v in out.values()).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_vgg16_encoder_has_13_convs_and_width_scales_channels():
+    full, narrow = PRONet(ModelConfig(width=1.0)), PRONet(ModelConfig(width=0.25))
+    convs = [m for m in full.stages.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == sum(n for _, n in VGG16_STAGES) == 13
+    assert [c.out_channels for c in convs][-1] == 512
+    assert [m for m in narrow.stages.modules() if isinstance(m, torch.nn.Conv2d)][-1].out_channels == 128
+    n_full = sum(p.numel() for p in full.parameters())
+    n_narrow = sum(p.numel() for p in narrow.parameters())
+    assert 10 < n_full / n_narrow < 20
+
+
+def test_same_output_in_train_and_eval_structure():
+    model = PRONet(ModelConfig(width=0.1))
+    x = torch.randn(1, 3, 64, 64)
+    model.train()
+    a = model(x)
+    model.eval()
+    b = model(x)
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = PRONet(ModelConfig(width=0.1, mpp=0.5, mean=(0.7, 0.5, 0.6)))
+    thr = PostprocessConfig(center_threshold=0.3, min_area_px=7)
+    save_model(model, tmp_path / "m", thr)
+    bundle = load_model(tmp_path / "m")
+    assert bundle.config == model.config
+    assert bundle.thresholds == thr
+    x = torch.randn(1, 3, 80, 80)
+    model.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(bundle.model(x)["offsets"].numpy(), model(x)["offsets"].numpy(), atol=1e-6)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["width"] == 0.1
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(InputError, match="not a model folder"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(InputError, match="broken model folder"):
+        load_model(tmp_path)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="width"):
+        ModelConfig(width=5)

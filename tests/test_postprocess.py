@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+
+from pronet_wsi.images import read_labels
+from pronet_wsi.metrics import evaluate_image
+from pronet_wsi.postprocess import PostprocessConfig, find_centers, group_pixels, postprocess
+from pronet_wsi.training.targets import encode_maps
+
+
+def test_round_trip_synthetic(nuclei):
+    _, labels, centers_rc = nuclei
+    seg = postprocess(encode_maps(labels, centers_rc))
+    assert seg.n == labels.max()
+    scores = evaluate_image(labels, seg.labels)
+    assert scores.aji == pytest.approx(1.0)
+    # each instance's centre is the rounded centroid it was encoded from
+    for i in range(1, seg.n + 1):
+        gt_id = np.bincount(labels[seg.labels == i]).argmax()
+        assert np.abs(seg.centers_rc[i - 1] - centers_rc[gt_id - 1]).max() <= 0.5
+
+
+@pytest.mark.data
+def test_round_trip_every_monuseg_label(monuseg_dir):
+    for path in sorted((monuseg_dir / "labels").glob("*.png")):
+        labels = read_labels(path)
+        seg = postprocess(encode_maps(labels))
+        aji = evaluate_image(labels, seg.labels).aji
+        assert aji >= 0.99, f"{path.name}: AJI {aji:.4f}"
+
+
+def test_find_centers_threshold_and_plateau():
+    heat = np.zeros((20, 20), np.float32)
+    heat[5, 5] = 0.9
+    heat[10, 10:12] = 0.5  # plateau of two pixels -> one centre
+    heat[15, 15] = 0.1  # below the default 0.2
+    c = find_centers(heat)
+    assert len(c) == 2
+    np.testing.assert_allclose(sorted(c.tolist()), [[5, 5], [10, 10.5]])
+
+
+def test_group_pixels_follows_offsets():
+    fg = np.zeros((10, 10), bool)
+    fg[2:5, 2:5] = True
+    offsets = np.zeros((2, 10, 10), np.float32)
+    offsets[1, 2:5, 2:5] = 5.0  # every pixel votes 5 px to the right
+    centers = np.array([[3.0, 3.0], [3.0, 8.0]])
+    out = group_pixels(fg, offsets, centers)
+    assert set(np.unique(out[fg])) == {2}
+    assert (out[~fg] == 0).all()
+
+
+def test_min_area_drops_fragments_and_orphans_become_instances():
+    labels = np.zeros((40, 40), np.int64)
+    labels[5:15, 5:15] = 1
+    labels[25:35, 25:35] = 2
+    maps = encode_maps(labels)
+    maps["centers"][:] = 0
+    maps["centers"][10, 10] = 1.0  # only the first nucleus has a peak
+    maps["offsets"][:] = 0
+    seg = postprocess(maps, PostprocessConfig(min_area_px=5))
+    assert seg.n == 2  # the second becomes its own instance though its peak was missed
+    assert seg.center_scores[0] == pytest.approx(1.0) and seg.center_scores[1] == 0
+    small = postprocess(maps, PostprocessConfig(min_area_px=101))
+    assert small.n == 0
+
+
+def test_components_grouping_and_empty():
+    labels = np.zeros((30, 30), np.int64)
+    labels[2:8, 2:8] = 1
+    labels[8:14, 2:8] = 2  # touching: components merges them
+    assert postprocess(encode_maps(labels), PostprocessConfig(grouping="components")).n == 1
+    assert postprocess(encode_maps(labels)).n == 2
+    empty = postprocess(encode_maps(np.zeros((30, 30), np.int64)))
+    assert empty.n == 0 and empty.labels.dtype == np.uint32
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="center_threshold"):
+        PostprocessConfig(center_threshold=1.5)
+    with pytest.raises(ValueError, match="grouping"):
+        PostprocessConfig(grouping="magic")
