@@ -139,7 +139,8 @@ def table() -> None:
         click.echo(f"| {name} | ours | " + " | ".join(cells) + " |")
         paper = PAPER_T2.get(name)
         if paper:
-            click.echo(f"| {name} | paper | " + " | ".join(f"{paper[b][0]:.1f} / {paper[b][1]:.1f}" for b in bands) + " |")
+            cells = [f"{paper[b][0]:.1f} / {paper[b][1]:.1f}" for b in bands]
+            click.echo(f"| {name} | paper | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

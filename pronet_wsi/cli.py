@@ -69,7 +69,7 @@ def evaluate(pred_dir: Path, gt_dir: Path, output_csv: Path | None) -> None:
 @click.option("--mpp", type=float, default=None,
               help="Images' resolution in um/px (default: the model's); resampled to the model's.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--window-px", default=1024, show_default=True, help="Images larger than this run in overlapping windows.")
+@click.option("--window-px", default=1024, show_default=True, help="Larger images run in overlapping windows.")
 @friendly_errors
 def predict(inputs: tuple[str, ...], outdir: str, model_dir: str | None, mpp: float | None, device: str,
             window_px: int) -> None:
@@ -247,3 +247,65 @@ def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, eu
     dropped = f" ({n_dropped} outside the image dropped)" if n_dropped else ""
     click.echo(f"{image.name}: {len(pts)} points{dropped} -> {outdir / (stem + '_voronoi.png')}, "
                f"{stem}_cluster.png, {stem}_pseudolabels.png")
+
+
+@main.command()
+@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--outdir", required=True, type=click.Path(path_type=Path),
+              help="Output folder: <stem>.geojson, <stem>_overlay.png, <stem>_tissue.png, <stem>.json.")
+@click.option("-m", "--model", "model_dir", default=None, type=click.Path(path_type=str),
+              help="Model folder (default: the shipped model).")
+@click.option("--mpp", type=float, default=None, help="Slide pixel size in um (needed when the file has none).")
+@click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto", show_default=True)
+@click.option("--tile-px", type=int, default=1024, show_default=True, help="Model input tile side (px at model mpp).")
+@click.option("--halo-px", type=int, default=64, show_default=True, help="Context on each side of a tile core.")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--workers", type=int, default=0, show_default=True, help="Parallel tile tasks (0 = CPUs + 1).")
+@click.option("--scheduler", default=None, help="Address of a running Dask scheduler (default: local threads).")
+@click.option("--gzip", "gzip_output", is_flag=True, help="Write <stem>.geojson.gz.")
+@click.option("--labels-zarr", is_flag=True, help="Also write the instance label image as <stem>_labels.zarr.")
+@click.option("--no-tissue-mask", is_flag=True, help="Process the whole slide, glass included.")
+@click.option("--overwrite", is_flag=True, help="Redo slides whose output already exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@friendly_errors
+def segment(slides, outdir, model_dir, mpp, backend, tile_px, halo_px, batch_size, device, workers, scheduler,
+            gzip_output, labels_zarr, no_tissue_mask, overwrite, quiet) -> None:
+    """Segment nuclei in whole slides: one QuPath GeoJSON of detections per slide.
+
+    Tiles are read at the model's resolution where there is tissue, run through the model while other tiles
+    are read and post-processed, stitched so each nucleus appears once, and streamed to OUTDIR. A killed run
+    resumes from its finished tiles; a finished slide is skipped unless --overwrite.
+    """
+    from pronet_wsi.inference import InferenceConfig, Predictor
+    from pronet_wsi.model import resolve_model_dir
+    from pronet_wsi.pipeline import SegmentConfig, check_writable, segment_slide, slide_stem
+    from pronet_wsi.tiling import TilingConfig
+
+    config = SegmentConfig(tiling=TilingConfig(tile_px, halo_px), use_tissue_mask=not no_tissue_mask,
+                           batch_size=batch_size, workers=workers, scheduler=scheduler, gzip=gzip_output,
+                           labels_zarr=labels_zarr, overwrite=overwrite)
+    check_writable(outdir)
+    predictor = Predictor(resolve_model_dir(model_dir), InferenceConfig(device=device, batch_size=batch_size))
+    failed, seen = 0, {}
+    for path in slides:
+        stem = slide_stem(path)
+        if stem in seen:
+            click.echo(f"ERROR {path}: same output name as {seen[stem]}; segment it into another -o", err=True)
+            failed += 1
+            continue
+        seen[stem] = path
+        try:
+            result = segment_slide(path, outdir, predictor, config, backend=backend, mpp=mpp, progress=not quiet)
+        except Exception as exc:  # one bad slide is reported and skipped; the others go on
+            logging.getLogger(__name__).debug("segment %s failed", path, exc_info=True)
+            msg = str(exc).splitlines()[0] if str(exc) else ""
+            if not isinstance(exc, (InputError, OSError, ValueError)):
+                msg = f"{type(exc).__name__}: {msg}"
+            click.echo(f"ERROR: {msg}" if str(path) in msg else f"ERROR {path}: {msg}", err=True)
+            failed += 1
+            continue
+        click.echo(result.summary())
+    if failed:
+        click.echo(f"{failed} of {len(slides)} slides failed", err=True)
+        sys.exit(1)

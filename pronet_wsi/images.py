@@ -30,7 +30,7 @@ def _read_any(path: Path) -> np.ndarray:
     except InputError:
         raise
     except Exception as exc:  # any decoder failure is a bad file for the user
-        raise InputError(f"{path}: cannot be read as an image ({type(exc).__name__}); give a PNG, TIFF or JPEG") from exc
+        raise InputError(f"{path}: cannot be read as an image ({type(exc).__name__}); give PNG, TIFF or JPEG") from exc
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -102,6 +102,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs should read like any other file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -397,7 +397,7 @@ def _write_outputs(store: PartStore, grid: TileGrid, tiles: list[Tile], frame: F
     cache: dict[tuple[int, int], Candidates] = {}
     keep: dict[tuple[int, int], np.ndarray] = {}
     n_candidates = 0
-    for k, tl in enumerate(tiles):
+    for tl in tiles:
         for idx in [i for i in cache if i[0] < tl.index[0] - 1]:
             del cache[idx]
         for idx in [tl.index, *grid.neighbours(tl.index)]:

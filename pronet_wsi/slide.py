@@ -21,7 +21,6 @@ from pronet_wsi.geometry import Box, best_level
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "openslide", "tiffslide")
-TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".qptiff", ".btf")
 PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MPP_RANGE = (0.01, 100.0)
 
@@ -222,14 +221,21 @@ def _resolve_mpp(slide: Slide, override: float | None) -> Slide:
 
 
 def _check_not_truncated(path: Path) -> None:
-    """Refuse a TIFF-based slide whose image data runs past the end of the file."""
-    if path.suffix.lower() not in TIFF_SUFFIXES:
-        return
+    """Refuse a TIFF-based file whose structure is damaged or whose image data runs past the end of the file."""
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic[:2] not in (b"II", b"MM"):
+        return  # not a TIFF: let the backends decide
     import tifffile
 
     size = path.stat().st_size
+    tiff_log = logging.getLogger("tifffile")
+    level = tiff_log.level
+    tiff_log.setLevel(logging.CRITICAL)  # its warnings about a damaged file become our one error
     try:
         with tifffile.TiffFile(path) as tif:
+            if len(tif.pages) == 0:
+                raise ValueError("no readable image directory")
             for page in tif.pages:
                 offsets, counts = page.dataoffsets, page.databytecounts
                 if offsets and max(o + c for o, c in zip(offsets, counts, strict=False)) > size:
@@ -237,8 +243,11 @@ def _check_not_truncated(path: Path) -> None:
                                      f"copy or download it again")
     except InputError:
         raise
-    except Exception:
-        return  # not a TIFF after all: let the backends decide
+    except Exception as exc:  # tifffile cannot parse it: damaged (or cut before its image directories)
+        raise InputError(f"{path}: damaged TIFF/slide file ({type(exc).__name__}; truncated?); copy or download "
+                         f"it again") from exc
+    finally:
+        tiff_log.setLevel(level)
 
 
 def _float_prop(props, *keys: str) -> float | None:

@@ -18,7 +18,7 @@ from scipy import ndimage as ndi
 from pronet_wsi.errors import InputError
 from pronet_wsi.images import IMAGE_SUFFIXES, read_image, read_labels
 from pronet_wsi.training import points as points_io
-from pronet_wsi.training.pseudolabels import PseudoLabelConfig, cluster_label, geodesic_voronoi, voronoi_label
+from pronet_wsi.training.pseudolabels import PseudoLabelConfig, pseudo_labels_with_cells
 from pronet_wsi.training.targets import center_heatmap
 
 
@@ -139,16 +139,6 @@ def prepare_samples(items: list[tuple[str, np.ndarray, np.ndarray]], config: Pse
                 tmp.replace(cache)
         samples.append(Sample(name, image, pts.astype(np.float64), v, k, cells.astype(np.int32)))
     return samples
-
-
-def pseudo_labels_with_cells(image: np.ndarray, points_xy: np.ndarray, config: PseudoLabelConfig
-                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """V, K and the (geodesic) Voronoi cells, which the offset targets and refinement need too."""
-    points_rc = np.asarray(points_xy, np.float64)[:, ::-1]
-    distance, cells = geodesic_voronoi(image, points_rc, config.lam if config.geodesic else 0.0, config.iterations)
-    voronoi = voronoi_label(cells, points_rc, config.point_radius_px)
-    cluster = cluster_label(image, distance, config.d_star, config.seed, config.kmeans_samples)
-    return voronoi, cluster, cells
 
 
 def channel_stats(samples: list[Sample]) -> tuple[tuple[float, ...], tuple[float, ...]]:

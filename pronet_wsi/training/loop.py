@@ -92,11 +92,15 @@ class TrainConfig:
         return cls(**raw)
 
 
-def _lr_factor(config: TrainConfig, epoch: int) -> float:
+def _lr_factor(config: TrainConfig, epoch: int, minutes: float = 0.0) -> float:
+    """Warm-up, then constant or cosine; with ``max_minutes`` the cosine follows whichever of epochs and
+    wall time is further along, so a time-limited run still ends at a low learning rate."""
     if config.warmup_epochs and epoch < config.warmup_epochs:
         return (epoch + 1) / config.warmup_epochs
     if config.schedule == "cosine":
         t = (epoch - config.warmup_epochs) / max(config.epochs - config.warmup_epochs, 1)
+        if config.max_minutes:
+            t = min(max(t, minutes / config.max_minutes), 1.0)
         return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t))
     return 1.0
 
@@ -162,7 +166,7 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
     epoch = start_epoch - 1
     for epoch in range(start_epoch, config.epochs):
         for g in opt.param_groups:
-            g["lr"] = config.lr * _lr_factor(config, epoch)
+            g["lr"] = config.lr * _lr_factor(config, epoch, (time.monotonic() - t0) / 60)
         use_offsets = config.use_offsets and epoch >= config.offset_start_epoch
         refine = config.use_offsets and config.use_refinement and epoch >= config.refine_start_epoch
         movement = float("nan")

@@ -83,7 +83,15 @@ class PseudoLabelConfig:
 
 def pseudo_labels(image: np.ndarray, points_xy: np.ndarray,
                   config: PseudoLabelConfig = PseudoLabelConfig()) -> tuple[np.ndarray, np.ndarray]:
-    """Voronoi label V and cluster label K of one image (the call the training code makes).
+    """Voronoi label V and cluster label K of one image; see :func:`pseudo_labels_with_cells`."""
+    voronoi, cluster, _ = pseudo_labels_with_cells(image, points_xy, config)
+    return voronoi, cluster
+
+
+def pseudo_labels_with_cells(image: np.ndarray, points_xy: np.ndarray,
+                             config: PseudoLabelConfig = PseudoLabelConfig()
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Voronoi label V, cluster label K and the Voronoi cells (the call the training code makes).
 
     Parameters
     ----------
@@ -94,6 +102,8 @@ def pseudo_labels(image: np.ndarray, points_xy: np.ndarray,
     Returns
     -------
     voronoi, cluster : (H, W) uint8 each, 0 background, 1 foreground, 2 ignore.
+    cells : (H, W) int32, index into ``points_xy`` of each pixel's (geodesic) Voronoi cell, -1 none; the
+        offset targets and the EM refinement use it.
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -107,7 +117,7 @@ def pseudo_labels(image: np.ndarray, points_xy: np.ndarray,
     distance, nearest = geodesic_voronoi(image, points_rc, lam, config.iterations)
     voronoi = voronoi_label(nearest, points_rc, config.point_radius_px)
     cluster = cluster_label(image, distance, config.d_star, config.seed, config.kmeans_samples)
-    return voronoi, cluster
+    return voronoi, cluster, nearest
 
 
 def geodesic_voronoi(image: np.ndarray, points_rc: np.ndarray, lam: float = 0.8,
