@@ -65,8 +65,10 @@ def cli() -> None:
 @click.option("--max-minutes", type=float, default=58.0)
 @click.option("--threads", type=int, default=None)
 @click.option("--resume", is_flag=True)
+@click.option("--tag", default="", help="Recipe label appended to the config name in the results (e.g. 20min1t).")
 @click.option("-o", "--outdir", required=True, type=click.Path(path_type=Path))
-def run(name, shift, seed, epochs, width, lr, weight_decay, patches_per_image, max_minutes, threads, resume, outdir):
+def run(name, shift, seed, epochs, width, lr, weight_decay, patches_per_image, max_minutes, threads, resume, tag,
+        outdir):
     """Train one configuration, evaluate on the test split, append a results row."""
     from pronet_wsi.inference import InferenceConfig, Predictor, segment_image
     from pronet_wsi.metrics import evaluate_image, mean_scores
@@ -96,7 +98,8 @@ def run(name, shift, seed, epochs, width, lr, weight_decay, patches_per_image, m
     test = load_val_items(MONUSEG / "images", MONUSEG / "labels", s["test"])
     scores = [evaluate_image(gt, segment_image(im, predictor).labels) for _, im, gt in test]
     m = mean_scores(scores)
-    row = {"config": name, "shift": f"{shift[0]}-{shift[1]}", "seed": seed, "train_minutes": minutes,
+    row = {"config": f"{name}@{tag}" if tag else name, "shift": f"{shift[0]}-{shift[1]}", "seed": seed,
+           "train_minutes": minutes,
            "epochs": epochs_done, "object_dice": round(m.object_dice, 4), "aji": round(m.aji, 4),
            "pixel_dice": round(m.pixel_dice, 4), "pq": round(m.pq, 4)}
     per_image = outdir / "test_scores.csv"
@@ -126,21 +129,27 @@ def table() -> None:
     bands = ["0-0", "2-4", "4-6", "6-8"]
     click.echo("| config | source | " + " | ".join(f"shift {b} obj Dice / AJI" for b in bands) + " |")
     click.echo("|---|---|" + "---|" * len(bands))
-    for name in ["full", "no_refine", "euclidean", "no_offsets", "baseline_cc", "classical"]:
+    names = list(dict.fromkeys(r["config"] for r in rows))
+    order = {c: i for i, c in enumerate(["full", "no_refine", "euclidean", "no_offsets", "baseline_cc", "classical"])}
+    names.sort(key=lambda n: (n.split("@")[0] != "full", "@" in n, order.get(n.split("@")[0], 9), n))
+    shown_paper = set()
+    for name in names:
         ours = {r["shift"]: r for r in rows if r["config"] == name}
-        if name == "classical" and rows:
-            r = next((r for r in rows if r["config"] == "classical"), None)
-            if r:
-                v = f"{100 * float(r['object_dice']):.1f} / {100 * float(r['aji']):.1f}"
-                click.echo(f"| classical | ours (no training) | {v} | {v} | {v} | {v} |")
+        if name == "classical":
+            r = ours.get("", next(iter(ours.values())))
+            v = f"{100 * float(r['object_dice']):.1f} / {100 * float(r['aji']):.1f}"
+            click.echo(f"| classical | ours (no training, same for every band) | {v} | {v} | {v} | {v} |")
             continue
         cells = [f"{100 * float(ours[b]['object_dice']):.1f} / {100 * float(ours[b]['aji']):.1f}"
-                 f" ({ours[b]['train_minutes']} min)" if b in ours else "not run" for b in bands]
+                 f" ({ours[b]['train_minutes']} min, {ours[b]['epochs']} ep)" if b in ours else "not run"
+                 for b in bands]
         click.echo(f"| {name} | ours | " + " | ".join(cells) + " |")
-        paper = PAPER_T2.get(name)
-        if paper:
+        base = name.split("@")[0]
+        paper = PAPER_T2.get(base)
+        if paper and base not in shown_paper:
+            shown_paper.add(base)
             cells = [f"{paper[b][0]:.1f} / {paper[b][1]:.1f}" for b in bands]
-            click.echo(f"| {name} | paper | " + " | ".join(cells) + " |")
+            click.echo(f"| {base} | paper | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -261,7 +261,8 @@ def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, eu
 @click.option("--halo-px", type=int, default=64, show_default=True, help="Context on each side of a tile core.")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--workers", type=int, default=0, show_default=True, help="Parallel tile tasks (0 = CPUs + 1).")
+@click.option("--workers", type=int, default=0, show_default=True,
+              help="Parallel tile tasks (0 = CPUs + 1, at most 9).")
 @click.option("--scheduler", default=None, help="Address of a running Dask scheduler (default: local threads).")
 @click.option("--gzip", "gzip_output", is_flag=True, help="Write <stem>.geojson.gz.")
 @click.option("--labels-zarr", is_flag=True, help="Also write the instance label image as <stem>_labels.zarr.")
@@ -305,6 +306,8 @@ def segment(slides, outdir, model_dir, mpp, backend, tile_px, halo_px, batch_siz
             click.echo(f"ERROR: {msg}" if str(path) in msg else f"ERROR {path}: {msg}", err=True)
             failed += 1
             continue
+        for warning in result.warnings:
+            click.echo(f"WARNING {path.name}: {warning}", err=True)
         click.echo(result.summary())
     if failed:
         click.echo(f"{failed} of {len(slides)} slides failed", err=True)

@@ -15,7 +15,7 @@ import numpy as np
 import shapely
 from scipy import ndimage as ndi
 
-from pronet_wsi.geometry import Box, Frame
+from pronet_wsi.geometry import Box, Frame, rc_to_xy
 
 SIMPLIFY_PX = 0.5
 GRID_PX = 0.01
@@ -108,7 +108,7 @@ class Instances:
 
 def tile_instances(labels: np.ndarray, centers_rc: np.ndarray, center_scores: np.ndarray, foreground: np.ndarray,
                    read: Box, core: Box, frame: Frame, model_mpp: float, match_radius_px: float,
-                   with_masks: bool = False) -> Instances:
+                   with_masks: bool = False, clip: Box | None = None) -> Instances:
     """Candidates of one tile: instances whose centre lies in ``core`` grown by ``match_radius_px``.
 
     Parameters
@@ -122,6 +122,7 @@ def tile_instances(labels: np.ndarray, centers_rc: np.ndarray, center_scores: np
     model_mpp : um per processing px.
     match_radius_px : candidates reach this far (processing px) beyond the core.
     with_masks : also keep each nucleus's pixel mask (for ``--labels-zarr``).
+    clip : level-0 box the polygons must stay inside (the slide); default: ``frame.level0_shape``.
 
     Returns
     -------
@@ -130,7 +131,7 @@ def tile_instances(labels: np.ndarray, centers_rc: np.ndarray, center_scores: np
     n = len(centers_rc)
     if n == 0:
         return Instances.empty(with_masks)
-    centers_p = np.stack([centers_rc[:, 1] + 0.5 + read.x0, centers_rc[:, 0] + 0.5 + read.y0], axis=1)
+    centers_p = rc_to_xy(centers_rc, (read.x0, read.y0))  # processing frame
     cand = core.expand(match_radius_px).contains_xy(centers_p)
     ids = np.nonzero(cand)[0] + 1
     if len(ids) == 0:
@@ -144,8 +145,11 @@ def tile_instances(labels: np.ndarray, centers_rc: np.ndarray, center_scores: np
                      for i in ids], np.int64)
     lab = np.ascontiguousarray(labels, dtype=np.int64) if labels.dtype != np.int64 else labels
     coords, offsets = _trace_outlines(lab, ids.astype(np.int64), bbox)
-    rings = (coords + np.array([read.x0, read.y0])) * frame.scale  # processing corners -> level 0
+    rings = frame.to_level0(coords + np.array([read.x0, read.y0]))  # processing corners -> level 0
     polys = _valid_polygons(rings, offsets, frame.scale != 1.0)
+    if clip is None:
+        clip = Box(0, 0, frame.level0_shape[1], frame.level0_shape[0])
+    polys = _clip_polygons(polys, clip)
     alive = ~shapely.is_empty(polys)
     ids, bbox, polys = ids[alive], bbox[alive], polys[alive]
     if len(ids) == 0:
@@ -199,6 +203,16 @@ def _valid_polygons(coords: np.ndarray, offsets: np.ndarray, snap: bool) -> np.n
         polys[fix] = [_largest_polygon(shapely.make_valid(g)) for g in polys[fix]]
     # drop holes: a nucleus outline is its exterior ring
     return shapely.polygons(shapely.get_exterior_ring(polys))
+
+
+def _clip_polygons(polys: np.ndarray, clip: Box) -> np.ndarray:
+    """Cut the polygons that reach outside ``clip`` (nuclei at the slide border) back to it."""
+    b = shapely.bounds(polys)
+    out = (b[:, 0] < clip.x0) | (b[:, 1] < clip.y0) | (b[:, 2] > clip.x1) | (b[:, 3] > clip.y1)
+    if out.any():
+        cut = shapely.intersection(polys[out], shapely.box(*clip.as_tuple()))
+        polys[out] = [_largest_polygon(g) for g in cut]
+    return polys
 
 
 def _largest_polygon(geom) -> shapely.Geometry:

@@ -41,7 +41,7 @@ class PartStore:
         text = json.dumps(fingerprint, sort_keys=True, indent=1, default=str)
         old = fp_path.read_text() if fp_path.exists() else None
         if old != text:
-            for p in self.root.glob("*.npz"):
+            for p in [*self.root.glob("*.npz"), *self.root.glob(".*.tmp")]:
                 p.unlink()
             _atomic_text(fp_path, text)
 
@@ -50,7 +50,7 @@ class PartStore:
 
     def done(self) -> set[str]:
         """Keys of the tiles whose results are on disk."""
-        return {p.stem for p in self.root.glob("*.npz")}
+        return {p.stem for p in self.root.glob("*.npz") if not p.name.startswith(".")}
 
     def save(self, key: str, inst: Instances, bodies: list[str], stats: dict) -> None:
         """Write one tile's candidates, their GeoJSON feature bodies and its stats, atomically."""
@@ -62,10 +62,10 @@ class PartStore:
         arrays["text"] = np.frombuffer(blob, np.uint8)
         arrays["text_offsets"] = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
         arrays["stats"] = np.frombuffer(json.dumps(stats).encode(), np.uint8)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npz", dir=self.root)
-        os.close(fd)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.root)
         try:
-            np.savez_compressed(tmp, **arrays)
+            with os.fdopen(fd, "wb") as fh:
+                np.savez_compressed(fh, **arrays)
             os.replace(tmp, self.path(key))
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

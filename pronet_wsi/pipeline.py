@@ -25,24 +25,15 @@ from pathlib import Path
 import numpy as np
 
 from pronet_wsi import __version__
+from pronet_wsi.assemble import write_outputs
 from pronet_wsi.errors import InputError
-from pronet_wsi.export import (
-    GeoJSONWriter,
-    LabelsWriter,
-    Overlay,
-    feature_bodies,
-    feature_text,
-    nucleus_uuid,
-    read_geojson,
-    save_mask_png,
-    write_json,
-)
-from pronet_wsi.geometry import Frame
+from pronet_wsi.export import feature_bodies, save_mask_png, write_json
+from pronet_wsi.geometry import Frame, rc_to_xy
 from pronet_wsi.instances import tile_instances
 from pronet_wsi.parts import PartStore
 from pronet_wsi.postprocess import postprocess
 from pronet_wsi.slide import Slide, open_slide
-from pronet_wsi.stitching import Candidates, StitchConfig, keep_mask
+from pronet_wsi.stitching import StitchConfig
 from pronet_wsi.tiling import Tile, TileGrid, TilingConfig, select_tiles
 from pronet_wsi.tissue import TissueConfig, tissue_mask
 
@@ -55,7 +46,7 @@ _MODEL_LOCK = threading.Lock()  # one model batch at a time per process
 class SegmentConfig:
     """Settings of a whole-slide run (besides the model).
 
-    batch_size : tiles per model call. workers : Dask threads (0 = CPU count + 1, at most 17).
+    batch_size : tiles per model call. workers : Dask threads (0 = CPU count + 1, at most 9).
     scheduler : None for the local threaded scheduler, or the address of a running Dask scheduler.
     use_tissue_mask : skip glass. gzip : write ``.geojson.gz``. labels_zarr : also write the label image.
     overwrite : redo a slide whose output exists. overlay_max_px : long side of the overlay PNG (also the
@@ -87,7 +78,7 @@ class SegmentConfig:
 
     @property
     def n_workers(self) -> int:
-        return self.workers or min(17, (os.cpu_count() or 1) + 1)
+        return self.workers or min(9, (os.cpu_count() or 1) + 1)
 
 
 @dataclass
@@ -237,8 +228,7 @@ def _cut_at_edge(seg, tile: Tile, radius: float) -> int:
     lab = seg.labels
     edge = np.zeros(seg.n + 1, bool)
     edge[np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]).astype(np.int64)] = True
-    centers_p = np.stack([seg.centers_rc[:, 1] + 0.5 + tile.read.x0, seg.centers_rc[:, 0] + 0.5 + tile.read.y0],
-                         axis=1)
+    centers_p = rc_to_xy(seg.centers_rc, (tile.read.x0, tile.read.y0))
     return int((edge[1:] & tile.core.expand(radius).contains_xy(centers_p)).sum())
 
 
@@ -254,7 +244,7 @@ def _run_tiles(job: _Job, batches: list[list[Tile]], predictor, config: SegmentC
         with Client(config.scheduler, set_as_default=False) as client:
             remote = client.scatter(predictor, broadcast=True, hash=False)
             futures = [client.submit(run_batch, job, b, remote, pure=False) for b in batches]
-            for fut in as_completed(futures):
+            for fut in as_completed(futures, loop=client.loop):
                 res = fut.result()
                 results.extend(res)
                 progress(res)
@@ -363,7 +353,7 @@ def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
     n_cut = sum(s["cut_at_edge"] for s in all_stats)
     if n_cut:
         warnings.append(f"{n_cut} nuclei near a tile core touch the tile edge; use a larger --halo-px")
-    counts = _write_outputs(store, grid, tiles, frame, paths, config, slide_stem(slide_path), thumb, thumb_ds,
+    counts = write_outputs(store, grid, tiles, frame, paths, config, slide_stem(slide_path), thumb, thumb_ds,
                             mask, slide_mpp, predictor.mpp, timings)
     if mask is not None:
         save_mask_png(paths["mask"], mask)
@@ -382,90 +372,9 @@ def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
     write_json(paths["record"], record)
     store.remove()
     for w in warnings:
-        log.warning("%s: %s", slide_path.name, w)
+        log.info("%s: %s", slide_path.name, w)
     return SlideResult(slide_path, "done", paths["geojson"], counts["nuclei"], len(tiles), n_resumed, mpx, total,
                        warnings)
-
-
-def _write_outputs(store: PartStore, grid: TileGrid, tiles: list[Tile], frame: Frame, paths: dict[str, Path],
-                   config: SegmentConfig, stem: str, thumb: np.ndarray, thumb_ds: float, mask, slide_mpp: float,
-                   model_mpp: float, timings: dict) -> dict:
-    """Stitch decisions (pass 1, centres only), then stream GeoJSON / labels / overlay (pass 2)."""
-    t = time.perf_counter()
-    order = {tl.index: k for k, tl in enumerate(tiles)}
-    radius = config.stitch.match_radius_px * frame.scale
-    cache: dict[tuple[int, int], Candidates] = {}
-    keep: dict[tuple[int, int], np.ndarray] = {}
-    n_candidates = 0
-    for tl in tiles:
-        for idx in [i for i in cache if i[0] < tl.index[0] - 1]:
-            del cache[idx]
-        for idx in [tl.index, *grid.neighbours(tl.index)]:
-            if idx in order and idx not in cache:
-                cache[idx] = Candidates(order[idx], *store.load_centers(tiles[order[idx]].key))
-        nbs = [cache[i] for i in grid.neighbours(tl.index) if i in order]
-        keep[tl.index] = keep_mask(cache[tl.index], nbs, radius)
-        n_candidates += len(cache[tl.index].centers_xy)
-    timings["stitch_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    gid_start, gid = {}, 0
-    for tl in tiles:
-        gid_start[tl.index] = gid
-        gid += int(keep[tl.index].sum())
-    overlay = Overlay(thumb, thumb_ds, mask)
-    labels = None
-    if config.labels_zarr:
-        labels = LabelsWriter(paths["labels"], frame.shape, config.tiling.core_px,
-                              {"mpp": model_mpp, "slide_mpp": slide_mpp, "level0_px_per_px": frame.scale,
-                               "description": "nucleus ids; id i is the i-th feature of the GeoJSON"})
-    try:
-        with GeoJSONWriter(paths["geojson"], config.gzip) as writer:
-            for tl in tiles:
-                km = keep[tl.index]
-                texts = store.load_texts(tl.key)
-                base = gid_start[tl.index]
-                for n, i in enumerate(np.nonzero(km)[0], start=1):
-                    writer.write(feature_text(nucleus_uuid(stem, base + n), texts[i]))
-                overlay.add(store.load(tl.key).select(km))
-        if labels is not None:
-            _paint_labels(labels, store, grid, tiles, order, keep, gid_start)
-            labels.close()
-    except BaseException:
-        if labels is not None:
-            labels.abort()
-        raise
-    overlay.save(paths["overlay"])
-    timings["export_s"] = time.perf_counter() - t
-    return {"candidates": n_candidates, "nuclei": gid, "duplicates_removed": n_candidates - gid}
-
-
-def _paint_labels(labels: LabelsWriter, store: PartStore, grid: TileGrid, tiles: list[Tile], order: dict,
-                  keep: dict, gid_start: dict) -> None:
-    """Write each core's chunk from the kept nuclei of its tile and its neighbours (first id wins overlaps)."""
-    chunks = sorted({i for tl in tiles for i in [tl.index, *grid.neighbours(tl.index)]})
-    cache: dict[tuple[int, int], tuple] = {}
-    for idx in chunks:
-        for old in [i for i in cache if i[0] < idx[0] - 1]:
-            del cache[old]
-        core = grid.tile(*idx).core
-        y0, x0 = int(core.y0), int(core.x0)
-        canvas = np.zeros(core.shape, np.uint32)
-        owners = sorted(i for i in [idx, *grid.neighbours(idx)] if i in order)
-        for i in owners:
-            if i not in cache:
-                inst = store.load(tiles[order[i]].key, masks=True).select(keep[i])
-                cache[i] = (inst, gid_start[i] + 1 + np.arange(len(inst)))
-        for i in owners:
-            inst, gids = cache[i]
-            for n in range(len(inst)):
-                r0, c0, r1, c1 = (int(v) for v in inst.bbox[n])
-                a0, b0, a1, b1 = max(r0, y0), max(c0, x0), min(r1, y0 + canvas.shape[0]), min(c1, x0 + canvas.shape[1])
-                if a1 <= a0 or b1 <= b0:
-                    continue
-                m = inst.mask(n)[a0 - r0 : a1 - r0, b0 - c0 : b1 - c0]
-                view = canvas[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0]
-                view[m & (view == 0)] = gids[n]
-        labels.write(y0, x0, canvas)
 
 
 def _progress_bar(total: int, initial: int, name: str, enabled: bool):
@@ -504,5 +413,3 @@ def _versions() -> dict:
             pass
     return out
 
-
-__all__ = ["SegmentConfig", "SlideResult", "segment_slide", "output_paths", "check_writable", "read_geojson"]

@@ -20,7 +20,7 @@ from pronet_wsi.geometry import Box, best_level
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "openslide", "tiffslide")
+BACKENDS = ("auto", "openslide", "tiffslide", "image")
 PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MPP_RANGE = (0.01, 100.0)
 
@@ -134,7 +134,14 @@ class Slide:
         H, W = self.shape
         ds = max(min_downsample, max(H, W) / max_side_px, 1.0)
         h, w = max(1, int(round(H / ds))), max(1, int(round(W / ds)))
-        return self.read_box(Box(0, 0, w * ds, h * ds), (h, w)), ds
+        out = np.empty((h, w, 3), np.uint8)
+        step = 512  # read in blocks, so a slide without coarse levels never sits in memory whole
+        for r in range(0, h, step):
+            for c in range(0, w, step):
+                bh, bw = min(step, h - r), min(step, w - c)
+                out[r : r + bh, c : c + bw] = self.read_box(Box(c * ds, r * ds, (c + bw) * ds, (r + bh) * ds),
+                                                            (bh, bw))
+        return out, ds
 
     def close(self) -> None:
         if self.backend != "image" and self._h is not None:
@@ -158,6 +165,8 @@ def _to_rgb(arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     if arr.shape[-1] == 4:
+        if arr[..., 3].min() == 255:  # opaque (the usual case): no compositing needed
+            return np.ascontiguousarray(arr[..., :3])
         a = arr[..., 3:4].astype(np.uint16)
         rgb = (arr[..., :3].astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
         return rgb.astype(np.uint8)
@@ -329,7 +338,8 @@ _OPENERS = {"openslide": _open_openslide, "tiffslide": _open_tiffslide, "image":
 
 # -- writing (demo slides, tests, benchmarks) -------------------------------------------------------------------
 def write_pyramid_tiff(path: str | os.PathLike, image, mpp: float, *, tile_px: int = 256, levels: int | None = None,
-                       compression: str = "jpeg", quality: int = 90, shape: tuple[int, int] | None = None) -> None:
+                       compression: str = "jpeg", quality: int = 90, shape: tuple[int, int] | None = None,
+                       maxworkers: int | None = None) -> None:
     """Write a tiled pyramidal TIFF that OpenSlide (generic-tiff) and tiffslide both read.
 
     Levels are successive main-chain pages (OpenSlide ignores SubIFDs), each half the size of the previous.
@@ -341,6 +351,7 @@ def write_pyramid_tiff(path: str | os.PathLike, image, mpp: float, *, tile_px: i
     mpp : um per level-0 pixel, stored as the resolution tags.
     levels : number of levels (default: halve until the long side is <= 1024 px).
     compression : ``"jpeg"`` (lossy), ``"zlib"`` or ``"lzw"`` (lossless).
+    maxworkers : threads compressing tiles (tifffile's default when None).
     """
     import tifffile
 
@@ -372,7 +383,7 @@ def write_pyramid_tiff(path: str | os.PathLike, image, mpp: float, *, tile_px: i
                 data, kw = current, {}
             tif.write(data, tile=(tile_px, tile_px), photometric="rgb", subfiletype=0 if lvl == 0 else 1,
                       resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)), resolutionunit="CENTIMETER",
-                      metadata=None, **args, **kw)
+                      metadata=None, maxworkers=maxworkers, **args, **kw)
 
 
 def _tile_iter(fn, level: int, h: int, w: int, tile_px: int):

@@ -99,3 +99,72 @@ class OracleModel:
         self.tiles_seen += len(tiles)
         per = [self.maps(t) for t in tiles]
         return {k: np.stack([p[k] for p in per]) for k in ("foreground", "offsets", "centers")}
+
+
+def check_qupath_geojson(fc: dict, shape_hw: tuple[int, int] | None = None) -> int:
+    """Assert the QuPath import rules (research/peer-tools.md section 3) on a read-back FeatureCollection.
+
+    One FeatureCollection; each feature has a UUID id, ``properties.objectType == "detection"`` (not at the top
+    level), ``classification {name, color [r, g, b]}``, a measurements map of finite numbers, and a valid closed
+    Polygon (>= 4 points, one ring, coordinates on the 0.01 grid, inside the slide when ``shape_hw`` is given).
+    Returns the number of features.
+    """
+    import math
+    import uuid
+
+    import shapely
+
+    assert fc["type"] == "FeatureCollection" and isinstance(fc["features"], list)
+    for f in fc["features"]:
+        assert f["type"] == "Feature" and "objectType" not in f
+        uuid.UUID(f["id"])
+        props = f["properties"]
+        assert props["objectType"] == "detection"
+        cls = props["classification"]
+        assert set(cls) == {"name", "color"} and cls["name"] == "Nucleus"
+        assert len(cls["color"]) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in cls["color"])
+        meas = props["measurements"]
+        assert set(meas) == {"area_um2", "area_px", "center_score", "foreground_mean"}
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in meas.values())
+        geom = f["geometry"]
+        assert geom["type"] == "Polygon" and len(geom["coordinates"]) == 1
+        ring = np.asarray(geom["coordinates"][0], float)
+        assert len(ring) >= 4 and (ring[0] == ring[-1]).all()
+        assert np.allclose(ring, np.round(ring, 2), atol=1e-9)
+        poly = shapely.Polygon(ring)
+        assert poly.is_valid and poly.area > 0
+        if shape_hw is not None:
+            assert ring.min() >= 0 and (ring[:, 0] <= shape_hw[1]).all() and (ring[:, 1] <= shape_hw[0]).all()
+    return len(fc["features"])
+
+
+class DarkBlobModel:
+    """A model that calls every dark connected blob a nucleus (works at any resolution; for scale tests)."""
+
+    name = "dark-blobs"
+
+    def __init__(self, mpp: float) -> None:
+        self.mpp = mpp
+        self.postprocess_config = PostprocessConfig(min_area_px=3)
+        self.halo_hint_px = 16
+
+    def predict_batch(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
+        from scipy import ndimage as ndi
+
+        per = []
+        for t in tiles:
+            lab, _ = ndi.label(t.mean(axis=2) < 128)
+            per.append(encode_maps(lab.astype(np.uint32), radius_px=4))
+        return {k: np.stack([p[k] for p in per]) for k in ("foreground", "offsets", "centers")}
+
+
+def blob_slide(path: Path, shape: tuple[int, int], centers_xy: np.ndarray, radius: float, mpp: float) -> Path:
+    """A slide with dark disks of ``radius`` level-0 px at ``centers_xy`` on a pink background."""
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    img = np.empty((h, w, 3), np.uint8)
+    img[:] = (230, 190, 215)
+    for x, y in centers_xy:
+        img[(xx - x) ** 2 + (yy - y) ** 2 <= radius**2] = (60, 30, 100)
+    write_pyramid_tiff(path, img, mpp, tile_px=128, levels=3, compression="zlib")
+    return path

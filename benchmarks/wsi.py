@@ -1,0 +1,223 @@
+"""Whole-slide segmentation benchmark: end-to-end time vs. model-forward-only time, Mpx/s, peak RSS.
+
+    python benchmarks/wsi.py                               # 0.27 Gpx and 1.07 Gpx slides, shipped model or width 0.25
+    python benchmarks/wsi.py --sizes 16384 --width 0.25    # one size, a random width-0.25 PRONet
+
+For each size it writes (once, cached in --workdir) a pyramidal JPEG TIFF at 0.25 um/px tiled from a few synthetic
+1024 px tissue blocks inside an elliptical tissue region on glass, then:
+
+* **end to end**: ``segment_slide`` in a fresh subprocess (tissue mask, reading, model, post-processing,
+  stitching, GeoJSON); its wall time and its peak RSS (``ru_maxrss``);
+* **forward only**: ``predict_batch`` alone (same process, after the run, from a worker thread as in the
+  pipeline) on a sample of the same tissue tiles (read beforehand, not timed): the median batch time scaled to
+  the number of tiles the run processed (the forward cost does not depend on the pixels);
+* **post-processing at a realistic density**: a random network calls (almost) no nuclei, so the per-tile cost of
+  ``postprocess`` + polygons + GeoJSON text is also measured on maps made from the dark blobs of the same tiles.
+
+The ratio end-to-end / forward-only is the pipeline's overhead over the model (target <= 1.25).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = 1024
+
+
+def make_slide(path: Path, side: int, seed: int = 0, n_blocks: int = 4) -> Path:
+    """A ``side`` x ``side`` 0.25 um/px pyramidal JPEG TIFF mosaic of synthetic tissue blocks and glass."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    from make_demo_slide import demo_image
+
+    from pronet_wsi.slide import _halve, write_pyramid_tiff
+
+    blocks = [demo_image(BLOCK, seed=seed + k, glass=False) for k in range(n_blocks)]
+    glass = np.full((BLOCK, BLOCK, 3), (244, 242, 245), np.uint8)
+    pyramids = []
+    for b in [*blocks, glass]:
+        levels = [b]
+        while levels[-1].shape[0] > 1:
+            levels.append(_halve(levels[-1]))
+        pyramids.append(levels)
+    nb = side // BLOCK
+    rng = np.random.default_rng(seed)
+    yy, xx = (np.mgrid[0:nb, 0:nb] + 0.5) / nb - 0.5
+    inside = (yy / 0.45) ** 2 + (xx / 0.42) ** 2 <= 1.0
+    ids = np.where(inside, rng.integers(0, n_blocks, (nb, nb)), n_blocks)
+    tile = 256
+
+    def tile_at(level: int, row: int, col: int) -> np.ndarray:
+        b = BLOCK >> level
+        y0, x0 = row * tile, col * tile
+        if b >= tile:
+            return pyramids[ids[y0 // b, x0 // b]][level][y0 % b : y0 % b + tile, x0 % b : x0 % b + tile]
+        out = np.empty((tile, tile, 3), np.uint8)
+        for i in range(tile // b):
+            for j in range(tile // b):
+                out[i * b : (i + 1) * b, j * b : (j + 1) * b] = pyramids[ids[y0 // b + i, x0 // b + j]][level]
+        return out
+
+    levels = 1
+    while side >> levels >= 1024:
+        levels += 1
+    tmp = path.with_suffix(".tmp.tif")
+    write_pyramid_tiff(tmp, tile_at, 0.25, tile_px=tile, levels=levels, compression="jpeg", quality=80,
+                       shape=(side, side), maxworkers=2)
+    os.replace(tmp, path)
+    return path
+
+
+def model_dir(args, workdir: Path) -> Path:
+    from pronet_wsi.model import default_model_dir
+
+    if args.model:
+        return Path(args.model)
+    if args.width is None and default_model_dir() is not None:
+        return default_model_dir()
+    import torch
+
+    from pronet_wsi.model import ModelConfig, PRONet, save_model
+
+    width = args.width or 0.25
+    path = workdir / f"random-width{width:g}"
+    if not (path / "weights.pt").exists():
+        torch.manual_seed(0)
+        save_model(PRONet(ModelConfig(width=width, mpp=0.25)).eval(), path)
+    return path
+
+
+def run_child(args) -> None:
+    """Subprocess: one end-to-end run; prints a JSON line with the run record and the peak RSS."""
+    from pronet_wsi.inference import InferenceConfig, Predictor
+    from pronet_wsi.pipeline import SegmentConfig, segment_slide
+    from pronet_wsi.tiling import TilingConfig
+
+    predictor = Predictor(args.model, InferenceConfig(batch_size=args.batch_size))
+    cfg = SegmentConfig(tiling=TilingConfig(args.tile_px, args.halo_px), batch_size=args.batch_size,
+                        workers=args.workers, overwrite=True)
+    t = time.perf_counter()
+    res = segment_slide(args.slide, args.out, predictor, cfg)
+    wall = time.perf_counter() - t
+    record = json.loads((Path(args.out) / (Path(args.slide).stem + ".json")).read_text())
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    fwd = forward_and_postprocess(args, predictor, Path(args.slide), record["counts"]["tiles_run"])
+    print(json.dumps({"wall_s": wall, "nuclei": res.n_nuclei, "record": record, "peak_rss_mb": rss_mb, **fwd}))
+
+
+def forward_and_postprocess(args, predictor, slide_path: Path, n_tiles: int) -> dict:
+    """Forward-only seconds for ``n_tiles`` (median batch time of a sample of the same tissue tiles) and the
+    post-processing ms per tile on realistic maps."""
+    from scipy import ndimage as ndi
+
+    from pronet_wsi.export import feature_bodies
+    from pronet_wsi.geometry import Frame
+    from pronet_wsi.instances import tile_instances
+    from pronet_wsi.postprocess import postprocess
+    from pronet_wsi.slide import open_slide
+    from pronet_wsi.tiling import TileGrid, TilingConfig, select_tiles
+    from pronet_wsi.tissue import tissue_mask
+    from pronet_wsi.training.targets import encode_maps
+
+    with open_slide(slide_path) as slide:
+        frame = Frame.for_slide(slide.shape, slide.mpp, predictor.mpp)
+        thumb, ds = slide.thumbnail(2048)
+        grid = TileGrid(frame.shape, TilingConfig(args.tile_px, args.halo_px))
+        tiles = select_tiles(grid, frame, tissue_mask(thumb, ds * slide.mpp), ds)
+        step = max(1, len(tiles) // args.sample)
+        sample = tiles[::step][: args.sample]
+        images = np.stack([slide.read_box(frame.box_to_level0(t.read), (args.tile_px,) * 2) for t in sample])
+    bs = min(args.batch_size, len(images))
+    times: list[float] = []
+
+    def forward() -> None:  # in a worker thread, as the pipeline calls the model
+        for i in range(0, len(images) - bs + 1, bs):
+            t = time.perf_counter()
+            predictor.predict_batch(images[i : i + bs])
+            times.append(time.perf_counter() - t)
+
+    worker = threading.Thread(target=forward)
+    worker.start()
+    worker.join()
+    per_tile = float(np.median(times)) / bs
+    pp_ms, nuclei = [], []
+    for img, tile in zip(images, sample, strict=True):
+        lab, _ = ndi.label(ndi.binary_opening(img.mean(axis=2) < 140, iterations=1))
+        m = encode_maps(lab.astype(np.uint32), radius_px=8)
+        t = time.perf_counter()
+        seg = postprocess(m, predictor.postprocess_config)
+        inst = tile_instances(seg.labels, seg.centers_rc, seg.center_scores, m["foreground"], tile.read, tile.core,
+                              frame, predictor.mpp, 8.0)
+        feature_bodies(inst)
+        pp_ms.append((time.perf_counter() - t) * 1e3)
+        nuclei.append(int(inst.in_core.sum()))
+    return {"forward_s_per_tile": per_tile, "forward_s": per_tile * n_tiles, "sample": len(images),
+            "pp_ms_per_tile": float(np.median(pp_ms)), "pp_nuclei_per_tile": float(np.median(nuclei))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[16384, 32768], help="slide sides in px")
+    parser.add_argument("--model", default=None, help="model folder (default: shipped, else random)")
+    parser.add_argument("--width", type=float, default=None, help="use a random PRONet of this width")
+    parser.add_argument("--tile-px", type=int, default=1024)
+    parser.add_argument("--halo-px", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--sample", type=int, default=16, help="tiles timed for forward-only")
+    parser.add_argument("--workdir", default="/tmp/pronet-wsi-bench")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--slide", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        run_child(args)
+        return
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    args.model = str(model_dir(args, workdir))
+    rows = []
+    for side in args.sizes:
+        slide = workdir / f"synthetic_{side}.tif"
+        if not slide.exists():
+            t = time.perf_counter()
+            make_slide(slide, side)
+            print(f"wrote {slide} ({slide.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.0f} s",
+                  file=sys.stderr)
+        cmd = [sys.executable, __file__, "--child", "--slide", str(slide), "--out", str(workdir / f"out_{side}"),
+               "--model", args.model, "--tile-px", str(args.tile_px), "--halo-px", str(args.halo_px),
+               "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--sample", str(args.sample)]
+        child = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        rec = child["record"]
+        rows.append({"side": side, "gpx": side * side / 1e9, "tiles": rec["counts"]["tiles_run"],
+                     "mpx": rec["mpx_processed"], "nuclei": child["nuclei"], "e2e_s": child["wall_s"],
+                     "forward_s": child["forward_s"], "pp_ms_per_tile": child["pp_ms_per_tile"],
+                     "pp_nuclei_per_tile": child["pp_nuclei_per_tile"], "ratio": child["wall_s"] / child["forward_s"],
+                     "mpx_s": rec["mpx_processed"] / child["wall_s"], "rss_mb": child["peak_rss_mb"],
+                     "timings": rec["timings_s"]})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    print(f"model: {args.model}; tile {args.tile_px}, halo {args.halo_px}, batch {args.batch_size}, "
+          f"workers {args.workers or 'auto'}; {os.cpu_count()} CPUs")
+    print("| slide | Gpx | tissue tiles | tissue Mpx | nuclei | end-to-end s | forward-only s | ratio | Mpx/s | "
+          "peak RSS MB | post-proc ms/tile (realistic maps, nuclei/tile) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['side']}x{r['side']} | {r['gpx']:.2f} | {r['tiles']} | {r['mpx']:.0f} | {r['nuclei']:,} | "
+              f"{r['e2e_s']:.0f} | {r['forward_s']:.0f} | {r['ratio']:.2f} | {r['mpx_s']:.2f} | {r['rss_mb']:.0f} | "
+              f"{r['pp_ms_per_tile']:.0f} ({r['pp_nuclei_per_tile']:.0f}) |")
+    for r in rows:
+        print(f"stage sums {r['side']}: " + ", ".join(f"{k} {v}" for k, v in r["timings"].items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The second pass of a slide: stitch decisions over the finished tiles, then stream the outputs.
+
+Pass 1 reads only the centres of each tile and its neighbours (a window of three tile rows) and decides which
+candidates to keep (:func:`pronet_wsi.stitching.keep_mask`). Global ids follow tile order, so they are known
+before pass 2 streams the kept nuclei to the GeoJSON (and the label image and the overlay) tile by tile.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pronet_wsi.export import GeoJSONWriter, LabelsWriter, Overlay, feature_text, nucleus_uuid
+from pronet_wsi.geometry import Frame
+from pronet_wsi.parts import PartStore
+from pronet_wsi.stitching import Candidates, keep_mask
+from pronet_wsi.tiling import Tile, TileGrid
+
+
+def write_outputs(store: PartStore, grid: TileGrid, tiles: list[Tile], frame: Frame, paths: dict[str, Path],
+                  config, stem: str, thumb: np.ndarray, thumb_ds: float, mask, slide_mpp: float,
+                  model_mpp: float, timings: dict) -> dict:
+    """Stitch decisions (pass 1, centres only), then stream GeoJSON / labels / overlay (pass 2).
+
+    ``tiles`` are the processed tiles in raster order, their parts in ``store``; ``config`` is the
+    :class:`~pronet_wsi.pipeline.SegmentConfig`; ``thumb`` / ``thumb_ds`` the overlay thumbnail and its
+    downsample; stage times are added to ``timings``. Returns counts (candidates, nuclei, duplicates removed).
+    """
+    t = time.perf_counter()
+    order = {tl.index: k for k, tl in enumerate(tiles)}
+    radius = config.stitch.match_radius_px * frame.scale
+    cache: dict[tuple[int, int], Candidates] = {}
+    keep: dict[tuple[int, int], np.ndarray] = {}
+    n_candidates = 0
+    for tl in tiles:
+        for idx in [i for i in cache if i[0] < tl.index[0] - 1]:
+            del cache[idx]
+        for idx in [tl.index, *grid.neighbours(tl.index)]:
+            if idx in order and idx not in cache:
+                cache[idx] = Candidates(order[idx], *store.load_centers(tiles[order[idx]].key))
+        nbs = [cache[i] for i in grid.neighbours(tl.index) if i in order]
+        keep[tl.index] = keep_mask(cache[tl.index], nbs, radius)
+        n_candidates += len(cache[tl.index].centers_xy)
+    timings["stitch_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    gid_start, gid = {}, 0
+    for tl in tiles:
+        gid_start[tl.index] = gid
+        gid += int(keep[tl.index].sum())
+    overlay = Overlay(thumb, thumb_ds, mask)
+    labels = None
+    if config.labels_zarr:
+        labels = LabelsWriter(paths["labels"], frame.shape, config.tiling.core_px,
+                              {"mpp": model_mpp, "slide_mpp": slide_mpp, "level0_px_per_px": frame.scale,
+                               "description": "nucleus ids; id i is the i-th feature of the GeoJSON"})
+    try:
+        with GeoJSONWriter(paths["geojson"], config.gzip) as writer:
+            for tl in tiles:
+                km = keep[tl.index]
+                texts = store.load_texts(tl.key)
+                base = gid_start[tl.index]
+                for n, i in enumerate(np.nonzero(km)[0], start=1):
+                    writer.write(feature_text(nucleus_uuid(stem, base + n), texts[i]))
+                overlay.add(store.load(tl.key).select(km))
+        if labels is not None:
+            _paint_labels(labels, store, grid, tiles, order, keep, gid_start)
+            labels.close()
+    except BaseException:
+        if labels is not None:
+            labels.abort()
+        raise
+    overlay.save(paths["overlay"])
+    timings["export_s"] = time.perf_counter() - t
+    return {"candidates": n_candidates, "nuclei": gid, "duplicates_removed": n_candidates - gid}
+
+
+def _paint_labels(labels: LabelsWriter, store: PartStore, grid: TileGrid, tiles: list[Tile], order: dict,
+                  keep: dict, gid_start: dict) -> None:
+    """Write each core's chunk from the kept nuclei of its tile and its neighbours (first id wins overlaps)."""
+    chunks = sorted({i for tl in tiles for i in [tl.index, *grid.neighbours(tl.index)]})
+    cache: dict[tuple[int, int], tuple] = {}
+    for idx in chunks:
+        for old in [i for i in cache if i[0] < idx[0] - 1]:
+            del cache[old]
+        core = grid.tile(*idx).core
+        y0, x0 = int(core.y0), int(core.x0)
+        canvas = np.zeros(core.shape, np.uint32)
+        owners = sorted(i for i in [idx, *grid.neighbours(idx)] if i in order)
+        for i in owners:
+            if i not in cache:
+                inst = store.load(tiles[order[i]].key, masks=True).select(keep[i])
+                cache[i] = (inst, gid_start[i] + 1 + np.arange(len(inst)))
+        for i in owners:
+            inst, gids = cache[i]
+            for n in range(len(inst)):
+                r0, c0, r1, c1 = (int(v) for v in inst.bbox[n])
+                a0, b0, a1, b1 = max(r0, y0), max(c0, x0), min(r1, y0 + canvas.shape[0]), min(c1, x0 + canvas.shape[1])
+                if a1 <= a0 or b1 <= b0:
+                    continue
+                m = inst.mask(n)[a0 - r0 : a1 - r0, b0 - c0 : b1 - c0]
+                view = canvas[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0]
+                view[m & (view == 0)] = gids[n]
+        labels.write(y0, x0, canvas)

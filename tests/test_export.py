@@ -1,0 +1,105 @@
+import gzip
+import json
+import uuid
+
+import geojson
+import numpy as np
+import pytest
+import shapely
+from wsi_fakes import check_qupath_geojson
+
+from pronet_wsi.export import (
+    NUCLEUS_CLASS,
+    GeoJSONWriter,
+    LabelsWriter,
+    Overlay,
+    feature_bodies,
+    feature_text,
+    nucleus_uuid,
+    read_geojson,
+)
+from pronet_wsi.geometry import Box, Frame
+from pronet_wsi.instances import tile_instances
+from pronet_wsi.synthetic import synthetic_nuclei
+
+
+@pytest.fixture(scope="module")
+def inst():
+    _, lab, centers = synthetic_nuclei((200, 200), n_nuclei=30, seed=2)
+    frame = Frame(0.5, (200, 200), (100, 100))  # a 0.5 um/px model on a 0.25 um/px slide: non-integer coords
+    return tile_instances(lab.astype(np.uint32), centers, np.full(len(centers), 0.8, np.float32),
+                          (lab > 0).astype(np.float32), Box(0, 0, 200, 200), Box(0, 0, 200, 200), frame, 0.5, 8.0)
+
+
+def write(path, inst, gz=False, stem="slide"):
+    with GeoJSONWriter(path, gz) as w:
+        for i, body in enumerate(feature_bodies(inst), start=1):
+            w.write(feature_text(nucleus_uuid(stem, i), body))
+    return w
+
+
+def test_round_trip_and_qupath_rules(inst, tmp_path):
+    w = write(tmp_path / "a.geojson", inst)
+    fc = read_geojson(tmp_path / "a.geojson")
+    assert w.count == len(inst) == check_qupath_geojson(fc, (100, 100)) > 20
+    for i, f in enumerate(fc["features"]):
+        ring = np.asarray(f["geometry"]["coordinates"][0])
+        assert np.allclose(ring, np.round(inst.polygon(i), 2))
+        assert f["properties"]["measurements"] == pytest.approx(inst.measurements(i))
+        assert f["properties"]["classification"] == NUCLEUS_CLASS
+    text = (tmp_path / "a.geojson").read_text()
+    obj = geojson.loads(text)
+    assert obj.is_valid and obj["type"] == "FeatureCollection"
+    assert all(shapely.geometry.shape(f["geometry"]).is_valid for f in obj["features"])
+
+
+def test_gzip_is_the_same_collection_and_deterministic(inst, tmp_path):
+    write(tmp_path / "a.geojson", inst)
+    write(tmp_path / "b.geojson.gz", inst, gz=True)
+    write(tmp_path / "c.geojson.gz", inst, gz=True)
+    assert read_geojson(tmp_path / "b.geojson.gz") == read_geojson(tmp_path / "a.geojson")
+    assert (tmp_path / "b.geojson.gz").read_bytes() == (tmp_path / "c.geojson.gz").read_bytes()
+    assert gzip.decompress((tmp_path / "b.geojson.gz").read_bytes()) == (tmp_path / "a.geojson").read_bytes()
+
+
+def test_empty_collection_is_valid_json(tmp_path):
+    with GeoJSONWriter(tmp_path / "e.geojson"):
+        pass
+    assert json.loads((tmp_path / "e.geojson").read_text()) == {"type": "FeatureCollection", "features": []}
+
+
+def test_failed_write_leaves_no_file(inst, tmp_path):
+    with pytest.raises(RuntimeError), GeoJSONWriter(tmp_path / "x.geojson") as w:
+        w.write(feature_text(nucleus_uuid("s", 1), feature_bodies(inst)[0]))
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_uuids_are_deterministic_and_distinct():
+    ids = [nucleus_uuid("slide", i) for i in range(1, 1000)]
+    assert len(set(ids)) == 999 and ids[0] == nucleus_uuid("slide", 1) != nucleus_uuid("other", 1)
+    assert uuid.UUID(ids[5]).version == 5
+
+
+def test_labels_writer_chunks(tmp_path):
+    import zarr
+
+    w = LabelsWriter(tmp_path / "l.zarr", (100, 130), 64, {"mpp": 0.25})
+    w.write(64, 64, np.full((36, 64), 7, np.uint32))
+    w.write(0, 0, np.zeros((64, 64), np.uint32))
+    w.close()
+    z = zarr.open_array(str(tmp_path / "l.zarr"))
+    assert z.shape == (100, 130) and z.chunks == (64, 64) and z.attrs["mpp"] == 0.25
+    assert (z[64:, 64:128] == 7).all() and z[:64].max() == 0
+    assert not (tmp_path / ".l.zarr.tmp").exists()
+
+
+def test_overlay_draws_outlines(inst, tmp_path):
+    thumb = np.full((50, 50, 3), 255, np.uint8)
+    ov = Overlay(thumb, 2.0, mask=np.pad(np.ones((20, 20), bool), 15))
+    ov.add(inst)
+    ov.save(tmp_path / "o.png")
+    from PIL import Image
+
+    arr = np.asarray(Image.open(tmp_path / "o.png"))
+    assert arr.shape == (50, 50, 3) and (arr != 255).any()

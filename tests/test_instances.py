@@ -1,0 +1,120 @@
+import numpy as np
+import pytest
+import shapely
+
+from pronet_wsi.geometry import Box, Frame
+from pronet_wsi.instances import Instances, tile_instances
+from pronet_wsi.synthetic import synthetic_nuclei
+
+
+def instances_of(labels, frame=None, read=None, core=None, radius=8.0, masks=False):
+    labels = labels.astype(np.uint32)
+    n = int(labels.max())
+    h, w = labels.shape
+    rows, cols = np.indices(labels.shape)
+    cnt = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    centers = np.stack([np.bincount(labels.ravel(), rows.ravel(), n + 1)[1:] / cnt,
+                        np.bincount(labels.ravel(), cols.ravel(), n + 1)[1:] / cnt], axis=1)
+    frame = frame or Frame(1.0, (h, w), (h, w))
+    read = read or Box(0, 0, w, h)
+    core = core or read
+    return tile_instances(labels, centers, np.linspace(0.3, 1, n).astype(np.float32),
+                          (labels > 0).astype(np.float32) * 0.9, read, core, frame, 0.25, radius, masks)
+
+
+def polygons(inst: Instances):
+    return [shapely.Polygon(inst.polygon(i)) for i in range(len(inst))]
+
+
+def test_outline_follows_pixel_edges_with_cut_corners():
+    lab = np.zeros((12, 12), np.uint32)
+    lab[2:7, 3:8] = 1  # 5 x 5 square
+    lab[9, 9] = 2  # one pixel
+    inst = instances_of(lab)
+    sq, px = polygons(inst)
+    # within 0.5 px of the chamfered pixel outline, which is within 0.36 px of the pixel edges
+    assert sq.hausdorff_distance(shapely.box(3, 2, 8, 7)) <= 0.5 + 0.36 and sq.bounds == (3, 2, 8, 7)
+    assert px.is_valid and px.area > 0 and shapely.box(9, 9, 10, 10).contains(px)
+    for i in range(2):
+        ring = inst.polygon(i)
+        assert len(ring) >= 4 and (ring[0] == ring[-1]).all()
+    assert inst.area_px.tolist() == [25, 1] and inst.area_um2.tolist() == pytest.approx([25 * 0.0625, 0.0625])
+    assert inst.foreground_mean.tolist() == pytest.approx([0.9, 0.9])
+
+
+def test_shapes_touching_themselves_at_a_corner_stay_valid():
+    lab = np.zeros((10, 10), np.uint32)
+    lab[2:5, 2:5] = 1
+    lab[3, 3] = 0  # a hole: dropped from the outline
+    lab[5, 5] = 1
+    lab[5:8, 5] = 1
+    lab[5, 4] = 1  # joins (5, 5) to the square 4-connected
+    lab[1, 5] = 1
+    lab[1, 4] = 1  # a pixel touching the square only at a corner, connected through (1, 4)
+    inst = instances_of(lab)
+    (poly,) = polygons(inst)
+    assert poly.is_valid and len(poly.interiors) == 0
+
+
+def test_synthetic_nuclei_give_valid_polygons_close_to_their_pixel_area():
+    _, lab, _ = synthetic_nuclei((256, 256), n_nuclei=60, seed=3)
+    inst = instances_of(lab)
+    polys = polygons(inst)
+    assert len(polys) == lab.max()
+    assert all(p.is_valid and p.geom_type == "Polygon" and len(p.exterior.coords) >= 4 for p in polys)
+    areas = np.array([p.area for p in polys])
+    assert np.all(np.abs(areas - inst.area_px) <= 0.1 * inst.area_px + 1)
+
+
+def test_scaled_frame_gives_level0_coordinates_rounded_to_a_hundredth():
+    lab = np.zeros((40, 40), np.uint32)
+    lab[10:20, 12:25] = 1
+    frame = Frame(1.37, (300, 300), (411, 411))
+    inst = instances_of(lab, frame=frame, read=Box(100, 200, 140, 240))
+    ring = inst.polygon(0)
+    assert np.allclose(ring, np.round(ring, 2), atol=1e-9)
+    x0, y0, x1, y1 = shapely.Polygon(ring).bounds
+    assert (x0, y0, x1, y1) == pytest.approx(((112) * 1.37, 210 * 1.37, 125 * 1.37, 220 * 1.37), abs=0.6)
+    assert inst.area_px[0] == pytest.approx(130 * 1.37**2)
+    assert inst.centers_xy[0] == pytest.approx(((100 + 18.5) * 1.37, (200 + 15) * 1.37))
+
+
+def test_polygons_are_clipped_to_the_slide():
+    lab = np.zeros((60, 60), np.uint32)
+    lab[20:40, 45:60] = 1  # runs past the slide's right edge at level-0 x = 50
+    inst = instances_of(lab, frame=Frame(1.0, (60, 50), (60, 50)))
+    poly = shapely.Polygon(inst.polygon(0))
+    assert poly.is_valid and poly.bounds[2] == 50 and poly.bounds[0] == 45
+
+
+def test_candidates_are_centres_in_the_core_grown_by_the_radius():
+    lab = np.zeros((100, 100), np.uint32)
+    for k, c in enumerate([5, 25, 45, 62, 75, 90], start=1):  # centres at x = c + 1.5 (3-px squares)
+        lab[48:51, c : c + 3] = k
+    read, core = Box(0, 0, 100, 100), Box(30, 30, 70, 70)
+    inst = instances_of(lab, read=read, core=core, radius=8.0)
+    assert inst.centers_xy[:, 0].tolist() == [26.5, 46.5, 63.5, 76.5]
+    assert inst.in_core.tolist() == [False, True, True, False]
+    assert inst.priority.tolist() == pytest.approx([26.5, 46.5, 36.5, 23.5])
+
+
+def test_masks_select_and_geometry_text_round_trip():
+    _, lab, _ = synthetic_nuclei((128, 128), n_nuclei=20, seed=5)
+    inst = instances_of(lab, read=Box(64, 32, 192, 160), masks=True)
+    for i in range(len(inst)):
+        r0, c0, r1, c1 = inst.bbox[i]
+        m = inst.mask(i)
+        region = lab[r0 - 32 : r1 - 32, c0 - 64 : c1 - 64]
+        ids = np.unique(region[m])
+        assert len(ids) == 1 and (region == ids[0]).sum() >= m.sum()
+    sub = inst.select(np.arange(len(inst)) % 2 == 0)
+    assert len(sub) == (len(inst) + 1) // 2
+    assert (sub.polygon(1) == inst.polygon(2)).all() and (sub.mask(1) == inst.mask(2)).all()
+    import json
+
+    assert json.loads(inst.geometry_json(0)) == [inst.polygon(0).tolist()]
+
+
+def test_empty_tile():
+    inst = instances_of(np.zeros((50, 50), np.uint32))
+    assert len(inst) == 0 and inst.offsets.tolist() == [0]

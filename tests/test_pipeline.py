@@ -1,0 +1,212 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import shapely
+from wsi_fakes import (
+    DarkBlobModel,
+    OracleModel,
+    blob_slide,
+    block_labels,
+    check_qupath_geojson,
+    write_oracle_slide,
+)
+
+from pronet_wsi.errors import InputError
+from pronet_wsi.export import read_geojson
+from pronet_wsi.pipeline import SegmentConfig, segment_slide
+from pronet_wsi.slide import write_pyramid_tiff
+from pronet_wsi.tiling import TilingConfig
+
+CFG = SegmentConfig(tiling=TilingConfig(256, 48), use_tissue_mask=False, batch_size=2, workers=2)
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    _, labels = block_labels((600, 700), block=256, per_block=40, seed=4)
+    return write_oracle_slide(tmp_path_factory.mktemp("s") / "slide.tif", labels)
+
+
+@pytest.fixture(scope="module")
+def reference(slide, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    res = segment_slide(slide, out, OracleModel(), CFG)
+    return res, res.geojson.read_bytes()
+
+
+def test_outputs_and_run_record(reference, slide):
+    res, data = reference
+    out = res.geojson.parent
+    assert res.status == "done" and res.n_nuclei > 200 and res.n_tiles == 20
+    fc = read_geojson(res.geojson)
+    assert check_qupath_geojson(fc, (600, 700)) == res.n_nuclei
+    assert (out / "slide_overlay.png").exists() and not (out / ".slide.parts").exists()
+    record = json.loads((out / "slide.json").read_text())
+    assert record["status"] == "done" and record["counts"]["nuclei"] == res.n_nuclei
+    assert record["counts"]["tiles_run"] == 20 and record["counts"]["duplicates_removed"] > 0
+    assert {"open_s", "tissue_s", "tiles_wall_s", "stitch_s", "export_s", "total_s"} <= set(record["timings_s"])
+    assert record["config"]["segment"]["tiling"] == {"tile_px": 256, "halo_px": 48}
+    assert record["versions"]["pronet_wsi"] and record["slide"]["mpp"] == 0.25
+    assert sorted(p.name for p in out.iterdir()) == ["slide.geojson", "slide.json", "slide_overlay.png"]
+    assert "slide" in res.summary() and "Mpx/s" in res.summary()
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_gives_the_identical_file_without_redoing_tiles(slide, reference, tmp_path):
+    _, ref_bytes = reference
+    seen = []
+
+    def kill_after_8(key):
+        seen.append(key)
+        if len(seen) == 8:
+            raise Killed
+
+    with pytest.raises(Killed):
+        segment_slide(slide, tmp_path, OracleModel(), CFG, on_tile_done=kill_after_8)
+    assert not (tmp_path / "slide.geojson").exists() and not (tmp_path / "slide.json").exists()
+    assert len(list((tmp_path / ".slide.parts").glob("*.npz"))) >= 8
+    model = OracleModel()
+    res = segment_slide(slide, tmp_path, model, CFG)
+    # (a task already running when the kill came may have finished a tile or two more)
+    assert 8 <= res.n_tiles_resumed < 20 and model.tiles_seen == 20 - res.n_tiles_resumed
+    assert res.geojson.read_bytes() == ref_bytes
+
+
+def test_parts_from_other_settings_are_not_reused(slide, reference, tmp_path):
+    def kill(key):
+        raise Killed
+
+    other = SegmentConfig(tiling=TilingConfig(512, 64), use_tissue_mask=False)
+    with pytest.raises(Killed):
+        segment_slide(slide, tmp_path, OracleModel(), other, on_tile_done=kill)
+    model = OracleModel()
+    res = segment_slide(slide, tmp_path, model, CFG)
+    assert res.n_tiles_resumed == 0 and model.tiles_seen == 20
+    assert res.geojson.read_bytes() == reference[1]
+
+
+def test_rerun_skips_a_finished_slide_unless_overwrite(slide, tmp_path):
+    segment_slide(slide, tmp_path, OracleModel(), CFG)
+    stamp = (tmp_path / "slide.geojson").stat().st_mtime_ns
+    model = OracleModel()
+    res = segment_slide(slide, tmp_path, model, CFG)
+    assert res.status == "skipped" and model.tiles_seen == 0 and "--overwrite" in res.summary()
+    assert (tmp_path / "slide.geojson").stat().st_mtime_ns == stamp
+    res = segment_slide(slide, tmp_path, model, SegmentConfig(**{**CFG.__dict__, "overwrite": True}))
+    assert res.status == "done" and model.tiles_seen == 20
+
+
+@pytest.mark.parametrize("workers,batch", [(1, 1), (3, 3), (4, 7)])
+def test_results_do_not_depend_on_scheduling(slide, reference, tmp_path, workers, batch):
+    cfg = SegmentConfig(tiling=CFG.tiling, use_tissue_mask=False, batch_size=batch, workers=workers)
+    assert segment_slide(slide, tmp_path, OracleModel(), cfg).geojson.read_bytes() == reference[1]
+
+
+def test_a_dask_cluster_gives_the_same_result(slide, reference, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0",
+                                  local_directory=str(tmp_path / "dask")) as cluster:
+        cfg = SegmentConfig(tiling=CFG.tiling, use_tissue_mask=False, batch_size=2, scheduler=cluster.scheduler_address)
+        res = segment_slide(slide, tmp_path, OracleModel(), cfg)
+    assert res.geojson.read_bytes() == reference[1]
+
+
+def test_gzip_labels_and_tissue_mask_outputs(slide, reference, tmp_path):
+    import zarr
+
+    cfg = SegmentConfig(tiling=CFG.tiling, gzip=True, labels_zarr=True)
+    res = segment_slide(slide, tmp_path, OracleModel(), cfg)
+    assert res.geojson.name == "slide.geojson.gz"
+    fc = read_geojson(res.geojson)
+    assert len(fc["features"]) == len(read_geojson_bytes(reference[1])["features"])
+    labels = zarr.open_array(str(tmp_path / "slide_labels.zarr"))
+    assert labels.shape == (600, 700) and labels[:].max() == len(fc["features"])
+    assert (tmp_path / "slide_tissue.png").exists()
+    # label i is feature i: its pixels lie inside feature i's polygon
+    lab = labels[:]
+    for i in (1, len(fc["features"]) // 2, len(fc["features"])):
+        rows, cols = np.nonzero(lab == i)
+        poly = shapely.Polygon(fc["features"][i - 1]["geometry"]["coordinates"][0])
+        assert poly.buffer(1).contains(shapely.MultiPoint(np.stack([cols + 0.5, rows + 0.5], 1)))
+
+
+def read_geojson_bytes(data: bytes) -> dict:
+    return json.loads(data)
+
+
+def test_all_white_slide_is_an_empty_collection_with_a_warning(tmp_path):
+    path = tmp_path / "white.tif"
+    write_pyramid_tiff(path, np.full((512, 512, 3), 255, np.uint8), 0.25, compression="zlib", levels=2)
+    res = segment_slide(path, tmp_path / "out", OracleModel(), SegmentConfig(tiling=CFG.tiling))
+    assert res.status == "done" and res.n_nuclei == 0 and res.n_tiles == 0
+    assert any("no tissue" in w for w in res.warnings)
+    assert read_geojson(res.geojson) == {"type": "FeatureCollection", "features": []}
+
+
+def test_unwritable_output_folder_and_bad_slide_leave_no_output(slide, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="not writable"):
+        segment_slide(slide, blocker / "out", OracleModel(), CFG)
+    bad = tmp_path / "bad.svs"
+    bad.write_text("not a slide")
+    with pytest.raises(InputError, match="bad.svs"):
+        segment_slide(bad, tmp_path / "out2", OracleModel(), CFG)
+    assert not any(p.suffix in (".geojson", ".json", ".png") for p in (tmp_path / "out2").iterdir())
+
+
+@pytest.mark.parametrize("model_mpp", [0.25, 1.0])
+def test_resampled_slides_land_in_level0_coordinates(tmp_path, model_mpp):
+    rng = np.random.default_rng(0)
+    centers = np.stack([rng.uniform(30, 570, 25), rng.uniform(30, 470, 25)], axis=1)
+    centers = centers[np.all(np.linalg.norm(centers[:, None] - centers[None], axis=2) + np.eye(25) * 99 > 40, 1)]
+    path = blob_slide(tmp_path / "blobs.tif", (500, 600), centers, radius=10.0, mpp=0.5)
+    cfg = SegmentConfig(tiling=TilingConfig(256, 48), use_tissue_mask=False)
+    res = segment_slide(path, tmp_path / "out", DarkBlobModel(model_mpp), cfg)
+    fc = read_geojson(res.geojson)
+    found = np.array([shapely.Polygon(f["geometry"]["coordinates"][0]).centroid.coords[0] for f in fc["features"]])
+    assert len(found) == len(centers)
+    d = np.linalg.norm(found[:, None] - centers[None], axis=2).min(axis=1)
+    assert d.max() < (0.6 if model_mpp < 0.5 else 1.5)
+    areas = [f["properties"]["measurements"]["area_px"] for f in fc["features"]]
+    assert np.allclose(areas, np.pi * 100, rtol=0.12)
+
+
+def test_slide_mpp_override_and_missing_mpp(tmp_path):
+    from PIL import Image
+
+    _, labels = block_labels((300, 300), seed=1)
+    from wsi_fakes import id_colours
+
+    Image.fromarray(id_colours(labels)).save(tmp_path / "plain.png")
+    with pytest.raises(InputError, match="--mpp"):
+        segment_slide(tmp_path / "plain.png", tmp_path / "o", OracleModel(), CFG)
+    res = segment_slide(tmp_path / "plain.png", tmp_path / "o", OracleModel(), CFG, mpp=0.25)
+    assert res.n_nuclei > 50
+    assert os.path.exists(tmp_path / "o" / "plain.geojson")
+
+
+def test_a_real_network_gives_the_same_file_whatever_the_batching(slide, tmp_path):
+    import torch
+
+    from pronet_wsi.inference import InferenceConfig, Predictor
+    from pronet_wsi.model import ModelBundle, ModelConfig, PRONet
+    from pronet_wsi.postprocess import PostprocessConfig
+
+    torch.manual_seed(0)
+    net = PRONet(ModelConfig(width=0.0625, mpp=0.5)).eval()
+    with torch.no_grad():
+        net.head_center.bias.fill_(-0.5)
+        net.head_binary.bias.fill_(0.5)
+    outputs = []
+    for batch, workers in ((1, 2), (3, 3)):
+        predictor = Predictor(ModelBundle(net, net.config, PostprocessConfig()), InferenceConfig(batch_size=batch))
+        cfg = SegmentConfig(tiling=TilingConfig(256, 48), use_tissue_mask=False, batch_size=batch, workers=workers)
+        res = segment_slide(slide, tmp_path / f"b{batch}", predictor, cfg)
+        outputs.append(res.geojson.read_bytes())
+    assert res.n_nuclei > 0 and outputs[0] == outputs[1]
+    check_qupath_geojson(json.loads(outputs[0]), (600, 700))

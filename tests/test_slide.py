@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from pronet_wsi.errors import InputError
+from pronet_wsi.geometry import Box
+from pronet_wsi.slide import Slide, _to_rgb, open_slide, write_pyramid_tiff
+
+
+@pytest.fixture(scope="module")
+def pyramid(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (600, 900, 3), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("slide") / "p.tif"
+    write_pyramid_tiff(path, img, mpp=0.5, tile_px=128, levels=3, compression="zlib")
+    return path, img
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide", "auto"])
+def test_pyramid_tiff_reads_in_both_backends(pyramid, backend):
+    path, img = pyramid
+    with open_slide(path, backend) as s:
+        assert s.backend == ("openslide" if backend == "auto" else backend)
+        assert s.mpp == pytest.approx(0.5) and s.mpp_source == "slide"
+        assert s.level_count == 3 and s.level_downsamples == (1.0, 2.0, 4.0)
+        assert s.shape == (600, 900) and s.level_shapes[1] == (300, 450)
+        assert (s.read_box(Box(100, 50, 356, 306), (256, 256)) == img[50:306, 100:356]).all()
+        # outside the slide is white, inside is the image
+        edge = s.read_box(Box(-20, 580, 30, 630), (50, 50))
+        assert (edge[:, :20] == 255).all() and (edge[20:] == 255).all()
+        assert (edge[:20, 20:] == img[580:600, 0:30]).all()
+        # a 2x downsampled read comes from level 1 without resampling
+        half = s.read_box(Box(200, 100, 456, 356), (128, 128))
+        assert (half == s.read_level(100, 50, 1, (128, 128))).all()
+
+
+def test_upsampling_a_coarse_slide_matches_bilinear_resize(pyramid):
+    path, img = pyramid
+    with open_slide(path) as s:
+        up = s.read_box(Box(100, 100, 164, 164), (128, 128)).astype(int)
+    ref = np.asarray(Image.fromarray(img).resize((1800, 1200), Image.Resampling.BILINEAR))[200:328, 200:328]
+    assert np.abs(up - ref).mean() < 1.0  # same sampling grid; only the crop border differs
+
+
+def test_thumbnail_shape_and_downsample(pyramid):
+    path, _ = pyramid
+    with open_slide(path) as s:
+        thumb, ds = s.thumbnail(300)
+    assert ds == pytest.approx(3.0) and thumb.shape == (200, 300, 3)
+
+
+def test_bounds_are_subtracted(tmp_path):
+    img = np.arange(60 * 80 * 3, dtype=np.uint32).reshape(60, 80, 3).astype(np.uint8)
+    s = Slide(tmp_path / "x", "image", img, 0.25, "slide", Box(10, 20, 70, 60), ((60, 80),), (1.0,))
+    assert s.shape == (40, 60)
+    assert (s.read_box(Box(0, 0, 5, 5), (5, 5)) == img[20:25, 10:15]).all()
+
+
+def test_transparent_pixels_become_white():
+    rgba = np.array([[[10, 20, 30, 255], [0, 0, 0, 0], [100, 100, 100, 128]]], np.uint8)
+    out = _to_rgb(rgba)
+    assert out[0, 0].tolist() == [10, 20, 30] and out[0, 1].tolist() == [255, 255, 255]
+    assert out[0, 2].tolist() == [177, 177, 177]
+
+
+def test_plain_images_are_one_level_slides_needing_mpp(tmp_path):
+    img = np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    with pytest.raises(InputError, match="--mpp"):
+        open_slide(tmp_path / "a.png")
+    with open_slide(tmp_path / "a.png", mpp=0.3) as s:
+        assert s.backend == "image" and s.mpp == 0.3 and s.mpp_source == "--mpp"
+        assert (s.read_box(Box(0, 0, 70, 50), (50, 70)) == img).all()
+    # a plain TIFF with resolution tags carries its mpp
+    tifffile.imwrite(tmp_path / "b.tif", img, resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+    with open_slide(tmp_path / "b.tif") as s:
+        assert s.mpp == pytest.approx(0.25)
+
+
+def test_bad_inputs_are_one_line_input_errors(tmp_path, pyramid):
+    path, _ = pyramid
+    text = tmp_path / "notes.svs"
+    text.write_text("this is not a slide\n")
+    data = path.read_bytes()
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    for bad, pattern in [(tmp_path / "missing.svs", "not found"), (text, "cannot be read as a slide"),
+                         (cut, "truncated"), (tmp_path, "not a file")]:
+        with pytest.raises(InputError, match=pattern) as exc:
+            open_slide(bad)
+        assert str(bad) in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(InputError, match="--backend"):
+        open_slide(path, backend="bioformats")
+    with pytest.raises(InputError, match="--mpp"):
+        open_slide(path, mpp=-1)
+
+
+@pytest.mark.data
+def test_real_slides(slides_dir):
+    with open_slide(slides_dir / "CMU-1-Small-Region.svs") as s:
+        assert s.mpp == pytest.approx(0.499) and s.shape == (2967, 2220) and s.backend == "openslide"
+        tile = s.read_box(Box(1000, 1000, 1256, 1256), (256, 256))
+        assert tile.dtype == np.uint8 and tile.shape == (256, 256, 3) and tile.std() > 5
+    tcga = slides_dir / "TCGA-CR-7395-01A-01-TS1.svs"
+    with pytest.raises(InputError, match="--mpp") as exc:
+        open_slide(tcga)
+    assert str(tcga) in str(exc.value)
+    with open_slide(tcga, mpp=0.25) as s:
+        assert s.level_count == 2 and s.level_downsamples[1] == pytest.approx(2.0005, abs=1e-4)
+        assert s.read_box(Box(0, 0, 4443, 3567), (64, 64)).shape == (64, 64, 3)

@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from pronet_wsi.geometry import Box, Frame
+from pronet_wsi.tiling import TileGrid, TilingConfig, select_tiles
+
+
+@pytest.mark.parametrize("shape,tile,halo", [((1000, 700), 256, 64), ((257, 129), 128, 0), ((50, 60), 512, 128)])
+def test_cores_partition_the_frame_and_reads_are_core_plus_halo(shape, tile, halo):
+    grid = TileGrid(shape, TilingConfig(tile, halo))
+    cover = np.zeros(shape, int)
+    for t in grid:
+        c = t.core
+        cover[int(c.y0) : int(c.y1), int(c.x0) : int(c.x1)] += 1
+        assert t.read.width == tile and t.read.height == tile
+        assert t.read.x0 == c.x0 - halo and t.read.y0 == c.y0 - halo
+    assert (cover == 1).all()
+    assert len(list(grid)) == len(grid) == grid.grid_shape[0] * grid.grid_shape[1]
+
+
+def test_neighbours_and_keys():
+    grid = TileGrid((1000, 1000), TilingConfig(256, 64))  # 8 x 8 cores of 128
+    assert grid.grid_shape == (8, 8)
+    assert grid.neighbours((0, 0)) == [(0, 1), (1, 0), (1, 1)]
+    assert len(grid.neighbours((3, 3))) == 8
+    assert grid.tile(2, 3).key == "00002_00003"
+
+
+def test_config_validation_names_the_fix():
+    with pytest.raises(ValueError, match="core"):
+        TilingConfig(256, 121)
+    with pytest.raises(ValueError, match="halo_px"):
+        TilingConfig(256, -1)
+    with pytest.raises(ValueError, match="tile_px"):
+        TilingConfig(8, 0)
+
+
+def test_select_tiles_keeps_only_cores_with_tissue():
+    frame = Frame.for_slide((1024, 1024), 0.5, 0.25)  # processing frame 2048 x 2048, scale 0.5
+    grid = TileGrid(frame.shape, TilingConfig(1024, 0))  # 2 x 2 cores of 1024 proc px = 512 level-0 px
+    mask = np.zeros((64, 64), bool)  # 16 level-0 px per mask px
+    mask[40:50, 5:10] = True  # level-0 y 640-800, x 80-160: bottom-left core only
+    sel = select_tiles(grid, frame, mask, 16.0)
+    assert [t.index for t in sel] == [(1, 0)]
+    assert len(select_tiles(grid, frame, None, 16.0)) == 4
+    assert select_tiles(grid, frame, np.zeros((64, 64), bool), 16.0) == []
+    assert frame.box_to_level0(sel[0].core) == Box(0, 512, 512, 1024)

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pronet_wsi.cli import main
+from pronet_wsi.model import load_model
+from pronet_wsi.synthetic import synthetic_nuclei
+from pronet_wsi.training.points import write_points_csv, write_points_geojson
+
+TINY = ["--width", "0.0625", "--epochs", "1", "--patch-px", "96", "--patches-per-image", "2", "--batch-size", "2",
+        "--quiet"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.data
+def test_train_from_qupath_points_on_a_slide(slides_dir, tmp_path):
+    rng = np.random.default_rng(0)
+    pts = np.column_stack([rng.uniform(1000, 1300, 30), rng.uniform(1200, 1500, 30)])
+    write_points_geojson(tmp_path / "points.geojson", pts)
+    res = run("train", "--slide", slides_dir / "CMU-1-Small-Region.svs", "--points", tmp_path / "points.geojson",
+              *TINY, "-o", tmp_path / "m")
+    assert res.exit_code == 0, res.output
+    bundle = load_model(tmp_path / "m")
+    assert bundle.config.mpp == 0.25
+
+
+@pytest.fixture
+def folder(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "pts").mkdir()
+    for i in range(2):
+        img, _, centers = synthetic_nuclei((128, 128), 12, seed=i)
+        Image.fromarray(img).save(tmp_path / "imgs" / f"im{i}.png")
+        write_points_csv(tmp_path / "pts" / f"im{i}.csv", centers[:, ::-1])
+    return tmp_path
+
+
+def test_train_from_image_folder_and_point_csvs(folder):
+    res = run("train", "--images", folder / "imgs", "--points", folder / "pts", *TINY, "-o", folder / "m")
+    assert res.exit_code == 0, res.output
+    assert (folder / "m" / "weights.pt").exists()
+
+
+def test_image_without_points_is_skipped_and_outside_points_are_an_error(folder):
+    (folder / "pts" / "im1.csv").unlink()  # documented: images without a points file are skipped
+    res = run("train", "--images", folder / "imgs", "--points", folder / "pts", *TINY, "-o", folder / "m1")
+    assert res.exit_code == 0, res.output
+    write_points_csv(folder / "pts" / "im0.csv", np.array([[10.0, 10.0], [500.0, 20.0]]))
+    res = run("train", "--images", folder / "imgs", "--points", folder / "pts", *TINY, "-o", folder / "m2")
+    assert res.exit_code != 0 and "outside" in res.output and "Traceback" not in res.output
+    (folder / "pts" / "im0.csv").write_text("x,y\n1,2\nthree,4\n")
+    res = run("train", "--images", folder / "imgs", "--points", folder / "pts", *TINY, "-o", folder / "m3")
+    assert res.exit_code != 0 and "im0.csv:3: bad row" in res.output
