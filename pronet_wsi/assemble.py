@@ -26,7 +26,8 @@ def write_outputs(store: PartStore, grid: TileGrid, tiles: list[Tile], frame: Fr
 
     ``tiles`` are the processed tiles in raster order, their parts in ``store``; ``config`` is the
     :class:`~pronet_wsi.pipeline.SegmentConfig`; ``thumb`` / ``thumb_ds`` the overlay thumbnail and its
-    downsample; stage times are added to ``timings``. Returns counts (candidates, nuclei, duplicates removed).
+    downsample; stage times are added to ``timings``. Returns counts (candidates, nuclei, duplicates removed) and
+    the summed ``area_um2`` of the kept nuclei (``area_um2_sum``).
     """
     t = time.perf_counter()
     order = {tl.index: k for k, tl in enumerate(tiles)}
@@ -55,6 +56,7 @@ def write_outputs(store: PartStore, grid: TileGrid, tiles: list[Tile], frame: Fr
         labels = LabelsWriter(paths["labels"], frame.shape, config.tiling.core_px,
                               {"mpp": model_mpp, "slide_mpp": slide_mpp, "level0_px_per_px": frame.scale,
                                "description": "nucleus ids; id i is the i-th feature of the GeoJSON"})
+    area_um2_sum = 0.0
     try:
         with GeoJSONWriter(paths["geojson"], config.gzip) as writer:
             for tl in tiles:
@@ -63,7 +65,9 @@ def write_outputs(store: PartStore, grid: TileGrid, tiles: list[Tile], frame: Fr
                 base = gid_start[tl.index]
                 for n, i in enumerate(np.nonzero(km)[0], start=1):
                     writer.write(feature_text(nucleus_uuid(stem, base + n), texts[i]))
-                overlay.add(store.load(tl.key).select(km))
+                kept = store.load(tl.key).select(km)
+                area_um2_sum += float(kept.area_um2.sum())
+                overlay.add(kept)
         if labels is not None:
             _paint_labels(labels, store, grid, tiles, order, keep, gid_start)
             labels.close()
@@ -73,7 +77,8 @@ def write_outputs(store: PartStore, grid: TileGrid, tiles: list[Tile], frame: Fr
         raise
     overlay.save(paths["overlay"])
     timings["export_s"] = time.perf_counter() - t
-    return {"candidates": n_candidates, "nuclei": gid, "duplicates_removed": n_candidates - gid}
+    return {"candidates": n_candidates, "nuclei": gid, "duplicates_removed": n_candidates - gid,
+            "area_um2_sum": area_um2_sum}
 
 
 def _paint_labels(labels: LabelsWriter, store: PartStore, grid: TileGrid, tiles: list[Tile], order: dict,

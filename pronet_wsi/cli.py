@@ -55,6 +55,7 @@ def evaluate(pred_dir: Path, gt_dir: Path, output_csv: Path | None) -> None:
 
     rows, mean = evaluate_folder(pred_dir, gt_dir)
     click.echo(format_table(rows, mean))
+    click.echo(f"scored {len(rows)} prediction(s); ground truth without a prediction is not scored")
     if output_csv is not None:
         write_scores_csv(output_csv, rows, mean)
         click.echo(f"wrote {output_csv}")
@@ -258,7 +259,8 @@ def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, eu
 @click.option("--mpp", type=float, default=None, help="Slide pixel size in um (needed when the file has none).")
 @click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto", show_default=True)
 @click.option("--tile-px", type=int, default=1024, show_default=True, help="Model input tile side (px at model mpp).")
-@click.option("--halo-px", type=int, default=64, show_default=True, help="Context on each side of a tile core.")
+@click.option("--halo-px", type=int, default=128, show_default=True,
+              help="Context on each side of a tile core (>= 96 px for seam-exact output with the shipped model).")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--workers", type=int, default=0, show_default=True,

@@ -64,8 +64,9 @@ def _name_some(stems: list[str], limit: int = 5) -> str:
 def pair_files(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike) -> list[ImagePair]:
     """Pair prediction and ground-truth instance maps by stem, sorted by stem.
 
-    Raises InputError for a missing or empty folder, a JPEG, two files with one stem, a prediction without
-    ground truth, or ground truth without a prediction.
+    Raises InputError for a missing or empty folder, a JPEG, two files with one stem, or a prediction without
+    ground truth. Ground truth without a prediction is left out (a ground-truth folder may hold a whole
+    dataset while the predictions cover its test split); the CLI reports how many were scored.
     """
     preds = _instance_maps(Path(pred_dir), "prediction", SKIPPED_PRED_ENDINGS)
     gts = _instance_maps(Path(gt_dir), "ground-truth")
@@ -73,10 +74,6 @@ def pair_files(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike) -> list[I
     if no_gt:
         raise InputError(f"{gt_dir}: no ground truth for prediction(s) {_name_some(no_gt)}; "
                          "ground truth must share the prediction's file stem")
-    no_pred = sorted(set(gts) - set(preds))
-    if no_pred:
-        raise InputError(f"{pred_dir}: no prediction for ground truth {_name_some(no_pred)}; "
-                         "predict these images or move their ground truth out")
     return [ImagePair(stem, preds[stem], gts[stem]) for stem in sorted(preds)]
 
 

@@ -8,6 +8,11 @@
 4. stitch: decide which tile's view of each nucleus to keep (needs only the neighbouring tiles' centres);
 5. stream the kept nuclei to GeoJSON (and optionally a zarr label image), then the overlay and the run record.
 
+Steps 1-2 are :func:`prepare_slide` (a :class:`SlidePlan`), steps 4-5 :func:`finish_slide`; both run where the
+caller runs. Step 3 runs on the local threaded scheduler, or on a Dask distributed cluster
+(:mod:`pronet_wsi.cluster`, which also keeps several slides in flight at once); the tile tasks write their parts
+to the output folder, so on a cluster it must be on a file system the workers share.
+
 Memory is bounded by the tasks in flight and a window of three tile rows of centres; nothing slide-sized.
 """
 
@@ -27,20 +32,16 @@ import numpy as np
 from pronet_wsi import __version__
 from pronet_wsi.assemble import write_outputs
 from pronet_wsi.errors import InputError
-from pronet_wsi.export import feature_bodies, save_mask_png, write_json
-from pronet_wsi.geometry import Frame, rc_to_xy
-from pronet_wsi.instances import tile_instances
+from pronet_wsi.export import save_mask_png, write_json
+from pronet_wsi.geometry import Frame
 from pronet_wsi.parts import PartStore
-from pronet_wsi.postprocess import postprocess
-from pronet_wsi.slide import Slide, open_slide
+from pronet_wsi.slide import open_slide
 from pronet_wsi.stitching import StitchConfig
+from pronet_wsi.tile_task import TileJob, close_slides, run_batch
 from pronet_wsi.tiling import Tile, TileGrid, TilingConfig, select_tiles
 from pronet_wsi.tissue import TissueConfig, tissue_mask
 
 log = logging.getLogger(__name__)
-
-_MODEL_LOCK = threading.Lock()  # one model batch at a time per process
-
 
 @dataclass(frozen=True)
 class SegmentConfig:
@@ -83,7 +84,7 @@ class SegmentConfig:
 
 @dataclass
 class SlideResult:
-    """What happened to one slide. ``status`` is ``done`` or ``skipped``."""
+    """What happened to one slide. ``status`` is ``done`` or ``skipped``; ``name`` is the output stem."""
 
     slide: Path
     status: str
@@ -94,6 +95,7 @@ class SlideResult:
     mpx: float = 0.0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    name: str = ""
 
     def summary(self) -> str:
         if self.status == "skipped":
@@ -112,8 +114,10 @@ def slide_stem(path: Path) -> str:
     return Path(name).stem
 
 
-def output_paths(slide_path: Path, out_dir: Path, gzip_output: bool = False) -> dict[str, Path]:
-    stem = slide_stem(slide_path)
+def output_paths(slide_path: Path, out_dir: Path, gzip_output: bool = False, name: str | None = None
+                 ) -> dict[str, Path]:
+    """Where a slide's outputs go; ``name`` (default: the slide's stem) is the file name stem."""
+    stem = name or slide_stem(slide_path)
     out_dir = Path(out_dir)
     return {"geojson": out_dir / (stem + (".geojson.gz" if gzip_output else ".geojson")),
             "record": out_dir / f"{stem}.json", "overlay": out_dir / f"{stem}_overlay.png",
@@ -146,113 +150,9 @@ def is_finished(paths: dict[str, Path]) -> bool:
         return False
 
 
-# -- per-tile work (runs in Dask tasks) ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Job:
-    """Everything a tile task needs besides the model (picklable, for a Dask cluster)."""
-
-    slide_path: str
-    backend: str
-    mpp: float
-    frame: Frame
-    tiling: TilingConfig
-    match_radius_px: float
-    with_masks: bool
-    parts_root: str
-    fingerprint: dict
-
-
-_HANDLES: dict[tuple, Slide] = {}
-_HANDLES_LOCK = threading.Lock()
-
-
-def _thread_slide(job: _Job) -> Slide:
-    """One open slide per (file, thread): backends need not be thread-safe."""
-    key = (job.slide_path, job.backend, job.mpp, threading.get_ident())
-    with _HANDLES_LOCK:
-        slide = _HANDLES.get(key)
-    if slide is None:
-        slide = open_slide(job.slide_path, job.backend, job.mpp)
-        with _HANDLES_LOCK:
-            _HANDLES[key] = slide
-    return slide
-
-
-def _close_slides(path: str) -> None:
-    with _HANDLES_LOCK:
-        for key in [k for k in _HANDLES if k[0] == path]:
-            _HANDLES.pop(key).close()
-
-
-def run_batch(job: _Job, tiles: list[Tile], predictor, on_tile_done=None) -> list[dict]:
-    """Read, predict, post-process and save a batch of tiles; returns one stats dict per tile."""
-    slide = _thread_slide(job)
-    t0 = time.perf_counter()
-    size = job.tiling.tile_px
-    images = np.stack([slide.read_box(job.frame.box_to_level0(t.read), (size, size)) for t in tiles])
-    t1 = time.perf_counter()
-    with _MODEL_LOCK:
-        t1 = time.perf_counter()
-        maps = predictor.predict_batch(images)
-        t2 = time.perf_counter()
-    del images
-    store = PartStore(Path(job.parts_root))
-    config = predictor.postprocess_config
-    out = []
-    for k, tile in enumerate(tiles):
-        t3 = time.perf_counter()
-        tile_maps = {name: maps[name][k] for name in ("foreground", "offsets", "centers")}
-        seg = postprocess(tile_maps, config)
-        t4 = time.perf_counter()
-        inst = tile_instances(seg.labels, seg.centers_rc, seg.center_scores, tile_maps["foreground"], tile.read,
-                              tile.core, job.frame, predictor.mpp, job.match_radius_px, job.with_masks)
-        bodies = feature_bodies(inst)
-        t5 = time.perf_counter()
-        cut = _cut_at_edge(seg, tile, job.match_radius_px)
-        stats = {"candidates": len(inst), "in_core": int(inst.in_core.sum()), "cut_at_edge": cut,
-                 "read_s": (t1 - t0) / len(tiles), "predict_s": (t2 - t1) / len(tiles),
-                 "postprocess_s": t4 - t3, "polygons_s": t5 - t4}
-        t6 = time.perf_counter()
-        store.save(tile.key, inst, bodies, stats)
-        stats["save_s"] = time.perf_counter() - t6
-        out.append({"key": tile.key, **stats})
-        if on_tile_done is not None:
-            on_tile_done(tile.key)
-    return out
-
-
-def _cut_at_edge(seg, tile: Tile, radius: float) -> int:
-    """How many of the tile's candidates touch the edge of the tile (the halo was too small for them)."""
-    if seg.n == 0:
-        return 0
-    lab = seg.labels
-    edge = np.zeros(seg.n + 1, bool)
-    edge[np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]).astype(np.int64)] = True
-    centers_p = rc_to_xy(seg.centers_rc, (tile.read.x0, tile.read.y0))
-    return int((edge[1:] & tile.core.expand(radius).contains_xy(centers_p)).sum())
-
-
-def _run_tiles(job: _Job, batches: list[list[Tile]], predictor, config: SegmentConfig, progress,
-               on_tile_done) -> list[dict]:
-    """Run the batches on the local threaded scheduler or a Dask cluster; ``progress(stats_list)`` per batch."""
+def _run_local(plan: SlidePlan, predictor, progress, on_tile_done) -> list[dict]:
+    """Run a plan's batches on the local threaded scheduler; ``progress(stats_list)`` after each batch."""
     import dask
-
-    if config.scheduler:
-        from distributed import Client, as_completed
-
-        results = []
-        with Client(config.scheduler, set_as_default=False) as client:
-            remote = client.scatter(predictor, broadcast=True, hash=False)
-            futures = [client.submit(run_batch, job, b, remote, pure=False) for b in batches]
-            for fut in as_completed(futures, loop=client.loop):
-                res = fut.result()
-                results.extend(res)
-                progress(res)
-                for r in res:
-                    if on_tile_done is not None:
-                        on_tile_done(r["key"])
-        return results
-
     from dask.callbacks import Callback
 
     class _Progress(Callback):
@@ -260,36 +160,63 @@ def _run_tiles(job: _Job, batches: list[list[Tile]], predictor, config: SegmentC
             if isinstance(result, list):
                 progress(result)
 
-    tasks = [dask.delayed(run_batch, pure=False)(job, b, predictor, on_tile_done) for b in batches]
+    tasks = [dask.delayed(run_batch, pure=False)(plan.job, b, predictor, on_tile_done) for b in plan.batches]
     with _Progress():
-        done = dask.compute(*tasks, scheduler="threads", num_workers=config.n_workers)
+        done = dask.compute(*tasks, scheduler="threads", num_workers=plan.config.n_workers)
     return [r for batch in done for r in batch]
 
 
 # -- the driver ------------------------------------------------------------------------------------------------
-def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, predictor,
+@dataclass
+class SlidePlan:
+    """A slide opened, its tissue found and its tiles chosen; what the tile tasks and :func:`finish_slide` need.
+
+    ``batches`` are the tiles still to run (finished parts of an earlier run are not redone); ``thumb`` (h, w, 3)
+    uint8 and ``mask`` (h, w) bool (or None) are the overlay thumbnail and tissue mask, ``thumb_ds`` level-0 px
+    per thumbnail px.
+    """
+
+    slide_path: Path
+    name: str
+    paths: dict[str, Path]
+    config: SegmentConfig
+    job: TileJob
+    grid: TileGrid
+    tiles: list[Tile]
+    batches: list[list[Tile]]
+    n_resumed: int
+    frame: Frame
+    thumb: np.ndarray
+    thumb_ds: float
+    mask: np.ndarray | None
+    slide_info: dict
+    slide_mpp: float
+    model_mpp: float
+    model_id: str
+    postprocess: dict
+    timings: dict[str, float]
+    warnings: list[str]
+    t_start: float
+
+    @property
+    def core_mpx(self) -> dict[str, float]:
+        """Mpx (at the model's mpp) of each tile's core, by tile key."""
+        return {t.key: t.core.area / 1e6 for t in self.tiles}
+
+
+def prepare_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, predictor,
                   config: SegmentConfig = SegmentConfig(), *, backend: str = "auto", mpp: float | None = None,
-                  progress: bool = False, on_tile_done=None) -> SlideResult:
-    """Segment one slide into ``out_dir/<stem>.geojson`` (see the module docstring).
+                  name: str | None = None) -> SlidePlan | SlideResult:
+    """Steps 1-2 of the module docstring: a :class:`SlidePlan`, or a ``skipped`` result for a finished slide.
 
-    Parameters
-    ----------
-    predictor : an object with ``mpp``, ``postprocess_config`` and ``predict_batch`` (see
-        :class:`pronet_wsi.inference.Predictor`).
-    backend, mpp : passed to :func:`pronet_wsi.slide.open_slide`.
-    progress : show a progress bar (only when stderr is a terminal).
-    on_tile_done : called with each finished tile's key (tests use it to simulate a kill).
-
-    Raises
-    ------
-    InputError : unreadable slide, missing mpp, output folder not writable. Nothing but resumable per-tile
-        parts is left behind by a failed run.
+    ``name`` is the output stem (default: the slide's). Raises what :func:`segment_slide` raises.
     """
     t_start = time.perf_counter()
     slide_path, out_dir = Path(slide_path), Path(out_dir)
-    paths = output_paths(slide_path, out_dir, config.gzip)
+    name = name or slide_stem(slide_path)
+    paths = output_paths(slide_path, out_dir, config.gzip, name)
     if not config.overwrite and is_finished(paths):
-        return SlideResult(slide_path, "skipped", paths["geojson"])
+        return SlideResult(slide_path, "skipped", paths["geojson"], name=name)
     check_writable(out_dir)
     timings: dict[str, float] = {}
     warnings: list[str] = []
@@ -311,9 +238,10 @@ def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
                         f"tile seams may be cut")
     if not tiles:
         warnings.append("no tissue found (the slide looks empty); wrote an empty FeatureCollection")
+    model_id = _model_id(predictor)
     fingerprint = {"version": __version__, "slide": str(slide_path.resolve()), "size": slide_path.stat().st_size,
                    "mtime_ns": slide_path.stat().st_mtime_ns, "backend": backend_used, "mpp": slide_mpp,
-                   "model": _model_id(predictor), "tiling": asdict(config.tiling), "stitch": asdict(config.stitch),
+                   "model": model_id, "tiling": asdict(config.tiling), "stitch": asdict(config.stitch),
                    "masks": config.labels_zarr}
     store = PartStore(paths["parts"], fingerprint)
     if config.overwrite:
@@ -321,12 +249,87 @@ def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
         store = PartStore(paths["parts"], fingerprint)
     done_before = store.done()
     pending = [t for t in tiles if t.key not in done_before]
-    n_resumed = len(tiles) - len(pending)
-    job = _Job(str(slide_path), backend_used, slide_mpp, frame, config.tiling, config.stitch.match_radius_px,
+    job = TileJob(str(slide_path), backend_used, slide_mpp, frame, config.tiling, config.stitch.match_radius_px,
                config.labels_zarr, str(paths["parts"]), fingerprint)
     batches = [pending[i : i + config.batch_size] for i in range(0, len(pending), config.batch_size)]
-    core_mpx = {t.key: t.core.area / 1e6 for t in tiles}
-    bar = _progress_bar(len(tiles), n_resumed, slide_path.name, progress)
+    return SlidePlan(slide_path, name, paths, config, job, grid, tiles, batches, len(tiles) - len(pending), frame,
+                     thumb, thumb_ds, mask, slide_info, slide_mpp, predictor.mpp, model_id,
+                     _plain(predictor.postprocess_config), timings, warnings, t_start)
+
+
+def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -> SlideResult:
+    """Steps 4-5 of the module docstring, once every tile of ``plan`` has its part on disk.
+
+    ``tile_stats`` are the stats dicts the tile tasks of this run returned (timings are summed into the record).
+    """
+    config, paths, timings, warnings = plan.config, plan.paths, plan.timings, plan.warnings
+    store = PartStore(paths["parts"])
+    timings["tiles_wall_s"] = tiles_wall_s
+    for key in ("read_s", "predict_s", "postprocess_s", "polygons_s", "save_s"):
+        timings[f"sum_{key}"] = round(float(sum(s.get(key, 0.0) for s in tile_stats)), 3)
+    all_stats = [store.load_stats(tl.key) for tl in plan.tiles]
+    n_cut = sum(s["cut_at_edge"] for s in all_stats)
+    if n_cut:
+        warnings.append(f"{n_cut} nuclei near a tile core touch the tile edge; use a larger --halo-px")
+    counts = write_outputs(store, plan.grid, plan.tiles, plan.frame, paths, config, plan.name, plan.thumb,
+                           plan.thumb_ds, plan.mask, plan.slide_mpp, plan.model_mpp, timings)
+    area_um2_sum = counts.pop("area_um2_sum")
+    if plan.mask is not None:
+        save_mask_png(paths["mask"], plan.mask)
+        tissue_mm2 = float(plan.mask.sum()) * (plan.thumb_ds * plan.slide_mpp) ** 2 / 1e6
+    else:
+        tissue_mm2 = plan.frame.level0_shape[0] * plan.frame.level0_shape[1] * plan.slide_mpp**2 / 1e6
+    total = time.perf_counter() - plan.t_start
+    timings["total_s"] = total
+    mpx = sum(plan.core_mpx.values())
+    record = {"status": "done", "name": plan.name, "slide": plan.slide_info,
+              "output": {k: str(v) for k, v in paths.items() if k != "parts"},
+              "model": plan.model_id, "model_mpp": plan.model_mpp,
+              "config": {"segment": _plain(config), "postprocess": plan.postprocess},
+              "processing": {"scale_level0_per_px": plan.frame.scale, "shape_hw": list(plan.frame.shape)},
+              "counts": {"tiles_grid": len(plan.grid), "tiles_tissue": len(plan.tiles),
+                         "tiles_resumed": plan.n_resumed, "tiles_run": sum(len(b) for b in plan.batches),
+                         "cut_at_tile_edge": n_cut, **counts},
+              "measurements": {"tissue_area_mm2": round(tissue_mm2, 6),
+                               "processed_area_mm2": round(mpx * plan.model_mpp**2, 6),
+                               "nuclei_per_mm2": round(counts["nuclei"] / tissue_mm2, 3) if tissue_mm2 else None,
+                               "mean_area_um2": round(area_um2_sum / counts["nuclei"], 3) if counts["nuclei"]
+                               else None},
+              "mpx_processed": round(mpx, 3),
+              "timings_s": {k: round(v, 3) for k, v in timings.items()}, "warnings": warnings,
+              "versions": _versions(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_json(paths["record"], record)
+    store.remove()
+    for w in warnings:
+        log.info("%s: %s", plan.slide_path.name, w)
+    return SlideResult(plan.slide_path, "done", paths["geojson"], counts["nuclei"], len(plan.tiles), plan.n_resumed,
+                       mpx, total, warnings, plan.name)
+
+
+def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, predictor,
+                  config: SegmentConfig = SegmentConfig(), *, backend: str = "auto", mpp: float | None = None,
+                  name: str | None = None, progress: bool = False, on_tile_done=None) -> SlideResult:
+    """Segment one slide into ``out_dir/<stem>.geojson`` (see the module docstring).
+
+    Parameters
+    ----------
+    predictor : an object with ``mpp``, ``postprocess_config`` and ``predict_batch`` (see
+        :class:`pronet_wsi.inference.Predictor`).
+    backend, mpp : passed to :func:`pronet_wsi.slide.open_slide`.
+    name : output file stem (default: the slide's file name without its extension).
+    progress : show a progress bar (only when stderr is a terminal).
+    on_tile_done : called with each finished tile's key (tests use it to simulate a kill).
+
+    Raises
+    ------
+    InputError : unreadable slide, missing mpp, output folder not writable. Nothing but resumable per-tile
+        parts is left behind by a failed run.
+    """
+    plan = prepare_slide(slide_path, out_dir, predictor, config, backend=backend, mpp=mpp, name=name)
+    if isinstance(plan, SlideResult):
+        return plan
+    bar = _progress_bar(len(plan.tiles), plan.n_resumed, plan.slide_path.name, progress)
+    core_mpx = plan.core_mpx
     counter = {"nuclei": 0, "mpx": 0.0, "t0": time.perf_counter()}
     lock = threading.Lock()
 
@@ -341,40 +344,20 @@ def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
 
     t = time.perf_counter()
     try:
-        tile_stats = _run_tiles(job, batches, predictor, config, on_progress, on_tile_done) if batches else []
+        if not plan.batches:
+            tile_stats = []
+        elif config.scheduler:
+            from pronet_wsi.cluster import open_client, run_plan
+
+            with open_client(config.scheduler) as client:
+                tile_stats = run_plan(client, plan, predictor, on_progress, on_tile_done)
+        else:
+            tile_stats = _run_local(plan, predictor, on_progress, on_tile_done)
     finally:
         if bar is not None:
             bar.close()
-        _close_slides(job.slide_path)
-    timings["tiles_wall_s"] = time.perf_counter() - t
-    for name in ("read_s", "predict_s", "postprocess_s", "polygons_s", "save_s"):
-        timings[f"sum_{name}"] = round(float(sum(s.get(name, 0.0) for s in tile_stats)), 3)
-    all_stats = [store.load_stats(tl.key) for tl in tiles]
-    n_cut = sum(s["cut_at_edge"] for s in all_stats)
-    if n_cut:
-        warnings.append(f"{n_cut} nuclei near a tile core touch the tile edge; use a larger --halo-px")
-    counts = write_outputs(store, grid, tiles, frame, paths, config, slide_stem(slide_path), thumb, thumb_ds,
-                            mask, slide_mpp, predictor.mpp, timings)
-    if mask is not None:
-        save_mask_png(paths["mask"], mask)
-    total = time.perf_counter() - t_start
-    timings["total_s"] = total
-    mpx = sum(core_mpx.values())
-    record = {"status": "done", "slide": slide_info, "output": {k: str(v) for k, v in paths.items() if k != "parts"},
-              "model": _model_id(predictor), "model_mpp": predictor.mpp,
-              "config": {"segment": _plain(config), "postprocess": _plain(predictor.postprocess_config)},
-              "processing": {"scale_level0_per_px": frame.scale, "shape_hw": list(frame.shape)},
-              "counts": {"tiles_grid": len(grid), "tiles_tissue": len(tiles), "tiles_resumed": n_resumed,
-                         "tiles_run": len(pending), "cut_at_tile_edge": n_cut, **counts},
-              "mpx_processed": round(mpx, 3),
-              "timings_s": {k: round(v, 3) for k, v in timings.items()}, "warnings": warnings,
-              "versions": _versions(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    write_json(paths["record"], record)
-    store.remove()
-    for w in warnings:
-        log.info("%s: %s", slide_path.name, w)
-    return SlideResult(slide_path, "done", paths["geojson"], counts["nuclei"], len(tiles), n_resumed, mpx, total,
-                       warnings)
+        close_slides(plan.job.slide_path)
+    return finish_slide(plan, tile_stats, time.perf_counter() - t)
 
 
 def _progress_bar(total: int, initial: int, name: str, enabled: bool):

@@ -22,7 +22,7 @@ class TilingConfig:
     """tile_px : model input side in processing px; halo_px : context on each side (core = tile - 2 halo)."""
 
     tile_px: int = 1024
-    halo_px: int = 64
+    halo_px: int = 128
 
     def __post_init__(self) -> None:
         if not 32 <= self.tile_px <= 16384:

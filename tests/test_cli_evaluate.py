@@ -74,7 +74,9 @@ def test_without_output_prints_only(folders):
     pred_dir, gt_dir, _ = folders
     result = run(pred_dir, gt_dir)
     assert result.exit_code == 0, result.output
-    assert len(result.output.strip().splitlines()) == 2 + 2 + 2  # header, rule, 2 images, rule, mean
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 2 + 2 + 2 + 1  # header, rule, 2 images, rule, mean, count
+    assert lines[-1].startswith("scored 2 prediction")
 
 
 def test_pairing_skips_overlays_and_sidecars(folders):
@@ -92,12 +94,13 @@ def test_missing_ground_truth_file(folders, tmp_path):
     assert not out.exists()
 
 
-def test_missing_prediction_file(folders, tmp_path):
+def test_ground_truth_without_prediction_is_left_out(folders, tmp_path):
     pred_dir, gt_dir, _ = folders
     (pred_dir / "img_a.tif").unlink()
     out = tmp_path / "scores.csv"
-    assert_one_line_error(run(pred_dir, gt_dir, "-o", out), "img_a", "no prediction")
-    assert not out.exists()
+    res = run(pred_dir, gt_dir, "-o", out)
+    assert res.exit_code == 0, res.output
+    assert "img_a" not in out.read_text() and "img_b" in out.read_text()
 
 
 def test_mismatched_stems(folders, tmp_path):

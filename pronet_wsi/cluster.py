@@ -1,0 +1,333 @@
+"""Dask distributed: tiles of one slide and slides of a batch spread over the workers of a cluster.
+
+* :func:`open_client` connects to a running scheduler (``tcp://HOST:PORT``, e.g. one that dask-jobqueue's
+  ``SLURMCluster`` started) or starts a loopback ``LocalCluster`` of N worker processes (``local:N``).
+* The model reaches the workers as a :class:`ModelSpec` (model folder + inference settings, a few hundred bytes);
+  each worker process loads it once, on first use, and keeps it (:func:`worker_predictor`, keyed by model folder,
+  weights file, device and settings). Objects that are not a model folder (test doubles, in-memory models) are
+  scattered to every worker instead.
+* One GPU per worker: a worker uses ``cuda`` (its first visible GPU) when it has one, so give each worker its own
+  GPU with ``CUDA_VISIBLE_DEVICES``: dask-jobqueue with one GPU per job (``--gres=gpu:1``), dask-cuda's
+  ``LocalCUDACluster`` / ``dask-cuda-worker`` (one worker per GPU), or ``local:N`` here, whose worker ``i`` takes
+  GPU ``i mod (number of GPUs)``.
+* :func:`segment_on_client` keeps several slides in flight: the tile batches of the next slides are queued
+  while the client stitches and writes a finished one, so workers do not wait for the client.
+
+The client (this process) opens each slide for its thumbnail and writes the GeoJSON; the workers read tiles and
+write per-tile parts into the output folder: slides and output folder must be on a file system every worker sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from pronet_wsi.errors import InputError
+from pronet_wsi.inference import InferenceConfig
+from pronet_wsi.pipeline import SegmentConfig, SlidePlan, SlideResult, finish_slide, prepare_slide
+from pronet_wsi.postprocess import PostprocessConfig
+from pronet_wsi.tile_task import run_batch
+
+log = logging.getLogger(__name__)
+
+MAX_SLIDES_IN_FLIGHT = 8
+
+
+def parse_scheduler(value: str) -> tuple[str, str | int]:
+    """``local:N`` -> ``("local", N)``; a scheduler address (``tcp://host:port``) -> ``("address", value)``.
+
+    Raises InputError for anything else (``local`` without a worker count, N < 1, an empty value).
+    """
+    text = value.strip()
+    if text.lower().startswith("local"):
+        count = text[5:].lstrip(":")
+        if not count.isdigit() or int(count) < 1:
+            raise InputError(f"--scheduler {value!r}: write local:N with N >= 1 worker processes, e.g. local:2")
+        return "local", int(count)
+    if not text or ("://" not in text and ":" not in text):
+        raise InputError(f"--scheduler {value!r}: give a Dask scheduler address (tcp://HOST:PORT) or local:N")
+    return "address", text
+
+
+def local_cluster(n_workers: int, threads_per_worker: int | None = None, **kwargs):
+    """A loopback ``LocalCluster`` of ``n_workers`` processes (host 127.0.0.1, dashboard on a free port).
+
+    ``threads_per_worker`` defaults to the CPUs this process may use divided among the workers (at least 1).
+    Scripts that call this need an ``if __name__ == "__main__":`` guard (workers are started by spawning).
+    """
+    from distributed import LocalCluster
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = threads_per_worker or max(1, cpus // n_workers)
+    options = {"processes": True, "host": "127.0.0.1", "dashboard_address": ":0", "silence_logs": logging.ERROR}
+    return LocalCluster(n_workers=n_workers, threads_per_worker=threads, **{**options, **kwargs})
+
+
+@contextmanager
+def open_client(scheduler: str, timeout_s: float = 30.0):
+    """A distributed ``Client`` for ``scheduler`` (see :func:`parse_scheduler`), closed (with its cluster) on exit."""
+    from distributed import Client
+
+    kind, value = parse_scheduler(scheduler)
+    if kind == "local":
+        with local_cluster(int(value)) as cluster, Client(cluster, set_as_default=False) as client:
+            yield client
+        return
+    try:
+        client = Client(str(value), set_as_default=False, timeout=timeout_s)
+    except (OSError, TimeoutError) as exc:
+        raise InputError(f"--scheduler {value}: cannot connect to a Dask scheduler there ({type(exc).__name__}); "
+                         f"start one (dask scheduler, dask-jobqueue) or check the address") from exc
+    with client:
+        yield client
+
+
+# -- the model on the workers ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model folder as the workers see it: small to send; :meth:`predict_batch` loads it once per process.
+
+    Has what the pipeline reads on the client (``mpp``, ``postprocess_config``, ``halo_hint_px``, ``model_dir``)
+    without loading the network here, so the client needs no GPU. ``pin_gpus``: with ``device="auto"``, worker
+    ``i`` of a ``local:N`` cluster (worker names 0..N-1) uses ``cuda:i mod GPUs``.
+    """
+
+    model_dir: str
+    inference: InferenceConfig
+    mpp: float
+    postprocess_config: PostprocessConfig
+    halo_hint_px: int
+    pin_gpus: bool = False
+
+    @classmethod
+    def load(cls, model_dir: str | Path | None, inference: InferenceConfig = InferenceConfig(),
+             pin_gpus: bool = False) -> ModelSpec:
+        """Read a model folder's settings (weights on the CPU, briefly) to check it and fill the spec."""
+        from pronet_wsi.model import load_model, resolve_model_dir
+
+        path = resolve_model_dir(model_dir)
+        bundle = load_model(path)
+        return cls(str(Path(path).resolve()), inference, bundle.config.mpp, bundle.thresholds,
+                   int(4 * bundle.config.center_radius_px), pin_gpus)
+
+    @classmethod
+    def from_predictor(cls, predictor, pin_gpus: bool = False) -> ModelSpec | None:
+        """The spec of a :class:`~pronet_wsi.inference.Predictor` loaded from a folder (None otherwise)."""
+        path = getattr(getattr(predictor, "bundle", None), "path", None)
+        if path is None or not hasattr(predictor, "config"):
+            return None
+        return cls(str(Path(path).resolve()), predictor.config, predictor.mpp, predictor.postprocess_config,
+                   predictor.halo_hint_px, pin_gpus)
+
+    def predict_batch(self, tiles):
+        return worker_predictor(self).predict_batch(tiles)
+
+
+_LOADED: dict[tuple, object] = {}
+_LOAD_LOCK = threading.Lock()
+LOADS: list[str] = []  # model folders loaded by this process, in order (tests read it on the workers)
+
+
+def worker_predictor(spec: ModelSpec):
+    """The process's :class:`~pronet_wsi.inference.Predictor` for ``spec``, loaded on first use and kept.
+
+    On a CPU Dask worker torch gets as many threads as the worker has Dask threads (the nanny sets
+    ``OMP_NUM_THREADS=1`` in worker processes).
+    """
+    device = worker_device(spec)
+    weights = Path(spec.model_dir) / "weights.pt"
+    stamp = weights.stat().st_mtime_ns if weights.exists() else 0
+    key = (spec.model_dir, stamp, device, spec.inference)
+    with _LOAD_LOCK:
+        predictor = _LOADED.get(key)
+        if predictor is None:
+            from pronet_wsi.inference import Predictor
+
+            predictor = Predictor(spec.model_dir, replace(spec.inference, device=device))
+            threads = _dask_worker_threads()
+            if predictor.device.type == "cpu" and threads:
+                import torch
+
+                torch.set_num_threads(threads)
+            _LOADED[key] = predictor
+            LOADS.append(spec.model_dir)
+            log.info("loaded %s on %s", spec.model_dir, predictor.device)
+    return predictor
+
+
+def worker_device(spec: ModelSpec) -> str:
+    """The device this process should use for ``spec`` (see :class:`ModelSpec`)."""
+    if spec.inference.device != "auto" or not spec.pin_gpus:
+        return spec.inference.device
+    import torch
+
+    n_gpus = torch.cuda.device_count()
+    name = _dask_worker_name()
+    if n_gpus == 0 or name is None or not str(name).isdigit():
+        return spec.inference.device
+    return f"cuda:{int(name) % n_gpus}"
+
+
+def _dask_worker_name():
+    try:
+        from distributed import get_worker
+
+        return get_worker().name
+    except (ImportError, ValueError):
+        return None
+
+
+def _dask_worker_threads() -> int | None:
+    try:
+        from distributed import get_worker
+
+        return get_worker().state.nthreads
+    except (ImportError, ValueError, AttributeError):
+        return None
+
+
+def remote_predictor(client, predictor, pin_gpus: bool = False):
+    """What the tile tasks get: a :class:`ModelSpec` for a model folder, else the object scattered once."""
+    if isinstance(predictor, ModelSpec):
+        return predictor
+    spec = ModelSpec.from_predictor(predictor, pin_gpus)
+    if spec is not None:
+        return spec
+    return client.scatter(predictor, broadcast=True, hash=False)
+
+
+# -- running slides ---------------------------------------------------------------------------------------------
+def _submit(client, plan: SlidePlan, remote) -> list:
+    return [client.submit(run_batch, plan.job, batch, remote, pure=False) for batch in plan.batches]
+
+
+def run_plan(client, plan: SlidePlan, predictor, progress=None, on_tile_done=None) -> list[dict]:
+    """Run one slide's batches on ``client``'s cluster; ``progress(stats_list)`` after each batch."""
+    from distributed import as_completed
+
+    futures = _submit(client, plan, remote_predictor(client, predictor))
+    results: list[dict] = []
+    try:
+        for fut in as_completed(futures, loop=client.loop):
+            res = fut.result()
+            results.extend(res)
+            if progress is not None:
+                progress(res)
+            for r in res:
+                if on_tile_done is not None:
+                    on_tile_done(r["key"])
+    finally:
+        client.cancel([f for f in futures if not f.done()])
+    return results
+
+
+@dataclass
+class _InFlight:
+    sid: int
+    item: object
+    plan: SlidePlan
+    futures: list
+    remaining: int
+    t0: float
+    stats: list
+
+
+def segment_on_client(client, items: Iterable, out_dir: str | os.PathLike, predictor,
+                      config: SegmentConfig = SegmentConfig(), *, backend: str = "auto",
+                      default_mpp: float | None = None, pin_gpus: bool = False, progress: bool = False
+                      ) -> Iterator[tuple[object, object]]:
+    """Segment many slides on a cluster; yields ``(item, SlideResult or the exception)`` as each slide ends.
+
+    ``items`` have ``path``, ``mpp`` (None: ``default_mpp``) and ``name`` (output stem or None), e.g.
+    :class:`pronet_wsi.cohort.SlideItem`. One slide's failure (its exception is yielded) does not stop the
+    others. Slides are prepared and finished here; their tiles run on the workers, the next slides' tiles queued
+    while one is finished (at least two slides and twice the cluster's threads in batches, at most
+    ``MAX_SLIDES_IN_FLIGHT`` slides).
+    """
+    from distributed import as_completed
+
+    remote = remote_predictor(client, predictor, pin_gpus)
+    threads = max(1, sum(client.nthreads().values()))
+    queue = list(items)
+    active: dict[int, _InFlight] = {}
+    owner: dict = {}
+    ac = as_completed([], loop=client.loop)
+    bar = _bar(progress)
+    next_id = 0
+
+    def queued() -> int:
+        return sum(s.remaining for s in active.values())
+
+    def admit():
+        nonlocal next_id
+        while queue and len(active) < MAX_SLIDES_IN_FLIGHT and (len(active) < 2 or queued() < 2 * threads):
+            item = queue.pop(0)
+            try:
+                plan = prepare_slide(item.path, out_dir, predictor, config, backend=backend,
+                                     mpp=item.mpp if item.mpp is not None else default_mpp, name=item.name)
+                if isinstance(plan, SlideResult):
+                    yield item, plan
+                    continue
+                if bar is not None:
+                    bar.total += len(plan.tiles)
+                    bar.update(plan.n_resumed)
+                if not plan.batches:
+                    yield item, finish_slide(plan, [], 0.0)
+                    continue
+            except Exception as exc:  # this slide fails, the others go on
+                yield item, exc
+                continue
+            futures = _submit(client, plan, remote)
+            active[next_id] = _InFlight(next_id, item, plan, futures, len(futures), time.perf_counter(), [])
+            for f in futures:
+                owner[f.key] = next_id
+                ac.add(f)
+            next_id += 1
+
+    try:
+        yield from admit()
+        for fut in ac:
+            slide = active.get(owner.pop(fut.key, -1))
+            if slide is None:  # a cancelled batch of a slide that failed
+                continue
+            try:
+                res = fut.result()
+            except Exception as exc:
+                client.cancel([f for f in slide.futures if not f.done()])
+                del active[slide.sid]
+                yield slide.item, exc
+                yield from admit()
+                continue
+            slide.stats.extend(res)
+            slide.remaining -= 1
+            if bar is not None:
+                bar.update(len(res))
+            if slide.remaining:
+                continue
+            del active[slide.sid]
+            yield from admit()  # queue the next slides' tiles before this one's (serial) second pass
+            try:
+                yield slide.item, finish_slide(slide.plan, slide.stats, time.perf_counter() - slide.t0)
+            except Exception as exc:
+                yield slide.item, exc
+    finally:
+        if bar is not None:
+            bar.close()
+        for slide in active.values():
+            client.cancel(slide.futures)
+
+
+def _bar(enabled: bool):
+    import sys
+
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=0, desc="tiles", unit="tile", dynamic_ncols=True, leave=False)

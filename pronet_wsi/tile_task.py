@@ -1,0 +1,116 @@
+"""The per-tile task of a whole-slide run: read a batch of tiles, run the model, post-process, save the parts.
+
+:func:`run_batch` is what a Dask task runs, on the local threaded scheduler or on a distributed worker; a
+:class:`TileJob` carries everything it needs besides the model and pickles small. Each thread keeps its own open
+slide handles (backends need not be thread-safe); the model runs one batch at a time per process.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pronet_wsi.export import feature_bodies
+from pronet_wsi.geometry import Frame, rc_to_xy
+from pronet_wsi.instances import tile_instances
+from pronet_wsi.parts import PartStore
+from pronet_wsi.postprocess import postprocess
+from pronet_wsi.slide import Slide, open_slide
+from pronet_wsi.tiling import Tile, TilingConfig
+
+_MODEL_LOCK = threading.Lock()  # one model batch at a time per process
+
+
+@dataclass(frozen=True)
+class TileJob:
+    """Everything a tile task needs besides the model (picklable, for a Dask cluster)."""
+
+    slide_path: str
+    backend: str
+    mpp: float
+    frame: Frame
+    tiling: TilingConfig
+    match_radius_px: float
+    with_masks: bool
+    parts_root: str
+    fingerprint: dict
+
+
+_HANDLES: dict[int, dict[tuple, Slide]] = {}  # thread id -> its open slides, oldest first
+_HANDLES_LOCK = threading.Lock()
+_KEEP_OPEN = 3  # slides a thread keeps open (a cluster worker sees many slides)
+
+
+def _thread_slide(job: TileJob) -> Slide:
+    """One open slide per (file, thread): backends need not be thread-safe. A thread closes its oldest."""
+    key = (job.slide_path, job.backend, job.mpp)
+    with _HANDLES_LOCK:
+        mine = _HANDLES.setdefault(threading.get_ident(), {})
+        slide = mine.get(key)
+    if slide is None:
+        slide = open_slide(job.slide_path, job.backend, job.mpp)
+        with _HANDLES_LOCK:
+            mine[key] = slide
+            stale = [mine.pop(k) for k in list(mine)[:-_KEEP_OPEN]]
+        for old in stale:
+            old.close()
+    return slide
+
+
+def close_slides(path: str) -> None:
+    with _HANDLES_LOCK:
+        stale = [mine.pop(k) for mine in _HANDLES.values() for k in [k for k in mine if k[0] == path]]
+    for slide in stale:
+        slide.close()
+
+
+def run_batch(job: TileJob, tiles: list[Tile], predictor, on_tile_done=None) -> list[dict]:
+    """Read, predict, post-process and save a batch of tiles; returns one stats dict per tile."""
+    slide = _thread_slide(job)
+    t0 = time.perf_counter()
+    size = job.tiling.tile_px
+    images = np.stack([slide.read_box(job.frame.box_to_level0(t.read), (size, size)) for t in tiles])
+    t1 = time.perf_counter()
+    with _MODEL_LOCK:
+        t1 = time.perf_counter()
+        maps = predictor.predict_batch(images)
+        t2 = time.perf_counter()
+    del images
+    store = PartStore(Path(job.parts_root))
+    config = predictor.postprocess_config
+    out = []
+    for k, tile in enumerate(tiles):
+        t3 = time.perf_counter()
+        tile_maps = {name: maps[name][k] for name in ("foreground", "offsets", "centers")}
+        seg = postprocess(tile_maps, config)
+        t4 = time.perf_counter()
+        inst = tile_instances(seg.labels, seg.centers_rc, seg.center_scores, tile_maps["foreground"], tile.read,
+                              tile.core, job.frame, predictor.mpp, job.match_radius_px, job.with_masks)
+        bodies = feature_bodies(inst)
+        t5 = time.perf_counter()
+        cut = _cut_at_edge(seg, tile, job.match_radius_px)
+        stats = {"candidates": len(inst), "in_core": int(inst.in_core.sum()), "cut_at_edge": cut,
+                 "read_s": (t1 - t0) / len(tiles), "predict_s": (t2 - t1) / len(tiles),
+                 "postprocess_s": t4 - t3, "polygons_s": t5 - t4}
+        t6 = time.perf_counter()
+        store.save(tile.key, inst, bodies, stats)
+        stats["save_s"] = time.perf_counter() - t6
+        out.append({"key": tile.key, **stats})
+        if on_tile_done is not None:
+            on_tile_done(tile.key)
+    return out
+
+
+def _cut_at_edge(seg, tile: Tile, radius: float) -> int:
+    """How many of the tile's candidates touch the edge of the tile (the halo was too small for them)."""
+    if seg.n == 0:
+        return 0
+    lab = seg.labels
+    edge = np.zeros(seg.n + 1, bool)
+    edge[np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]).astype(np.int64)] = True
+    centers_p = rc_to_xy(seg.centers_rc, (tile.read.x0, tile.read.y0))
+    return int((edge[1:] & tile.core.expand(radius).contains_xy(centers_p)).sum())
