@@ -251,12 +251,18 @@ def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, eu
 
 
 @main.command()
-@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("slides", nargs=-1, type=click.Path(path_type=str))
 @click.option("-o", "--outdir", required=True, type=click.Path(path_type=Path),
               help="Output folder: <stem>.geojson, <stem>_overlay.png, <stem>_tissue.png, <stem>.json.")
+@click.option("--manifest", type=click.Path(path_type=Path), default=None,
+              help="CSV of slides instead of SLIDES: columns path, optional mpp and output (header optional); "
+                   "relative paths are relative to the CSV.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Only every N-th slide from the I-th (0-based), e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT.")
 @click.option("-m", "--model", "model_dir", default=None, type=click.Path(path_type=str),
               help="Model folder (default: the shipped model).")
-@click.option("--mpp", type=float, default=None, help="Slide pixel size in um (needed when the file has none).")
+@click.option("--mpp", type=float, default=None,
+              help="Slide pixel size in um (needed when the file has none; a manifest's mpp column wins).")
 @click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto", show_default=True)
 @click.option("--tile-px", type=int, default=1024, show_default=True, help="Model input tile side (px at model mpp).")
 @click.option("--halo-px", type=int, default=128, show_default=True,
@@ -265,52 +271,109 @@ def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, eu
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--workers", type=int, default=0, show_default=True,
               help="Parallel tile tasks (0 = CPUs + 1, at most 9).")
-@click.option("--scheduler", default=None, help="Address of a running Dask scheduler (default: local threads).")
+@click.option("--scheduler", default=None,
+              help="Dask cluster: local:N (N worker processes on this machine) or a running scheduler's address "
+                   "tcp://HOST:PORT (default: threads in this process).")
 @click.option("--gzip", "gzip_output", is_flag=True, help="Write <stem>.geojson.gz.")
 @click.option("--labels-zarr", is_flag=True, help="Also write the instance label image as <stem>_labels.zarr.")
 @click.option("--no-tissue-mask", is_flag=True, help="Process the whole slide, glass included.")
 @click.option("--overwrite", is_flag=True, help="Redo slides whose output already exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
-def segment(slides, outdir, model_dir, mpp, backend, tile_px, halo_px, batch_size, device, workers, scheduler,
-            gzip_output, labels_zarr, no_tissue_mask, overwrite, quiet) -> None:
+def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, halo_px, batch_size, device, workers,
+            scheduler, gzip_output, labels_zarr, no_tissue_mask, overwrite, quiet) -> None:
     """Segment nuclei in whole slides: one QuPath GeoJSON of detections per slide.
 
-    Tiles are read at the model's resolution where there is tissue, run through the model while other tiles
-    are read and post-processed, stitched so each nucleus appears once, and streamed to OUTDIR. A killed run
-    resumes from its finished tiles; a finished slide is skipped unless --overwrite.
+    SLIDES are files or quoted glob patterns ("slides/*.svs"), or give --manifest. Tiles are read at the
+    model's resolution where there is tissue, run through the model while other tiles are read and
+    post-processed, stitched so each nucleus appears once, and streamed to OUTDIR. A killed run resumes from
+    its finished tiles; a finished slide is skipped unless --overwrite. A slide that fails gets a run record
+    with its error (see `pronet-wsi summary`) and the others go on; the exit code is then 1.
     """
+    import contextlib
+
+    from pronet_wsi.cohort import duplicates, expand_inputs, parse_shard, read_manifest, segment_batch, select_shard
     from pronet_wsi.inference import InferenceConfig, Predictor
     from pronet_wsi.model import resolve_model_dir
-    from pronet_wsi.pipeline import SegmentConfig, check_writable, segment_slide, slide_stem
+    from pronet_wsi.pipeline import SegmentConfig, check_writable
     from pronet_wsi.tiling import TilingConfig
 
+    if manifest is not None and slides:
+        raise click.UsageError("give SLIDES or --manifest, not both")
+    if manifest is None and not slides:
+        raise click.UsageError("give one or more SLIDES (files or quoted glob patterns) or --manifest CSV")
+    shard_ix = parse_shard(shard) if shard else None
+    local_cluster = False
+    if scheduler:
+        import distributed  # noqa: F401  (its import sets its loggers to INFO; quiet them unless -v)
+
+        from pronet_wsi.cluster import parse_scheduler
+
+        local_cluster = parse_scheduler(scheduler)[0] == "local"
+        if logging.getLogger().level > logging.INFO:
+            logging.getLogger("distributed").setLevel(logging.WARNING)
     config = SegmentConfig(tiling=TilingConfig(tile_px, halo_px), use_tissue_mask=not no_tissue_mask,
                            batch_size=batch_size, workers=workers, scheduler=scheduler, gzip=gzip_output,
                            labels_zarr=labels_zarr, overwrite=overwrite)
+    items = read_manifest(manifest) if manifest is not None else expand_inputs(slides)
+    dups = duplicates(items)
+    indices = list(range(len(items)))
+    if shard_ix is not None:
+        indices = select_shard(indices, *shard_ix)
+        click.echo(f"shard {shard_ix[0]}/{shard_ix[1]}: {len(indices)} of {len(items)} slides", err=True)
     check_writable(outdir)
-    predictor = Predictor(resolve_model_dir(model_dir), InferenceConfig(device=device, batch_size=batch_size))
-    failed, seen = 0, {}
-    for path in slides:
-        stem = slide_stem(path)
-        if stem in seen:
-            click.echo(f"ERROR {path}: same output name as {seen[stem]}; segment it into another -o", err=True)
-            failed += 1
-            continue
-        seen[stem] = path
-        try:
-            result = segment_slide(path, outdir, predictor, config, backend=backend, mpp=mpp, progress=not quiet)
-        except Exception as exc:  # one bad slide is reported and skipped; the others go on
-            logging.getLogger(__name__).debug("segment %s failed", path, exc_info=True)
-            msg = str(exc).splitlines()[0] if str(exc) else ""
-            if not isinstance(exc, (InputError, OSError, ValueError)):
-                msg = f"{type(exc).__name__}: {msg}"
-            click.echo(f"ERROR: {msg}" if str(path) in msg else f"ERROR {path}: {msg}", err=True)
-            failed += 1
-            continue
-        for warning in result.warnings:
-            click.echo(f"WARNING {path.name}: {warning}", err=True)
-        click.echo(result.summary())
+    failed = 0
+    for i in [i for i in indices if i in dups]:
+        click.echo(f"ERROR {items[i].path}: same output name as {dups[i].path}; segment it into another -o", err=True)
+        failed += 1
+    todo = [items[i] for i in indices if i not in dups]
+    inference = InferenceConfig(device=device, batch_size=batch_size)
+    with contextlib.ExitStack() as stack:
+        client, predictor = None, None
+        if scheduler and todo:
+            from pronet_wsi.cluster import ModelSpec, open_client
+
+            predictor = ModelSpec.load(model_dir, inference, pin_gpus=local_cluster)
+            client = stack.enter_context(open_client(scheduler))
+        elif todo:
+            predictor = Predictor(resolve_model_dir(model_dir), inference)
+        for outcome in segment_batch(todo, outdir, predictor, config, client=client,
+                                     backend=backend, default_mpp=mpp, pin_gpus=local_cluster, progress=not quiet):
+            path, msg = outcome.item.path, outcome.error
+            if msg is not None:
+                click.echo(f"ERROR: {msg}" if str(path) in msg else f"ERROR {path}: {msg}", err=True)
+                failed += 1
+                continue
+            for warning in outcome.result.warnings:
+                click.echo(f"WARNING {path.name}: {warning}", err=True)
+            click.echo(outcome.result.summary())
     if failed:
-        click.echo(f"{failed} of {len(slides)} slides failed", err=True)
+        click.echo(f"{failed} of {len(indices)} slides failed", err=True)
         sys.exit(1)
+
+
+@main.command()
+@click.argument("outdir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output_csv", type=click.Path(path_type=Path), default=None,
+              help="CSV to write (default: OUTDIR/summary.csv).")
+@click.option("--manifest", type=click.Path(path_type=Path), default=None,
+              help="Also list the manifest's slides that have no run record yet (status missing).")
+@friendly_errors
+def summary(outdir: Path, output_csv: Path | None, manifest: Path | None) -> None:
+    """Merge the run records (<name>.json) of a `segment` OUTDIR into one CSV and print totals.
+
+    Columns: name, slide, status (done / failed / missing), error, nuclei, tissue_area_mm2, nuclei_per_mm2,
+    mean_area_um2, wall_time_s, mpx_per_s. Failed and missing slides are listed on stderr.
+    """
+    from pronet_wsi.cohort import format_totals, read_manifest, summary_rows, summary_totals, write_summary_csv
+
+    rows = summary_rows(outdir, read_manifest(manifest) if manifest is not None else None)
+    if not rows:
+        raise InputError(f"{outdir}: no run records (<name>.json) here; run pronet-wsi segment -o {outdir} first")
+    out = output_csv if output_csv is not None else outdir / "summary.csv"
+    write_summary_csv(out, rows)
+    for r in rows:
+        if r["status"] != "done":
+            click.echo(f"{r['status'].upper()} {r['slide'] or r['name']}: {r['error']}", err=True)
+    click.echo(format_totals(summary_totals(rows)))
+    click.echo(f"wrote {out}")

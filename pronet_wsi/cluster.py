@@ -30,13 +30,13 @@ from pathlib import Path
 
 from pronet_wsi.errors import InputError
 from pronet_wsi.inference import InferenceConfig
-from pronet_wsi.pipeline import SegmentConfig, SlidePlan, SlideResult, finish_slide, prepare_slide
+from pronet_wsi.pipeline import SegmentConfig, SlidePlan, finish_slide, prepare_slide
 from pronet_wsi.postprocess import PostprocessConfig
 from pronet_wsi.tile_task import run_batch
 
 log = logging.getLogger(__name__)
 
-MAX_SLIDES_IN_FLIGHT = 8
+MAX_SLIDES_IN_FLIGHT = 32  # each holds its thumbnail and tissue mask on the client (~10 MB)
 
 
 def parse_scheduler(value: str) -> tuple[str, str | int]:
@@ -70,8 +70,12 @@ def local_cluster(n_workers: int, threads_per_worker: int | None = None, **kwarg
 
 
 @contextmanager
-def open_client(scheduler: str, timeout_s: float = 30.0):
-    """A distributed ``Client`` for ``scheduler`` (see :func:`parse_scheduler`), closed (with its cluster) on exit."""
+def open_client(scheduler: str, timeout_s: float | None = None):
+    """A distributed ``Client`` for ``scheduler`` (see :func:`parse_scheduler`), closed (with its cluster) on exit.
+
+    ``timeout_s`` for connecting defaults to Dask's ``distributed.comm.timeouts.connect`` (30 s; environment
+    variable ``DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT``).
+    """
     from distributed import Client
 
     kind, value = parse_scheduler(scheduler)
@@ -80,7 +84,7 @@ def open_client(scheduler: str, timeout_s: float = 30.0):
             yield client
         return
     try:
-        client = Client(str(value), set_as_default=False, timeout=timeout_s)
+        client = Client(str(value), set_as_default=False, **({} if timeout_s is None else {"timeout": timeout_s}))
     except (OSError, TimeoutError) as exc:
         raise InputError(f"--scheduler {value}: cannot connect to a Dask scheduler there ({type(exc).__name__}); "
                          f"start one (dask scheduler, dask-jobqueue) or check the address") from exc
@@ -247,13 +251,12 @@ def segment_on_client(client, items: Iterable, out_dir: str | os.PathLike, predi
     ``items`` have ``path``, ``mpp`` (None: ``default_mpp``) and ``name`` (output stem or None), e.g.
     :class:`pronet_wsi.cohort.SlideItem`. One slide's failure (its exception is yielded) does not stop the
     others. Slides are prepared and finished here; their tiles run on the workers, the next slides' tiles queued
-    while one is finished (at least two slides and twice the cluster's threads in batches, at most
-    ``MAX_SLIDES_IN_FLIGHT`` slides).
+    while one is finished (at least two slides, and batches for twice the cluster's threads as it is now, at
+    most ``MAX_SLIDES_IN_FLIGHT`` slides). ``config.scheduler`` is not used (``client`` is).
     """
     from distributed import as_completed
 
     remote = remote_predictor(client, predictor, pin_gpus)
-    threads = max(1, sum(client.nthreads().values()))
     queue = list(items)
     active: dict[int, _InFlight] = {}
     owner: dict = {}
@@ -264,25 +267,28 @@ def segment_on_client(client, items: Iterable, out_dir: str | os.PathLike, predi
     def queued() -> int:
         return sum(s.remaining for s in active.values())
 
+    def prepare(item):
+        try:
+            plan = prepare_slide(item.path, out_dir, predictor, config, backend=backend,
+                                 mpp=item.mpp if item.mpp is not None else default_mpp, name=item.name)
+            if isinstance(plan, SlidePlan) and not plan.batches:
+                return finish_slide(plan, [], 0.0)
+            return plan
+        except Exception as exc:  # this slide fails, the others go on
+            return exc
+
     def admit():
         nonlocal next_id
+        threads = max(1, sum(client.nthreads().values()))  # workers of a job queue arrive over time
         while queue and len(active) < MAX_SLIDES_IN_FLIGHT and (len(active) < 2 or queued() < 2 * threads):
             item = queue.pop(0)
-            try:
-                plan = prepare_slide(item.path, out_dir, predictor, config, backend=backend,
-                                     mpp=item.mpp if item.mpp is not None else default_mpp, name=item.name)
-                if isinstance(plan, SlideResult):
-                    yield item, plan
-                    continue
-                if bar is not None:
-                    bar.total += len(plan.tiles)
-                    bar.update(plan.n_resumed)
-                if not plan.batches:
-                    yield item, finish_slide(plan, [], 0.0)
-                    continue
-            except Exception as exc:  # this slide fails, the others go on
-                yield item, exc
+            plan = prepare(item)
+            if not isinstance(plan, SlidePlan):  # skipped, nothing to run, or failed
+                yield item, plan
                 continue
+            if bar is not None:
+                bar.total += len(plan.tiles)
+                bar.update(plan.n_resumed)
             futures = _submit(client, plan, remote)
             active[next_id] = _InFlight(next_id, item, plan, futures, len(futures), time.perf_counter(), [])
             for f in futures:
@@ -299,9 +305,11 @@ def segment_on_client(client, items: Iterable, out_dir: str | os.PathLike, predi
             try:
                 res = fut.result()
             except Exception as exc:
+                res = exc
+            if isinstance(res, Exception):
                 client.cancel([f for f in slide.futures if not f.done()])
                 del active[slide.sid]
-                yield slide.item, exc
+                yield slide.item, res
                 yield from admit()
                 continue
             slide.stats.extend(res)
@@ -313,9 +321,10 @@ def segment_on_client(client, items: Iterable, out_dir: str | os.PathLike, predi
             del active[slide.sid]
             yield from admit()  # queue the next slides' tiles before this one's (serial) second pass
             try:
-                yield slide.item, finish_slide(slide.plan, slide.stats, time.perf_counter() - slide.t0)
+                outcome = finish_slide(slide.plan, slide.stats, time.perf_counter() - slide.t0)
             except Exception as exc:
-                yield slide.item, exc
+                outcome = exc
+            yield slide.item, outcome
     finally:
         if bar is not None:
             bar.close()

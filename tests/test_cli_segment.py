@@ -83,8 +83,12 @@ def test_bad_inputs_are_reported_and_skipped(model_dir, tmp_path):
     for name, words in (("cut.tif", ("damaged", "truncated")), ("text.svs", ("cannot be read",)),
                         ("missing.svs", ("not found",))):
         assert any(name in e and any(w in e for w in words) for e in errors), errors
+    # the failed slides leave only a run record saying so (for `pronet-wsi summary`), no GeoJSON
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
-        ["good.geojson", "good.json", "good_overlay.png", "good_tissue.png"]
+        ["cut.json", "good.geojson", "good.json", "good_overlay.png", "good_tissue.png", "missing.json", "text.json"]
+    for name in ("cut", "missing", "text"):
+        record = json.loads((out / f"{name}.json").read_text())
+        assert record["status"] == "failed" and f"{name}." in record["error"]
     assert "3 of 4 slides failed" in res.output
 
 

@@ -168,3 +168,26 @@ def blob_slide(path: Path, shape: tuple[int, int], centers_xy: np.ndarray, radiu
         img[(xx - x) ** 2 + (yy - y) ** 2 <= radius**2] = (60, 30, 100)
     write_pyramid_tiff(path, img, mpp, tile_px=128, levels=3, compression="zlib")
     return path
+
+
+def tiny_model_dir(path: Path, mpp: float = 2.0) -> Path:
+    """A tiny random PRONet model folder (width 1/16) whose head biases make it call some nuclei."""
+    import torch
+
+    from pronet_wsi.model import ModelConfig, PRONet, save_model
+
+    torch.manual_seed(0)
+    net = PRONet(ModelConfig(width=0.0625, mpp=mpp)).eval()
+    with torch.no_grad():
+        net.head_center.bias.fill_(-0.5)
+        net.head_binary.bias.fill_(0.5)
+    return save_model(net, path)
+
+
+def small_slide(path: Path, seed: int = 0, side: int = 384, mpp: float = 0.5) -> Path:
+    """A small pyramidal TIFF of pink tissue with dark specks (fast to segment with :func:`tiny_model_dir`)."""
+    rng = np.random.default_rng(seed)
+    img = np.full((side, side, 3), (230, 180, 210), np.uint8)
+    img[rng.random((side, side)) < 0.05] = (80, 40, 120)
+    write_pyramid_tiff(path, img, mpp, tile_px=128, compression="zlib")
+    return path
