@@ -44,7 +44,7 @@ def run_threaded(items, out: Path, model: Path, cfg) -> dict:
     return {"setup_s": t1 - t0, "run_s": t2 - t1, "outcomes": outcomes}
 
 
-def run_cluster(items, out: Path, model: Path, cfg, workers: int) -> dict:
+def run_cluster(items, out: Path, model: Path, cfg, workers: int, threads_per_worker: int | None) -> dict:
     from distributed import Client
 
     from pronet_wsi.cluster import ModelSpec, local_cluster
@@ -53,7 +53,7 @@ def run_cluster(items, out: Path, model: Path, cfg, workers: int) -> dict:
 
     t0 = time.perf_counter()
     spec = ModelSpec.load(model, InferenceConfig(batch_size=cfg.batch_size), pin_gpus=True)
-    with local_cluster(workers) as cluster, Client(cluster, set_as_default=False) as client:
+    with local_cluster(workers, threads_per_worker) as cluster, Client(cluster, set_as_default=False) as client:
         client.wait_for_workers(workers)
         t1 = time.perf_counter()
         outcomes = list(segment_batch(items, out, spec, cfg, client=client, pin_gpus=True))
@@ -70,6 +70,7 @@ def main() -> None:
     p.add_argument("--slides", type=int, default=4)
     p.add_argument("--side", type=int, default=4096, help="slide side in px (a multiple of 1024)")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
+    p.add_argument("--threads-per-worker", type=int, default=None, help="default: CPUs / workers")
     p.add_argument("--model", default=None, help="model folder (default: shipped, else a random --width)")
     p.add_argument("--width", type=float, default=None, help="random PRONet of this width instead")
     p.add_argument("--tile-px", type=int, default=1024)
@@ -102,7 +103,7 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(out.with_name(out.name + "-warm"), ignore_errors=True)
             res = (run_threaded(items, out, model, cfg) if name == "threaded"
-                   else run_cluster(items, out, model, cfg, args.workers))
+                   else run_cluster(items, out, model, cfg, args.workers, args.threads_per_worker))
             errors = [o.error for o in res["outcomes"] if o.error]
             if errors:
                 raise SystemExit(f"{name}: {errors}")
