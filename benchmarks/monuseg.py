@@ -1,6 +1,7 @@
 """Train and evaluate one PROnet configuration on MoNuSeg end to end; render the paper's tables.
 
     python benchmarks/monuseg.py run --config full --shift 0 0 --epochs 60 -o runs/full-s0
+    python benchmarks/monuseg.py retune models/pronet-monuseg --tag resumed88   # thresholds incl. min area
     python benchmarks/monuseg.py table
 
 `run` trains on Qu et al.'s 12 training images (points = GT centroids, optionally shifted), validates and tunes
@@ -15,7 +16,7 @@ import csv
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import click
@@ -70,8 +71,6 @@ def cli() -> None:
 def run(name, shift, seed, epochs, width, lr, weight_decay, patches_per_image, max_minutes, threads, resume, tag,
         outdir):
     """Train one configuration, evaluate on the test split, append a results row."""
-    from pronet_wsi.inference import InferenceConfig, Predictor, segment_image
-    from pronet_wsi.metrics import evaluate_image, mean_scores
     from pronet_wsi.training.dataset import load_items, load_val_items
     from pronet_wsi.training.loop import TrainConfig, train
     from pronet_wsi.training.pseudolabels import PseudoLabelConfig
@@ -83,6 +82,7 @@ def run(name, shift, seed, epochs, width, lr, weight_decay, patches_per_image, m
                          warmup_epochs=1, patches_per_image=patches_per_image, seed=seed, num_threads=threads,
                          max_minutes=max_minutes, offset_start_epoch=round(epochs * 20 / 150),
                          refine_start_epoch=round(epochs * 30 / 150), val_every=max(1, epochs // 10),
+                         tune_min_areas=(10,),  # as for the recorded rows; `retune` searches the minimum area
                          pseudo=PseudoLabelConfig(geodesic=geodesic), **opts)
     items = load_items(MONUSEG / "images", labels=MONUSEG / "labels", names=s["train"],
                        shift=tuple(shift) if shift[1] > 0 else None, seed=seed)
@@ -92,17 +92,25 @@ def run(name, shift, seed, epochs, width, lr, weight_decay, patches_per_image, m
         config = TrainConfig.from_json(json.loads((outdir / "train" / "train_config.json").read_text()))
         config = replace(config, max_minutes=max_minutes)
     train(config, items, outdir, val_items=val, resume=resume, progress=sys.stderr.isatty())
-    minutes = json.loads((outdir / "config.json").read_text())["extra"]["train_minutes"]
-    epochs_done = json.loads((outdir / "config.json").read_text())["extra"]["epochs_trained"]
-    predictor = Predictor(outdir, InferenceConfig())
-    test = load_val_items(MONUSEG / "images", MONUSEG / "labels", s["test"])
+    score_test(outdir, name, tag, shift, seed, t0)
+
+
+def score_test(model_dir: Path, name: str, tag: str, shift, seed: int, t0: float) -> None:
+    """Score a finished model once on the 14 test images; write its per-image CSV and append the results row."""
+    from pronet_wsi.inference import InferenceConfig, Predictor, segment_image
+    from pronet_wsi.metrics import evaluate_image, mean_scores
+    from pronet_wsi.training.dataset import load_val_items
+
+    extra = json.loads((model_dir / "config.json").read_text())["extra"]
+    predictor = Predictor(model_dir, InferenceConfig())
+    test = load_val_items(MONUSEG / "images", MONUSEG / "labels", split()["test"])
     scores = [evaluate_image(gt, segment_image(im, predictor).labels) for _, im, gt in test]
     m = mean_scores(scores)
     row = {"config": f"{name}@{tag}" if tag else name, "shift": f"{shift[0]}-{shift[1]}", "seed": seed,
-           "train_minutes": minutes,
-           "epochs": epochs_done, "object_dice": round(m.object_dice, 4), "aji": round(m.aji, 4),
+           "train_minutes": extra["train_minutes"], "epochs": extra["epochs_trained"],
+           "object_dice": round(m.object_dice, 4), "aji": round(m.aji, 4),
            "pixel_dice": round(m.pixel_dice, 4), "pq": round(m.pq, 4)}
-    per_image = outdir / "test_scores.csv"
+    per_image = model_dir / "test_scores.csv"
     with open(per_image, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "object_dice", "aji", "pixel_dice", "pq"])
@@ -110,6 +118,34 @@ def run(name, shift, seed, epochs, width, lr, weight_decay, patches_per_image, m
             w.writerow([n, round(sc.object_dice, 4), round(sc.aji, 4), round(sc.pixel_dice, 4), round(sc.pq, 4)])
     append_row(row)
     click.echo(f"{row}  (total {time.monotonic() - t0:.0f} s)")
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--config", "name", type=click.Choice(list(CONFIGS)), default="full")
+@click.option("--shift", nargs=2, type=int, default=(0, 0))
+@click.option("--seed", default=0)
+@click.option("--tag", default="")
+@click.option("--min-areas", default="10,20,40,80", help="Minimum areas (px) to try, comma-separated.")
+def retune(model_dir, name, shift, seed, tag, min_areas):
+    """Re-tune a finished model's thresholds (incl. minimum area) on the validation images, then re-score test.
+
+    Rewrites MODEL_DIR/thresholds.json and appends a results row (the table shows the latest row per config).
+    """
+    from pronet_wsi.images import atomic_write
+    from pronet_wsi.inference import InferenceConfig, Predictor
+    from pronet_wsi.training.dataset import load_val_items
+    from pronet_wsi.training.loop import tune_thresholds
+
+    t0 = time.monotonic()
+    predictor = Predictor(model_dir, InferenceConfig())
+    val = load_val_items(MONUSEG / "images", MONUSEG / "labels", split()["val"])
+    best = tune_thresholds(predictor, val, predictor.postprocess_config,
+                           tuple(int(a) for a in min_areas.split(",")))
+    text = json.dumps(asdict(best), indent=2) + "\n"
+    atomic_write(model_dir / "thresholds.json", lambda p: p.write_text(text))
+    click.echo(f"thresholds: {asdict(best)}")
+    score_test(model_dir, name, tag, shift, seed, t0)
 
 
 def append_row(row: dict) -> None:
@@ -134,15 +170,13 @@ def table() -> None:
     names.sort(key=lambda n: (n.split("@")[0] != "full", "@" in n, order.get(n.split("@")[0], 9), n))
     shown_paper = set()
     for name in names:
-        ours = {r["shift"]: r for r in rows if r["config"] == name}
+        ours = {r["shift"]: r for r in rows if r["config"] == name}  # classical: one row
         if name == "classical":
             r = ours.get("", next(iter(ours.values())))
             v = f"{100 * float(r['object_dice']):.1f} / {100 * float(r['aji']):.1f}"
             click.echo(f"| classical | ours (no training, same for every band) | {v} | {v} | {v} | {v} |")
             continue
-        cells = [f"{100 * float(ours[b]['object_dice']):.1f} / {100 * float(ours[b]['aji']):.1f}"
-                 f" ({ours[b]['train_minutes']} min, {ours[b]['epochs']} ep)" if b in ours else "not run"
-                 for b in bands]
+        cells = [_cell([r for r in rows if r["config"] == name and r["shift"] == b]) for b in bands]
         click.echo(f"| {name} | ours | " + " | ".join(cells) + " |")
         base = name.split("@")[0]
         paper = PAPER_T2.get(base)
@@ -150,6 +184,22 @@ def table() -> None:
             shown_paper.add(base)
             cells = [f"{paper[b][0]:.1f} / {paper[b][1]:.1f}" for b in bands]
             click.echo(f"| {base} | paper | " + " | ".join(cells) + " |")
+
+
+def _cell(rows: list[dict]) -> str:
+    """One table cell: the latest row per seed; several seeds are averaged, with the AJI range."""
+    by_seed = {r["seed"]: r for r in rows}
+    if not by_seed:
+        return "not run"
+    rs = list(by_seed.values())
+    od = 100 * sum(float(r["object_dice"]) for r in rs) / len(rs)
+    aj = [100 * float(r["aji"]) for r in rs]
+    minutes = "/".join(f"{float(r['train_minutes']):.1f}" for r in rs)
+    epochs = "/".join(r["epochs"] for r in rs)
+    if len(rs) == 1:
+        return f"{od:.1f} / {aj[0]:.1f} ({minutes} min, {epochs} ep)"
+    return (f"{od:.1f} / {sum(aj) / len(aj):.1f} (mean of {len(rs)} seeds, AJI {min(aj):.1f}-{max(aj):.1f}; "
+            f"{minutes} min, {epochs} ep)")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The second pass of a slide: stitch decisions over the finished tiles, then stream the outputs.
 
-Pass 1 reads only the centres of each tile and its neighbours (a window of three tile rows) and decides which
-candidates to keep (:func:`pronet_wsi.stitching.keep_mask`). Global ids follow tile order, so they are known
-before pass 2 streams the kept nuclei to the GeoJSON (and the label image and the overlay) tile by tile.
+Pass 1 reads only the centres and outlines of each tile and its neighbours (a window of five tile rows) and
+decides which candidates to keep (:class:`pronet_wsi.stitching.Resolver`). Global ids follow tile order, so
+they are known before pass 2 streams the kept nuclei to the GeoJSON (and the label image and the overlay) tile by tile.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import numpy as np
 from pronet_wsi.export import GeoJSONWriter, LabelsWriter, Overlay, feature_text, nucleus_uuid
 from pronet_wsi.geometry import Frame
 from pronet_wsi.parts import PartStore
-from pronet_wsi.stitching import Candidates, keep_mask
+from pronet_wsi.stitching import Candidates, Resolver
 from pronet_wsi.tiling import Tile, TileGrid
 
 
 def write_outputs(store: PartStore, grid: TileGrid, tiles: list[Tile], frame: Frame, paths: dict[str, Path],
                   config, stem: str, thumb: np.ndarray, thumb_ds: float, mask, slide_mpp: float,
                   model_mpp: float, timings: dict) -> dict:
-    """Stitch decisions (pass 1, centres only), then stream GeoJSON / labels / overlay (pass 2).
+    """Stitch decisions (pass 1, centres and outlines), then stream GeoJSON / labels / overlay (pass 2).
 
     ``tiles`` are the processed tiles in raster order, their parts in ``store``; ``config`` is the
     :class:`~pronet_wsi.pipeline.SegmentConfig`; ``thumb`` / ``thumb_ds`` the overlay thumbnail and its
@@ -31,19 +31,18 @@ def write_outputs(store: PartStore, grid: TileGrid, tiles: list[Tile], frame: Fr
     """
     t = time.perf_counter()
     order = {tl.index: k for k, tl in enumerate(tiles)}
-    radius = config.stitch.match_radius_px * frame.scale
-    cache: dict[tuple[int, int], Candidates] = {}
+
+    def load(idx):
+        return Candidates(order[idx], *store.load_candidates(tiles[order[idx]].key)) if idx in order else None
+
+    resolver = Resolver(load, grid.neighbours, config.stitch.match_radius_px * frame.scale,
+                        config.stitch.min_overlap)
     keep: dict[tuple[int, int], np.ndarray] = {}
     n_candidates = 0
-    for tl in tiles:
-        for idx in [i for i in cache if i[0] < tl.index[0] - 1]:
-            del cache[idx]
-        for idx in [tl.index, *grid.neighbours(tl.index)]:
-            if idx in order and idx not in cache:
-                cache[idx] = Candidates(order[idx], *store.load_centers(tiles[order[idx]].key))
-        nbs = [cache[i] for i in grid.neighbours(tl.index) if i in order]
-        keep[tl.index] = keep_mask(cache[tl.index], nbs, radius)
-        n_candidates += len(cache[tl.index].centers_xy)
+    for tl in tiles:  # raster order; a decision needs tiles up to two rows away
+        resolver.forget([i for i in order if i[0] < tl.index[0] - 2])
+        keep[tl.index] = resolver.keep(tl.index)
+        n_candidates += len(keep[tl.index])
     timings["stitch_s"] = time.perf_counter() - t
     t = time.perf_counter()
     gid_start, gid = {}, 0

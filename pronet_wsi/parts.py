@@ -76,10 +76,10 @@ class PartStore:
             extra = {f: z[f] for f in _MASK_FIELDS if masks and f in z.files}
             return Instances(**{f: z[f] for f in _FIELDS}, **extra)
 
-    def load_centers(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(centers_xy, priority, in_core) only (cheap; for stitching decisions)."""
+    def load_candidates(self, key: str) -> tuple[np.ndarray, ...]:
+        """(centers_xy, priority, coords, offsets) only (for stitching decisions)."""
         with np.load(self.path(key)) as z:
-            return z["centers_xy"], z["priority"], z["in_core"]
+            return tuple(z[f] for f in ("centers_xy", "priority", "coords", "offsets"))
 
     def load_texts(self, key: str) -> list[str]:
         with np.load(self.path(key)) as z:

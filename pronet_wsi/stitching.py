@@ -1,11 +1,14 @@
 """Stitching: which tile's view of each nucleus to keep, so that no nucleus is kept twice or lost at a seam.
 
 Each tile offers as candidates the nuclei whose centre lies in its core grown by the match radius
-(:func:`pronet_wsi.instances.tile_instances`). Two neighbouring tiles' candidates are the same nucleus when
-their centres are mutual nearest neighbours within the match radius. Of such a pair, the view with the higher
-priority (centre farther from its tile's edge, i.e. more context; ties go to the tile earlier in raster order)
-is kept. A candidate no other tile matched is kept when its centre lies in its own tile's core (the cores
-partition the slide, so exactly one tile owns it).
+(:func:`pronet_wsi.instances.tile_instances`). Two neighbouring tiles' candidates are views of the same nucleus
+when their centres are mutual nearest neighbours within the match radius, or when their outlines overlap by at
+least half of the smaller one (a nucleus near a tile edge can be outlined alike by both tiles while its centre
+moves by more than the radius). Of two such views the one with the higher priority (centre farther from its
+tile's edge, i.e. more context; ties go to the tile earlier in raster order) wins, unless a third view beats the
+winner in turn (:class:`Resolver`). A candidate that no neighbour's candidate claims is kept: inside its own
+core it is that tile's alone (the cores partition the slide), and just outside it the neighbour saw the nucleus
+elsewhere or not at all, so dropping it would lose it.
 
 With identical predictions in the overlap (an oracle model) the result is exactly the untiled one. Pure
 functions on arrays; the streaming driver lives in :mod:`pronet_wsi.pipeline`.
@@ -14,8 +17,10 @@ functions on arrays; the streaming driver lives in :mod:`pronet_wsi.pipeline`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
+import shapely
 from scipy.spatial import cKDTree
 
 from pronet_wsi.instances import Instances
@@ -23,13 +28,21 @@ from pronet_wsi.instances import Instances
 
 @dataclass(frozen=True)
 class StitchConfig:
-    """match_radius_px : two tiles' centres within this distance (processing px) can be the same nucleus."""
+    """How two tiles' views of a nucleus are recognised as one.
+
+    match_radius_px : two tiles' centres within this distance (processing px) can be the same nucleus; tiles
+        also offer candidates this far beyond their core.
+    min_overlap : two outlines overlapping by at least this fraction of the smaller one are the same nucleus.
+    """
 
     match_radius_px: float = 8.0
+    min_overlap: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0.0 < self.match_radius_px <= 64.0:
             raise ValueError(f"match_radius_px={self.match_radius_px}: must be in (0, 64]")
+        if not 0.0 < self.min_overlap <= 1.0:
+            raise ValueError(f"min_overlap={self.min_overlap}: must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -37,17 +50,29 @@ class Candidates:
     """The part of a tile's :class:`Instances` stitching needs.
 
     order : (int) the tile's raster-order rank (tie-break: lower wins).
-    centers_xy : (N, 2) float64 level-0 centres; priority : (N,) float64; in_core : (N,) bool.
+    centers_xy : (N, 2) float64 level-0 centres; priority : (N,) float64.
+    coords, offsets : the outlines as in :class:`Instances` (optional: without them only centres match).
     """
 
     order: int
     centers_xy: np.ndarray
     priority: np.ndarray
-    in_core: np.ndarray
+    coords: np.ndarray | None = None
+    offsets: np.ndarray | None = None
 
     @classmethod
     def of(cls, order: int, inst: Instances) -> Candidates:
-        return cls(order, inst.centers_xy, inst.priority, inst.in_core)
+        return cls(order, inst.centers_xy, inst.priority, inst.coords, inst.offsets)
+
+    @cached_property
+    def polygons(self) -> np.ndarray | None:
+        """(N,) shapely Polygons of the outlines, or None without outlines."""
+        if self.coords is None or self.offsets is None:
+            return None
+        if len(self.offsets) < 2:
+            return np.zeros(0, object)
+        ring_of = np.repeat(np.arange(len(self.offsets) - 1), np.diff(self.offsets))
+        return shapely.polygons(shapely.linearrings(self.coords, indices=ring_of))
 
 
 def mutual_matches(a_xy: np.ndarray, b_xy: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
@@ -65,40 +90,155 @@ def mutual_matches(a_xy: np.ndarray, b_xy: np.ndarray, radius: float) -> tuple[n
     return ia[mutual].astype(np.int64), ja[mutual].astype(np.int64)
 
 
-def keep_mask(tile: Candidates, neighbours: list[Candidates], radius_level0: float) -> np.ndarray:
-    """(N,) bool: which of ``tile``'s candidates to keep, given the candidates of its neighbour tiles.
+def overlap_matches(a: np.ndarray, b: np.ndarray, min_overlap: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs ``(i, j)`` of polygons ``a[i]``, ``b[j]`` overlapping by >= ``min_overlap`` of the smaller one's area.
+
+    Returns two (K,) int64 index arrays.
+    """
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    # only outlines inside the other set's extent can overlap: test those (the strip along the shared seam)
+    ea, eb = shapely.total_bounds(a), shapely.total_bounds(b)
+    sa = np.nonzero(_within(shapely.bounds(a), eb))[0]
+    sb = np.nonzero(_within(shapely.bounds(b), ea))[0]
+    if len(sa) == 0 or len(sb) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ia, jb = shapely.STRtree(b[sb]).query(a[sa], predicate="intersects")
+    ia, jb = sa[ia], sb[jb]
+    inter = shapely.area(shapely.intersection(a[ia], b[jb]))
+    smaller = np.minimum(shapely.area(a[ia]), shapely.area(b[jb]))
+    ok = inter >= min_overlap * smaller
+    return ia[ok].astype(np.int64), jb[ok].astype(np.int64)
+
+
+def _near(xy: np.ndarray, other: np.ndarray, margin: float) -> np.ndarray:
+    """Indices of the points of ``xy`` inside the bounding box of ``other`` grown by ``margin``."""
+    if len(xy) == 0 or len(other) == 0:
+        return np.zeros(0, np.int64)
+    lo, hi = other.min(0) - margin, other.max(0) + margin
+    return np.nonzero(((xy >= lo) & (xy <= hi)).all(1))[0]
+
+
+def _within(bounds: np.ndarray, extent: np.ndarray) -> np.ndarray:
+    """(N,) bool: boxes ``(x0, y0, x1, y1)`` that intersect ``extent``."""
+    return ((bounds[:, 0] <= extent[2]) & (bounds[:, 2] >= extent[0]) & (bounds[:, 1] <= extent[3])
+            & (bounds[:, 3] >= extent[1]))
+
+
+def conflicts(a: Candidates, b: Candidates, radius_level0: float, min_overlap: float
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs ``(i, j)``: ``a``'s candidate i and ``b``'s candidate j are views of one nucleus.
+
+    Mutual nearest centres within ``radius_level0``, or (when both carry outlines) outlines overlapping by at
+    least ``min_overlap`` of the smaller one. Returns two (K,) int64 index arrays, each pair once.
+    """
+    # a centre can only match centres within the radius of the other tile's centres: match those alone
+    sa, sb = _near(a.centers_xy, b.centers_xy, radius_level0), _near(b.centers_xy, a.centers_xy, radius_level0)
+    ia, jb = mutual_matches(a.centers_xy[sa], b.centers_xy[sb], radius_level0)
+    ia, jb = sa[ia], sb[jb]
+    if a.polygons is not None and b.polygons is not None:
+        oa, ob = overlap_matches(a.polygons, b.polygons, min_overlap)
+        pairs = np.unique(np.stack([np.concatenate([ia, oa]), np.concatenate([jb, ob])], 1), axis=0)
+        ia, jb = pairs[:, 0], pairs[:, 1]
+    return ia.astype(np.int64), jb.astype(np.int64)
+
+
+class Resolver:
+    """Stitch decisions over a set of tiles, computing each pair of neighbours' conflicts once.
+
+    A candidate is *beaten* when a neighbour's view of the same nucleus has a higher priority (ties: the tile
+    earlier in raster order wins). It is dropped when one of the views that beat it is not beaten itself; so
+    when tile B's view merges two nuclei that tile A splits, and A's view of one of them beats B's merged view,
+    A keeps both halves instead of losing the other one (a greedy choice by priority, exact for chains of two).
+
+    Parameters
+    ----------
+    candidates : tile key -> :class:`Candidates` (None: tile not processed). Called at most once per key
+        between :meth:`forget` calls.
+    neighbours : tile key -> keys of the tiles around it.
+    radius_level0, min_overlap : as in :func:`conflicts`.
+    """
+
+    def __init__(self, candidates, neighbours, radius_level0: float, min_overlap: float = 0.5) -> None:
+        self._load, self._neighbours = candidates, neighbours
+        self.radius, self.min_overlap = radius_level0, min_overlap
+        self._cands: dict = {}
+        self._pairs: dict = {}
+        self._beaten: dict = {}
+
+    def _get(self, key) -> Candidates | None:
+        if key not in self._cands:
+            self._cands[key] = self._load(key)
+        return self._cands[key]
+
+    def _losses(self, key, nb_key) -> tuple[np.ndarray, np.ndarray]:
+        """(i, j) pairs where ``key``'s candidate i is beaten by ``nb_key``'s candidate j."""
+        if (key, nb_key) not in self._pairs:
+            a, b = self._get(key), self._get(nb_key)
+            ia, jb = conflicts(a, b, self.radius, self.min_overlap)
+            pa, pb = a.priority[ia], b.priority[jb]
+            a_loses = (pb > pa) | ((pb == pa) & (b.order < a.order))
+            self._pairs[(key, nb_key)] = (ia[a_loses], jb[a_loses])
+            self._pairs[(nb_key, key)] = (jb[~a_loses], ia[~a_loses])
+        return self._pairs[(key, nb_key)]
+
+    def _present(self, key) -> list:
+        return [k for k in self._neighbours(key) if self._get(k) is not None]
+
+    def beaten(self, key) -> np.ndarray:
+        """(N,) bool: candidates of tile ``key`` that some neighbour's view beats."""
+        if key not in self._beaten:
+            out = np.zeros(len(self._get(key).centers_xy), bool)
+            for nb in self._present(key):
+                out[self._losses(key, nb)[0]] = True
+            self._beaten[key] = out
+        return self._beaten[key]
+
+    def keep(self, key) -> np.ndarray:
+        """(N,) bool: which of tile ``key``'s candidates to keep."""
+        keep = np.ones(len(self._get(key).centers_xy), bool)
+        for nb in self._present(key):
+            i, j = self._losses(key, nb)
+            keep[i[~self.beaten(nb)[j]]] = False
+        return keep
+
+    def forget(self, keys) -> None:
+        """Drop what is cached about ``keys`` (tiles no longer needed)."""
+        keys = set(keys)
+        for k in keys:
+            self._cands.pop(k, None)
+            self._beaten.pop(k, None)
+        self._pairs = {p: v for p, v in self._pairs.items() if p[0] not in keys and p[1] not in keys}
+
+
+def keep_mask(tile: Candidates, neighbours: list[Candidates], radius_level0: float,
+              min_overlap: float = 0.5) -> np.ndarray:
+    """(N,) bool: which of ``tile``'s candidates to keep, all the views given being each other's neighbours.
 
     Parameters
     ----------
     radius_level0 : the match radius in level-0 px (``match_radius_px * frame.scale``).
+    min_overlap : outlines overlapping by this fraction of the smaller one are one nucleus.
     """
-    n = len(tile.centers_xy)
-    matched = np.zeros(n, bool)
-    beaten = np.zeros(n, bool)
-    for nb in neighbours:
-        ia, jb = mutual_matches(tile.centers_xy, nb.centers_xy, radius_level0)
-        if len(ia) == 0:
-            continue
-        matched[ia] = True
-        pa, pb = tile.priority[ia], nb.priority[jb]
-        loses = (pb > pa) | ((pb == pa) & (nb.order < tile.order))
-        beaten[ia[loses]] = True
-    return ~beaten & (matched | tile.in_core)
+    views = [tile, *neighbours]
+    keys = range(len(views))
+    return Resolver(views.__getitem__, lambda k: [o for o in keys if o != k], radius_level0, min_overlap).keep(0)
 
 
-def stitch(tiles: list[tuple[tuple[int, int], Instances]], radius_level0: float) -> Instances:
+def stitch(tiles: list[tuple[tuple[int, int], Instances]], radius_level0: float,
+           min_overlap: float = 0.5) -> Instances:
     """Stitch in memory (small regions, tests): tiles as ``((row, col), Instances)`` in raster order.
 
     Returns the kept nuclei concatenated in tile order (their global ids are their positions + 1).
     """
-    by_index = {idx: (k, inst) for k, (idx, inst) in enumerate(tiles)}
-    kept = []
-    for k, (idx, inst) in enumerate(tiles):
+    by_index = {idx: Candidates.of(k, inst) for k, (idx, inst) in enumerate(tiles)}
+
+    def around(idx):
         r, c = idx
-        nbs = [Candidates.of(by_index[(r + dr, c + dc)][0], by_index[(r + dr, c + dc)][1])
-               for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr or dc) and (r + dr, c + dc) in by_index]
-        kept.append(inst.select(keep_mask(Candidates.of(k, inst), nbs, radius_level0)))
-    return concat(kept)
+        return [(r + dr, c + dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc]
+
+    resolver = Resolver(by_index.get, around, radius_level0, min_overlap)
+    return concat([inst.select(resolver.keep(idx)) for idx, inst in tiles])
 
 
 def concat(parts: list[Instances]) -> Instances:

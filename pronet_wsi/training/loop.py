@@ -37,6 +37,7 @@ class TrainConfig:
 
     use_offsets / use_refinement switch the paper's modules off for the ablation; ``grouping`` is the
     post-processing the saved model uses. ``max_minutes`` stops early (the model is still written).
+    ``tune_min_areas``: minimum nucleus areas (px) the threshold search on the validation images tries.
     """
 
     epochs: int = 150
@@ -62,6 +63,7 @@ class TrainConfig:
     max_minutes: float | None = None
     val_every: int = 5
     tune_thresholds: bool = True
+    tune_min_areas: tuple[int, ...] = (10, 20, 40, 80)
     pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
@@ -89,6 +91,8 @@ class TrainConfig:
         aug = dict(raw["augment"])
         aug["scale_range"] = tuple(aug["scale_range"])
         raw["augment"] = AugmentConfig(**aug)
+        if "tune_min_areas" in raw:
+            raw["tune_min_areas"] = tuple(raw["tune_min_areas"])
         return cls(**raw)
 
 
@@ -220,7 +224,7 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
             break
     bar.close()
     if val_items and config.tune_thresholds:
-        thresholds = tune_thresholds(predictor, val_items, thresholds)
+        thresholds = tune_thresholds(predictor, val_items, thresholds, config.tune_min_areas)
     model.eval()
     save_model(model.to("cpu").to(memory_format=torch.contiguous_format), outdir, thresholds,
                extra={"epochs_trained": epoch + 1, "train_minutes": round((time.monotonic() - t0) / 60, 2)})
@@ -264,18 +268,21 @@ def validate(predictor: Predictor, val_items: list, thresholds: PostprocessConfi
     return mean_scores(scores)
 
 
-def tune_thresholds(predictor: Predictor, val_items: list, base: PostprocessConfig) -> PostprocessConfig:
-    """Grid-search centre and foreground thresholds for the best mean AJI on the validation images."""
+def tune_thresholds(predictor: Predictor, val_items: list, base: PostprocessConfig,
+                    min_areas: tuple[int, ...] = (10,)) -> PostprocessConfig:
+    """Grid-search centre and foreground thresholds (and the minimum area, over ``min_areas`` px) for the best
+    mean AJI on the validation images; ties keep the earlier (lower) setting."""
     predictor.model.eval()
     maps = [predictor.predict_image(im) for _, im, _ in val_items]
     best, best_aji = base, -1.0
     for ct in (0.1, 0.2, 0.3, 0.4):
         for ft in (0.4, 0.5, 0.6):
-            cand = replace(base, center_threshold=ct, foreground_threshold=ft)
-            aji = mean_scores([evaluate_image(gt, postprocess(m, cand).labels)
-                               for m, (_, _, gt) in zip(maps, val_items, strict=True)]).aji
-            if aji > best_aji:
-                best, best_aji = cand, aji
+            for ma in min_areas:
+                cand = replace(base, center_threshold=ct, foreground_threshold=ft, min_area_px=ma)
+                aji = mean_scores([evaluate_image(gt, postprocess(m, cand).labels)
+                                   for m, (_, _, gt) in zip(maps, val_items, strict=True)]).aji
+                if aji > best_aji:
+                    best, best_aji = cand, aji
     log.info("tuned thresholds %s (val AJI %.4f)", best, best_aji)
     return best
 

@@ -82,3 +82,25 @@ def test_train_cli_bad_input(tmp_path):
                                     "-o", str(tmp_path / "m")])
     assert res.exit_code != 0 and "no images" in res.output
     assert "Traceback" not in res.output
+
+
+def test_tune_thresholds_searches_the_minimum_area():
+    # one true 20x20 nucleus and a 5x5 speck the maps also call a nucleus: only a minimum area > 25 px removes it
+    from types import SimpleNamespace
+
+    from pronet_wsi.postprocess import PostprocessConfig
+
+    gt = np.zeros((64, 64), np.int32)
+    gt[10:30, 10:30] = 1
+    fg = np.zeros((64, 64), np.float32)
+    fg[10:30, 10:30] = 1.0
+    fg[50:55, 50:55] = 1.0
+    centers = np.zeros((64, 64), np.float32)
+    centers[19, 19] = centers[52, 52] = 1.0
+    maps = {"foreground": fg, "centers": centers, "offsets": np.zeros((2, 64, 64), np.float32)}
+    predictor = SimpleNamespace(model=torch.nn.Identity(), predict_image=lambda im: maps)
+    items = [("x", np.zeros((64, 64, 3), np.uint8), gt)]
+    base = PostprocessConfig(grouping="nearest_center")
+    assert loop.tune_thresholds(predictor, items, base).min_area_px == 10  # the old grid: cannot drop it
+    tuned = loop.tune_thresholds(predictor, items, base, (10, 40))
+    assert tuned.min_area_px == 40
