@@ -105,7 +105,10 @@ def overlap_matches(a: np.ndarray, b: np.ndarray, min_overlap: float) -> tuple[n
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     ia, jb = shapely.STRtree(b[sb]).query(a[sa], predicate="intersects")
     ia, jb = sa[ia], sb[jb]
-    inter = shapely.area(shapely.intersection(a[ia], b[jb]))
+    try:
+        inter = shapely.area(shapely.intersection(a[ia], b[jb]))
+    except shapely.errors.GEOSException:  # a self-touching outline: repair, then measure
+        inter = shapely.area(shapely.intersection(shapely.make_valid(a[ia]), shapely.make_valid(b[jb])))
     smaller = np.minimum(shapely.area(a[ia]), shapely.area(b[jb]))
     ok = inter >= min_overlap * smaller
     return ia[ok].astype(np.int64), jb[ok].astype(np.int64)
