@@ -28,7 +28,8 @@ from skimage.filters import gaussian, threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 from skimage.segmentation import watershed
 
-from pronet_wsi.images import atomic_write, read_image, read_labels
+from pronet_wsi.files import atomic_write
+from pronet_wsi.images import read_image, read_labels
 from pronet_wsi.metrics import ImageScores, evaluate_image, mean_scores
 
 REPO = Path(__file__).resolve().parents[1]

@@ -132,7 +132,7 @@ def retune(model_dir, name, shift, seed, tag, min_areas):
 
     Rewrites MODEL_DIR/thresholds.json and appends a results row (the table shows the latest row per config).
     """
-    from pronet_wsi.images import atomic_write
+    from pronet_wsi.files import atomic_write
     from pronet_wsi.inference import InferenceConfig, Predictor
     from pronet_wsi.training.dataset import load_val_items
     from pronet_wsi.training.loop import tune_thresholds

@@ -20,11 +20,12 @@ from pronet_wsi.tiling import Tile, TileGrid
 
 
 def write_outputs(store: PartStore, grid: TileGrid, tiles: list[Tile], frame: Frame, paths: dict[str, Path],
-                  config, stem: str, thumb: np.ndarray, thumb_ds: float, mask, slide_mpp: float,
+                  config, ids_key: str, thumb: np.ndarray, thumb_ds: float, mask, slide_mpp: float,
                   model_mpp: float, timings: dict) -> dict:
     """Stitch decisions (pass 1, centres and outlines), then stream GeoJSON / labels / overlay (pass 2).
 
-    ``tiles`` are the processed tiles in raster order, their parts in ``store``; ``config`` is the
+    ``tiles`` are the processed tiles in raster order, their parts in ``store``; feature ids derive from
+    ``ids_key`` (slide name, model and settings) and the nucleus number; ``config`` is the
     :class:`~pronet_wsi.pipeline.SegmentConfig`; ``thumb`` / ``thumb_ds`` the overlay thumbnail and its
     downsample; stage times are added to ``timings``. Returns counts (candidates, nuclei, duplicates removed) and
     the summed ``area_um2`` of the kept nuclei (``area_um2_sum``).
@@ -63,7 +64,7 @@ def write_outputs(store: PartStore, grid: TileGrid, tiles: list[Tile], frame: Fr
                 texts = store.load_texts(tl.key)
                 base = gid_start[tl.index]
                 for n, i in enumerate(np.nonzero(km)[0], start=1):
-                    writer.write(feature_text(nucleus_uuid(stem, base + n), texts[i]))
+                    writer.write(feature_text(nucleus_uuid(ids_key, base + n), texts[i]))
                 kept = store.load(tl.key).select(km)
                 area_um2_sum += float(kept.area_um2.sum())
                 overlay.add(kept)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,10 @@ def friendly_errors(func):
             return func(*args, **kwargs)
         except (InputError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as exc:
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+        except KeyboardInterrupt:
+            click.echo(f"interrupted: finished work is kept; run the same command again to resume"
+                       f"{' (with --resume)' if func.__name__ == 'train' else ''}", err=True)
+            sys.exit(130)
 
     return wrapper
 
@@ -71,9 +76,11 @@ def evaluate(pred_dir: Path, gt_dir: Path, output_csv: Path | None) -> None:
               help="Images' resolution in um/px (default: the model's); resampled to the model's.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--window-px", default=1024, show_default=True, help="Larger images run in overlapping windows.")
+@click.option("--tta", is_flag=True,
+              help="Test-time augmentation: average the 8 flips/rotations (8x the model time; see RESULTS.md).")
 @friendly_errors
 def predict(inputs: tuple[str, ...], outdir: str, model_dir: str | None, mpp: float | None, device: str,
-            window_px: int) -> None:
+            window_px: int, tta: bool) -> None:
     """Segment nuclei in PNG/TIFF/JPEG images; write instance maps and overlays."""
     from pathlib import Path
 
@@ -81,18 +88,42 @@ def predict(inputs: tuple[str, ...], outdir: str, model_dir: str | None, mpp: fl
     from pronet_wsi.inference import InferenceConfig, Predictor, segment_image
     from pronet_wsi.overlay import draw_contours
 
-    if mpp is not None and mpp <= 0:
-        raise click.BadParameter(f"{mpp}: must be > 0", param_hint="--mpp")
+    check_mpp_option(mpp)
     paths = list_images(list(inputs))
-    images = [(p, read_image(p)) for p in paths[:1]]  # fail fast on the first file before loading the model
-    predictor = Predictor(model_dir, InferenceConfig(device=device, window_px=window_px))
     out = Path(outdir)
+    targets = prediction_outputs(paths, out)
+    images = [(p, read_image(p)) for p in paths[:1]]  # fail fast on the first file before loading the model
+    predictor = Predictor(model_dir, InferenceConfig(device=device, window_px=window_px, tta=tta))
+    if mpp is not None:
+        from pronet_wsi.geometry import check_scale
+
+        check_scale(mpp, predictor.mpp, "--mpp")
     for i, path in enumerate(paths):
         image = images[0][1] if i == 0 else read_image(path)
         seg = segment_image(image, predictor, mpp=mpp)
-        write_labels(out / f"{path.stem}.tif", seg.labels)
-        write_png(out / f"{path.stem}_overlay.png", draw_contours(image, seg.labels))
-        click.echo(f"{path.name}: {seg.n} nuclei -> {out / (path.stem + '.tif')}")
+        labels_path, overlay_path = targets[path]
+        write_labels(labels_path, seg.labels)
+        write_png(overlay_path, draw_contours(image, seg.labels))
+        click.echo(f"{path.name}: {seg.n} nuclei -> {labels_path}")
+
+
+def prediction_outputs(paths: list[Path], out: Path) -> dict[Path, tuple[Path, Path]]:
+    """``<stem>.tif`` and ``<stem>_overlay.png`` in ``out`` for each input; an error if two inputs share a stem
+    or an output would overwrite an input (inputs are never overwritten)."""
+    targets: dict[Path, tuple[Path, Path]] = {}
+    by_stem: dict[str, Path] = {}
+    inputs = {p.resolve() for p in paths}
+    for p in paths:
+        if p.stem in by_stem:
+            raise InputError(f"{p} and {by_stem[p.stem]} would both write {out / (p.stem + '.tif')}; rename one "
+                             "or predict them into different -o folders")
+        by_stem[p.stem] = p
+        pair = (out / f"{p.stem}.tif", out / f"{p.stem}_overlay.png")
+        for t in pair:
+            if t.resolve() in inputs:
+                raise InputError(f"-o {out}: the output {t} would overwrite the input image {t}; choose another -o")
+        targets[p] = pair
+    return targets
 
 
 @main.command()
@@ -126,39 +157,49 @@ def _names(value: str | None) -> list[str] | None:
 
 @main.command()
 @click.option("--images", type=click.Path(path_type=str), help="Folder of training images.")
-@click.option("--points", type=click.Path(path_type=str), help="Folder of <stem>.csv / <stem>.geojson point files.")
+@click.option("--points", type=click.Path(path_type=str), multiple=True,
+              help="Folder of <stem>.csv / <stem>.geojson point files (with --images), or the QuPath points of "
+                   "each --slide (repeat in the same order).")
 @click.option("--labels", type=click.Path(path_type=str),
               help="Folder of instance maps; points = their centroids (for experiments).")
 @click.option("--names", help="Comma-separated image stems to use (default: all).")
 @click.option("--shift", nargs=2, type=float, default=None, help="Shift label-derived points by MIN MAX px.")
-@click.option("--slide", type=click.Path(path_type=str), help="Train from a whole-slide image ...")
+@click.option("--slide", type=click.Path(path_type=str), multiple=True,
+              help="Train from whole-slide images (repeatable, one --points each) ...")
 @click.option("--slide-mpp", type=float, default=None, help="... whose mpp is this when the file has none.")
 @click.option("--val-images", type=click.Path(path_type=str), help="Validation images folder.")
 @click.option("--val-labels", type=click.Path(path_type=str), help="Validation instance maps (for scores/tuning).")
 @click.option("--val-names", help="Comma-separated validation stems.")
-@click.option("--width", type=float, default=0.25, show_default=True, help="Channel multiplier (1.0 = paper VGG16).")
-@click.option("--epochs", type=int, default=150, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True)
-@click.option("--weight-decay", type=float, default=3e-2, show_default=True)
-@click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
-@click.option("--patch-px", type=int, default=256, show_default=True)
-@click.option("--patches-per-image", type=int, default=16, show_default=True)
-@click.option("--mpp", type=float, default=0.25, show_default=True, help="Resolution of the training images.")
+@click.option("--recipe", type=click.Choice(["cpu", "paper"]), default="cpu", show_default=True,
+              help="cpu: what made the shipped model (width 0.25, Adam 1e-3 cosine, 120 epochs); paper: PROnet's "
+                   "GPU recipe (full-width VGG16, Adam 1e-4, 150 epochs). Options below override it.")
+@click.option("--init", default=None, metavar="default|MODEL_DIR",
+              help="Start from a model folder's weights, width, mpp and normalisation (default = the shipped "
+                   "model) with the fine-tune settings (lr 5e-4, offsets and refinement from the start).")
+@click.option("--width", type=float, default=None, help="Channel multiplier (1.0 = paper VGG16) [recipe].")
+@click.option("--epochs", type=int, default=None, help="[recipe]")
+@click.option("--batch-size", type=int, default=None, help="[recipe]")
+@click.option("--lr", type=float, default=None, help="[recipe]")
+@click.option("--weight-decay", type=float, default=None, help="[recipe]")
+@click.option("--schedule", type=click.Choice(["constant", "cosine"]), default=None, help="[recipe]")
+@click.option("--patch-px", type=int, default=None, help="[recipe]")
+@click.option("--patches-per-image", type=int, default=None, help="Patches per epoch per megapixel [recipe].")
+@click.option("--mpp", type=float, default=None, help="Resolution of the training images (default: the model's).")
 @click.option("--euclidean", is_flag=True, help="Euclidean instead of geodesic pseudo labels (ablation).")
 @click.option("--no-offsets", is_flag=True, help="No offset module: centre map + binary only (ablation).")
 @click.option("--no-refine", is_flag=True, help="No EM point refinement (ablation).")
 @click.option("--max-minutes", type=float, default=None, help="Stop after this wall time (model still written).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=None, help="[0]")
+@click.option("--device", default=None, help="auto, cpu or cuda[:N] [auto].")
 @click.option("--resume", is_flag=True, help="Continue the run in MODEL_DIR from its last checkpoint.")
+@click.option("--drop-outside", is_flag=True, help="Drop points outside their image instead of failing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False, path_type=str),
               help="Model folder to write.")
 @friendly_errors
-def train(images, points, labels, names, shift, slide, slide_mpp, val_images, val_labels, val_names, width, epochs,
-          batch_size, lr, weight_decay, schedule, patch_px, patches_per_image, mpp, euclidean, no_offsets, no_refine,
-          max_minutes, seed, device, resume, quiet, outdir) -> None:
+def train(images, points, labels, names, shift, slide, slide_mpp, val_images, val_labels, val_names, recipe, init,
+          width, epochs, batch_size, lr, weight_decay, schedule, patch_px, patches_per_image, mpp, euclidean,
+          no_offsets, no_refine, max_minutes, seed, device, resume, drop_outside, quiet, outdir) -> None:
     """Train PROnet from point annotations (image folders + points, or QuPath points on a slide)."""
     from pathlib import Path
 
@@ -168,26 +209,36 @@ def train(images, points, labels, names, shift, slide, slide_mpp, val_images, va
     from pronet_wsi.training.pseudolabels import PseudoLabelConfig
 
     if resume and (Path(outdir) / "train" / "train_config.json").exists():
+        import dataclasses
         import json
 
         config = TrainConfig.from_json(json.loads((Path(outdir) / "train" / "train_config.json").read_text()))
+        if max_minutes is not None:
+            config = dataclasses.replace(config, max_minutes=max_minutes)
     else:
-        config = TrainConfig(
-            epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
-            patch_px=patch_px, patches_per_image=patches_per_image, width=width, mpp=mpp, seed=seed, device=device,
-            max_minutes=max_minutes, use_offsets=not no_offsets, use_refinement=not no_refine,
-            grouping="nearest_center" if no_offsets else "offsets",
-            offset_start_epoch=max(1, round(epochs * 20 / 150)), refine_start_epoch=max(1, round(epochs * 30 / 150)),
-            pseudo=PseudoLabelConfig(geodesic=not euclidean))
+        if init is not None and mpp is None:
+            from pronet_wsi.model import load_model, resolve_model_dir
+
+            mpp = load_model(resolve_model_dir(None if init == "default" else init)).config.mpp
+        config = TrainConfig.recipe(
+            recipe, init=init, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+            schedule=schedule, patch_px=patch_px, patches_per_image=patches_per_image, width=width, mpp=mpp,
+            seed=seed, device=device, max_minutes=max_minutes, use_offsets=False if no_offsets else None,
+            use_refinement=False if no_refine else None,
+            pseudo=PseudoLabelConfig(geodesic=False) if euclidean else None)
     if slide:
-        if not points or images or labels:
-            raise click.UsageError("--slide needs --points POINTS.geojson and no --images/--labels")
-        items = load_slide_items(slide, points, config.mpp, slide_mpp=slide_mpp, region_px=4 * config.patch_px)
+        if len(points) != len(slide) or images or labels:
+            raise click.UsageError("give one --points POINTS.geojson per --slide, and no --images/--labels")
+        items = [it for sl, pts in zip(slide, points, strict=True)
+                 for it in load_slide_items(sl, pts, config.mpp, slide_mpp=slide_mpp, region_px=4 * config.patch_px,
+                                            drop_outside=drop_outside)]
     else:
         if not images:
             raise click.UsageError("give --images (with --points or --labels) or --slide with --points")
-        items = load_items(images, points, labels, names=_names(names), shift=tuple(shift) if shift else None,
-                           seed=seed)
+        if len(points) > 1:
+            raise click.UsageError("--images takes one --points folder")
+        items = load_items(images, points[0] if points else None, labels, names=_names(names),
+                           shift=tuple(shift) if shift else None, seed=seed, drop_outside=drop_outside)
     val = None
     if val_images:
         if not val_labels:
@@ -221,7 +272,8 @@ def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, eu
     import numpy as np
     from PIL import Image
 
-    from pronet_wsi.images import atomic_write, read_image
+    from pronet_wsi.files import atomic_write
+    from pronet_wsi.images import read_image
     from pronet_wsi.training.points import clip_points, read_points
     from pronet_wsi.training.pseudolabels import PseudoLabelConfig, figure_pseudo_labels
     from pronet_wsi.training.pseudolabels import pseudo_labels as make_pseudo_labels
@@ -278,10 +330,12 @@ def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, eu
 @click.option("--labels-zarr", is_flag=True, help="Also write the instance label image as <stem>_labels.zarr.")
 @click.option("--no-tissue-mask", is_flag=True, help="Process the whole slide, glass included.")
 @click.option("--overwrite", is_flag=True, help="Redo slides whose output already exists.")
+@click.option("--tta", is_flag=True,
+              help="Test-time augmentation: average the 8 flips/rotations (8x the model time; see RESULTS.md).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, halo_px, batch_size, device, workers,
-            scheduler, gzip_output, labels_zarr, no_tissue_mask, overwrite, quiet) -> None:
+            scheduler, gzip_output, labels_zarr, no_tissue_mask, overwrite, tta, quiet) -> None:
     """Segment nuclei in whole slides: one QuPath GeoJSON of detections per slide.
 
     SLIDES are files or quoted glob patterns ("slides/*.svs"), or give --manifest. Tiles are read at the
@@ -312,8 +366,10 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
         local_cluster = parse_scheduler(scheduler)[0] == "local"
         if logging.getLogger().level > logging.INFO:
             logging.getLogger("distributed").setLevel(logging.WARNING)
+    check_mpp_option(mpp)
+    check_tile_memory(tile_px, halo_px, batch_size)
     config = SegmentConfig(tiling=TilingConfig(tile_px, halo_px), use_tissue_mask=not no_tissue_mask,
-                           batch_size=batch_size, workers=workers, scheduler=scheduler, gzip=gzip_output,
+                           batch_size=batch_size, workers=workers, gzip=gzip_output,
                            labels_zarr=labels_zarr, overwrite=overwrite)
     items = read_manifest(manifest) if manifest is not None else expand_inputs(slides)
     dups = duplicates(items)
@@ -326,8 +382,13 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
     for i in [i for i in indices if i in dups]:
         click.echo(f"ERROR {items[i].path}: same output name as {dups[i].path}; segment it into another -o", err=True)
         failed += 1
-    todo = [items[i] for i in indices if i not in dups]
-    inference = InferenceConfig(device=device, batch_size=batch_size)
+    todo, seen = [], set()
+    for i in indices:  # the same slide under the same name twice runs once
+        key = (str(Path(items[i].path).resolve()), items[i].stem)
+        if i not in dups and key not in seen:
+            seen.add(key)
+            todo.append(items[i])
+    inference = InferenceConfig(device=device, batch_size=batch_size, tta=tta)
     with contextlib.ExitStack() as stack:
         client, predictor = None, None
         if scheduler and todo:
@@ -350,6 +411,60 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
     if failed:
         click.echo(f"{failed} of {len(indices)} slides failed", err=True)
         sys.exit(1)
+
+
+def check_mpp_option(mpp: float | None) -> None:
+    from pronet_wsi.slide import MPP_RANGE
+
+    if mpp is not None and not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+        raise InputError(f"--mpp {mpp:g}: not a microscope pixel size (between {MPP_RANGE[0]} and {MPP_RANGE[1]} "
+                         "um/px; 40x is ~0.25, 20x ~0.5)")
+
+
+def check_tile_memory(tile_px: int, halo_px: int, batch_size: int, bytes_per_px: int = 600) -> None:
+    """An error when a batch of tiles cannot fit in this machine's memory (checked before any work starts).
+
+    ``bytes_per_px`` is the model's peak activation memory per input pixel, rounded up from the shipped model.
+    """
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    need = batch_size * (tile_px + 2 * halo_px) ** 2 * bytes_per_px
+    if need > 0.8 * total:
+        fit = int(((0.8 * total / (batch_size * bytes_per_px)) ** 0.5 - 2 * halo_px) // 256 * 256)
+        raise InputError(f"--tile-px {tile_px} with --batch-size {batch_size}: needs ~{need / 2**30:.0f} GiB, this "
+                         f"machine has {total / 2**30:.0f} GiB; use --tile-px {max(fit, 256)} or less")
+
+
+@main.command()
+@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("-o", "--outdir", required=True, type=click.Path(path_type=Path),
+              help="Folder for <stem>_suggest.geojson (import it into QuPath over the slide).")
+@click.option("-m", "--model", "model_dir", default=None, type=click.Path(path_type=str),
+              help="Model folder (default: the shipped model).")
+@click.option("--regions", type=int, default=20, show_default=True, help="Boxes to propose per slide.")
+@click.option("--region-um", type=float, default=100.0, show_default=True, help="Box side in um.")
+@click.option("--mpp", type=float, default=None, help="Slide pixel size in um (when the file has none).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@friendly_errors
+def suggest(slides, outdir, model_dir, regions, region_um, mpp, device) -> None:
+    """Propose where to click: boxes where the model is least reliable, spread over the tissue and its types,
+    each with the model's nuclei as points to correct (QuPath annotations; see the README's adaptation loop)."""
+    from pronet_wsi.cohort import expand_inputs
+    from pronet_wsi.inference import InferenceConfig, Predictor
+    from pronet_wsi.pipeline import check_writable
+    from pronet_wsi.suggest import SuggestConfig, suggest_slide
+
+    check_mpp_option(mpp)
+    config = SuggestConfig(regions=regions, region_um=region_um, candidates=max(160, 4 * regions))
+    items = expand_inputs(slides)
+    check_writable(outdir)
+    predictor = Predictor(model_dir, InferenceConfig(device=device))
+    for item in items:
+        out = outdir / f"{item.stem}_suggest.geojson"
+        res = suggest_slide(item.path, out, predictor, config, mpp=mpp)
+        click.echo(f"{Path(item.path).name}: {res['regions']} boxes (of {res['candidates']} scored) -> {out}")
 
 
 @main.command()

@@ -242,6 +242,17 @@ class _InFlight:
     stats: list
 
 
+class DaskExecutor:
+    """Runs a slide's tile batches on the Dask cluster of ``client``:
+    ``pipeline.segment_slide(..., executor=DaskExecutor(client))``."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+
+    def __call__(self, plan: SlidePlan, predictor, progress=None, on_tile_done=None) -> list[dict]:
+        return run_plan(self.client, plan, predictor, progress, on_tile_done)
+
+
 def segment_on_client(client, items: Iterable, out_dir: str | os.PathLike, predictor,
                       config: SegmentConfig = SegmentConfig(), *, backend: str = "auto",
                       default_mpp: float | None = None, pin_gpus: bool = False, progress: bool = False
@@ -252,7 +263,7 @@ def segment_on_client(client, items: Iterable, out_dir: str | os.PathLike, predi
     :class:`pronet_wsi.cohort.SlideItem`. One slide's failure (its exception is yielded) does not stop the
     others. Slides are prepared and finished here; their tiles run on the workers, the next slides' tiles queued
     while one is finished (at least two slides, and batches for twice the cluster's threads as it is now, at
-    most ``MAX_SLIDES_IN_FLIGHT`` slides). ``config.scheduler`` is not used (``client`` is).
+    most ``MAX_SLIDES_IN_FLIGHT`` slides).
     """
     from distributed import as_completed
 
@@ -272,7 +283,10 @@ def segment_on_client(client, items: Iterable, out_dir: str | os.PathLike, predi
             plan = prepare_slide(item.path, out_dir, predictor, config, backend=backend,
                                  mpp=item.mpp if item.mpp is not None else default_mpp, name=item.name)
             if isinstance(plan, SlidePlan) and not plan.batches:
-                return finish_slide(plan, [], 0.0)
+                try:
+                    return finish_slide(plan, [], 0.0)
+                finally:
+                    plan.release()
             return plan
         except Exception as exc:  # this slide fails, the others go on
             return exc
@@ -308,6 +322,7 @@ def segment_on_client(client, items: Iterable, out_dir: str | os.PathLike, predi
                 res = exc
             if isinstance(res, Exception):
                 client.cancel([f for f in slide.futures if not f.done()])
+                slide.plan.release()
                 del active[slide.sid]
                 yield slide.item, res
                 yield from admit()
@@ -324,12 +339,15 @@ def segment_on_client(client, items: Iterable, out_dir: str | os.PathLike, predi
                 outcome = finish_slide(slide.plan, slide.stats, time.perf_counter() - slide.t0)
             except Exception as exc:
                 outcome = exc
+            finally:
+                slide.plan.release()
             yield slide.item, outcome
     finally:
         if bar is not None:
             bar.close()
         for slide in active.values():
             client.cancel(slide.futures)
+            slide.plan.release()
 
 
 def _bar(enabled: bool):

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pronet_wsi.errors import InputError
-from pronet_wsi.export import atomic_bytes, write_json
+from pronet_wsi.export import write_json
+from pronet_wsi.files import LockHeld, atomic_bytes
 from pronet_wsi.pipeline import SegmentConfig, SlideResult, output_paths, segment_slide, slide_stem
 from pronet_wsi.slide import MPP_RANGE
 
@@ -187,7 +188,8 @@ def duplicates(items: list[SlideItem]) -> dict[int, SlideItem]:
     dups = {}
     for i, item in enumerate(items):
         if item.stem in seen:
-            dups[i] = seen[item.stem]
+            if Path(item.path).resolve() != Path(seen[item.stem].path).resolve():
+                dups[i] = seen[item.stem]
         else:
             seen[item.stem] = item
     return dups
@@ -216,7 +218,7 @@ def segment_batch(items: Iterable[SlideItem], out_dir: str | os.PathLike, predic
                   default_mpp: float | None = None, pin_gpus: bool = False, progress: bool = False
                   ) -> Iterator[Outcome]:
     """Segment slides one by one (``client`` None: :func:`~pronet_wsi.pipeline.segment_slide` each, on the local
-    threaded scheduler unless ``config.scheduler``) or all at once on the Dask cluster of ``client``
+    threaded scheduler) or all at once on the Dask cluster of ``client``
     (:func:`pronet_wsi.cluster.segment_on_client`); yields an :class:`Outcome` as each slide ends.
 
     A failing slide (any ``Exception``) is isolated: it gets a failure record and the batch goes on.
@@ -248,6 +250,8 @@ def segment_batch(items: Iterable[SlideItem], out_dir: str | os.PathLike, predic
 def _failed(item: SlideItem, exc: BaseException, out_dir: Path, config: SegmentConfig, started: float) -> Outcome:
     log.debug("segment %s failed", item.path, exc_info=exc)
     msg = error_message(exc)
+    if isinstance(exc, LockHeld):  # another run owns this slide's outputs: touch nothing
+        return Outcome(item, None, msg)
     write_failure_record(output_paths(item.path, out_dir, config.gzip, item.stem), item, msg, type(exc).__name__,
                          started)
     return Outcome(item, None, msg)
@@ -257,13 +261,11 @@ def write_failure_record(paths: dict[str, Path], item: SlideItem, message: str, 
                          started: float) -> None:
     """Record a failed slide in ``<name>.json`` (``status: "failed"``, the error), written atomically.
 
-    A GeoJSON this attempt wrote (newer than ``started``, a ``time.time()``) is removed: a GeoJSON in the output
-    folder always has a ``done`` record. The per-tile parts stay, so a rerun resumes. Unwritable folder: no record.
+    Nothing else is touched: a run removes only what it wrote itself (a GeoJSON whose record could not be
+    written, in :func:`~pronet_wsi.pipeline.finish_slide`). The per-tile parts stay, so a rerun resumes.
+    Unwritable folder: no record.
     """
-    geo = paths["geojson"]
     try:
-        if geo.exists() and geo.stat().st_mtime >= started - 1.0:
-            geo.unlink()
         write_json(paths["record"], {
             "status": "failed", "name": item.stem, "slide": {"path": str(item.path)}, "error": message,
             "error_type": error_type, "source": item.source,

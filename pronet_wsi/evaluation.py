@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pronet_wsi.errors import InputError
-from pronet_wsi.images import IMAGE_SUFFIXES, atomic_write, read_labels
+from pronet_wsi.files import atomic_write
+from pronet_wsi.images import IMAGE_SUFFIXES, read_labels
 from pronet_wsi.metrics import ImageScores, evaluate_image, mean_scores
 
 LABEL_SUFFIXES = (".png", ".tif", ".tiff")

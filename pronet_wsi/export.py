@@ -15,13 +15,13 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pronet_wsi.files import atomic_bytes, commit, open_atomic_stream
 from pronet_wsi.instances import Instances
 
 NUCLEUS_CLASS = {"name": "Nucleus", "color": [220, 50, 50]}
@@ -34,17 +34,12 @@ def nucleus_uuid(slide_stem: str, global_id: int) -> str:
     return str(uuid.uuid5(_UUID_NAMESPACE, f"{slide_stem}/{global_id}"))
 
 
-def _num(v: float) -> str:
-    v = float(v)
-    return repr(v) if np.isfinite(v) else "0.0"
-
-
 def feature_bodies(inst: Instances) -> list[str]:
     """Text of each nucleus's Feature after its id: ``,"geometry":{...},"properties":{...}}``."""
     out = []
     for i in range(len(inst)):
         m = inst.measurements(i)
-        meas = ",".join(f'"{k}":{_num(v)}' for k, v in m.items())
+        meas = ",".join(f'{json.dumps(k, ensure_ascii=False)}:{float(v)!r}' for k, v in m.items())
         out.append(f',"geometry":{{"type":"Polygon","coordinates":{inst.geometry_json(i)}}},"properties":'
                    f'{{"objectType":"detection","classification":{_CLASS_TEXT},"measurements":{{{meas}}}}}}}')
     return out
@@ -62,9 +57,7 @@ class GeoJSONWriter:
 
     def __init__(self, path: Path, gzip_output: bool = False) -> None:
         self.path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self._tmp = Path(tmp)
-        raw = os.fdopen(fd, "wb")
+        raw, self._tmp = open_atomic_stream(self.path)
         self._raw = raw
         # mtime=0 and no file name: the same features give the same bytes on every run
         self._fh = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if gzip_output else raw
@@ -85,12 +78,16 @@ class GeoJSONWriter:
         self._buf = io.StringIO()
 
     def close(self) -> None:
-        self._flush()
-        self._fh.write(b"\n]}\n")
-        if self._fh is not self._raw:
-            self._fh.close()
-        self._raw.close()
-        os.replace(self._tmp, self.path)
+        try:
+            self._flush()
+            self._fh.write(b"\n]}\n")
+            if self._fh is not self._raw:
+                self._fh.close()
+            self._raw.close()
+            commit(self._tmp, self.path)
+        except BaseException:  # e.g. a full disk: leave no temporary file behind
+            self.abort()
+            raise
 
     def abort(self) -> None:
         try:
@@ -196,12 +193,35 @@ def write_json(path: Path, record: dict) -> None:
     atomic_bytes(Path(path), (json.dumps(record, indent=2, default=str) + "\n").encode())
 
 
-def atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+TISSUE_CLASS = {"name": "Tissue", "color": [60, 160, 60]}
+
+
+def tissue_annotation(mask: np.ndarray, downsample: float, feature_id: str) -> dict | None:
+    """The tissue mask as one QuPath annotation Feature (a valid (Multi)Polygon in level-0 px, QuPath frame).
+
+    ``mask`` (h, w) bool at ``downsample`` level-0 px per pixel. Imported with the detections, QuPath's
+    "Objects > Annotations... > Resolve hierarchy" puts every nucleus under it. None when there is no tissue.
+    """
+    import shapely
+    from skimage.measure import find_contours
+
+    padded = np.pad(np.asarray(mask, bool), 1).astype(np.float32)
+    geom = shapely.Polygon()
+    rings = [shapely.Polygon(c[:, ::-1] - 1 + 0.5) for c in find_contours(padded, 0.5) if len(c) >= 4]
+    for ring in sorted((r.buffer(0) for r in rings), key=lambda r: -r.area):  # nested rings alternate: holes
+        geom = geom.symmetric_difference(ring)
+    geom = shapely.affinity.scale(geom, downsample, downsample, origin=(0, 0))
+    geom = shapely.make_valid(shapely.simplify(shapely.set_precision(geom, 0.01), downsample / 2))
+    polys = [g for g in getattr(geom, "geoms", [geom]) if g.geom_type in ("Polygon", "MultiPolygon") and g.area]
+    if not polys:
+        return None
+    geom = shapely.set_precision(shapely.union_all(polys), 0.01)
+    if not geom.is_valid or geom.is_empty:
+        return None
+    return {"type": "Feature", "id": feature_id, "geometry": shapely.geometry.mapping(geom),
+            "properties": {"objectType": "annotation", "classification": TISSUE_CLASS, "isLocked": False}}
+
+
+def write_tissue_geojson(path: Path, feature: dict | None) -> None:
+    fc = {"type": "FeatureCollection", "features": [feature] if feature else []}
+    atomic_bytes(Path(path), (json.dumps(fc, ensure_ascii=False) + "\n").encode())

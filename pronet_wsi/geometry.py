@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pronet_wsi.errors import InputError
+
 
 @dataclass(frozen=True)
 class Box:
@@ -159,3 +161,14 @@ def best_level(downsamples: list[float] | tuple[float, ...], target_downsample: 
         if ds <= target_downsample * 1.01 and ds >= downsamples[best]:
             best = i
     return best
+
+
+def check_scale(mpp: float, model_mpp: float, source: str) -> None:
+    """An error for a pixel size more than 4x coarser or 8x finer than the model's.
+
+    Coarser means upsampling (a 300-dpi TIFF read as 84 um/px would be enlarged 339x: hours of work on
+    nothing); much finer is almost always a wrong value too.
+    """
+    if not model_mpp / 8 <= mpp <= model_mpp * 4:
+        raise InputError(f"{source}: {mpp:g} um/px is too far from the model's {model_mpp:g} um/px (more than 4x "
+                         "coarser or 8x finer); give the true pixel size with --mpp (40x is ~0.25, 20x ~0.5)")

@@ -45,6 +45,7 @@ class InferenceConfig:
     window_px : images larger than this run in overlapping windows of this size.
     overlap_px : overlap between windows; the central part of each window is kept.
     amp : mixed precision (bf16 on CPUs with AVX512-BF16, fp16 on CUDA); ``auto`` decides per device.
+    tta : average the maps of the 8 flips/rotations of each tile (offsets rotated back); 8x the model time.
     """
 
     device: str = "auto"
@@ -52,6 +53,7 @@ class InferenceConfig:
     window_px: int = 1024
     overlap_px: int = 64
     amp: str = "auto"
+    tta: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -114,15 +116,34 @@ class Predictor:
             x = x.permute(0, 3, 1, 2).float().div_(255.0)
             x = ((x - self._mean) / self._std).contiguous(
                 memory_format=torch.channels_last if self.device.type == "cpu" else torch.contiguous_format)
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                enabled=self.autocast_dtype is not None):
-                raw = self.model(x)
-            outs.append({
-                "foreground": torch.sigmoid(raw["foreground"].float())[:, 0].cpu().numpy(),
-                "offsets": raw["offsets"].float().cpu().numpy(),
-                "centers": torch.sigmoid(raw["centers"].float())[:, 0].cpu().numpy(),
-            })
+            maps = self._maps_tta(x) if self.config.tta else self._maps(x)
+            outs.append({k: v.cpu().numpy() for k, v in maps.items()})
         return {k: np.concatenate([o[k] for o in outs]) for k in ("foreground", "offsets", "centers")}
+
+    def _maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Probabilities and offsets (float32) for a normalised (B, 3, H, W) batch."""
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            raw = self.model(x)
+        return {"foreground": torch.sigmoid(raw["foreground"].float())[:, 0],
+                "offsets": raw["offsets"].float(),
+                "centers": torch.sigmoid(raw["centers"].float())[:, 0]}
+
+    def _maps_tta(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`_maps` averaged over the 8 dihedral views, each mapped back (offset vectors rotated too)."""
+        acc: dict[str, torch.Tensor] = {}
+        for k in range(4):
+            for flip in (False, True):
+                view = torch.rot90(x, k, dims=(2, 3))
+                view = torch.flip(view, dims=(3,)) if flip else view
+                maps = self._maps(view)
+                for name, m in maps.items():
+                    m = torch.flip(m, dims=(m.ndim - 1,)) if flip else m
+                    m = torch.rot90(m, -k, dims=(m.ndim - 2, m.ndim - 1))
+                    if name == "offsets":
+                        m = _unrotate_vectors(m, k, flip)
+                    acc[name] = acc[name] + m if name in acc else m
+        return {name: m / 8 for name, m in acc.items()}
 
     def predict_image(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """Maps for one image of any size, in overlapping windows when larger than ``window_px``.
@@ -153,6 +174,17 @@ class Predictor:
                 out["centers"][sl] = maps["centers"][j][loc]
                 out["offsets"][(slice(None), *sl)] = maps["offsets"][j][(slice(None), *loc)]
         return out
+
+
+def _unrotate_vectors(offsets: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """(B, 2, H, W) (dy, dx) predicted on a view rotated ``k`` times (np.rot90) then column-flipped, as vectors of
+    the original image. The view maps a displacement (dy, dx) to (-dx, dy) per rotation, then dx -> -dx."""
+    dy, dx = offsets[:, 0], offsets[:, 1]
+    if flip:
+        dx = -dx
+    for _ in range(k):
+        dy, dx = dx, -dy
+    return torch.stack([dy, dx], dim=1)
 
 
 def _windows(h: int, w: int, win: int, ov: int):

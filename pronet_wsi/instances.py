@@ -8,6 +8,7 @@ a valid QuPath-ready polygon in level-0 pixels. Pure numpy/shapely; no files.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import numba
@@ -19,6 +20,10 @@ from pronet_wsi.geometry import Box, Frame, rc_to_xy
 
 SIMPLIFY_PX = 0.5
 GRID_PX = 0.01
+
+
+MEASUREMENT_NAMES = {"area_um2": "Area µm^2", "area_px": "Area px^2", "center_score": "Center score",
+                     "foreground_mean": "Foreground probability"}
 
 
 @dataclass(frozen=True)
@@ -87,15 +92,19 @@ class Instances:
 
     def geometry_json(self, i: int) -> str:
         """The GeoJSON ``coordinates`` of nucleus ``i`` (one ring, rounded to 0.01 px) as text."""
-        ring = np.round(self.polygon(i), 2)
+        ring = valid_rounded_ring(self.polygon(i))
         if np.all(ring == np.rint(ring)):
             ring = ring.astype(np.int64)
         return json.dumps([ring.tolist()], separators=(",", ":"))
 
     def measurements(self, i: int) -> dict[str, float]:
-        return {"area_um2": round(float(self.area_um2[i]), 3), "area_px": round(float(self.area_px[i]), 2),
-                "center_score": round(float(self.center_score[i]), 4),
-                "foreground_mean": round(float(self.foreground_mean[i]), 4)}
+        """QuPath-style measurement names (as its own detections write them) -> values; non-finite ones left out
+        (QuPath shows a missing measurement as NaN, a written 0.0 would be a wrong number)."""
+        values = {MEASUREMENT_NAMES["area_um2"]: (float(self.area_um2[i]), 3),
+                  MEASUREMENT_NAMES["area_px"]: (float(self.area_px[i]), 2),
+                  MEASUREMENT_NAMES["center_score"]: (float(self.center_score[i]), 4),
+                  MEASUREMENT_NAMES["foreground_mean"]: (float(self.foreground_mean[i]), 4)}
+        return {k: round(v, nd) for k, (v, nd) in values.items() if math.isfinite(v)}
 
     @classmethod
     def empty(cls, with_masks: bool = False) -> Instances:
@@ -180,6 +189,25 @@ def tile_instances(labels: np.ndarray, centers_rc: np.ndarray, center_scores: np
         offsets=ring_offsets,
         **extra,
     )
+
+
+def valid_rounded_ring(ring: np.ndarray, decimals: int = 2) -> np.ndarray:
+    """``ring`` rounded to ``decimals``, still a valid polygon (QuPath 0.6 rejects a whole file for one invalid
+    polygon, and rounding can make a thin outline touch itself): repaired, else its convex hull."""
+    out = np.round(ring, decimals)
+    poly = shapely.Polygon(out)
+    if poly.is_valid and not poly.is_empty:
+        return out
+    fixed = _largest_polygon(shapely.make_valid(poly))
+    for cand in (fixed, shapely.Polygon(ring).convex_hull):
+        if cand.is_empty or cand.geom_type != "Polygon":
+            continue
+        cand_ring = np.round(np.asarray(cand.exterior.coords), decimals)
+        if shapely.Polygon(cand_ring).is_valid:
+            return cand_ring
+    c = np.round(np.asarray(ring).mean(0), decimals)  # a degenerate speck: a minimal square around its centre
+    d = 10.0**-decimals
+    return np.round(np.array([c + [-d, -d], c + [d, -d], c + [d, d], c + [-d, d], c + [-d, -d]]), decimals)
 
 
 def _valid_polygons(coords: np.ndarray, offsets: np.ndarray, snap: bool) -> np.ndarray:

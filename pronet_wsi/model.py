@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pronet_wsi.errors import InputError
+from pronet_wsi.files import atomic_text, atomic_write
 from pronet_wsi.postprocess import PostprocessConfig
 
 VGG16_STAGES = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))  # 13 conv layers in 5 stages
@@ -155,12 +158,19 @@ def save_model(model: PRONet, path: str | Path, thresholds: PostprocessConfig = 
     if extra:
         cfg["extra"] = {**cfg.get("extra", {}), **extra}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path / (WEIGHTS_FILE + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path / WEIGHTS_FILE)
-    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (path / "thresholds.json").write_text(json.dumps(asdict(thresholds), indent=2) + "\n")
+    atomic_write(path / WEIGHTS_FILE, lambda tmp: torch.save(state, tmp))
+    cfg["weights_sha256"] = sha256_file(path / WEIGHTS_FILE)
+    atomic_text(path / "config.json", json.dumps(cfg, indent=2) + "\n")
+    atomic_text(path / "thresholds.json", json.dumps(asdict(thresholds), indent=2) + "\n")
     return path
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -178,19 +188,35 @@ def load_model(path: str | Path) -> ModelBundle:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: not a model folder (no config.json); give -m a folder made by `pronet-wsi train`")
+    weights = path / WEIGHTS_FILE
     try:
         raw = json.loads((path / "config.json").read_text())
+        expected = raw.pop("weights_sha256", None)
         raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
         config = ModelConfig(**raw)
         thr_file = path / "thresholds.json"
         thresholds = PostprocessConfig(**json.loads(thr_file.read_text())) if thr_file.exists() else PostprocessConfig()
-        state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
-        raise InputError(f"{path}: broken model folder ({exc}); retrain or reinstall the model") from exc
-    model = PRONet(config)
-    model.load_state_dict(state)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise InputError(f"{path}: broken model folder ({_first_line(exc)}); retrain or reinstall the model") from exc
+    if not weights.is_file():
+        raise InputError(f"{weights}: missing; a model folder needs {WEIGHTS_FILE} beside config.json")
+    if expected is not None and sha256_file(weights) != expected:
+        raise InputError(f"{weights}: checksum does not match config.json (file damaged or replaced); "
+                         "reinstall or retrain the model")
+    try:  # weights_only: a pickled or crafted file is rejected, never executed
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model = PRONet(config)
+        model.load_state_dict(state)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged or foreign files
+        raise InputError(f"{weights}: not weights for this config.json (width {config.width}) or not a plain "
+                         f"state dict ({_first_line(exc)[:120]}); retrain or reinstall the model") from exc
     model.eval()
     return ModelBundle(model, config, thresholds, path)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -198,11 +224,19 @@ DEFAULT_MODEL = "pronet-monuseg"
 
 
 def default_model_dir() -> Path | None:
-    """The shipped model folder, or None when none is installed."""
-    for base in (Path(__file__).resolve().parent / "models", MODELS_DIR):
-        if (base / DEFAULT_MODEL / "config.json").is_file():
-            return base / DEFAULT_MODEL
-    return None
+    """The shipped model folder, or None when none is installed.
+
+    A wheel or sdist install carries it as package data (``pronet_wsi.models``, the repo's ``models/``); an
+    editable install or a checkout finds it at the top of the repository.
+    """
+    candidates = [MODELS_DIR / DEFAULT_MODEL]
+    try:
+        from importlib.resources import files
+
+        candidates.insert(0, Path(os.fspath(files("pronet_wsi.models").joinpath(DEFAULT_MODEL))))
+    except (ModuleNotFoundError, TypeError, ValueError):  # not installed as package data
+        pass
+    return next((c for c in candidates if (c / "config.json").is_file()), None)
 
 
 def resolve_model_dir(path: str | Path | None) -> Path:

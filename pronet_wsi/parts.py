@@ -8,13 +8,13 @@ renamed, so a file that exists is complete. ``fingerprint.json`` records what th
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from pronet_wsi.files import atomic_text, atomic_write
 from pronet_wsi.instances import Instances
 
 _FIELDS = ("centers_xy", "priority", "in_core", "area_px", "area_um2", "center_score", "foreground_mean",
@@ -35,6 +35,7 @@ class PartStore:
     def __init__(self, root: Path, fingerprint: dict | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.damaged: list[Path] = []
         if fingerprint is None:
             return
         fp_path = self.root / "fingerprint.json"
@@ -42,15 +43,28 @@ class PartStore:
         old = fp_path.read_text() if fp_path.exists() else None
         if old != text:
             for p in [*self.root.glob("*.npz"), *self.root.glob(".*.tmp")]:
-                p.unlink()
-            _atomic_text(fp_path, text)
+                p.unlink(missing_ok=True)
+            atomic_text(fp_path, text)
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.npz"
 
-    def done(self) -> set[str]:
-        """Keys of the tiles whose results are on disk."""
-        return {p.stem for p in self.root.glob("*.npz") if not p.name.startswith(".")}
+    def done(self, verify: bool = False) -> set[str]:
+        """Keys of the tiles whose results are on disk.
+
+        ``verify``: check every file's checksums first; a damaged one (a disk fault, a truncated copy) is
+        deleted, so its tile is redone, and listed in :attr:`damaged`.
+        """
+        keys = set()
+        for p in self.root.glob("*.npz"):
+            if p.name.startswith("."):
+                continue
+            if verify and not _intact(p):
+                p.unlink(missing_ok=True)
+                self.damaged.append(p)
+                continue
+            keys.add(p.stem)
+        return keys
 
     def save(self, key: str, inst: Instances, bodies: list[str], stats: dict) -> None:
         """Write one tile's candidates, their GeoJSON feature bodies and its stats, atomically."""
@@ -62,14 +76,11 @@ class PartStore:
         arrays["text"] = np.frombuffer(blob, np.uint8)
         arrays["text_offsets"] = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
         arrays["stats"] = np.frombuffer(json.dumps(stats).encode(), np.uint8)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.root)
-        try:
-            with os.fdopen(fd, "wb") as fh:
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, **arrays)
-            os.replace(tmp, self.path(key))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        atomic_write(self.path(key), write)
 
     def load(self, key: str, masks: bool = False) -> Instances:
         with np.load(self.path(key)) as z:
@@ -94,8 +105,13 @@ class PartStore:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+def _intact(path: Path) -> bool:
+    """A part file whose zip members all pass their CRC check and hold the fields :meth:`PartStore.load` reads."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if zf.testzip() is not None:
+                return False
+            names = {n.removesuffix(".npy") for n in zf.namelist()}
+        return {*_FIELDS, "text", "text_offsets", "stats"} <= names
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return False

@@ -32,8 +32,9 @@ import numpy as np
 from pronet_wsi import __version__
 from pronet_wsi.assemble import write_outputs
 from pronet_wsi.errors import InputError
-from pronet_wsi.export import save_mask_png, write_json
-from pronet_wsi.geometry import Frame
+from pronet_wsi.export import nucleus_uuid, save_mask_png, tissue_annotation, write_json, write_tissue_geojson
+from pronet_wsi.files import OutputLock, sweep_temp
+from pronet_wsi.geometry import Frame, check_scale
 from pronet_wsi.parts import PartStore
 from pronet_wsi.slide import open_slide
 from pronet_wsi.stitching import StitchConfig
@@ -48,7 +49,6 @@ class SegmentConfig:
     """Settings of a whole-slide run (besides the model).
 
     batch_size : tiles per model call. workers : Dask threads (0 = CPU count + 1, at most 9).
-    scheduler : None for the local threaded scheduler, or the address of a running Dask scheduler.
     use_tissue_mask : skip glass. gzip : write ``.geojson.gz``. labels_zarr : also write the label image.
     overwrite : redo a slide whose output exists. overlay_max_px : long side of the overlay PNG (also the
     image the tissue mask is computed on).
@@ -60,7 +60,6 @@ class SegmentConfig:
     use_tissue_mask: bool = True
     batch_size: int = 4
     workers: int = 0
-    scheduler: str | None = None
     gzip: bool = False
     labels_zarr: bool = False
     overwrite: bool = False
@@ -121,8 +120,9 @@ def output_paths(slide_path: Path, out_dir: Path, gzip_output: bool = False, nam
     out_dir = Path(out_dir)
     return {"geojson": out_dir / (stem + (".geojson.gz" if gzip_output else ".geojson")),
             "record": out_dir / f"{stem}.json", "overlay": out_dir / f"{stem}_overlay.png",
-            "mask": out_dir / f"{stem}_tissue.png", "labels": out_dir / f"{stem}_labels.zarr",
-            "parts": out_dir / f".{stem}.parts"}
+            "mask": out_dir / f"{stem}_tissue.png", "tissue": out_dir / f"{stem}_tissue.geojson",
+            "labels": out_dir / f"{stem}_labels.zarr",
+            "parts": out_dir / f".{stem}.parts", "lock": out_dir / f".{stem}.lock"}
 
 
 def check_writable(out_dir: Path) -> None:
@@ -150,8 +150,9 @@ def is_finished(paths: dict[str, Path]) -> bool:
         return False
 
 
-def _run_local(plan: SlidePlan, predictor, progress, on_tile_done) -> list[dict]:
-    """Run a plan's batches on the local threaded scheduler; ``progress(stats_list)`` after each batch."""
+def run_tiles_threaded(plan: SlidePlan, predictor, progress, on_tile_done) -> list[dict]:
+    """The default tile executor: a plan's batches on Dask's local threaded scheduler; ``progress(stats_list)``
+    after each batch. Any callable with this signature can run them instead (``cluster.DaskExecutor``)."""
     import dask
     from dask.callbacks import Callback
 
@@ -197,6 +198,12 @@ class SlidePlan:
     timings: dict[str, float]
     warnings: list[str]
     t_start: float
+    lock: OutputLock | None = None
+
+    def release(self) -> None:
+        """Let other runs write this slide's outputs again (after finishing or failing)."""
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def core_mpx(self) -> dict[str, float]:
@@ -218,9 +225,27 @@ def prepare_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
     if not config.overwrite and is_finished(paths):
         return SlideResult(slide_path, "skipped", paths["geojson"], name=name)
     check_writable(out_dir)
+    lock = OutputLock(paths["lock"], str(paths["geojson"])).acquire()  # LockHeld if another run has it
+    try:
+        if not config.overwrite and is_finished(paths):  # it finished while we waited for the lock
+            lock.release()
+            return SlideResult(slide_path, "skipped", paths["geojson"], name=name)
+        for key in ("geojson", "record", "overlay", "mask", "tissue"):
+            sweep_temp(out_dir, paths[key].name)  # left by a killed run of this slide (we hold its lock)
+        plan = _plan(slide_path, name, paths, predictor, config, backend, mpp, t_start)
+    except BaseException:
+        lock.release()
+        raise
+    plan.lock = lock
+    return plan
+
+
+def _plan(slide_path: Path, name: str, paths: dict[str, Path], predictor, config: SegmentConfig, backend: str,
+          mpp: float | None, t_start: float) -> SlidePlan:
     timings: dict[str, float] = {}
     warnings: list[str] = []
     with open_slide(slide_path, backend, mpp) as slide:
+        check_scale(slide.mpp, predictor.mpp, f"{slide_path} ({slide.mpp_source})")
         frame = Frame.for_slide(slide.shape, slide.mpp, predictor.mpp)
         timings["open_s"] = time.perf_counter() - t_start
         t = time.perf_counter()
@@ -243,11 +268,16 @@ def prepare_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
                    "mtime_ns": slide_path.stat().st_mtime_ns, "backend": backend_used, "mpp": slide_mpp,
                    "model": model_id, "tiling": asdict(config.tiling), "stitch": asdict(config.stitch),
                    "masks": config.labels_zarr}
+    inference = getattr(predictor, "config", None) or getattr(predictor, "inference", None)
+    if getattr(inference, "tta", False):
+        fingerprint["tta"] = True  # parts made with and without TTA never mix
     store = PartStore(paths["parts"], fingerprint)
     if config.overwrite:
         store.remove()
         store = PartStore(paths["parts"], fingerprint)
-    done_before = store.done()
+    done_before = store.done(verify=True)
+    for p in store.damaged:
+        warnings.append(f"{p}: damaged part file (interrupted copy or disk fault); its tile was run again")
     pending = [t for t in tiles if t.key not in done_before]
     job = TileJob(str(slide_path), backend_used, slide_mpp, frame, config.tiling, config.stitch.match_radius_px,
                config.labels_zarr, str(paths["parts"]), fingerprint)
@@ -271,11 +301,13 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
     n_cut = sum(s["cut_at_edge"] for s in all_stats)
     if n_cut:
         warnings.append(f"{n_cut} nuclei near a tile core touch the tile edge; use a larger --halo-px")
-    counts = write_outputs(store, plan.grid, plan.tiles, plan.frame, paths, config, plan.name, plan.thumb,
+    counts = write_outputs(store, plan.grid, plan.tiles, plan.frame, paths, config, ids_key(plan), plan.thumb,
                            plan.thumb_ds, plan.mask, plan.slide_mpp, plan.model_mpp, timings)
     area_um2_sum = counts.pop("area_um2_sum")
     if plan.mask is not None:
         save_mask_png(paths["mask"], plan.mask)
+        write_tissue_geojson(paths["tissue"], tissue_annotation(plan.mask, plan.thumb_ds,
+                                                                nucleus_uuid(ids_key(plan), 0)))
         tissue_mm2 = float(plan.mask.sum()) * (plan.thumb_ds * plan.slide_mpp) ** 2 / 1e6
     else:
         tissue_mm2 = plan.frame.level0_shape[0] * plan.frame.level0_shape[1] * plan.slide_mpp**2 / 1e6
@@ -283,7 +315,7 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
     timings["total_s"] = total
     mpx = sum(plan.core_mpx.values())
     record = {"status": "done", "name": plan.name, "slide": plan.slide_info,
-              "output": {k: str(v) for k, v in paths.items() if k != "parts"},
+              "output": {k: str(v) for k, v in paths.items() if k not in ("parts", "lock")},
               "model": plan.model_id, "model_mpp": plan.model_mpp,
               "config": {"segment": _plain(config), "postprocess": plan.postprocess},
               "processing": {"scale_level0_per_px": plan.frame.scale, "shape_hw": list(plan.frame.shape)},
@@ -298,7 +330,11 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
               "mpx_processed": round(mpx, 3),
               "timings_s": {k: round(v, 3) for k, v in timings.items()}, "warnings": warnings,
               "versions": _versions(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    write_json(paths["record"], record)
+    try:
+        write_json(paths["record"], record)
+    except BaseException:  # no GeoJSON without its "done" record; this run wrote it, so this run removes it
+        paths["geojson"].unlink(missing_ok=True)
+        raise
     store.remove()
     for w in warnings:
         log.info("%s: %s", plan.slide_path.name, w)
@@ -308,7 +344,7 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
 
 def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, predictor,
                   config: SegmentConfig = SegmentConfig(), *, backend: str = "auto", mpp: float | None = None,
-                  name: str | None = None, progress: bool = False, on_tile_done=None) -> SlideResult:
+                  name: str | None = None, progress: bool = False, on_tile_done=None, executor=None) -> SlideResult:
     """Segment one slide into ``out_dir/<stem>.geojson`` (see the module docstring).
 
     Parameters
@@ -319,6 +355,8 @@ def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
     name : output file stem (default: the slide's file name without its extension).
     progress : show a progress bar (only when stderr is a terminal).
     on_tile_done : called with each finished tile's key (tests use it to simulate a kill).
+    executor : runs the tile batches, ``executor(plan, predictor, progress, on_tile_done) -> stats``; default
+        :func:`run_tiles_threaded`, or ``pronet_wsi.cluster.DaskExecutor(client)`` for a Dask cluster.
 
     Raises
     ------
@@ -328,6 +366,13 @@ def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
     plan = prepare_slide(slide_path, out_dir, predictor, config, backend=backend, mpp=mpp, name=name)
     if isinstance(plan, SlideResult):
         return plan
+    try:
+        return _run_plan(plan, predictor, progress, on_tile_done, executor)
+    finally:
+        plan.release()
+
+
+def _run_plan(plan: SlidePlan, predictor, progress: bool, on_tile_done, executor) -> SlideResult:
     bar = _progress_bar(len(plan.tiles), plan.n_resumed, plan.slide_path.name, progress)
     core_mpx = plan.core_mpx
     counter = {"nuclei": 0, "mpx": 0.0, "t0": time.perf_counter()}
@@ -346,18 +391,25 @@ def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
     try:
         if not plan.batches:
             tile_stats = []
-        elif config.scheduler:
-            from pronet_wsi.cluster import open_client, run_plan
-
-            with open_client(config.scheduler) as client:
-                tile_stats = run_plan(client, plan, predictor, on_progress, on_tile_done)
         else:
-            tile_stats = _run_local(plan, predictor, on_progress, on_tile_done)
+            tile_stats = (executor or run_tiles_threaded)(plan, predictor, on_progress, on_tile_done)
     finally:
         if bar is not None:
             bar.close()
         close_slides(plan.job.slide_path)
     return finish_slide(plan, tile_stats, time.perf_counter() - t)
+
+
+def ids_key(plan: SlidePlan) -> str:
+    """What feature ids derive from: the output name, the model and every setting that changes the nuclei, so a
+    rerun with the same ones gives the same ids and one with another model new ids (QuPath merges by id)."""
+    import hashlib
+    import json
+
+    settings = {"model": plan.model_id, "postprocess": plan.postprocess, "tiling": asdict(plan.config.tiling),
+                "stitch": asdict(plan.config.stitch), "mpp": plan.slide_mpp, "tta": plan.job.fingerprint.get("tta")}
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{plan.name}/{digest}"
 
 
 def _progress_bar(total: int, initial: int, name: str, enabled: bool):

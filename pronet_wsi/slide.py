@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "openslide", "tiffslide", "image")
 PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-MPP_RANGE = (0.01, 100.0)
+MPP_RANGE = (0.05, 2.0)  # plausible microscope pixel sizes (um); outside it a file's value is a dpi default
 
 
 class Slide:
@@ -225,7 +225,8 @@ def _resolve_mpp(slide: Slide, override: float | None) -> Slide:
                          f"(e.g. --mpp 0.25 for a 40x scan, 0.5 for 20x)")
     if not MPP_RANGE[0] < slide.mpp < MPP_RANGE[1]:
         slide.close()
-        raise InputError(f"{slide.path}: implausible pixel size {slide.mpp} um/px in the file; pass --mpp")
+        raise InputError(f"{slide.path}: the file says {slide.mpp:g} um/px, not a microscope pixel size (a dpi "
+                         "default?); pass the true one with --mpp (e.g. 0.25 for 40x, 0.5 for 20x)")
     return slide
 
 
@@ -276,15 +277,19 @@ def _open_openslide(path: Path) -> Slide:
     import openslide
 
     h = openslide.OpenSlide(str(path))
-    props = h.properties
-    mpp = _float_prop(props, "openslide.mpp-x")
-    bx = int(_float_prop(props, "openslide.bounds-x") or 0)
-    by = int(_float_prop(props, "openslide.bounds-y") or 0)
-    w0, h0 = h.dimensions
-    bw = int(_float_prop(props, "openslide.bounds-width") or (w0 - bx))
-    bh = int(_float_prop(props, "openslide.bounds-height") or (h0 - by))
-    return Slide(path, "openslide", h, mpp or 0.0, "slide", Box(bx, by, bx + bw, by + bh),
+    mpp = _float_prop(h.properties, "openslide.mpp-x")
+    return Slide(path, "openslide", h, mpp or 0.0, "slide", _bounds(h.properties, "openslide", h.dimensions),
                  tuple((hh, ww) for ww, hh in h.level_dimensions), tuple(float(d) for d in h.level_downsamples))
+
+
+def _bounds(props, prefix: str, dims: tuple[int, int]) -> Box:
+    """The ``<prefix>.bounds-*`` rectangle QuPath shows (the whole level 0 when absent)."""
+    bx = int(_float_prop(props, f"{prefix}.bounds-x") or 0)
+    by = int(_float_prop(props, f"{prefix}.bounds-y") or 0)
+    w0, h0 = dims
+    bw = int(_float_prop(props, f"{prefix}.bounds-width") or (w0 - bx))
+    bh = int(_float_prop(props, f"{prefix}.bounds-height") or (h0 - by))
+    return Box(bx, by, bx + bw, by + bh)
 
 
 def _open_tiffslide(path: Path) -> Slide:
@@ -292,8 +297,7 @@ def _open_tiffslide(path: Path) -> Slide:
 
     h = tiffslide.TiffSlide(str(path))
     mpp = _float_prop(h.properties, "tiffslide.mpp-x")
-    w0, h0 = h.dimensions
-    return Slide(path, "tiffslide", h, mpp or 0.0, "slide", Box(0, 0, w0, h0),
+    return Slide(path, "tiffslide", h, mpp or 0.0, "slide", _bounds(h.properties, "tiffslide", h.dimensions),
                  tuple((hh, ww) for ww, hh in h.level_dimensions), tuple(float(d) for d in h.level_downsamples))
 
 

@@ -103,3 +103,23 @@ def test_overlay_draws_outlines(inst, tmp_path):
 
     arr = np.asarray(Image.open(tmp_path / "o.png"))
     assert arr.shape == (50, 50, 3) and (arr != 255).any()
+
+
+def test_tissue_annotation_is_a_valid_qupath_annotation():
+    import shapely
+
+    from pronet_wsi.export import tissue_annotation
+
+    mask = np.zeros((60, 80), bool)
+    mask[10:50, 10:70] = True
+    mask[20:30, 20:30] = False  # a hole (glass inside tissue)
+    mask[52:58, 72:78] = True  # a second piece
+    f = tissue_annotation(mask, 16.0, "00000000-0000-0000-0000-000000000001")
+    assert f["properties"]["objectType"] == "annotation" and f["properties"]["classification"]["name"] == "Tissue"
+    geom = shapely.geometry.shape(f["geometry"])
+    assert geom.is_valid and geom.geom_type == "MultiPolygon" and len(geom.geoms) == 2
+    expected = (mask.sum()) * 16.0**2
+    assert abs(geom.area - expected) / expected < 0.05
+    assert geom.bounds[0] >= 10 * 16 - 16 and geom.bounds[2] <= 78 * 16 + 16
+    assert not geom.contains(shapely.Point(25 * 16, 25 * 16)) and geom.contains(shapely.Point(40 * 16, 40 * 16))
+    assert tissue_annotation(np.zeros((10, 10), bool), 4.0, "x") is None

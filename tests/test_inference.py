@@ -67,3 +67,49 @@ def test_device_errors():
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+class _EquivariantOracle(torch.nn.Module):
+    """Maps that commute with flips and 90-degree rotations: per-pixel colour for the probabilities and the
+    central-difference gradient of a box-blurred intensity as the offset vector field."""
+
+    def forward(self, x):
+        inten = x.mean(1, keepdim=True)
+        blur = torch.nn.functional.avg_pool2d(inten, 5, stride=1, padding=2, count_include_pad=False)
+        pad = torch.nn.functional.pad(blur, (1, 1, 1, 1), mode="replicate")
+        dy = (pad[:, :, 2:, 1:-1] - pad[:, :, :-2, 1:-1]) / 2
+        dx = (pad[:, :, 1:-1, 2:] - pad[:, :, 1:-1, :-2]) / 2
+        return {"foreground": -inten * 3, "offsets": torch.cat([dy, dx], 1) * 20, "centers": -blur * 2}
+
+
+def test_tta_equals_plain_for_an_equivariant_model(nuclei):
+    from pronet_wsi.inference import InferenceConfig, Predictor
+    from pronet_wsi.model import ModelBundle, ModelConfig
+    from pronet_wsi.postprocess import PostprocessConfig
+
+    image = nuclei[0][:200, :232]  # not square: rotated views have the other shape
+    bundle = ModelBundle(_EquivariantOracle(), ModelConfig(width=0.0625), PostprocessConfig())
+    plain = Predictor(bundle, InferenceConfig(amp="off")).predict_image(image)
+    tta = Predictor(bundle, InferenceConfig(amp="off", tta=True)).predict_image(image)
+    assert np.abs(plain["offsets"]).max() > 1  # the vector field is not trivial
+    for k in plain:
+        np.testing.assert_allclose(tta[k], plain[k], atol=1e-4)
+
+
+def test_tta_averages_views_of_a_real_network(nuclei):
+    from pronet_wsi.inference import InferenceConfig, Predictor
+    from pronet_wsi.model import ModelBundle, ModelConfig, PRONet
+    from pronet_wsi.postprocess import PostprocessConfig
+
+    torch.manual_seed(0)
+    net = PRONet(ModelConfig(width=0.0625)).eval()
+    bundle = ModelBundle(net, net.config, PostprocessConfig())
+    image = nuclei[0][:128, :128]
+    plain = Predictor(bundle, InferenceConfig(amp="off")).predict_image(image)
+    tta = Predictor(bundle, InferenceConfig(amp="off", tta=True)).predict_image(image)
+    assert not np.allclose(tta["foreground"], plain["foreground"])  # a random net is not equivariant
+    mirrored = np.ascontiguousarray(image[:, ::-1])
+    flipped = Predictor(bundle, InferenceConfig(amp="off", tta=True)).predict_image(mirrored)
+    np.testing.assert_allclose(flipped["foreground"][:, ::-1], tta["foreground"], atol=1e-4)
+    np.testing.assert_allclose(flipped["offsets"][0][:, ::-1], tta["offsets"][0], atol=1e-3)
+    np.testing.assert_allclose(-flipped["offsets"][1][:, ::-1], tta["offsets"][1], atol=1e-3)

@@ -118,3 +118,27 @@ def test_masks_select_and_geometry_text_round_trip():
 def test_empty_tile():
     inst = instances_of(np.zeros((50, 50), np.uint32))
     assert len(inst) == 0 and inst.offsets.tolist() == [0]
+
+
+def test_rounded_rings_stay_valid():
+    """Rounding to 0.01 px can make a thin outline touch itself; what is written must still be valid."""
+    import shapely
+
+    from pronet_wsi.instances import valid_rounded_ring
+
+    rng = np.random.default_rng(0)
+    sliver = np.array([[0, 0], [10, 0.001], [20, 0], [10, 0.004], [0, 0]], float)
+    rings = [sliver]
+    for _ in range(300):  # thin random star shapes whose vertices nearly meet after rounding
+        t = np.sort(rng.uniform(0, 2 * np.pi, 7))
+        r = rng.uniform(0.001, 0.02, 7)
+        ring = np.stack([np.cos(t) * r, np.sin(t) * r], 1) + rng.uniform(0, 100, 2)
+        rings.append(np.vstack([ring, ring[:1]]))
+    n_invalid_before = sum(not shapely.Polygon(np.round(r, 2)).is_valid for r in rings)
+    assert n_invalid_before > 10
+    for r in rings:
+        out = valid_rounded_ring(r)
+        assert np.array_equal(out, np.round(out, 2))
+        assert shapely.Polygon(out).is_valid and shapely.Polygon(out).area > 0
+    ok = np.array([[0, 0], [5.004, 0], [5, 5], [0, 5], [0, 0]], float)
+    assert np.array_equal(valid_rounded_ring(ok), np.round(ok, 2))

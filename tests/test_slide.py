@@ -109,3 +109,15 @@ def test_real_slides(slides_dir):
     with open_slide(tcga, mpp=0.25) as s:
         assert s.level_count == 2 and s.level_downsamples[1] == pytest.approx(2.0005, abs=1e-4)
         assert s.read_box(Box(0, 0, 4443, 3567), (64, 64)).shape == (64, 64, 3)
+
+
+def test_bounds_from_properties_for_both_backends():
+    from pronet_wsi.slide import _bounds
+
+    for prefix in ("openslide", "tiffslide"):
+        props = {f"{prefix}.bounds-x": "100", f"{prefix}.bounds-y": "50", f"{prefix}.bounds-width": "300",
+                 f"{prefix}.bounds-height": "200"}
+        b = _bounds(props, prefix, (1000, 800))
+        assert (b.x0, b.y0, b.x1, b.y1) == (100, 50, 400, 250)
+        b = _bounds({}, prefix, (1000, 800))
+        assert (b.x0, b.y0, b.x1, b.y1) == (0, 0, 1000, 800)

@@ -124,7 +124,7 @@ def check_qupath_geojson(fc: dict, shape_hw: tuple[int, int] | None = None) -> i
         assert set(cls) == {"name", "color"} and cls["name"] == "Nucleus"
         assert len(cls["color"]) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in cls["color"])
         meas = props["measurements"]
-        assert set(meas) == {"area_um2", "area_px", "center_score", "foreground_mean"}
+        assert set(meas) == {"Area µm^2", "Area px^2", "Center score", "Foreground probability"}
         assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in meas.values())
         geom = f["geometry"]
         assert geom["type"] == "Polygon" and len(geom["coordinates"]) == 1

@@ -24,18 +24,34 @@ from pronet_wsi.training.targets import center_heatmap
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Random crop (always), flips + 90-degree rotations, random rescale, mild colour jitter."""
+    """Random crop (always), flips + 90-degree rotations, random rescale, colour and stain jitter, 20x blur.
+
+    hed_scale, hed_shift : per-patch stain jitter in hematoxylin-eosin-DAB optical density (each channel
+        multiplied by 1 +- hed_scale and shifted by +- hed_shift), the variation between labs and scanners.
+    lowres_prob, lowres_range : with this probability the patch is shrunk by a factor in the range and
+        enlarged back, which is what a 20x (0.5 um/px) slide looks like once resampled to a 40x model.
+    """
 
     dihedral: bool = True
     scale_range: tuple[float, float] = (0.8, 1.25)
     gain: float = 0.08
     bias: float = 10.0
     hue_jitter: bool = True
+    hed_scale: float = 0.05
+    hed_shift: float = 0.01
+    lowres_prob: float = 0.3
+    lowres_range: tuple[float, float] = (1.6, 2.4)
 
     def __post_init__(self) -> None:
         lo, hi = self.scale_range
         if not 0.25 <= lo <= hi <= 4.0:
             raise ValueError(f"scale_range={self.scale_range}: need 0.25 <= min <= max <= 4")
+        if not 0.0 <= self.lowres_prob <= 1.0:
+            raise ValueError(f"lowres_prob={self.lowres_prob}: must be in [0, 1]")
+        if not 1.0 <= self.lowres_range[0] <= self.lowres_range[1] <= 8.0:
+            raise ValueError(f"lowres_range={self.lowres_range}: need 1 <= min <= max <= 8")
+        if not (0.0 <= self.hed_scale < 1.0 and self.hed_shift >= 0.0):
+            raise ValueError(f"hed_scale={self.hed_scale}, hed_shift={self.hed_shift}: need 0 <= scale < 1, shift >= 0")
 
 
 @dataclass
@@ -71,8 +87,8 @@ def find_points_file(points_dir: Path, stem: str) -> Path | None:
 
 
 def load_items(images: str | Path, points: str | Path | None = None, labels: str | Path | None = None,
-               names: list[str] | None = None, shift: tuple[float, float] | None = None, seed: int = 0
-               ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+               names: list[str] | None = None, shift: tuple[float, float] | None = None, seed: int = 0,
+               drop_outside: bool = False) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Read (name, image, points_xy) for every image in a folder.
 
     Points come from ``points`` (a folder of ``<stem>.csv`` / ``<stem>.geojson``) or are derived from
@@ -110,7 +126,8 @@ def load_items(images: str | Path, points: str | Path | None = None, labels: str
             if pf is None:
                 continue
             pts = points_io.read_points(pf)
-        pts, _ = points_io.clip_points(pts, image.shape[:2], source=str(path))
+        pts, _ = points_io.clip_points(pts, image.shape[:2], drop_outside=drop_outside,
+                                       source=str(pf) if labels is None else str(path))
         if len(pts) == 0:
             continue
         items.append((path.stem, image, pts))
@@ -152,19 +169,24 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def __init__(self, samples: list[Sample], patch_px: int, patches_per_image: int, radius_px: float,
                  mean: tuple[float, ...], std: tuple[float, ...], augment: AugmentConfig = AugmentConfig(),
-                 seed: int = 0) -> None:
+                 seed: int = 0, by_area: bool = False) -> None:
         self.samples, self.patch_px, self.ppi = samples, patch_px, patches_per_image
+        if by_area:
+            counts = [max(1, round(patches_per_image * s.image.shape[0] * s.image.shape[1] / 1e6)) for s in samples]
+            self.index = np.repeat(np.arange(len(samples)), counts)
+        else:
+            self.index = np.tile(np.arange(len(samples)), patches_per_image)
         self.radius_px, self.augment, self.seed = radius_px, augment, seed
         self.mean = np.asarray(mean, np.float32) * 255
         self.std = np.asarray(std, np.float32) * 255
         self.epoch = 0
 
     def __len__(self) -> int:
-        return len(self.samples) * self.ppi
+        return len(self.index)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        s = self.samples[i % len(self.samples)]
+        s = self.samples[self.index[i]]
         return make_patch(s, rng, self.patch_px, self.radius_px, self.augment, self.mean, self.std)
 
 
@@ -193,9 +215,8 @@ def make_patch(s: Sample, rng: np.random.Generator, patch_px: int, radius_px: fl
         k, flip = int(rng.integers(4)), bool(rng.integers(2))
         img, voronoi, cluster, cells, pred = (_dihedral(a, k, flip) for a in (img, voronoi, cluster, cells, pred))
         pts_rc = _dihedral_points(pts_rc, k, flip, patch_px)
-    img = img.astype(np.float32)
-    img = img * (1 + rng.uniform(-aug.gain, aug.gain, 3)) + rng.uniform(-aug.bias, aug.bias, 3)
-    img = ((np.clip(img, 0, 255) - mean) / std).astype(np.float32)
+    img = jitter_colour(img, rng, aug)
+    img = ((img - mean) / std).astype(np.float32)
     inside = (pts_rc >= -0.5).all(1) & (pts_rc < patch_px - 0.5).all(1)
     heat = center_heatmap(pts_rc[inside], (patch_px, patch_px), radius_px)
     mask = pred & (cells >= 0)
@@ -212,6 +233,27 @@ def make_patch(s: Sample, rng: np.random.Generator, patch_px: int, radius_px: fl
         "offsets": torch.from_numpy(offsets),
         "offset_mask": torch.from_numpy(np.ascontiguousarray(mask)),
     }
+
+
+def jitter_colour(img: np.ndarray, rng: np.random.Generator, aug: AugmentConfig) -> np.ndarray:
+    """Stain (HED), gain/bias and 20x-blur jitter of an RGB uint8 patch -> float32 0-255; geometry unchanged."""
+    out = img.astype(np.float32)
+    if aug.hed_scale or aug.hed_shift:
+        from skimage.color import hed2rgb, rgb2hed
+
+        hed = rgb2hed(img)
+        hed = hed * (1 + rng.uniform(-aug.hed_scale, aug.hed_scale, 3)) + rng.uniform(-aug.hed_shift,
+                                                                                      aug.hed_shift, 3)
+        out = (hed2rgb(hed) * 255).astype(np.float32)
+    out = out * (1 + rng.uniform(-aug.gain, aug.gain, 3)) + rng.uniform(-aug.bias, aug.bias, 3)
+    out = np.clip(out, 0, 255)
+    if aug.lowres_prob and rng.random() < aug.lowres_prob:
+        f = float(rng.uniform(*aug.lowres_range))
+        t = torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))[None]
+        small = torch.nn.functional.interpolate(t, scale_factor=1 / f, mode="bilinear", antialias=True)
+        out = torch.nn.functional.interpolate(small, size=out.shape[:2], mode="bilinear")[0].numpy()
+        out = np.ascontiguousarray(out.transpose(1, 2, 0))
+    return out
 
 
 def _resize(a: np.ndarray, size: int, order: int) -> np.ndarray:
@@ -257,7 +299,7 @@ def load_val_items(images: str | Path, labels: str | Path, names: list[str] | No
 
 
 def load_slide_items(slide_path: str | Path, points_path: str | Path, mpp: float, slide_mpp: float | None = None,
-                     region_px: int = 1024) -> list[tuple[str, np.ndarray, np.ndarray]]:
+                     region_px: int = 1024, drop_outside: bool = False) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Training regions cut from a whole-slide image around QuPath point annotations.
 
     The slide is read at the model's ``mpp`` in ``region_px`` squares on a grid over the points' bounding box;
@@ -271,7 +313,7 @@ def load_slide_items(slide_path: str | Path, points_path: str | Path, mpp: float
         raise InputError(f"{points_path}: no points; annotate nuclei as points in QuPath and export them")
     items = []
     with open_slide(slide_path, mpp=slide_mpp) as slide:
-        pts, _ = points_io.clip_points(pts, slide.shape, source=str(points_path))
+        pts, _ = points_io.clip_points(pts, slide.shape, drop_outside=drop_outside, source=str(points_path))
         scale = slide.mpp / mpp  # model px per level-0 px
         step0 = region_px / scale
         gx = np.floor((pts[:, 0] - pts[:, 0].min()) / step0).astype(int)

@@ -10,6 +10,8 @@ import csv
 import json
 import logging
 import math
+import os
+import pickle
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 from pronet_wsi.errors import InputError
 from pronet_wsi.inference import InferenceConfig, Predictor
 from pronet_wsi.metrics import evaluate_image, mean_scores
-from pronet_wsi.model import ModelBundle, ModelConfig, PRONet, save_model
+from pronet_wsi.model import ModelBundle, ModelConfig, PRONet, load_model, resolve_model_dir, save_model
 from pronet_wsi.postprocess import PostprocessConfig, postprocess
 from pronet_wsi.training.dataset import AugmentConfig, PatchDataset, Sample, channel_stats, prepare_samples
 from pronet_wsi.training.losses import LossConfig, pronet_loss
@@ -33,26 +35,35 @@ CHECKPOINT = "checkpoint.pt"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run needs; defaults are the paper's (150 epochs, Adam 1e-4, wd 3e-2, batch 4).
+    """Everything a training run needs. The defaults are the ``cpu`` recipe, the one that made the shipped
+    model's first stage (width 0.25, Adam 1e-3 with a cosine, 120 epochs); see :data:`RECIPES` for the paper's
+    and :data:`FINE_TUNE` for what changes when a run starts from a trained model (``init``).
+
+    ``offset_start_epoch`` / ``refine_start_epoch`` default to the paper's 20 / 30 of 150 epochs, scaled to
+    ``epochs``. Without offsets (``use_offsets=False``) the saved model groups pixels by nearest centre.
 
     use_offsets / use_refinement switch the paper's modules off for the ablation; ``grouping`` is the
     post-processing the saved model uses. ``max_minutes`` stops early (the model is still written).
     ``tune_min_areas``: minimum nucleus areas (px) the threshold search on the validation images tries.
+    ``init``: a model folder (or "default", the shipped model) whose weights, width, mpp and normalisation the
+    run starts from. ``predict_every``: epochs between the full-image predictions that give the offset targets
+    and the E-step (they cost a forward pass over every training image). ``patches_by_area``: patches per image
+    scale with its area (``patches_per_image`` per megapixel, at least one), so small crops are not oversampled.
     """
 
-    epochs: int = 150
+    epochs: int = 120
     batch_size: int = 4
-    lr: float = 1e-4
-    weight_decay: float = 3e-2
-    schedule: str = "constant"
-    warmup_epochs: int = 0
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    warmup_epochs: int = 1
     patch_px: int = 256
     patches_per_image: int = 16
-    width: float = 1.0
+    width: float = 0.25
     mpp: float = 0.25
     radius_px: float = 8.0
-    offset_start_epoch: int = 20
-    refine_start_epoch: int = 30
+    offset_start_epoch: int | None = None
+    refine_start_epoch: int | None = None
     use_offsets: bool = True
     use_refinement: bool = True
     grouping: str = "offsets"
@@ -64,6 +75,9 @@ class TrainConfig:
     val_every: int = 5
     tune_thresholds: bool = True
     tune_min_areas: tuple[int, ...] = (10, 20, 40, 80)
+    init: str | None = None
+    predict_every: int = 1
+    patches_by_area: bool = True
     pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
@@ -76,11 +90,31 @@ class TrainConfig:
             raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule={self.schedule!r}: must be constant or cosine")
+        if self.offset_start_epoch is None:
+            object.__setattr__(self, "offset_start_epoch", round(self.epochs * 20 / 150))
+        if self.refine_start_epoch is None:
+            object.__setattr__(self, "refine_start_epoch", round(self.epochs * 30 / 150))
+        if not self.use_offsets and self.grouping == "offsets":  # an untrained offset head must not group
+            object.__setattr__(self, "grouping", "nearest_center")
+        if self.predict_every < 1:
+            raise ValueError(f"predict_every={self.predict_every}: must be >= 1")
         if self.patch_px < 64 or self.patch_px % 16:
             raise ValueError(f"patch_px={self.patch_px}: must be a multiple of 16 and >= 64")
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def recipe(cls, name: str = "cpu", **overrides) -> TrainConfig:
+        """The named recipe (:data:`RECIPES`), with :data:`FINE_TUNE` when ``init`` is given, then ``overrides``
+        (None values are ignored, so CLI options left unset keep the recipe's value)."""
+        if name not in RECIPES:
+            raise InputError(f"--recipe {name}: unknown; choose one of {', '.join(RECIPES)}")
+        values = dict(RECIPES[name])
+        if overrides.get("init"):
+            values.update(FINE_TUNE)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
 
     @classmethod
     def from_json(cls, raw: dict) -> TrainConfig:
@@ -89,11 +123,25 @@ class TrainConfig:
         raw["loss"] = LossConfig(**raw["loss"])
         raw["refine"] = RefineConfig(**raw["refine"])
         aug = dict(raw["augment"])
-        aug["scale_range"] = tuple(aug["scale_range"])
+        for key in ("scale_range", "lowres_range"):
+            if key in aug:
+                aug[key] = tuple(aug[key])
         raw["augment"] = AugmentConfig(**aug)
         if "tune_min_areas" in raw:
             raw["tune_min_areas"] = tuple(raw["tune_min_areas"])
         return cls(**raw)
+
+
+RECIPES: dict[str, dict] = {
+    "cpu": {},  # the TrainConfig defaults
+    "paper": dict(epochs=150, lr=1e-4, weight_decay=3e-2, schedule="constant", warmup_epochs=0, width=1.0,
+                  patches_by_area=False),
+}
+# Starting from a trained model (--init): a lower rate without warm-up, offsets and refinement from the start
+# (the model already finds nuclei), the full-image predictions every 3rd epoch (they cost a forward pass over
+# every image). Used for the shipped model's second stage (models/pronet-monuseg/MODEL_CARD.md).
+FINE_TUNE: dict = dict(lr=5e-4, warmup_epochs=0, offset_start_epoch=0, refine_start_epoch=0, predict_every=3,
+                       epochs=40)
 
 
 def _lr_factor(config: TrainConfig, epoch: int, minutes: float = 0.0) -> float:
@@ -138,10 +186,22 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
     (work / "train_config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
 
     samples = prepare_samples(train_items, config.pseudo, work / "cache")
-    mean, std = channel_stats(samples)
-    mcfg = ModelConfig(width=config.width, mpp=config.mpp, mean=mean, std=std, center_radius_px=config.radius_px)
-    model = PRONet(mcfg)
-    thresholds = PostprocessConfig(grouping=config.grouping)
+    if config.init:
+        start = load_model(resolve_model_dir(None if config.init == "default" else config.init))
+        if abs(start.config.mpp - config.mpp) > 1e-6:
+            raise InputError(f"--init {config.init}: the model works at {start.config.mpp} um/px but the training "
+                             f"images are read at {config.mpp}; give --mpp {start.config.mpp} or start from scratch")
+        mcfg = replace(start.config, extra={})
+        model = PRONet(mcfg)
+        model.load_state_dict(start.model.state_dict())
+        mean, std = mcfg.mean, mcfg.std
+        thresholds = replace(start.thresholds, grouping=config.grouping)
+    else:
+        mean, std = channel_stats(samples)
+        mcfg = ModelConfig(width=config.width, mpp=config.mpp, mean=mean, std=std,
+                           center_radius_px=config.radius_px)
+        model = PRONet(mcfg)
+        thresholds = PostprocessConfig(grouping=config.grouping)
     bundle = ModelBundle(model, mcfg, thresholds)
     predictor = Predictor(bundle, InferenceConfig(device=config.device, amp=config.amp))
     device = predictor.device
@@ -149,15 +209,18 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     start_epoch, elapsed0 = 0, 0.0
     if resume:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(ckpt_path)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if len(state["points"]) != len(samples):
+            raise InputError(f"{ckpt_path}: saved for {len(state['points'])} images, this run has {len(samples)}; "
+                             "resume with the same images or start a new -o")
         for s, pts in zip(samples, state["points"], strict=True):
-            s.points_xy = np.asarray(pts)
+            s.points_xy = pts.numpy().astype(np.float64)
         start_epoch, elapsed0 = state["epoch"] + 1, state["elapsed_s"]
         log.info("resumed from epoch %d", start_epoch)
-    dataset = PatchDataset(samples, config.patch_px, config.patches_per_image, config.radius_px, mean, std,
-                           config.augment, config.seed)
+    dataset = PatchDataset(samples, config.patch_px, config.patches_per_image, mcfg.center_radius_px, mean, std,
+                           config.augment, config.seed, by_area=config.patches_by_area)
     log_path = work / "log.csv"
     fields = ["epoch", "minutes", "lr", "loss", "voronoi", "cluster", "center", "offset", "mean_movement",
               "val_object_dice", "val_aji"]
@@ -175,7 +238,8 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
         refine = config.use_offsets and config.use_refinement and epoch >= config.refine_start_epoch
         movement = float("nan")
         t_epoch = time.monotonic()
-        if use_offsets or refine:
+        if (use_offsets or refine) and ((epoch - start_epoch) % config.predict_every == 0
+                                        or any(s.pred_mask is None for s in samples)):
             maps = _predict_full(predictor, [s.image for s in samples])
             moves = []
             for s, m in zip(samples, maps, strict=True):
@@ -244,11 +308,27 @@ def _progress(total: int, done: int, enabled: bool):
 
 
 def _save_checkpoint(path: Path, model, opt, samples: list[Sample], epoch: int, elapsed_s: float) -> None:
+    """Tensors and plain types only, so :func:`load_checkpoint` never unpickles code."""
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "elapsed_s": elapsed_s,
-             "points": [s.points_xy for s in samples]}
+             "points": [torch.from_numpy(np.asarray(s.points_xy, np.float64)) for s in samples]}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
     tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint, loaded with ``weights_only=True``: a crafted file cannot run code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "elapsed_s", "points"} <= set(state):
+            raise ValueError("not a pronet-wsi training checkpoint")
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: unreadable checkpoint ({msg[:160]}); start a new run without --resume, "
+                         "or delete the file") from exc
+    return state
 
 
 def _write_points(work: Path, samples: list[Sample]) -> None:

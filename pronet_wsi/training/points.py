@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from pronet_wsi.errors import InputError
-from pronet_wsi.images import atomic_write
+from pronet_wsi.files import atomic_write
 
 CSV_SUFFIXES = (".csv",)
 GEOJSON_SUFFIXES = (".geojson", ".json")
@@ -105,8 +105,9 @@ def write_points_csv(path: str | os.PathLike, points_xy: np.ndarray) -> None:
 def read_points_geojson(path: str | os.PathLike) -> np.ndarray:
     """Read Point / MultiPoint features (QuPath's export of point annotations), level-0 px coordinates.
 
-    Accepts a FeatureCollection, a single Feature, a bare geometry or a list of Features. Any other geometry
-    type is an error naming the feature, because it is usually the wrong export (cells instead of points).
+    Accepts a FeatureCollection, a single Feature, a bare geometry or a list of Features. Polygon annotations
+    (regions exported with the points) are skipped; any other geometry type is an error naming the feature,
+    because it is usually the wrong export (cells instead of points).
     """
     path = Path(path)
     try:
@@ -137,6 +138,9 @@ def _feature_points(path: Path, i: int, feature: object) -> list[list[float]]:
     geometry = feature["geometry"]
     kind = geometry.get("type")
     coords = geometry.get("coordinates")
+    props = feature.get("properties") if isinstance(feature.get("properties"), dict) else {}
+    if kind in ("Polygon", "MultiPolygon") and props.get("objectType") == "annotation":
+        return []  # a region annotation (e.g. a `suggest` box) exported with the points, not a point
     if kind == "Point":
         coords = [coords]
     elif kind != "MultiPoint":

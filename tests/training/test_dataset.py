@@ -63,3 +63,55 @@ def test_load_items_errors(tmp_path):
         load_items(tmp_path)
     with pytest.raises(InputError, match="no images"):
         load_items(tmp_path, points=tmp_path)
+
+
+def _rotated_sample(s, k, flip):
+    n = s.image.shape[0]
+    pts_rc = _dihedral_points(s.points_xy[:, ::-1], k, flip, n)
+    return Sample("rot", np.ascontiguousarray(_dihedral(s.image, k, flip)), pts_rc[:, ::-1].copy(),
+                  *(np.ascontiguousarray(_dihedral(a, k, flip)) for a in (s.voronoi, s.cluster, s.cells)),
+                  pred_mask=np.ascontiguousarray(_dihedral(s.pred_mask, k, flip)))
+
+
+@pytest.mark.parametrize(("k", "flip"), [(1, False), (2, True), (3, False)])
+def test_sample_of_transformed_image_is_transformed_sample(nuclei, k, flip):
+    """Without random augmentation, the targets of a rotated/flipped image are the rotated/flipped targets
+    (offset vectors rotated with them). Points sit off exact half pixels: the heatmap rounds to the nearest pixel,
+    and a tie rounds to even, which no flip preserves."""
+    s = _sample(nuclei)
+    s.points_xy = s.points_xy + 0.01
+    plain = AugmentConfig(dihedral=False, scale_range=(1.0, 1.0), gain=0, bias=0, hed_scale=0, hed_shift=0,
+                          lowres_prob=0)
+    zero, one = np.zeros(3, np.float32), np.ones(3, np.float32)
+    a = make_patch(s, np.random.default_rng(0), 256, 6.0, plain, zero, one)
+    b = make_patch(_rotated_sample(s, k, flip), np.random.default_rng(0), 256, 6.0, plain, zero, one)
+    for key in ("voronoi", "cluster", "offset_mask"):
+        assert np.array_equal(_dihedral(a[key].numpy(), k, flip), b[key].numpy()), key
+    np.testing.assert_allclose(_dihedral(a["heatmap"].numpy(), k, flip), b["heatmap"].numpy(), atol=1e-5)
+    img_a = np.moveaxis(a["image"].numpy(), 0, -1)
+    np.testing.assert_allclose(_dihedral(img_a, k, flip), np.moveaxis(b["image"].numpy(), 0, -1), atol=1e-4)
+    # offsets: rotate the field's positions, then its vectors (dy, dx) -> (-dx, dy) per turn, dx -> -dx on flip
+    dy, dx = (_dihedral(c, k, flip) for c in a["offsets"].numpy())
+    # the vectors transform like the points: apply the same map to (dy, dx) as a displacement
+    for _ in range(k):
+        dy, dx = -dx, dy
+    if flip:
+        dx = -dx
+    np.testing.assert_allclose(np.stack([dy, dx]), b["offsets"].numpy(), atol=1e-4)
+
+
+def test_stain_and_lowres_jitter_keep_image_and_targets_aligned(nuclei):
+    s = _sample(nuclei)
+    aug = AugmentConfig(hed_scale=0.1, hed_shift=0.02, lowres_prob=1.0, lowres_range=(2.0, 2.5))
+    zero, one = np.zeros(3, np.float32), np.ones(3, np.float32)
+    for seed in range(4):
+        p = make_patch(s, np.random.default_rng(seed), 128, 6.0, aug, zero, one)
+        grey = p["image"].numpy().mean(0)
+        fg = p["cluster"].numpy() == 1
+        assert fg.any() and (~fg).any()
+        assert grey[fg].mean() < grey[~fg].mean() - 30  # nuclei are still where the labels say
+        assert 0 <= grey.min() and grey.max() <= 255
+    plain = make_patch(s, np.random.default_rng(0), 128, 6.0, AugmentConfig(lowres_prob=0.0), zero, one)
+    blurred = make_patch(s, np.random.default_rng(0), 128, 6.0, aug, zero, one)
+    assert np.abs(np.diff(blurred["image"].numpy(), axis=2)).mean() < np.abs(np.diff(plain["image"].numpy(),
+                                                                                       axis=2)).mean()

@@ -104,3 +104,68 @@ def test_tune_thresholds_searches_the_minimum_area():
     assert loop.tune_thresholds(predictor, items, base).min_area_px == 10  # the old grid: cannot drop it
     tuned = loop.tune_thresholds(predictor, items, base, (10, 40))
     assert tuned.min_area_px == 40
+
+
+# -- recipes and --init (no shared data needed) -------------------------------------------------------------------
+def test_recipe_defaults_are_the_dataclass_defaults(tmp_path, monkeypatch):
+    from pronet_wsi.training.loop import FINE_TUNE
+
+    assert TrainConfig.recipe() == TrainConfig()
+    assert TrainConfig().width == 0.25 and TrainConfig().offset_start_epoch == 16
+    paper = TrainConfig.recipe("paper")
+    assert (paper.width, paper.lr, paper.epochs, paper.refine_start_epoch) == (1.0, 1e-4, 150, 30)
+    tuned = TrainConfig.recipe(init="default", lr=None)
+    assert tuned.lr == FINE_TUNE["lr"] and tuned.offset_start_epoch == 0 and tuned.init == "default"
+    assert TrainConfig(use_offsets=False).grouping == "nearest_center"
+    seen = {}
+
+    def fake_train(config, items, outdir, **kw):
+        seen["config"] = config
+        return outdir
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    from PIL import Image
+
+    from pronet_wsi.synthetic import synthetic_nuclei
+    from pronet_wsi.training.points import write_points_csv
+
+    img, _, centers = synthetic_nuclei((64, 64), 4)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    write_points_csv(tmp_path / "a.csv", centers[:, ::-1])
+    res = CliRunner().invoke(main, ["train", "--images", tmp_path, "--points", tmp_path, "-o", tmp_path / "m"])
+    assert res.exit_code == 0, res.output
+    assert seen["config"] == TrainConfig()
+    res = CliRunner().invoke(main, ["train", "--images", tmp_path, "--points", tmp_path, "-o", tmp_path / "m",
+                                    "--recipe", "paper", "--epochs", "7"])
+    assert seen["config"] == TrainConfig.recipe("paper", epochs=7)
+
+
+def _synthetic_items(n: int, seed: int, colour_shift: int = 0):
+    from pronet_wsi.synthetic import synthetic_nuclei
+
+    items = []
+    for i in range(n):
+        img, _, centers = synthetic_nuclei((128, 128), 14, seed=seed + i)
+        img = np.clip(img.astype(int) + colour_shift, 0, 255).astype(np.uint8)
+        items.append((f"s{seed + i}", img, centers[:, ::-1].astype(float)))
+    return items
+
+
+def test_init_round_trip_keeps_mpp_and_normalisation(tmp_path):
+    base = TrainConfig(epochs=2, width=0.0625, patch_px=96, patches_per_image=40, batch_size=2, val_every=9,
+                       tune_thresholds=False, num_threads=1)
+    first = train(base, _synthetic_items(2, 0), tmp_path / "a", progress=False)
+    a = load_model(first)
+    tuned_cfg = TrainConfig.recipe(init=str(first), epochs=3, width=0.0625, patch_px=96, patches_per_image=40,
+                                   batch_size=2, tune_thresholds=False, num_threads=1)
+    second = train(tuned_cfg, _synthetic_items(2, 10, colour_shift=25), tmp_path / "b", progress=False)
+    b = load_model(second)
+    assert b.config.mean == a.config.mean and b.config.std == a.config.std and b.config.mpp == a.config.mpp
+    assert b.config.width == a.config.width
+    wa, wb = a.model.state_dict(), b.model.state_dict()
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+    rows = list(csv.DictReader(open(second / "train" / "log.csv")))
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])  # a short fine-tune on new data lowers the loss
+    with pytest.raises(InputError, match="um/px"):
+        train(TrainConfig.recipe(init=str(first), mpp=0.5, epochs=1), _synthetic_items(1, 20), tmp_path / "c",
+              progress=False)

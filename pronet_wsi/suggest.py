@@ -1,0 +1,183 @@
+"""Where should a pathologist click? Boxes of a slide where the model is least reliable, for QuPath.
+
+Candidate boxes are spread over the tissue; each is read at the model's resolution and run twice, as it is and
+mirrored. A box scores high when the two views disagree on the foreground (``flip disagreement``) and when much
+of its foreground is neither clearly nucleus nor clearly background (``uncertain foreground``); both are
+measured without labels. The picks rotate over tissue types (k-means on the boxes' mean colour) and keep apart,
+so the clicks teach the model something new everywhere. Inside each box the model's nuclei centres are written
+as one Points annotation: correcting them (move, delete, add) is faster than clicking from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pronet_wsi.files import atomic_bytes
+
+REGION_CLASS = {"name": "Click here", "color": [250, 200, 0]}
+POINTS_CLASS = {"name": "Nucleus", "color": [220, 50, 50]}
+_NS = uuid.UUID("2b0a3c55-8f43-4d0e-9a59-0f6d2c2b7e11")
+
+
+@dataclass(frozen=True)
+class SuggestConfig:
+    """regions : boxes to propose. region_um : their side in um. candidates : boxes scored per slide.
+    groups : tissue types the picks rotate over. min_gap : least distance between picks, in box sides."""
+
+    regions: int = 20
+    region_um: float = 100.0
+    candidates: int = 160
+    groups: int = 4
+    min_gap: float = 1.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.regions < 1 or self.candidates < self.regions:
+            raise ValueError(f"regions={self.regions}, candidates={self.candidates}: need 1 <= regions <= "
+                             "candidates")
+        if not 10 <= self.region_um <= 2000:
+            raise ValueError(f"region_um={self.region_um}: must be between 10 and 2000 um")
+
+
+def box_unreliability(plain: dict[str, np.ndarray], mirrored: dict[str, np.ndarray]) -> dict[str, float]:
+    """Label-free unreliability of one box from its maps and the maps of its mirror image (mirrored back).
+
+    ``flip_disagreement``: mean |p - p'| of the foreground probability where either view sees foreground;
+    ``uncertain``: fraction of that area with 0.3 < p < 0.7; ``score`` = their sum (0 = sure and consistent).
+    """
+    p, q = plain["foreground"], mirrored["foreground"]
+    area = (p > 0.3) | (q > 0.3)
+    if not area.any():
+        return {"flip_disagreement": 0.0, "uncertain": 0.0, "score": 0.0}
+    dis = float(np.abs(p - q)[area].mean())
+    unc = float(((p > 0.3) & (p < 0.7))[area].mean())
+    return {"flip_disagreement": dis, "uncertain": unc, "score": dis + unc}
+
+
+def candidate_centres(mask: np.ndarray, downsample: float, n: int) -> np.ndarray:
+    """About ``n`` level-0 (x, y) points spread evenly over the tissue of ``mask`` (a thumbnail mask)."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return np.zeros((0, 2))
+    step = max(1.0, float(np.sqrt(len(xs) / n)))
+    cells: dict[tuple[int, int], list[int]] = {}
+    for i, key in enumerate(zip((ys // step).astype(int).tolist(), (xs // step).astype(int).tolist(), strict=True)):
+        cells.setdefault(key, []).append(i)
+    centres = []
+    for idx in cells.values():  # the tissue pixel nearest each grid cell's tissue mean
+        cy, cx = ys[idx].mean(), xs[idx].mean()
+        j = idx[int(np.argmin((ys[idx] - cy) ** 2 + (xs[idx] - cx) ** 2))]
+        centres.append(((xs[j] + 0.5) * downsample, (ys[j] + 0.5) * downsample))
+    return np.array(centres, np.float64)
+
+
+def choose_boxes(scores: np.ndarray, centres_xy: np.ndarray, groups: np.ndarray, n: int, min_dist: float
+                 ) -> list[int]:
+    """Indices of up to ``n`` boxes: highest score first, rotating over ``groups``, at least ``min_dist`` apart."""
+    order = {g: [int(i) for i in np.argsort(-scores, kind="stable") if groups[i] == g] for g in np.unique(groups)}
+    ranked_groups = sorted(order, key=lambda g: -scores[order[g][0]])
+    chosen: list[int] = []
+    while len(chosen) < n and any(order.values()):
+        for g in ranked_groups:
+            while order[g]:
+                i = order[g].pop(0)
+                if all(np.hypot(*(centres_xy[i] - centres_xy[j])) >= min_dist for j in chosen):
+                    chosen.append(i)
+                    break
+            if len(chosen) == n:
+                break
+    return chosen
+
+
+def _colour_groups(colours: np.ndarray, k: int, seed: int) -> np.ndarray:
+    k = min(k, len(colours))
+    if k <= 1:
+        return np.zeros(len(colours), int)
+    from sklearn.cluster import KMeans
+
+    return KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(colours)
+
+
+def suggest_slide(slide_path: str | Path, out_path: str | Path, predictor, config: SuggestConfig = SuggestConfig(),
+                  *, backend: str = "auto", mpp: float | None = None, batch_size: int = 4) -> dict:
+    """Score candidate boxes of one slide and write ``out_path`` (QuPath GeoJSON). Returns a summary dict."""
+    from pronet_wsi.geometry import Box, check_scale
+    from pronet_wsi.postprocess import postprocess
+    from pronet_wsi.slide import open_slide
+    from pronet_wsi.tissue import tissue_mask
+
+    slide_path = Path(slide_path)
+    with open_slide(slide_path, backend, mpp) as slide:
+        check_scale(slide.mpp, predictor.mpp, f"{slide_path} ({slide.mpp_source})")
+        thumb, ds = slide.thumbnail(2048)
+        mask = tissue_mask(thumb, ds * slide.mpp)
+        side0 = config.region_um / slide.mpp  # level-0 px
+        side = int(round(config.region_um / predictor.mpp))  # model px
+        h, w = slide.shape
+        centres = candidate_centres(mask, ds, config.candidates)
+        centres = np.clip(centres, side0 / 2, [max(w - side0 / 2, side0 / 2), max(h - side0 / 2, side0 / 2)])
+        boxes = [Box(x - side0 / 2, y - side0 / 2, x + side0 / 2, y + side0 / 2) for x, y in centres]
+        scores, colours, maps_plain = [], [], []
+        for start in range(0, len(boxes), batch_size):
+            tiles = np.stack([slide.read_box(b, (side, side)) for b in boxes[start:start + batch_size]])
+            views = predictor.predict_batch(np.concatenate([tiles, tiles[:, :, ::-1]]))
+            m = len(tiles)
+            for j in range(m):
+                plain = {k: v[j] for k, v in views.items()}
+                back = {"foreground": views["foreground"][m + j][:, ::-1]}
+                scores.append(box_unreliability(plain, back))
+                colours.append(tiles[j].reshape(-1, 3).mean(0))
+                maps_plain.append(plain)
+    if not boxes:
+        _write(out_path, [])
+        return {"slide": str(slide_path), "regions": 0, "candidates": 0}
+    total = np.array([s["score"] for s in scores])
+    groups = _colour_groups(np.array(colours), config.groups, config.seed)
+    picks = choose_boxes(total, centres, groups, config.regions, config.min_gap * side0)
+    features = []
+    for rank, i in enumerate(picks, start=1):
+        b, s = boxes[i], scores[i]
+        seg = postprocess(maps_plain[i], predictor.postprocess_config)
+        scale = side0 / side
+        pts = np.column_stack([b.x0 + (seg.centers_rc[:, 1] + 0.5) * scale - 0.5,
+                               b.y0 + (seg.centers_rc[:, 0] + 0.5) * scale - 0.5]) if len(seg.centers_rc) else \
+            np.zeros((0, 2))
+        reason = "the mirrored view disagrees" if s["flip_disagreement"] >= s["uncertain"] else \
+            "foreground is uncertain"
+        features.append(_rectangle(f"{slide_path.stem}/{rank}", b, rank, reason, s, int(groups[i])))
+        if len(pts):
+            features.append(_points(f"{slide_path.stem}/{rank}/points", pts, rank))
+    _write(out_path, features)
+    return {"slide": str(slide_path), "regions": len(picks), "candidates": len(boxes),
+            "mean_score_chosen": float(total[picks].mean()) if picks else 0.0,
+            "mean_score_all": float(total.mean())}
+
+
+def _rectangle(key: str, b, rank: int, reason: str, s: dict, group: int) -> dict:
+    ring = [[round(x, 2), round(y, 2)] for x, y in ((b.x0, b.y0), (b.x1, b.y0), (b.x1, b.y1), (b.x0, b.y1),
+                                                    (b.x0, b.y0))]
+    return {"type": "Feature", "id": str(uuid.uuid5(_NS, key)), "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {"objectType": "annotation", "name": f"#{rank}: {reason}", "classification": REGION_CLASS,
+                           "isLocked": False,
+                           "measurements": {"Rank": rank, "Unreliability": round(s["score"], 4),
+                                            "Flip disagreement": round(s["flip_disagreement"], 4),
+                                            "Uncertain foreground": round(s["uncertain"], 4),
+                                            "Tissue type": group}}}
+
+
+def _points(key: str, pts: np.ndarray, rank: int) -> dict:
+    return {"type": "Feature", "id": str(uuid.uuid5(_NS, key)),
+            "geometry": {"type": "MultiPoint", "coordinates": [[round(float(x), 2), round(float(y), 2)]
+                                                               for x, y in pts]},
+            "properties": {"objectType": "annotation", "name": f"#{rank}: model nuclei (correct me)",
+                           "classification": POINTS_CLASS, "isLocked": False}}
+
+
+def _write(path: str | Path, features: list[dict]) -> None:
+    text = json.dumps({"type": "FeatureCollection", "features": features}, ensure_ascii=False)
+    atomic_bytes(Path(path), (text + "\n").encode())

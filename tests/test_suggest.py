@@ -1,0 +1,66 @@
+"""`suggest`: unreliable boxes for QuPath, spread out, readable back by `train`."""
+
+import json
+
+import numpy as np
+import shapely
+from click.testing import CliRunner
+from wsi_fakes import small_slide, tiny_model_dir
+
+from pronet_wsi.cli import main
+from pronet_wsi.suggest import box_unreliability, candidate_centres, choose_boxes
+from pronet_wsi.training.points import read_points
+
+
+def test_unreliability_is_zero_for_sure_consistent_maps_and_high_otherwise():
+    sure = np.zeros((32, 32), np.float32)
+    sure[8:16, 8:16] = 0.99
+    assert box_unreliability({"foreground": sure}, {"foreground": sure})["score"] < 0.02
+    unsure = sure * 0.5
+    shifted = np.roll(sure, 6, axis=1)
+    assert box_unreliability({"foreground": unsure}, {"foreground": unsure})["uncertain"] > 0.9
+    assert box_unreliability({"foreground": sure}, {"foreground": shifted})["flip_disagreement"] > 0.4
+
+
+def test_choose_boxes_rotates_groups_and_keeps_apart():
+    centres = np.array([[0, 0], [1, 0], [10, 0], [20, 0], [30, 0]], float)
+    scores = np.array([5.0, 4.9, 1.0, 3.0, 2.0])
+    groups = np.array([0, 0, 0, 1, 1])
+    picks = choose_boxes(scores, centres, groups, 3, min_dist=2.0)
+    assert picks == [0, 3, 2] or picks[:2] == [0, 3]
+    assert 1 not in picks  # too close to box 0
+
+
+def test_candidates_cover_the_tissue():
+    mask = np.zeros((100, 100), bool)
+    mask[10:40, 10:90] = True
+    c = candidate_centres(mask, 4.0, 30)
+    assert 15 <= len(c) <= 60
+    assert (c[:, 0] >= 40).all() and (c[:, 0] <= 360).all() and (c[:, 1] >= 40).all() and (c[:, 1] <= 160).all()
+
+
+def test_suggest_cli_writes_qupath_annotations_train_can_read(tmp_path):
+    model = tiny_model_dir(tmp_path / "m", mpp=0.5)
+    slide = small_slide(tmp_path / "s.tif", side=1024, mpp=0.5)
+    res = CliRunner().invoke(main, ["suggest", str(slide), "-o", str(tmp_path / "out"), "-m", str(model),
+                                    "--regions", "5", "--region-um", "64"])
+    assert res.exit_code == 0, res.output
+    fc = json.loads((tmp_path / "out" / "s_suggest.geojson").read_text())
+    boxes = [f for f in fc["features"] if f["geometry"]["type"] == "Polygon"]
+    points = [f for f in fc["features"] if f["geometry"]["type"] == "MultiPoint"]
+    assert len(boxes) == 5 and points
+    for f in fc["features"]:
+        assert "objectType" not in f and f["properties"]["objectType"] == "annotation"
+        geom = shapely.geometry.shape(f["geometry"])
+        assert geom.is_valid
+    for b in boxes:
+        g = shapely.geometry.shape(b["geometry"])
+        assert abs(g.area - 128**2) < 1 and b["properties"]["classification"]["name"] == "Click here"
+        assert set(b["properties"]["measurements"]) >= {"Unreliability", "Rank"}
+    ranks = [b["properties"]["measurements"]["Rank"] for b in boxes]
+    assert ranks == sorted(ranks)
+    pts = read_points(tmp_path / "out" / "s_suggest.geojson")
+    assert len(pts) == sum(len(p["geometry"]["coordinates"]) for p in points)
+    inside = [any(shapely.geometry.shape(b["geometry"]).buffer(1).contains(shapely.Point(*p)) for b in boxes)
+              for p in pts]
+    assert all(inside)
