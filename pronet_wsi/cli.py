@@ -329,13 +329,16 @@ def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, eu
 @click.option("--gzip", "gzip_output", is_flag=True, help="Write <stem>.geojson.gz.")
 @click.option("--labels-zarr", is_flag=True, help="Also write the instance label image as <stem>_labels.zarr.")
 @click.option("--no-tissue-mask", is_flag=True, help="Process the whole slide, glass included.")
+@click.option("--tissue-annotation", is_flag=True,
+              help="Also write <stem>_tissue.geojson: the tissue region as a QuPath annotation (import it with the "
+                   "nuclei; Resolve hierarchy then puts them under it).")
 @click.option("--overwrite", is_flag=True, help="Redo slides whose output already exists.")
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation: average the 8 flips/rotations (8x the model time; see RESULTS.md).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, halo_px, batch_size, device, workers,
-            scheduler, gzip_output, labels_zarr, no_tissue_mask, overwrite, tta, quiet) -> None:
+            scheduler, gzip_output, labels_zarr, no_tissue_mask, tissue_annotation, overwrite, tta, quiet) -> None:
     """Segment nuclei in whole slides: one QuPath GeoJSON of detections per slide.
 
     SLIDES are files or quoted glob patterns ("slides/*.svs"), or give --manifest. Tiles are read at the
@@ -369,7 +372,7 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
     check_mpp_option(mpp)
     check_tile_memory(tile_px, halo_px, batch_size)
     config = SegmentConfig(tiling=TilingConfig(tile_px, halo_px), use_tissue_mask=not no_tissue_mask,
-                           batch_size=batch_size, workers=workers, gzip=gzip_output,
+                           batch_size=batch_size, workers=workers, gzip=gzip_output, tissue_geojson=tissue_annotation,
                            labels_zarr=labels_zarr, overwrite=overwrite)
     items = read_manifest(manifest) if manifest is not None else expand_inputs(slides)
     dups = duplicates(items)

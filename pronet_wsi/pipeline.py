@@ -50,6 +50,7 @@ class SegmentConfig:
 
     batch_size : tiles per model call. workers : Dask threads (0 = CPU count + 1, at most 9).
     use_tissue_mask : skip glass. gzip : write ``.geojson.gz``. labels_zarr : also write the label image.
+    tissue_geojson : also write ``<stem>_tissue.geojson``, the tissue region as a QuPath annotation.
     overwrite : redo a slide whose output exists. overlay_max_px : long side of the overlay PNG (also the
     image the tissue mask is computed on).
     """
@@ -62,6 +63,7 @@ class SegmentConfig:
     workers: int = 0
     gzip: bool = False
     labels_zarr: bool = False
+    tissue_geojson: bool = False
     overwrite: bool = False
     overlay_max_px: int = 2048
 
@@ -306,8 +308,9 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
     area_um2_sum = counts.pop("area_um2_sum")
     if plan.mask is not None:
         save_mask_png(paths["mask"], plan.mask)
-        write_tissue_geojson(paths["tissue"], tissue_annotation(plan.mask, plan.thumb_ds,
-                                                                nucleus_uuid(ids_key(plan), 0)))
+        if config.tissue_geojson:
+            write_tissue_geojson(paths["tissue"], tissue_annotation(plan.mask, plan.thumb_ds,
+                                                                    nucleus_uuid(ids_key(plan), 0)))
         tissue_mm2 = float(plan.mask.sum()) * (plan.thumb_ds * plan.slide_mpp) ** 2 / 1e6
     else:
         tissue_mm2 = plan.frame.level0_shape[0] * plan.frame.level0_shape[1] * plan.slide_mpp**2 / 1e6
@@ -328,6 +331,8 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
                                "mean_area_um2": round(area_um2_sum / counts["nuclei"], 3) if counts["nuclei"]
                                else None},
               "mpx_processed": round(mpx, 3),
+              "model_input_mpx": round(sum(t.read.area for t in plan.tiles) / 1e6, 3),
+              "tissue_mpx": round(tissue_mm2 * 1e6 / plan.model_mpp**2 / 1e6, 3),
               "timings_s": {k: round(v, 3) for k, v in timings.items()}, "warnings": warnings,
               "versions": _versions(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:

@@ -60,7 +60,7 @@ def image_png(tmp_path):
 # -- row 2: two runs on one slide ---------------------------------------------------------------------------------
 def test_second_run_does_not_harm_first(tmp_path, model_dir):
     """Two real processes on one slide: the second waits out (locked) or skips; the first's output survives."""
-    slide = small_slide(tmp_path / "s.tif", side=2048, mpp=0.5)
+    slide = small_slide(tmp_path / "s.tif", side=1536, mpp=0.5)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pronet_wsi", "segment", str(slide), "-o", str(out), "-m", str(model_dir),
            "--tile-px", "256", "--halo-px", "32", "--workers", "1", "--quiet"]
@@ -322,3 +322,17 @@ def test_feature_ids_follow_model_and_settings(tmp_path, model_dir):
         ids.append([f["id"] for f in json.loads((out / "s.geojson").read_text())["features"]])
     assert ids[0] and ids[0] == ids[1]
     assert not set(ids[0]) & set(ids[2])
+
+
+def test_tissue_annotation_option(tmp_path, model_dir):
+    import shapely
+
+    slide = small_slide(tmp_path / "s.tif", side=512, mpp=0.5)
+    res = run("segment", slide, "-o", tmp_path / "out", "-m", model_dir, "--tile-px", 256, "--halo-px", 32,
+              "--quiet", "--tissue-annotation")
+    assert res.exit_code == 0, res.output
+    fc = json.loads((tmp_path / "out" / "s_tissue.geojson").read_text())
+    (f,) = fc["features"]
+    assert f["properties"]["objectType"] == "annotation"
+    geom = shapely.geometry.shape(f["geometry"])
+    assert geom.is_valid and geom.area > 0.5 * 512 * 512
