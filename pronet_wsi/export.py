@@ -1,6 +1,6 @@
 """Outputs for QuPath and QC: streamed GeoJSON, a zarr label image, an overlay thumbnail, the run record.
 
-GeoJSON follows QuPath's import rules (see ``research/peer-tools.md`` section 3): one FeatureCollection; each
+GeoJSON follows QuPath's import rules (checked by ``tests/wsi_fakes.check_qupath_geojson``): one FeatureCollection; each
 nucleus a Feature with a UUID ``id``, a valid closed Polygon in level-0 pixels (QuPath frame) with
 coordinates rounded to 0.01 px, and ``properties`` holding ``objectType: "detection"``,
 ``classification: {"name": "Nucleus", "color": [r, g, b]}`` and a ``measurements`` map. Features are written

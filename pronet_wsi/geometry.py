@@ -136,10 +136,6 @@ class Frame:
     def box_to_level0(self, box: Box) -> Box:
         return box.scale(self.scale)
 
-    @property
-    def mpp_ratio(self) -> float:
-        return self.scale
-
 
 def rc_to_xy(rc: np.ndarray, origin_xy: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
     """(N, 2) array-frame ``(row, col)`` pixel-centre positions -> (N, 2) ``(x, y)`` in the frame of ``origin``.

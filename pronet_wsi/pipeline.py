@@ -297,7 +297,7 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
     config, paths, timings, warnings = plan.config, plan.paths, plan.timings, plan.warnings
     store = PartStore(paths["parts"])
     timings["tiles_wall_s"] = tiles_wall_s
-    for key in ("read_s", "predict_s", "postprocess_s", "polygons_s", "save_s"):
+    for key in ("read_s", "wait_s", "predict_s", "postprocess_s", "polygons_s", "save_s"):
         timings[f"sum_{key}"] = round(float(sum(s.get(key, 0.0) for s in tile_stats)), 3)
     all_stats = [store.load_stats(tl.key) for tl in plan.tiles]
     n_cut = sum(s["cut_at_edge"] for s in all_stats)

@@ -74,9 +74,9 @@ def run_batch(job: TileJob, tiles: list[Tile], predictor, on_tile_done=None) -> 
     t0 = time.perf_counter()
     size = job.tiling.tile_px
     images = np.stack([slide.read_box(job.frame.box_to_level0(t.read), (size, size)) for t in tiles])
-    t1 = time.perf_counter()
+    t_read = time.perf_counter()
     with _MODEL_LOCK:
-        t1 = time.perf_counter()
+        t1 = time.perf_counter()  # after the wait for the model: waiting is neither reading nor predicting
         maps = predictor.predict_batch(images)
         t2 = time.perf_counter()
     del images
@@ -94,7 +94,8 @@ def run_batch(job: TileJob, tiles: list[Tile], predictor, on_tile_done=None) -> 
         t5 = time.perf_counter()
         cut = _cut_at_edge(seg, tile, job.match_radius_px)
         stats = {"candidates": len(inst), "in_core": int(inst.in_core.sum()), "cut_at_edge": cut,
-                 "read_s": (t1 - t0) / len(tiles), "predict_s": (t2 - t1) / len(tiles),
+                 "read_s": (t_read - t0) / len(tiles), "wait_s": (t1 - t_read) / len(tiles),
+                 "predict_s": (t2 - t1) / len(tiles),
                  "postprocess_s": t4 - t3, "polygons_s": t5 - t4}
         t6 = time.perf_counter()
         store.save(tile.key, inst, bodies, stats)
