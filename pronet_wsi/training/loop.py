@@ -141,7 +141,7 @@ RECIPES: dict[str, dict] = {
 # (the model already finds nuclei), the full-image predictions every 3rd epoch (they cost a forward pass over
 # every image). Used for the shipped model's second stage (models/pronet-monuseg/MODEL_CARD.md).
 FINE_TUNE: dict = dict(lr=5e-4, warmup_epochs=0, offset_start_epoch=0, refine_start_epoch=0, predict_every=3,
-                       epochs=40)
+                       epochs=40, patches_per_image=8, val_every=3)
 
 
 def _lr_factor(config: TrainConfig, epoch: int, minutes: float = 0.0) -> float:
@@ -171,6 +171,9 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
     ``outdir`` becomes a model folder (config.json, thresholds.json, weights.pt) with ``train/`` holding
     checkpoint.pt, log.csv, curve.png, train_config.json and the pseudo-label cache. ``val_items`` =
     [(name, image, gt instance map)] are used for validation scores and threshold tuning.
+
+    Each epoch: learning rate -> :func:`predict_and_refine` (offset targets; E-step, Eq. 5) -> :func:`m_step_epoch`
+    (Eq. 2-4, 6) -> log, validation, checkpoint.
     """
     outdir = Path(outdir)
     work = outdir / "train"
@@ -185,42 +188,14 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
     torch.manual_seed(config.seed)
     (work / "train_config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
 
-    samples = prepare_samples(train_items, config.pseudo, work / "cache")
-    if config.init:
-        start = load_model(resolve_model_dir(None if config.init == "default" else config.init))
-        if abs(start.config.mpp - config.mpp) > 1e-6:
-            raise InputError(f"--init {config.init}: the model works at {start.config.mpp} um/px but the training "
-                             f"images are read at {config.mpp}; give --mpp {start.config.mpp} or start from scratch")
-        mcfg = replace(start.config, extra={})
-        model = PRONet(mcfg)
-        model.load_state_dict(start.model.state_dict())
-        mean, std = mcfg.mean, mcfg.std
-        thresholds = replace(start.thresholds, grouping=config.grouping)
-    else:
-        mean, std = channel_stats(samples)
-        mcfg = ModelConfig(width=config.width, mpp=config.mpp, mean=mean, std=std,
-                           center_radius_px=config.radius_px)
-        model = PRONet(mcfg)
-        thresholds = PostprocessConfig(grouping=config.grouping)
-    bundle = ModelBundle(model, mcfg, thresholds)
+    samples = prepare_samples(train_items, config.pseudo, work / "cache")  # V, K and the cells (Sec. 2.1)
+    bundle = start_model(config, samples)
     predictor = Predictor(bundle, InferenceConfig(device=config.device, amp=config.amp))
-    device = predictor.device
-    model = predictor.model
+    model, mcfg, thresholds = predictor.model, bundle.config, bundle.thresholds
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    start_epoch, elapsed0 = 0, 0.0
-    if resume:
-        state = load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if len(state["points"]) != len(samples):
-            raise InputError(f"{ckpt_path}: saved for {len(state['points'])} images, this run has {len(samples)}; "
-                             "resume with the same images or start a new -o")
-        for s, pts in zip(samples, state["points"], strict=True):
-            s.points_xy = pts.numpy().astype(np.float64)
-        start_epoch, elapsed0 = state["epoch"] + 1, state["elapsed_s"]
-        log.info("resumed from epoch %d", start_epoch)
-    dataset = PatchDataset(samples, config.patch_px, config.patches_per_image, mcfg.center_radius_px, mean, std,
-                           config.augment, config.seed, by_area=config.patches_by_area)
+    start_epoch, elapsed0 = restore_checkpoint(ckpt_path, model, opt, samples) if resume else (0, 0.0)
+    dataset = PatchDataset(samples, config.patch_px, config.patches_per_image, mcfg.center_radius_px, mcfg.mean,
+                           mcfg.std, config.augment, config.seed, by_area=config.patches_by_area)
     log_path = work / "log.csv"
     fields = ["epoch", "minutes", "lr", "loss", "voronoi", "cluster", "center", "offset", "mean_movement",
               "val_object_dice", "val_aji"]
@@ -228,7 +203,6 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
         with open(log_path, "w", newline="") as f:
             csv.writer(f).writerow(fields)
     t0 = time.monotonic() - elapsed0
-    autocast = predictor.autocast_dtype
     bar = _progress(config.epochs, start_epoch, progress)
     epoch = start_epoch - 1
     for epoch in range(start_epoch, config.epochs):
@@ -238,38 +212,14 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
         refine = config.use_offsets and config.use_refinement and epoch >= config.refine_start_epoch
         movement = float("nan")
         t_epoch = time.monotonic()
-        if (use_offsets or refine) and ((epoch - start_epoch) % config.predict_every == 0
+        if (use_offsets or refine) and (epoch % config.predict_every == 0
                                         or any(s.pred_mask is None for s in samples)):
-            maps = _predict_full(predictor, [s.image for s in samples])
-            moves = []
-            for s, m in zip(samples, maps, strict=True):
-                s.pred_mask = m["foreground"] > 0.5
-                if refine:
-                    s.points_xy, mv = refine_points(s.points_xy, s.cells, s.pred_mask, m["offsets"], config.refine)
-                    moves.append(mv)
-            if moves:
-                movement = float(np.concatenate(moves).mean())
+            movement = predict_and_refine(predictor, samples, config.refine if refine else None)
         t_pred = time.monotonic() - t_epoch
         dataset.epoch = epoch
         loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
                                              generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-        model.train()
-        sums: dict[str, float] = {}
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            x = batch["image"]
-            if device.type == "cpu":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-                out = model(x)
-            out = {k: v.float() for k, v in out.items()}
-            terms = pronet_loss(out, batch, config.loss, use_offsets)
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            opt.step()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-        n = max(len(loader), 1)
+        sums, n = m_step_epoch(predictor, opt, loader, config.loss, use_offsets)
         log.info("epoch %d: predict+refine %.1f s, %d steps %.1f s", epoch, t_pred, n,
                  time.monotonic() - t_epoch - t_pred)
         row = {"epoch": epoch, "minutes": round((time.monotonic() - t0) / 60, 3), "lr": opt.param_groups[0]["lr"],
@@ -295,6 +245,74 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
     _write_points(work, samples)
     plot_curve(log_path, work / "curve.png")
     return outdir
+
+
+def start_model(config: TrainConfig, samples: list[Sample]) -> ModelBundle:
+    """The network a run starts from: ``config.init``'s weights, width, mpp and normalisation, or a fresh
+    network normalised to the training images."""
+    if config.init:
+        start = load_model(resolve_model_dir(None if config.init == "default" else config.init))
+        if abs(start.config.mpp - config.mpp) > 1e-6:
+            raise InputError(f"--init {config.init}: the model works at {start.config.mpp} um/px but the training "
+                             f"images are read at {config.mpp}; give --mpp {start.config.mpp} or start from scratch")
+        mcfg = replace(start.config, extra={})
+        model = PRONet(mcfg)
+        model.load_state_dict(start.model.state_dict())
+        return ModelBundle(model, mcfg, replace(start.thresholds, grouping=config.grouping))
+    mean, std = channel_stats(samples)
+    mcfg = ModelConfig(width=config.width, mpp=config.mpp, mean=mean, std=std, center_radius_px=config.radius_px)
+    return ModelBundle(PRONet(mcfg), mcfg, PostprocessConfig(grouping=config.grouping))
+
+
+def restore_checkpoint(path: Path, model, opt, samples: list[Sample]) -> tuple[int, float]:
+    """Load weights, optimiser and refined points from ``path``; returns (next epoch, elapsed seconds)."""
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    if len(state["points"]) != len(samples):
+        raise InputError(f"{path}: saved for {len(state['points'])} images, this run has {len(samples)}; "
+                         "resume with the same images or start a new -o")
+    for s, pts in zip(samples, state["points"], strict=True):
+        s.points_xy = pts.numpy().astype(np.float64)
+    log.info("resumed from epoch %d", state["epoch"] + 1)
+    return state["epoch"] + 1, state["elapsed_s"]
+
+
+def predict_and_refine(predictor: Predictor, samples: list[Sample], refine: RefineConfig | None) -> float:
+    """Full-image predictions: the predicted masks give the offset targets (Sec. 2.2); with ``refine``, the
+    E-step (Eq. 5) moves each point to its cell's offset-vote peak. Returns the mean point movement (px)."""
+    maps = _predict_full(predictor, [s.image for s in samples])
+    moves = []
+    for s, m in zip(samples, maps, strict=True):
+        s.pred_mask = m["foreground"] > 0.5
+        if refine is not None:
+            s.points_xy, mv = refine_points(s.points_xy, s.cells, s.pred_mask, m["offsets"], refine)
+            moves.append(mv)
+    return float(np.concatenate(moves).mean()) if moves else float("nan")
+
+
+def m_step_epoch(predictor: Predictor, opt, loader, loss: LossConfig, use_offsets: bool
+                 ) -> tuple[dict[str, float], int]:
+    """One pass over the patches minimising Eq. 2-4 and 6 (offsets only once ``use_offsets``); returns the
+    summed loss terms and the number of steps."""
+    model, device, autocast = predictor.model, predictor.device, predictor.autocast_dtype
+    model.train()
+    sums: dict[str, float] = {}
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        x = batch["image"]
+        if device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            out = model(x)
+        out = {k: v.float() for k, v in out.items()}
+        terms = pronet_loss(out, batch, loss, use_offsets)
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        opt.step()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+    return sums, max(len(loader), 1)
 
 
 def _out_of_time(config: TrainConfig, t0: float) -> bool:
