@@ -1,6 +1,6 @@
 """Inference speed of a model folder on this machine, in Mpx/s (forward only, and forward + post-processing).
 
-    python benchmarks/bench_inference.py [-m models/pronet-monuseg] [--size 1024] [--repeats 5]
+    python benchmarks/bench_inference.py [-m models/pronet-multilab] [--size 1024] [--repeats 5]
 
 Runs the shipped model (default) on random-free real-looking input (a synthetic H&E tile) in fp32 and with
 autocast (bf16 on CPUs that have it), batch 1 and 4; prints a table. Goal for the shipped model: >= 1 Mpx/s

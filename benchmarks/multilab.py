@@ -3,7 +3,7 @@
     python benchmarks/multilab.py pseudo                      # pseudo-label fg recall/precision per dataset
     python benchmarks/multilab.py train -o runs/multilab --init default --max-minutes 60
     python benchmarks/multilab.py train -o runs/no-consep --without consep ...   # leave one lab out
-    python benchmarks/multilab.py score models/pronet-monuseg --split test --tag shipped-v1
+    python benchmarks/multilab.py score models/pronet-multilab --split test --tag shipped-v1
 
 Splits and pixel sizes: benchmarks/labs.py. Training uses points (label centroids) only; validation (threshold
 tuning, checkpoint choice) uses the val parts of the labs it trains on; `score --split test` is run once per

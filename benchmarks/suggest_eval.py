@@ -1,6 +1,6 @@
 """Do `suggest` boxes find where the model is wrong? AJI inside suggested boxes vs inside random tissue boxes.
 
-    python benchmarks/suggest_eval.py -m models/pronet-monuseg --dataset emory --split test
+    python benchmarks/suggest_eval.py -m models/pronet-multilab --dataset emory --split test
 
 Each image of the split is written as a small pyramidal TIFF at the model's mpp and run through
 `suggest_slide` (boxes of --region-um); the model's full-image segmentation is then scored against the

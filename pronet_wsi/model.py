@@ -220,7 +220,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_MODEL = "pronet-monuseg"
+DEFAULT_MODEL = "pronet-multilab"
 
 
 def default_model_dir() -> Path | None:

@@ -1,7 +1,7 @@
 """Segment a cohort on SLURM through Dask: dask-jobqueue starts the workers as SLURM jobs, this process is the client.
 
     pip install "pronet-wsi[cluster]"          # dask-jobqueue
-    python examples/hpc/dask_jobqueue_slurm.py slides.csv results/ --jobs 4 --gpu -- -m models/pronet-monuseg
+    python examples/hpc/dask_jobqueue_slurm.py slides.csv results/ --jobs 4 --gpu -- -m models/pronet-multilab
 
 Every job runs one Dask worker (``processes=1``) with ``--cores`` threads and, with ``--gpu``, one GPU
 (``--gres=gpu:1``; SLURM sets CUDA_VISIBLE_DEVICES, so the worker's model runs on its own GPU). Each worker

@@ -139,7 +139,7 @@ RECIPES: dict[str, dict] = {
 }
 # Starting from a trained model (--init): a lower rate without warm-up, offsets and refinement from the start
 # (the model already finds nuclei), the full-image predictions every 3rd epoch (they cost a forward pass over
-# every image). Used for the shipped model's second stage (models/pronet-monuseg/MODEL_CARD.md).
+# every image). Used for the shipped model's second stage (models/pronet-multilab/MODEL_CARD.md).
 FINE_TUNE: dict = dict(lr=5e-4, warmup_epochs=0, offset_start_epoch=0, refine_start_epoch=0, predict_every=3,
                        epochs=40, patches_per_image=8, val_every=3)
 
