@@ -10,7 +10,6 @@ appended to benchmarks/results/adapt.csv. The start model's own score is the row
 
 from __future__ import annotations
 
-import csv
 import sys
 import time
 from pathlib import Path
@@ -61,13 +60,7 @@ def main(lab, clicks, init, minutes, threads, seed, outdir) -> None:
            "minutes": round(train_min, 1), "aji": round(m.aji, 4), "object_dice": round(m.object_dice, 4),
            "pq": round(m.pq, 4)}
     click.echo(row)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    new = not RESULTS.exists()
-    with open(RESULTS, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    labs.append_csv(RESULTS, row)
 
 
 if __name__ == "__main__":

@@ -102,3 +102,16 @@ def points_items(items: list[tuple[str, np.ndarray, np.ndarray]]) -> list[tuple[
         if len(pts):
             out.append((stem, image, pts))
     return out
+
+
+def append_csv(path: Path, row: dict) -> None:
+    """Append ``row`` to a results CSV (header written when the file is new)."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)

@@ -12,7 +12,6 @@ finished model and appends rows to benchmarks/results/multilab.csv.
 
 from __future__ import annotations
 
-import csv
 import sys
 import time
 from dataclasses import replace
@@ -144,7 +143,7 @@ def score(model_dir, split, tag, datasets, mpp_in, tta, no_record) -> None:
                "pq": round(m.pq, 4), "mpp_in": mpp_in or "", "tta": int(tta)}
         click.echo(row)
         if not no_record:
-            _append(row)
+            labs.append_csv(RESULTS, {k: row[k] for k in FIELDS})
 
 
 @cli.command()
@@ -162,17 +161,7 @@ def classical(split: str) -> None:
                "object_dice": round(m.object_dice, 4), "aji": round(m.aji, 4), "pixel_dice": round(m.pixel_dice, 4),
                "pq": round(m.pq, 4), "mpp_in": "", "tta": 0}
         click.echo(row)
-        _append(row)
-
-
-def _append(row: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    new = not RESULTS.exists()
-    with open(RESULTS, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow(row)
+        labs.append_csv(RESULTS, {k: row[k] for k in FIELDS})
 
 
 if __name__ == "__main__":
