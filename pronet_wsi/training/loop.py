@@ -10,7 +10,6 @@ import csv
 import json
 import logging
 import math
-import os
 import pickle
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from pronet_wsi.errors import InputError
+from pronet_wsi.files import atomic_write
 from pronet_wsi.inference import InferenceConfig, Predictor
 from pronet_wsi.metrics import evaluate_image, mean_scores
 from pronet_wsi.model import ModelBundle, ModelConfig, PRONet, load_model, resolve_model_dir, save_model
@@ -31,6 +31,7 @@ from pronet_wsi.training.refinement import RefineConfig, refine_points
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"  # weights of the epoch with the best validation AJI (tensors only)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class TrainConfig:
     use_offsets / use_refinement switch the paper's modules off for the ablation; ``grouping`` is the
     post-processing the saved model uses. ``max_minutes`` stops early (the model is still written).
     ``tune_min_areas``: minimum nucleus areas (px) the threshold search on the validation images tries.
+    ``keep_best``: with validation images, the saved model is the validated epoch with the best AJI, not the
+    last one.
     ``init``: a model folder (or "default", the shipped model) whose weights, width, mpp and normalisation the
     run starts from. ``predict_every``: epochs between the full-image predictions that give the offset targets
     and the E-step (they cost a forward pass over every training image). ``patches_by_area``: patches per image
@@ -76,6 +79,7 @@ class TrainConfig:
     tune_thresholds: bool = True
     tune_min_areas: tuple[int, ...] = (10, 20, 40, 80)
     init: str | None = None
+    keep_best: bool = True
     predict_every: int = 1
     patches_by_area: bool = True
     pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
@@ -229,6 +233,8 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
         if val_items and (last or (epoch + 1) % config.val_every == 0):
             vs = validate(predictor, val_items, thresholds)
             row["val_object_dice"], row["val_aji"] = round(vs.object_dice, 4), round(vs.aji, 4)
+            if config.keep_best:
+                _keep_if_best(work / BEST, model, epoch, vs.aji)
         with open(log_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=fields, extrasaction="ignore").writerow(row)
         _save_checkpoint(ckpt_path, model, opt, samples, epoch, time.monotonic() - t0)
@@ -237,11 +243,18 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
         if last:
             break
     bar.close()
+    best = work / BEST
+    extra = {"epochs_trained": epoch + 1}
+    if val_items and config.keep_best and best.exists():
+        state = torch.load(best, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        extra["kept_epoch"] = int(state["epoch"])
+        log.info("keeping epoch %d (validation AJI %.4f)", int(state["epoch"]), float(state["aji"]))
     if val_items and config.tune_thresholds:
         thresholds = tune_thresholds(predictor, val_items, thresholds, config.tune_min_areas)
     model.eval()
     save_model(model.to("cpu").to(memory_format=torch.contiguous_format), outdir, thresholds,
-               extra={"epochs_trained": epoch + 1, "train_minutes": round((time.monotonic() - t0) / 60, 2)})
+               extra={**extra, "train_minutes": round((time.monotonic() - t0) / 60, 2)})
     _write_points(work, samples)
     plot_curve(log_path, work / "curve.png")
     return outdir
@@ -315,6 +328,14 @@ def m_step_epoch(predictor: Predictor, opt, loader, loss: LossConfig, use_offset
     return sums, max(len(loader), 1)
 
 
+def _keep_if_best(path: Path, model, epoch: int, aji: float) -> None:
+    if path.exists() and float(torch.load(path, map_location="cpu", weights_only=True)["aji"]) >= aji:
+        return
+    state = {"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, "epoch": epoch,
+             "aji": float(aji)}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
 def _out_of_time(config: TrainConfig, t0: float) -> bool:
     return config.max_minutes is not None and (time.monotonic() - t0) / 60 >= config.max_minutes
 
@@ -329,11 +350,7 @@ def _save_checkpoint(path: Path, model, opt, samples: list[Sample], epoch: int, 
     """Tensors and plain types only, so :func:`load_checkpoint` never unpickles code."""
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "elapsed_s": elapsed_s,
              "points": [torch.from_numpy(np.asarray(s.points_xy, np.float64)) for s in samples]}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict:

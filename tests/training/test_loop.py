@@ -169,3 +169,30 @@ def test_init_round_trip_keeps_mpp_and_normalisation(tmp_path):
     with pytest.raises(InputError, match="um/px"):
         train(TrainConfig.recipe(init=str(first), mpp=0.5, epochs=1), _synthetic_items(1, 20), tmp_path / "c",
               progress=False)
+
+
+def test_the_best_validated_epoch_is_kept(tmp_path, monkeypatch):
+    """Validation AJI 0.5 after epoch 0 and 0.3 after epoch 1: the saved weights are epoch 0's."""
+    from pronet_wsi.metrics import ImageScores
+
+    scores = iter([0.5, 0.3])
+
+    def fake_validate(predictor, val_items, thresholds):
+        aji = next(scores)
+        return ImageScores(object_dice=aji, pixel_dice=aji, aji=aji, pq=aji, dq=aji, sq=aji, n_gt=1, n_pred=1)
+
+    monkeypatch.setattr(loop, "validate", fake_validate)
+    items = _synthetic_items(2, 0)
+    val = [(n, im, np.zeros(im.shape[:2], np.uint32)) for n, im, _ in items]
+    cfg = TrainConfig(epochs=2, width=0.0625, patch_px=96, patches_per_image=200, batch_size=2, val_every=1,
+                      tune_thresholds=False, num_threads=1)
+    out = train(cfg, items, tmp_path / "m", val_items=val, progress=False)
+    best = torch.load(out / "train" / "best.pt", weights_only=True)
+    assert int(best["epoch"]) == 0
+    saved = load_model(out).model.state_dict()
+    last = loop.load_checkpoint(out / "train" / "checkpoint.pt")["model"]
+    assert all(torch.equal(saved[k], best["model"][k]) for k in saved)
+    assert any(not torch.equal(saved[k], last[k]) for k in saved)
+    import json
+
+    assert json.loads((out / "config.json").read_text())["extra"]["kept_epoch"] == 0
