@@ -216,10 +216,12 @@ def train(images, points, labels, names, shift, slide, slide_mpp, val_images, va
         if max_minutes is not None:
             config = dataclasses.replace(config, max_minutes=max_minutes)
     else:
-        if init is not None and mpp is None:
+        if init is not None:  # the start model's resolution and width, unless given (then they must agree)
             from pronet_wsi.model import load_model, resolve_model_dir
 
-            mpp = load_model(resolve_model_dir(None if init == "default" else init)).config.mpp
+            start = load_model(resolve_model_dir(None if init == "default" else init)).config
+            mpp = start.mpp if mpp is None else mpp
+            width = start.width if width is None else width
         config = TrainConfig.recipe(
             recipe, init=init, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             schedule=schedule, patch_px=patch_px, patches_per_image=patches_per_image, width=width, mpp=mpp,

@@ -268,6 +268,9 @@ def start_model(config: TrainConfig, samples: list[Sample]) -> ModelBundle:
         if abs(start.config.mpp - config.mpp) > 1e-6:
             raise InputError(f"--init {config.init}: the model works at {start.config.mpp} um/px but the training "
                              f"images are read at {config.mpp}; give --mpp {start.config.mpp} or start from scratch")
+        if abs(start.config.width - config.width) > 1e-9:
+            raise InputError(f"--init {config.init}: the model has width {start.config.width}, not {config.width}; "
+                             "drop --width (a fine-tune keeps the start model's network)")
         mcfg = replace(start.config, extra={})
         model = PRONet(mcfg)
         model.load_state_dict(start.model.state_dict())

@@ -166,6 +166,9 @@ def test_init_round_trip_keeps_mpp_and_normalisation(tmp_path):
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)
     rows = list(csv.DictReader(open(second / "train" / "log.csv")))
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])  # a short fine-tune on new data lowers the loss
+    with pytest.raises(InputError, match="width"):
+        train(TrainConfig.recipe(init=str(first), width=0.25, epochs=1), _synthetic_items(1, 20), tmp_path / "d",
+              progress=False)
     with pytest.raises(InputError, match="um/px"):
         train(TrainConfig.recipe(init=str(first), mpp=0.5, epochs=1), _synthetic_items(1, 20), tmp_path / "c",
               progress=False)
