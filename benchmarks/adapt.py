@@ -47,11 +47,13 @@ def main(lab, clicks, init, minutes, threads, seed, outdir) -> None:
     t0 = time.monotonic()
     model_dir = init
     if minutes > 0:
-        # epochs sized to the budget (about 45 patches of 256 px a minute on the 2-core machine, 16 per Mpx), so
-        # the offset / refinement schedule of a from-scratch run falls inside it
-        per_epoch = sum(max(1, round(16 * im.shape[0] * im.shape[1] / 1e6)) for _, im, _ in chosen)
+        # epochs sized to the budget so that the schedule (cosine decay; for a from-scratch run the offset and
+        # refinement starts) falls inside it: about 60 patches of 256 px a minute on the 2-core machine, with the
+        # recipe's own patches per Mpx (8 for a fine-tune, 16 from scratch)
+        ppm = TrainConfig.recipe(init=init).patches_per_image
+        per_epoch = max(4, sum(max(1, round(ppm * im.shape[0] * im.shape[1] / 1e6)) for _, im, _ in chosen))
         config = TrainConfig.recipe(init=init, max_minutes=minutes, num_threads=threads, tune_thresholds=False,
-                                    epochs=max(10, int(minutes * 45 / per_epoch)), seed=seed)
+                                    epochs=max(10, int(minutes * 60 / per_epoch)), seed=seed)
         model_dir = train(config, chosen, outdir, progress=False)
     train_min = (time.monotonic() - t0) / 60
     predictor = Predictor(model_dir, InferenceConfig())

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pronet_wsi.geometry import xy_to_index
 from pronet_wsi.images import read_image, read_labels
 from pronet_wsi.training.points import centroids_from_labels
 from pronet_wsi.training.pseudolabels import (
@@ -47,7 +48,7 @@ SWEEP_IMAGES = ["TCGA-18-5592-01Z-00-DX1", "TCGA-38-6178-01Z-00-DX1", "TCGA-A7-A
 
 def load(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     labels = read_labels(MONUSEG / "labels" / f"{name}.png")
-    points_xy, _ = centroids_from_labels(labels)
+    points_xy = xy_to_index(centroids_from_labels(labels)[0])  # the array frame pseudo_labels works in
     return read_image(MONUSEG / "images" / f"{name}.tif"), points_xy, labels
 
 

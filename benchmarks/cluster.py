@@ -3,7 +3,7 @@
     python benchmarks/cluster.py                          # 4 slides of 4096^2 px, shipped model (else random 0.25)
     python benchmarks/cluster.py --side 2048 --width 0.25 # smaller slides, a random width-0.25 PRONet
 
-Both paths go through the same cohort API (:func:`pronet_wsi.cohort.segment_batch`, what ``pronet-wsi segment``
+Both paths go through the same cohort API (:func:`pronet_wsi.wsi.cohort.segment_batch`, what ``pronet-wsi segment``
 runs), one after the other in this process, on the same slides (generated once into --workdir with
 ``benchmarks/wsi.py``'s tissue mosaic: 0.25 um/px JPEG pyramids, tissue in an ellipse on glass):
 
@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def run_threaded(items, out: Path, model: Path, cfg) -> dict:
-    from pronet_wsi.cohort import segment_batch
     from pronet_wsi.inference import InferenceConfig, Predictor
+    from pronet_wsi.wsi.cohort import segment_batch
 
     t0 = time.perf_counter()
     predictor = Predictor(model, InferenceConfig(batch_size=cfg.batch_size))
@@ -47,9 +47,9 @@ def run_threaded(items, out: Path, model: Path, cfg) -> dict:
 def run_cluster(items, out: Path, model: Path, cfg, workers: int, threads_per_worker: int | None) -> dict:
     from distributed import Client
 
-    from pronet_wsi.cluster import ModelSpec, local_cluster
-    from pronet_wsi.cohort import segment_batch
     from pronet_wsi.inference import InferenceConfig
+    from pronet_wsi.wsi.cluster import ModelSpec, local_cluster
+    from pronet_wsi.wsi.cohort import segment_batch
 
     t0 = time.perf_counter()
     spec = ModelSpec.load(model, InferenceConfig(batch_size=cfg.batch_size), pin_gpus=True)
@@ -82,9 +82,9 @@ def main() -> None:
 
     from wsi import make_slide, model_dir
 
-    from pronet_wsi.cohort import SlideItem
-    from pronet_wsi.pipeline import SegmentConfig
     from pronet_wsi.tiling import TilingConfig
+    from pronet_wsi.wsi.cohort import SlideItem
+    from pronet_wsi.wsi.pipeline import SegmentConfig
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

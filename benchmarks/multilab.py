@@ -39,6 +39,7 @@ def cli() -> None:
 @click.option("--datasets", default=",".join(labs.LABS))
 def pseudo(split: str, datasets: str) -> None:
     """Foreground recall / precision of V and K against the instance masks, before and after the stain fixes."""
+    from pronet_wsi.geometry import xy_to_index
     from pronet_wsi.training.points import centroids_from_labels
     from pronet_wsi.training.pseudolabels import FOREGROUND, PseudoLabelConfig, pseudo_labels
 
@@ -56,7 +57,7 @@ def pseudo(split: str, datasets: str) -> None:
                 pts, _ = centroids_from_labels(gt)
                 if not len(pts):
                     continue
-                v, k = pseudo_labels(image, pts, cfg)
+                v, k = pseudo_labels(image, xy_to_index(pts), cfg)
                 fg = gt > 0
                 tot += [(v == FOREGROUND).sum(), ((v == FOREGROUND) & fg).sum(), (k == FOREGROUND).sum(),
                         ((k == FOREGROUND) & fg).sum(), fg.sum(), (k == 2).mean()]

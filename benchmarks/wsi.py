@@ -2,6 +2,11 @@
 
     python benchmarks/wsi.py                               # 0.27 Gpx and 1.07 Gpx slides, shipped model or width 0.25
     python benchmarks/wsi.py --sizes 16384 --width 0.25    # one size, a random width-0.25 PRONet
+    python benchmarks/wsi.py --sizes 16384 --full-tissue   # tissue everywhere: the tiling's own overhead
+
+Tile, halo and batch default to the package's (``TilingConfig``, ``SegmentConfig``). "e2e / core forward" compares
+the whole run with the model's forward on the tiles' cores alone (the same tiles cropped to their cores, timed the
+same way): what halos, reading, post-processing, stitching and export cost on top of the pixels kept.
 
 For each size it writes (once, cached in --workdir) a pyramidal JPEG TIFF at 0.25 um/px tiled from a few synthetic
 1024 px tissue blocks inside an elliptical tissue region on glass, then:
@@ -35,8 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 1024
 
 
-def make_slide(path: Path, side: int, seed: int = 0, n_blocks: int = 4) -> Path:
-    """A ``side`` x ``side`` 0.25 um/px pyramidal JPEG TIFF mosaic of synthetic tissue blocks and glass."""
+def make_slide(path: Path, side: int, seed: int = 0, n_blocks: int = 4, full_tissue: bool = False) -> Path:
+    """A ``side`` x ``side`` 0.25 um/px pyramidal JPEG TIFF mosaic of synthetic tissue blocks (in an ellipse on
+    glass, or everywhere with ``full_tissue``)."""
     sys.path.insert(0, str(ROOT / "examples"))
     from make_demo_slide import demo_image
 
@@ -53,7 +59,7 @@ def make_slide(path: Path, side: int, seed: int = 0, n_blocks: int = 4) -> Path:
     nb = side // BLOCK
     rng = np.random.default_rng(seed)
     yy, xx = (np.mgrid[0:nb, 0:nb] + 0.5) / nb - 0.5
-    inside = (yy / 0.45) ** 2 + (xx / 0.42) ** 2 <= 1.0
+    inside = ((yy / 0.45) ** 2 + (xx / 0.42) ** 2 <= 1.0) | full_tissue
     ids = np.where(inside, rng.integers(0, n_blocks, (nb, nb)), n_blocks)
     tile = 256
 
@@ -100,8 +106,8 @@ def model_dir(args, workdir: Path) -> Path:
 def run_child(args) -> None:
     """Subprocess: one end-to-end run; prints a JSON line with the run record and the peak RSS."""
     from pronet_wsi.inference import InferenceConfig, Predictor
-    from pronet_wsi.pipeline import SegmentConfig, segment_slide
     from pronet_wsi.tiling import TilingConfig
+    from pronet_wsi.wsi.pipeline import SegmentConfig, segment_slide
 
     predictor = Predictor(args.model, InferenceConfig(batch_size=args.batch_size))
     cfg = SegmentConfig(tiling=TilingConfig(args.tile_px, args.halo_px), batch_size=args.batch_size,
@@ -136,20 +142,28 @@ def forward_and_postprocess(args, predictor, slide_path: Path, n_tiles: int) -> 
         tiles = select_tiles(grid, frame, tissue_mask(thumb, ds * slide.mpp), ds)
         step = max(1, len(tiles) // args.sample)
         sample = tiles[::step][: args.sample]
-        images = np.stack([slide.read_box(frame.box_to_level0(t.read), (args.tile_px,) * 2) for t in sample])
+        images = np.stack([slide.read_box(frame.box_to_level0(t.read), t.read.shape) for t in sample])
     bs = min(args.batch_size, len(images))
-    times: list[float] = []
+    h = args.halo_px
+    ch, cw = grid.core_hw
+    cores = np.ascontiguousarray(images[:, h : h + ch, h : h + cw])  # the same tiles without their halo
 
-    def forward() -> None:  # in a worker thread, as the pipeline calls the model
-        for i in range(0, len(images) - bs + 1, bs):
-            t = time.perf_counter()
-            predictor.predict_batch(images[i : i + bs])
-            times.append(time.perf_counter() - t)
+    def timed(batches: np.ndarray) -> float:
+        times: list[float] = []
 
-    worker = threading.Thread(target=forward)
-    worker.start()
-    worker.join()
-    per_tile = float(np.median(times)) / bs
+        def forward() -> None:  # in a worker thread, as the pipeline calls the model
+            for i in range(0, len(batches) - bs + 1, bs):
+                t = time.perf_counter()
+                predictor.predict_batch(batches[i : i + bs])
+                times.append(time.perf_counter() - t)
+
+        worker = threading.Thread(target=forward)
+        worker.start()
+        worker.join()
+        return float(np.median(times)) / bs
+
+    per_tile = timed(images)
+    per_core = timed(cores)
     pp_ms, nuclei = [], []
     for img, tile in zip(images, sample, strict=True):
         lab, _ = ndi.label(ndi.binary_opening(img.mean(axis=2) < 140, iterations=1))
@@ -161,7 +175,8 @@ def forward_and_postprocess(args, predictor, slide_path: Path, n_tiles: int) -> 
         feature_bodies(inst)
         pp_ms.append((time.perf_counter() - t) * 1e3)
         nuclei.append(int(inst.in_core.sum()))
-    return {"forward_s_per_tile": per_tile, "forward_s": per_tile * n_tiles, "sample": len(images),
+    return {"forward_s_per_tile": per_tile, "forward_s": per_tile * n_tiles, "core_forward_s": per_core * n_tiles,
+            "read_hw": list(grid.read_hw), "core_hw": list(grid.core_hw), "sample": len(images),
             "pp_ms_per_tile": float(np.median(pp_ms)), "pp_nuclei_per_tile": float(np.median(nuclei))}
 
 
@@ -170,9 +185,10 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[16384, 32768], help="slide sides in px")
     parser.add_argument("--model", default=None, help="model folder (default: shipped, else random)")
     parser.add_argument("--width", type=float, default=None, help="use a random PRONet of this width")
-    parser.add_argument("--tile-px", type=int, default=1024)
-    parser.add_argument("--halo-px", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--tile-px", type=int, default=None, help="default: TilingConfig's")
+    parser.add_argument("--halo-px", type=int, default=None, help="default: TilingConfig's (the model's context)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: SegmentConfig's")
+    parser.add_argument("--full-tissue", action="store_true", help="tissue everywhere (no glass around it)")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--sample", type=int, default=16, help="tiles timed for forward-only")
     parser.add_argument("--workdir", default="/tmp/pronet-wsi-bench")
@@ -180,6 +196,12 @@ def main() -> None:
     parser.add_argument("--slide", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from pronet_wsi.tiling import TilingConfig
+    from pronet_wsi.wsi.pipeline import SegmentConfig
+
+    args.tile_px = args.tile_px or TilingConfig().tile_px
+    args.halo_px = TilingConfig().halo_px if args.halo_px is None else args.halo_px
+    args.batch_size = args.batch_size or SegmentConfig().batch_size
     if args.child:
         run_child(args)
         return
@@ -188,10 +210,10 @@ def main() -> None:
     args.model = str(model_dir(args, workdir))
     rows = []
     for side in args.sizes:
-        slide = workdir / f"synthetic_{side}.tif"
+        slide = workdir / f"synthetic_{side}{'_full' if args.full_tissue else ''}.tif"
         if not slide.exists():
             t = time.perf_counter()
-            make_slide(slide, side)
+            make_slide(slide, side, full_tissue=args.full_tissue)
             print(f"wrote {slide} ({slide.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.0f} s",
                   file=sys.stderr)
         cmd = [sys.executable, __file__, "--child", "--slide", str(slide), "--out", str(workdir / f"out_{side}"),
@@ -201,19 +223,25 @@ def main() -> None:
         rec = child["record"]
         rows.append({"side": side, "gpx": side * side / 1e9, "tiles": rec["counts"]["tiles_run"],
                      "mpx": rec["mpx_processed"], "nuclei": child["nuclei"], "e2e_s": child["wall_s"],
-                     "forward_s": child["forward_s"], "pp_ms_per_tile": child["pp_ms_per_tile"],
+                     "forward_s": child["forward_s"], "core_forward_s": child["core_forward_s"],
+                     "input_mpx": rec["model_input_mpx"], "tissue_mpx": rec["tissue_mpx"],
+                     "read_hw": child["read_hw"], "pp_ms_per_tile": child["pp_ms_per_tile"],
                      "pp_nuclei_per_tile": child["pp_nuclei_per_tile"], "ratio": child["wall_s"] / child["forward_s"],
                      "mpx_s": rec["mpx_processed"] / child["wall_s"], "rss_mb": child["peak_rss_mb"],
                      "timings": rec["timings_s"]})
         print(json.dumps(rows[-1]), file=sys.stderr)
     print(f"model: {args.model}; tile {args.tile_px}, halo {args.halo_px}, batch {args.batch_size}, "
           f"workers {args.workers or 'auto'}; {os.cpu_count()} CPUs")
-    print("| slide | Gpx | tissue tiles | tissue Mpx | nuclei | end-to-end s | forward-only s | ratio | Mpx/s | "
-          "peak RSS MB | post-proc ms/tile (realistic maps, nuclei/tile) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| slide | Gpx | tissue tiles (read px) | tissue Mpx | core Mpx | model input Mpx | input / tissue | "
+          "nuclei | end-to-end s | forward-only s | forward on cores s | e2e / forward | e2e / core forward | "
+          "Mpx/s | peak RSS MB | post-proc ms/tile (realistic maps, nuclei/tile) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['side']}x{r['side']} | {r['gpx']:.2f} | {r['tiles']} | {r['mpx']:.0f} | {r['nuclei']:,} | "
-              f"{r['e2e_s']:.0f} | {r['forward_s']:.0f} | {r['ratio']:.2f} | {r['mpx_s']:.2f} | {r['rss_mb']:.0f} | "
+        print(f"| {r['side']}x{r['side']} | {r['gpx']:.2f} | {r['tiles']} ({r['read_hw'][0]}x{r['read_hw'][1]}) | "
+              f"{r['tissue_mpx']:.0f} | {r['mpx']:.0f} | {r['input_mpx']:.0f} | "
+              f"{r['input_mpx'] / r['tissue_mpx']:.2f} | "
+              f"{r['nuclei']:,} | {r['e2e_s']:.0f} | {r['forward_s']:.0f} | {r['core_forward_s']:.0f} | "
+              f"{r['ratio']:.2f} | {r['e2e_s'] / r['core_forward_s']:.2f} | {r['mpx_s']:.2f} | {r['rss_mb']:.0f} | "
               f"{r['pp_ms_per_tile']:.0f} ({r['pp_nuclei_per_tile']:.0f}) |")
     for r in rows:
         print(f"stage sums {r['side']}: " + ", ".join(f"{k} {v}" for k, v in r["timings"].items()))

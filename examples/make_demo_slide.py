@@ -31,9 +31,11 @@ def tissue_outline(size: int, seed: int) -> np.ndarray:
     return np.hypot(yy, xx) < radius
 
 
-def demo_image(size: int = 2048, seed: int = 0, nuclei_per_mpx: float = 900.0, glass: bool = True) -> np.ndarray:
+def demo_image(size: int = 2048, seed: int = 0, nuclei_per_mpx: float = 900.0, glass: bool = True,
+               centers_out: list | None = None) -> np.ndarray:
     """(size, size, 3) uint8 synthetic H&E-like content: nuclei on textured stroma inside tissue, glass outside
-    (``glass=False``: tissue everywhere, for tiling into large benchmark slides).
+    (``glass=False``: tissue everywhere, for tiling into large benchmark slides). ``centers_out``, when given,
+    receives each drawn nucleus's centre as QuPath level-0 (x, y) (the true clicks, for the adaptation example).
 
     Nuclei are ellipses (radius 5-10 px, i.e. 2.5-5 um at 0.25 um/px) drawn one at a time in their own
     window, with a density that varies smoothly across the tissue and a per-nucleus stain intensity.
@@ -61,6 +63,8 @@ def demo_image(size: int = 2048, seed: int = 0, nuclei_per_mpx: float = 900.0, g
         if (disk & window).sum() > 0.1 * disk.sum():
             continue
         window |= disk
+        if centers_out is not None:
+            centers_out.append((c + 0.5, r + 0.5))
         ink[r - 12 : r + 13, c - 12 : c + 13] += disk * rng.uniform(0.75, 1.0)
     ink = np.clip(ndi.gaussian_filter(ink, 0.8), 0, 1)[..., None]
     nucleus = np.array([88, 52, 140], float) + rng.normal(0, 10, (size, size, 3))
@@ -72,11 +76,18 @@ def demo_image(size: int = 2048, seed: int = 0, nuclei_per_mpx: float = 900.0, g
     return np.clip(tissue * inside + background * (1 - inside), 0, 255).astype(np.uint8)
 
 
-def make_demo_slide(path: str | Path, size: int = 2048, mpp: float = 0.25, seed: int = 0) -> Path:
-    """Write the demo slide to ``path`` and check that both backends read it back."""
+def make_demo_slide(path: str | Path, size: int = 2048, mpp: float = 0.25, seed: int = 0,
+                    truth: str | Path | None = None) -> Path:
+    """Write the demo slide to ``path`` and check that both backends read it back; ``truth``: also write every
+    nucleus centre there as QuPath points (.geojson) or an x,y CSV."""
     path = Path(path)
-    write_pyramid_tiff(path, demo_image(size, seed=seed), mpp, tile_px=256, levels=3, compression="jpeg",
-                       quality=85)
+    centers: list = []
+    write_pyramid_tiff(path, demo_image(size, seed=seed, centers_out=centers), mpp, tile_px=256, levels=3,
+                       compression="jpeg", quality=85)
+    if truth is not None:
+        from pronet_wsi.training.points import write_points
+
+        write_points(truth, np.array(centers, float).reshape(-1, 2))
     for backend in ("openslide", "tiffslide"):
         with open_slide(path, backend) as slide:
             assert slide.level_count == 3 and abs(slide.mpp - mpp) < 1e-6, (backend, slide.info())
@@ -89,8 +100,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048, help="side in px (a multiple of 256)")
     parser.add_argument("--mpp", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--truth", default=None, help="also write the true nucleus centres here (.geojson/.csv)")
     args = parser.parse_args()
-    path = make_demo_slide(args.path, args.size, args.mpp, args.seed)
+    path = make_demo_slide(args.path, args.size, args.mpp, args.seed, args.truth)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, {args.size} x {args.size} px at {args.mpp} um/px, "
           f"3 levels; readable by OpenSlide and tiffslide)")
 

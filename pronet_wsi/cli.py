@@ -167,6 +167,11 @@ def _names(value: str | None) -> list[str] | None:
 @click.option("--slide", type=click.Path(path_type=str), multiple=True,
               help="Train from whole-slide images (repeatable, one --points each) ...")
 @click.option("--slide-mpp", type=float, default=None, help="... whose mpp is this when the file has none.")
+@click.option("--regions", type=click.Path(path_type=str), multiple=True,
+              help="GeoJSON of the areas whose nuclei are all clicked, one per --slide (default: the rectangle / "
+                   "polygon annotations exported with the points).")
+@click.option("--slide-list", type=click.Path(path_type=str),
+              help="CSV with columns slide,points[,mpp][,regions], one row per slide (instead of --slide).")
 @click.option("--val-images", type=click.Path(path_type=str), help="Validation images folder.")
 @click.option("--val-labels", type=click.Path(path_type=str), help="Validation instance maps (for scores/tuning).")
 @click.option("--val-names", help="Comma-separated validation stems.")
@@ -197,13 +202,14 @@ def _names(value: str | None) -> list[str] | None:
 @click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False, path_type=str),
               help="Model folder to write.")
 @friendly_errors
-def train(images, points, labels, names, shift, slide, slide_mpp, val_images, val_labels, val_names, recipe, init,
+def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide_list, val_images, val_labels,
+          val_names, recipe, init,
           width, epochs, batch_size, lr, weight_decay, schedule, patch_px, patches_per_image, mpp, euclidean,
           no_offsets, no_refine, max_minutes, seed, device, resume, drop_outside, quiet, outdir) -> None:
     """Train PROnet from point annotations (image folders + points, or QuPath points on a slide)."""
     from pathlib import Path
 
-    from pronet_wsi.training.dataset import load_items, load_slide_items
+    from pronet_wsi.training.dataset import load_items, load_slide_items, read_slide_list
     from pronet_wsi.training.loop import TrainConfig
     from pronet_wsi.training.loop import train as run_training
     from pronet_wsi.training.pseudolabels import PseudoLabelConfig
@@ -228,18 +234,23 @@ def train(images, points, labels, names, shift, slide, slide_mpp, val_images, va
             seed=seed, device=device, max_minutes=max_minutes, use_offsets=False if no_offsets else None,
             use_refinement=False if no_refine else None,
             pseudo=PseudoLabelConfig(geodesic=False) if euclidean else None)
-    if slide:
-        if len(points) != len(slide) or images or labels:
-            raise click.UsageError("give one --points POINTS.geojson per --slide, and no --images/--labels")
-        items = [it for sl, pts in zip(slide, points, strict=True)
-                 for it in load_slide_items(sl, pts, config.mpp, slide_mpp=slide_mpp, region_px=4 * config.patch_px,
-                                            drop_outside=drop_outside)]
+    if slide or slide_list:
+        if images or labels or (slide and slide_list) or (slide_list and (points or regions)):
+            raise click.UsageError("give --slide with --points, or --slide-list, and no --images/--labels")
+        if slide and (len(points) != len(slide) or (regions and len(regions) != len(slide))):
+            raise click.UsageError("give one --points POINTS.geojson (and one --regions, if any) per --slide")
+        rows = read_slide_list(slide_list) if slide_list else [
+            (sl, pts, slide_mpp, regions[i] if regions else None)
+            for i, (sl, pts) in enumerate(zip(slide, points, strict=True))]
+        items = [it for sl, pts, sl_mpp, reg in rows
+                 for it in load_slide_items(sl, pts, config.mpp, slide_mpp=sl_mpp, region_px=4 * config.patch_px,
+                                            drop_outside=drop_outside, regions_path=reg)]
     else:
         if not images:
-            raise click.UsageError("give --images (with --points or --labels) or --slide with --points")
+            raise click.UsageError("give --images (with --points or --labels), --slide with --points, or --slide-list")
         if len(points) > 1:
             raise click.UsageError("--images takes one --points folder")
-        items = load_items(images, points[0] if points else None, labels, names=_names(names),
+        items = load_items(images, points[0] if points else None, labels, names=_names(names),  # type: ignore[assignment]
                            shift=tuple(shift) if shift else None, seed=seed, drop_outside=drop_outside)
     val = None
     if val_images:
@@ -275,21 +286,28 @@ def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, eu
     from PIL import Image
 
     from pronet_wsi.files import atomic_write
+    from pronet_wsi.geometry import xy_to_index
     from pronet_wsi.images import read_image
     from pronet_wsi.training.points import clip_points, read_points
     from pronet_wsi.training.pseudolabels import PseudoLabelConfig, figure_pseudo_labels
     from pronet_wsi.training.pseudolabels import pseudo_labels as make_pseudo_labels
 
-    overrides = {k: v for k, v in (("lam", lam), ("d_star", d_star)) if v is not None}
-    config = PseudoLabelConfig(geodesic=not euclidean, **overrides)
+    config = PseudoLabelConfig(geodesic=not euclidean)
+    if lam is not None or d_star is not None:
+        config = dataclasses.replace(config, lam=config.lam if lam is None else lam,
+                                     d_star=config.d_star if d_star is None else d_star)
     rgb = read_image(image)
     pts, n_dropped = clip_points(read_points(points), rgb.shape[:2], drop_outside=drop_outside, source=str(points))
+    pts = xy_to_index(pts)  # file frame -> the array frame of the pseudo labels
     if len(pts) == 0:
         raise InputError(f"{points}: no points inside the image; pseudo labels need at least one point")
     voronoi, cluster = make_pseudo_labels(rgb, pts, config)
     stem = image.stem
     for name, lab in (("voronoi", voronoi), ("cluster", cluster)):
-        atomic_write(outdir / f"{stem}_{name}.png", lambda tmp, lab=lab: Image.fromarray(lab).save(tmp, format="PNG"))
+        def save_png(tmp: Path, lab: np.ndarray = lab) -> None:
+            Image.fromarray(lab).save(tmp, format="PNG")
+
+        atomic_write(outdir / f"{stem}_{name}.png", save_png)
     fig = figure_pseudo_labels(rgb, voronoi, cluster, pts, title=f"{stem}: {len(pts)} points, "
                                + ("Euclidean" if euclidean else f"geodesic lam={config.lam:g}"))
     atomic_write(outdir / f"{stem}_pseudolabels.png", lambda tmp: fig.savefig(tmp, format="png"))
@@ -318,10 +336,11 @@ def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, eu
 @click.option("--mpp", type=float, default=None,
               help="Slide pixel size in um (needed when the file has none; a manifest's mpp column wins).")
 @click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto", show_default=True)
-@click.option("--tile-px", type=int, default=1024, show_default=True, help="Model input tile side (px at model mpp).")
-@click.option("--halo-px", type=int, default=128, show_default=True,
-              help="Context on each side of a tile core (>= 96 px for seam-exact output with the shipped model).")
-@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--tile-px", type=int, default=2048, show_default=True,
+              help="Largest model input tile side (px at model mpp); the grid splits the slide evenly.")
+@click.option("--halo-px", type=int, default=None,
+              help="Context on each side of a tile core [the model's context_px: 96 for the shipped model].")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Tiles per model call.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--workers", type=int, default=0, show_default=True,
               help="Parallel tile tasks (0 = CPUs + 1, at most 9).")
@@ -351,11 +370,12 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
     """
     import contextlib
 
-    from pronet_wsi.cohort import duplicates, expand_inputs, parse_shard, read_manifest, segment_batch, select_shard
     from pronet_wsi.inference import InferenceConfig, Predictor
     from pronet_wsi.model import resolve_model_dir
-    from pronet_wsi.pipeline import SegmentConfig, check_writable
     from pronet_wsi.tiling import TilingConfig
+    from pronet_wsi.wsi.cohort import duplicates, expand_inputs, parse_shard, read_manifest, segment_batch, select_shard
+    from pronet_wsi.wsi.pipeline import SegmentConfig, check_writable
+    from pronet_wsi.wsi.tile_task import TileModel
 
     if manifest is not None and slides:
         raise click.UsageError("give SLIDES or --manifest, not both")
@@ -366,16 +386,15 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
     if scheduler:
         import distributed  # noqa: F401  (its import sets its loggers to INFO; quiet them unless -v)
 
-        from pronet_wsi.cluster import parse_scheduler
+        from pronet_wsi.wsi.cluster import parse_scheduler
 
         local_cluster = parse_scheduler(scheduler)[0] == "local"
         if logging.getLogger().level > logging.INFO:
             logging.getLogger("distributed").setLevel(logging.WARNING)
     check_mpp_option(mpp)
-    check_tile_memory(tile_px, halo_px, batch_size)
-    config = SegmentConfig(tiling=TilingConfig(tile_px, halo_px), use_tissue_mask=not no_tissue_mask,
-                           batch_size=batch_size, workers=workers, gzip=gzip_output, tissue_geojson=tissue_annotation,
-                           labels_zarr=labels_zarr, overwrite=overwrite)
+    check_tile_memory(tile_px, batch_size)
+    if halo_px is not None:
+        TilingConfig(tile_px, halo_px)  # a bad pair fails before the model loads
     items = read_manifest(manifest) if manifest is not None else expand_inputs(slides)
     dups = duplicates(items)
     indices = list(range(len(items)))
@@ -395,14 +414,19 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
             todo.append(items[i])
     inference = InferenceConfig(device=device, batch_size=batch_size, tta=tta)
     with contextlib.ExitStack() as stack:
-        client, predictor = None, None
+        client = None
+        predictor: TileModel | None = None
         if scheduler and todo:
-            from pronet_wsi.cluster import ModelSpec, open_client
+            from pronet_wsi.wsi.cluster import ModelSpec, open_client
 
             predictor = ModelSpec.load(model_dir, inference, pin_gpus=local_cluster)
             client = stack.enter_context(open_client(scheduler))
         elif todo:
             predictor = Predictor(resolve_model_dir(model_dir), inference)
+        halo = halo_px if halo_px is not None else getattr(predictor, "context_px", TilingConfig().halo_px)
+        config = SegmentConfig(tiling=TilingConfig(tile_px, halo), use_tissue_mask=not no_tissue_mask,
+                               batch_size=batch_size, workers=workers, gzip=gzip_output,
+                               tissue_geojson=tissue_annotation, labels_zarr=labels_zarr, overwrite=overwrite)
         for outcome in segment_batch(todo, outdir, predictor, config, client=client,
                                      backend=backend, default_mpp=mpp, pin_gpus=local_cluster, progress=not quiet):
             path, msg = outcome.item.path, outcome.error
@@ -410,9 +434,11 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
                 click.echo(f"ERROR: {msg}" if str(path) in msg else f"ERROR {path}: {msg}", err=True)
                 failed += 1
                 continue
-            for warning in outcome.result.warnings:
+            result = outcome.result
+            assert result is not None  # an outcome without an error has a result
+            for warning in result.warnings:
                 click.echo(f"WARNING {path.name}: {warning}", err=True)
-            click.echo(outcome.result.summary())
+            click.echo(result.summary())
     if failed:
         click.echo(f"{failed} of {len(indices)} slides failed", err=True)
         sys.exit(1)
@@ -426,7 +452,7 @@ def check_mpp_option(mpp: float | None) -> None:
                          "um/px; 40x is ~0.25, 20x ~0.5)")
 
 
-def check_tile_memory(tile_px: int, halo_px: int, batch_size: int, bytes_per_px: int = 600) -> None:
+def check_tile_memory(tile_px: int, batch_size: int, bytes_per_px: int = 600) -> None:
     """An error when a batch of tiles cannot fit in this machine's memory (checked before any work starts).
 
     ``bytes_per_px`` is the model's peak activation memory per input pixel, rounded up from the shipped model.
@@ -435,9 +461,9 @@ def check_tile_memory(tile_px: int, halo_px: int, batch_size: int, bytes_per_px:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return
-    need = batch_size * (tile_px + 2 * halo_px) ** 2 * bytes_per_px
+    need = batch_size * tile_px**2 * bytes_per_px
     if need > 0.8 * total:
-        fit = int(((0.8 * total / (batch_size * bytes_per_px)) ** 0.5 - 2 * halo_px) // 256 * 256)
+        fit = int((0.8 * total / (batch_size * bytes_per_px)) ** 0.5 // 256 * 256)
         raise InputError(f"--tile-px {tile_px} with --batch-size {batch_size}: needs ~{need / 2**30:.0f} GiB, this "
                          f"machine has {total / 2**30:.0f} GiB; use --tile-px {max(fit, 256)} or less")
 
@@ -456,10 +482,10 @@ def check_tile_memory(tile_px: int, halo_px: int, batch_size: int, bytes_per_px:
 def suggest(slides, outdir, model_dir, regions, region_um, mpp, device) -> None:
     """Propose where to click: boxes where the model is least reliable, spread over the tissue and its types,
     each with the model's nuclei as points to correct (QuPath annotations; see the README's adaptation loop)."""
-    from pronet_wsi.cohort import expand_inputs
     from pronet_wsi.inference import InferenceConfig, Predictor
-    from pronet_wsi.pipeline import check_writable
     from pronet_wsi.suggest import SuggestConfig, suggest_slide
+    from pronet_wsi.wsi.cohort import expand_inputs
+    from pronet_wsi.wsi.pipeline import check_writable
 
     check_mpp_option(mpp)
     config = SuggestConfig(regions=regions, region_um=region_um, candidates=max(160, 4 * regions))
@@ -485,7 +511,7 @@ def summary(outdir: Path, output_csv: Path | None, manifest: Path | None) -> Non
     Columns: name, slide, status (done / failed / missing), error, nuclei, tissue_area_mm2, nuclei_per_mm2,
     mean_area_um2, wall_time_s, mpx_per_s. Failed and missing slides are listed on stderr.
     """
-    from pronet_wsi.cohort import format_totals, read_manifest, summary_rows, summary_totals, write_summary_csv
+    from pronet_wsi.wsi.cohort import format_totals, read_manifest, summary_rows, summary_totals, write_summary_csv
 
     rows = summary_rows(outdir, read_manifest(manifest) if manifest is not None else None)
     if not rows:

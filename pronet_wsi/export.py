@@ -120,17 +120,17 @@ def read_geojson(path: str | os.PathLike) -> dict:
 class LabelsWriter:
     """A uint32 instance-label image in the processing frame, as a zarr v3 array written chunk by chunk.
 
-    Chunks are ``chunk_px`` squares aligned with the tile cores, so each is written exactly once. Attributes
+    Chunks are the tile cores (``chunk_hw``), so each is written exactly once. Attributes
     record the pixel size and the scale to level 0 (level-0 px per label px).
     """
 
-    def __init__(self, path: Path, shape: tuple[int, int], chunk_px: int, attrs: dict) -> None:
+    def __init__(self, path: Path, shape: tuple[int, int], chunk_hw: tuple[int, int], attrs: dict) -> None:
         import zarr
 
         self.path = Path(path)
         self._tmp = self.path.with_name(f".{self.path.name}.tmp")
         shutil.rmtree(self._tmp, ignore_errors=True)
-        self.array = zarr.create_array(store=str(self._tmp), shape=shape, chunks=(chunk_px, chunk_px),
+        self.array = zarr.create_array(store=str(self._tmp), shape=shape, chunks=tuple(chunk_hw),
                                        dtype="uint32", fill_value=0, zarr_format=3)
         self.array.attrs.update(attrs)
 
@@ -160,7 +160,8 @@ class Overlay:
         if mask is not None and mask.any():
             from scipy import ndimage as ndi
 
-            m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(self.image.size, Image.NEAREST)) > 0
+            mask_img = Image.fromarray(mask.astype(np.uint8) * 255)
+            m = np.asarray(mask_img.resize(self.image.size, Image.Resampling.NEAREST)) > 0
             edge = m & ~ndi.binary_erosion(m)
             arr = np.asarray(self.image).copy()
             arr[edge] = (0, 160, 0)

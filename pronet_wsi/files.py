@@ -1,4 +1,5 @@
-"""Safe file writing on shared storage: atomic replace with fsync, umask-honouring modes, per-output locks.
+"""Safe file writing on shared storage: atomic replace with fsync, umask-honouring modes, per-output locks,
+and where a slide's outputs go (:class:`OutputPaths`).
 
 Every output of the package goes through :func:`atomic_write` (or :func:`open_atomic` for streams), so a file
 that exists is complete, and a crash leaves at most a ``.<name>.*.tmp`` file that :func:`sweep_temp` removes.
@@ -13,6 +14,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
@@ -180,3 +182,46 @@ def commit(tmp: Path, path: Path) -> None:
     os.chmod(tmp, FILE_MODE)
     os.replace(tmp, path)
     _fsync_dir(Path(path).parent)
+
+
+def slide_stem(path: Path) -> str:
+    name = Path(path).name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """Where one slide's outputs go in the output folder (``<stem>`` = the output name).
+
+    geojson : the nuclei (``.geojson`` or ``.geojson.gz``). record : ``<stem>.json``, the run record. overlay,
+    mask : the overlay and tissue-mask PNGs. tissue : the tissue annotation GeoJSON. labels : the label zarr.
+    parts : the hidden per-tile store of an unfinished run. lock : the hidden per-slide lock file.
+    """
+
+    geojson: Path
+    record: Path
+    overlay: Path
+    mask: Path
+    tissue: Path
+    labels: Path
+    parts: Path
+    lock: Path
+
+    @classmethod
+    def of(cls, slide_path: Path, out_dir: Path, gzip_output: bool = False, name: str | None = None
+           ) -> OutputPaths:
+        """The paths for ``slide_path`` in ``out_dir``; ``name`` (default: the slide's stem) is the file stem."""
+        stem = name or slide_stem(slide_path)
+        out_dir = Path(out_dir)
+        return cls(geojson=out_dir / (stem + (".geojson.gz" if gzip_output else ".geojson")),
+                   record=out_dir / f"{stem}.json", overlay=out_dir / f"{stem}_overlay.png",
+                   mask=out_dir / f"{stem}_tissue.png", tissue=out_dir / f"{stem}_tissue.geojson",
+                   labels=out_dir / f"{stem}_labels.zarr", parts=out_dir / f".{stem}.parts",
+                   lock=out_dir / f".{stem}.lock")
+
+    def user_files(self) -> dict[str, str]:
+        """The outputs a user sees (for the run record), by name."""
+        return {k: str(v) for k, v in asdict(self).items() if k not in ("parts", "lock")}

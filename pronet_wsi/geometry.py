@@ -146,6 +146,15 @@ def rc_to_xy(rc: np.ndarray, origin_xy: tuple[float, float] = (0.0, 0.0)) -> np.
     return np.stack([rc[:, 1] + 0.5 + origin_xy[0], rc[:, 0] + 0.5 + origin_xy[1]], axis=1)
 
 
+def xy_to_index(xy: np.ndarray) -> np.ndarray:
+    """(N, 2) continuous ``(x, y)`` (QuPath's frame: pixel ``[r, c]`` centred at ``(c + 0.5, r + 0.5)``) ->
+    (N, 2) ``(x, y)`` in the array-index frame, where pixel ``[r, c]`` is centred at ``(c, r)``.
+
+    The inverse of :func:`rc_to_xy` up to the (row, col) order; training converts its points with it once.
+    """
+    return np.asarray(xy, np.float64).reshape(-1, 2) - 0.5
+
+
 def best_level(downsamples: list[float] | tuple[float, ...], target_downsample: float) -> int:
     """Index of the coarsest pyramid level that is still at least as fine as ``target_downsample``.
 

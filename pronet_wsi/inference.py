@@ -80,10 +80,10 @@ class Predictor:
         self.device = resolve_device(config.device)
         self.model = bundle.model.to(self.device).eval()
         if self.device.type == "cpu":
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch stubs
         self.mpp = bundle.config.mpp
         self.postprocess_config: PostprocessConfig = bundle.thresholds
-        self.halo_hint_px = int(4 * bundle.config.center_radius_px)
+        self.context_px = bundle.config.context_px  # the tile halo this model needs for seam-exact maps
         amp = config.amp
         if amp == "auto":
             amp = "on" if (self.device.type == "cuda" or _cpu_has_bf16()) else "off"
@@ -216,7 +216,7 @@ def resample_image(image: np.ndarray, scale: float) -> np.ndarray:
     """Resize an (H, W, 3) uint8 image by ``scale`` (bilinear, antialiased when shrinking)."""
     if abs(scale - 1.0) < 1e-3:
         return image
-    t = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    t = torch.as_tensor(np.asarray(image, np.float32)).permute(2, 0, 1)[None]  # a copy: inputs may be read-only
     size = (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale)))
     out = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
     return out[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()

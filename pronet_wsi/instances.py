@@ -67,6 +67,7 @@ class Instances:
 
     def mask(self, i: int) -> np.ndarray:
         """(h, w) bool mask of nucleus ``i`` inside its ``bbox`` (processing frame)."""
+        assert self.bbox is not None and self.bits is not None and self.bit_offsets is not None, "no masks stored"
         r0, c0, r1, c1 = (int(v) for v in self.bbox[i])
         n = (r1 - r0) * (c1 - c0)
         packed = self.bits[self.bit_offsets[i] : self.bit_offsets[i + 1]]
@@ -78,17 +79,20 @@ class Instances:
         lens = np.diff(self.offsets)[idx]
         take = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in idx]) if len(idx) else \
             np.zeros(0, np.int64)
-        extra = {}
+        bbox: np.ndarray | None = None
+        bits: np.ndarray | None = None
+        bit_offsets: np.ndarray | None = None
         if self.bbox is not None:
+            assert self.bits is not None and self.bit_offsets is not None
             blens = np.diff(self.bit_offsets)[idx]
             btake = (np.concatenate([np.arange(self.bit_offsets[i], self.bit_offsets[i + 1]) for i in idx])
                      if len(idx) else np.zeros(0, np.int64))
-            extra = {"bbox": self.bbox[idx], "bits": self.bits[btake],
-                     "bit_offsets": np.concatenate([[0], np.cumsum(blens)]).astype(np.int64)}
+            bbox, bits = self.bbox[idx], self.bits[btake]
+            bit_offsets = np.concatenate([[0], np.cumsum(blens)]).astype(np.int64)
         return Instances(self.centers_xy[idx], self.priority[idx], self.in_core[idx], self.area_px[idx],
                          self.area_um2[idx], self.center_score[idx], self.foreground_mean[idx],
                          self.coords[take].reshape(-1, 2), np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
-                         **extra)
+                         bbox=bbox, bits=bits, bit_offsets=bit_offsets)
 
     def geometry_json(self, i: int) -> str:
         """The GeoJSON ``coordinates`` of nucleus ``i`` (one ring, rounded to 0.01 px) as text."""
@@ -109,10 +113,11 @@ class Instances:
     @classmethod
     def empty(cls, with_masks: bool = False) -> Instances:
         z = np.zeros(0)
-        extra = ({"bbox": np.zeros((0, 4), np.int64), "bits": np.zeros(0, np.uint8),
-                  "bit_offsets": np.zeros(1, np.int64)} if with_masks else {})
         return cls(np.zeros((0, 2)), z, np.zeros(0, bool), z, z, np.zeros(0, np.float32), np.zeros(0, np.float32),
-                   np.zeros((0, 2)), np.zeros(1, np.int64), **extra)
+                   np.zeros((0, 2)), np.zeros(1, np.int64),
+                   bbox=np.zeros((0, 4), np.int64) if with_masks else None,
+                   bits=np.zeros(0, np.uint8) if with_masks else None,
+                   bit_offsets=np.zeros(1, np.int64) if with_masks else None)
 
 
 def tile_instances(labels: np.ndarray, centers_rc: np.ndarray, center_scores: np.ndarray, foreground: np.ndarray,

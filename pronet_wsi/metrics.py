@@ -28,7 +28,7 @@ Conventions:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -239,11 +239,15 @@ def mean_scores(scores: Iterable[ImageScores]) -> ImageScores:
     scores = list(scores)
     if not scores:
         raise ValueError("mean_scores: no images to average")
-    values = {}
-    for f in fields(ImageScores):
-        column = [getattr(s, f.name) for s in scores]
-        values[f.name] = int(sum(column)) if f.name in ("n_gt", "n_pred") else float(np.mean(column))
-    return ImageScores(**values)
+
+    def mean(name: str) -> float:
+        return float(np.mean([getattr(s, name) for s in scores]))
+
+    return ImageScores(
+        object_dice=mean("object_dice"), pixel_dice=mean("pixel_dice"), aji=mean("aji"),
+        pq=mean("pq"), dq=mean("dq"), sq=mean("sq"),
+        n_gt=int(sum(s.n_gt for s in scores)), n_pred=int(sum(s.n_pred for s in scores)),
+    )
 
 
 def evaluate_images(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[list[ImageScores], ImageScores]:

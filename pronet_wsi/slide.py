@@ -11,6 +11,7 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -318,7 +319,7 @@ def _tiff_mpp(path: Path) -> float | None:
 
     try:
         with tifffile.TiffFile(path) as tif:
-            tags = tif.pages[0].tags
+            tags = tif.pages.first.tags
             if "XResolution" not in tags or "ResolutionUnit" not in tags:
                 return None
             num, den = tags["XResolution"].value
@@ -370,7 +371,7 @@ def write_pyramid_tiff(path: str | os.PathLike, image, mpp: float, *, tile_px: i
         levels = 1
         while max(h0, w0) / 2**levels > 1024 and min(h0, w0) / 2**levels >= tile_px:
             levels += 1
-    args = {"compression": compression}
+    args: dict[str, Any] = {"compression": compression}
     if compression == "jpeg":
         args["compressionargs"] = {"level": quality}
     current = image
@@ -380,7 +381,7 @@ def write_pyramid_tiff(path: str | os.PathLike, image, mpp: float, *, tile_px: i
             h, w = -(-h0 // ds), -(-w0 // ds)
             if callable(image):
                 data = _tile_iter(image, lvl, h, w, tile_px)
-                kw = {"shape": (h, w, 3), "dtype": np.uint8}
+                kw: dict[str, Any] = {"shape": (h, w, 3), "dtype": np.uint8}
             else:
                 if lvl:
                     current = _halve(current)

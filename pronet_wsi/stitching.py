@@ -11,7 +11,7 @@ core it is that tile's alone (the cores partition the slide), and just outside i
 elsewhere or not at all, so dropping it would lose it.
 
 With identical predictions in the overlap (an oracle model) the result is exactly the untiled one. Pure
-functions on arrays; the streaming driver lives in :mod:`pronet_wsi.pipeline`.
+functions on arrays; the streaming driver lives in :mod:`pronet_wsi.wsi.pipeline`.
 """
 
 from __future__ import annotations
@@ -174,10 +174,16 @@ class Resolver:
             self._cands[key] = self._load(key)
         return self._cands[key]
 
+    def _need(self, key) -> Candidates:
+        """The candidates of tile ``key``, which must exist (a tile being resolved, or a present neighbour)."""
+        cands = self._get(key)
+        assert cands is not None, f"no candidates for tile {key!r}"
+        return cands
+
     def _losses(self, key, nb_key) -> tuple[np.ndarray, np.ndarray]:
         """(i, j) pairs where ``key``'s candidate i is beaten by ``nb_key``'s candidate j."""
         if (key, nb_key) not in self._pairs:
-            a, b = self._get(key), self._get(nb_key)
+            a, b = self._need(key), self._need(nb_key)
             ia, jb = conflicts(a, b, self.radius, self.min_overlap)
             pa, pb = a.priority[ia], b.priority[jb]
             a_loses = (pb > pa) | ((pb == pa) & (b.order < a.order))
@@ -191,7 +197,7 @@ class Resolver:
     def beaten(self, key) -> np.ndarray:
         """(N,) bool: candidates of tile ``key`` that some neighbour's view beats."""
         if key not in self._beaten:
-            out = np.zeros(len(self._get(key).centers_xy), bool)
+            out = np.zeros(len(self._need(key).centers_xy), bool)
             for nb in self._present(key):
                 out[self._losses(key, nb)[0]] = True
             self._beaten[key] = out
@@ -199,7 +205,7 @@ class Resolver:
 
     def keep(self, key) -> np.ndarray:
         """(N,) bool: which of tile ``key``'s candidates to keep."""
-        keep = np.ones(len(self._get(key).centers_xy), bool)
+        keep = np.ones(len(self._need(key).centers_xy), bool)
         for nb in self._present(key):
             i, j = self._losses(key, nb)
             keep[i[~self.beaten(nb)[j]]] = False
@@ -251,15 +257,29 @@ def concat(parts: list[Instances]) -> Instances:
         return Instances.empty()
     shifts = np.cumsum([0] + [len(p.coords) for p in parts[:-1]])
     offsets = np.concatenate([[0]] + [p.offsets[1:] + s for p, s in zip(parts, shifts, strict=True)])
-    extra = {}
+    bbox: np.ndarray | None = None
+    bits: np.ndarray | None = None
+    bit_offsets: np.ndarray | None = None
     if all(p.bbox is not None for p in parts):
-        bshift = np.cumsum([0] + [len(p.bits) for p in parts[:-1]])
-        extra = {"bbox": np.concatenate([p.bbox for p in parts]).reshape(-1, 4),
-                 "bits": np.concatenate([p.bits for p in parts]),
-                 "bit_offsets": np.concatenate([[0]] + [p.bit_offsets[1:] + s
-                                                         for p, s in zip(parts, bshift, strict=True)]).astype(np.int64)}
-    cat = {f: np.concatenate([getattr(p, f) for p in parts])
-           for f in ("priority", "in_core", "area_px", "area_um2", "center_score", "foreground_mean")}
+        masks = [_mask_arrays(p) for p in parts]
+        bshift = np.cumsum([0] + [len(m_bits) for _, m_bits, _ in masks[:-1]])
+        bbox = np.concatenate([m_bbox for m_bbox, _, _ in masks]).reshape(-1, 4)
+        bits = np.concatenate([m_bits for _, m_bits, _ in masks])
+        bit_offsets = np.concatenate([[0]] + [m_offsets[1:] + s
+                                              for (_, _, m_offsets), s in zip(masks, bshift, strict=True)]
+                                     ).astype(np.int64)
     return Instances(centers_xy=np.concatenate([p.centers_xy for p in parts]).reshape(-1, 2),
+                     priority=np.concatenate([p.priority for p in parts]),
+                     in_core=np.concatenate([p.in_core for p in parts]),
+                     area_px=np.concatenate([p.area_px for p in parts]),
+                     area_um2=np.concatenate([p.area_um2 for p in parts]),
+                     center_score=np.concatenate([p.center_score for p in parts]),
+                     foreground_mean=np.concatenate([p.foreground_mean for p in parts]),
                      coords=np.concatenate([p.coords for p in parts]).reshape(-1, 2),
-                     offsets=offsets.astype(np.int64), **cat, **extra)
+                     offsets=offsets.astype(np.int64), bbox=bbox, bits=bits, bit_offsets=bit_offsets)
+
+
+def _mask_arrays(inst: Instances) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(bbox, bits, bit_offsets)`` of instances that carry masks."""
+    assert inst.bbox is not None and inst.bits is not None and inst.bit_offsets is not None, "instances without masks"
+    return inst.bbox, inst.bits, inst.bit_offsets

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pronet_wsi.files import atomic_bytes
+from pronet_wsi.geometry import rc_to_xy
 
 REGION_CLASS = {"name": "Click here", "color": [250, 200, 0]}
 POINTS_CLASS = {"name": "Nucleus", "color": [220, 50, 50]}
@@ -144,9 +145,7 @@ def suggest_slide(slide_path: str | Path, out_path: str | Path, predictor, confi
         b, s = boxes[i], scores[i]
         seg = postprocess(maps_plain[i], predictor.postprocess_config)
         scale = side0 / side
-        pts = np.column_stack([b.x0 + (seg.centers_rc[:, 1] + 0.5) * scale - 0.5,
-                               b.y0 + (seg.centers_rc[:, 0] + 0.5) * scale - 0.5]) if len(seg.centers_rc) else \
-            np.zeros((0, 2))
+        pts = rc_to_xy(seg.centers_rc) * scale + [b.x0, b.y0]  # level-0 continuous, as QuPath reads them
         reason = "the mirrored view disagrees" if s["flip_disagreement"] >= s["uncertain"] else \
             "foreground is uncertain"
         features.append(_rectangle(f"{slide_path.stem}/{rank}", b, rank, reason, s, int(groups[i])))

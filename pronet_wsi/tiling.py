@@ -1,9 +1,13 @@
 """The tile grid: core boxes that partition the processing frame, plus a halo around each core.
 
-Pure geometry. A tile is ``tile_px`` square (the model input); its core is the central
-``tile_px - 2 * halo_px`` square. Cores partition the processing frame (see :mod:`pronet_wsi.geometry`), so
-every nucleus centre lies in exactly one core; the halo gives the model context and holds the rest of the
-nuclei whose centres sit near the core's edge.
+Pure geometry. A tile is at most ``tile_px`` square (the model input); its core is the central part without
+``halo_px`` on each side. Cores partition the processing frame (see :mod:`pronet_wsi.geometry`), so every nucleus
+centre lies in exactly one core; the halo gives the model context and holds the rest of the nuclei whose centres
+sit near the core's edge.
+
+The grid is balanced: along each axis it uses as few cores as ``tile_px`` allows, all of one size (rounded up to
+a multiple of 16, the network's stride), so the model never computes a mostly-empty strip beyond the frame's
+edge. A 16384 px side at tile 2048 / halo 96 gets 9 cores of 1824 px (32 px past the edge) instead of 9 of 1856.
 """
 
 from __future__ import annotations
@@ -19,10 +23,14 @@ from pronet_wsi.tissue import mask_fraction
 
 @dataclass(frozen=True)
 class TilingConfig:
-    """tile_px : model input side in processing px; halo_px : context on each side (core = tile - 2 halo)."""
+    """tile_px : largest model input side in processing px; halo_px : context on each side (core <= tile - 2 halo).
 
-    tile_px: int = 1024
-    halo_px: int = 128
+    2048 / 96: the shipped model's maps are identical beyond 96 px of context (its ``context_px``), and a 2240
+    px read keeps 1.22x the core's pixels (1024 / 128 computed 1.78x).
+    """
+
+    tile_px: int = 2048
+    halo_px: int = 96
 
     def __post_init__(self) -> None:
         if not 32 <= self.tile_px <= 16384:
@@ -51,23 +59,44 @@ class Tile:
         return f"{self.index[0]:05d}_{self.index[1]:05d}"
 
 
+def balanced_core(length: int, max_core: int, multiple: int = 16) -> int:
+    """Core side along an axis of ``length`` px: the fewest cores of at most ``max_core``, all of one size,
+    rounded up to ``multiple`` when that stays within ``max_core``."""
+    n = max(1, -(-length // max_core))
+    even = -(-length // n)
+    rounded = -(-even // multiple) * multiple
+    return rounded if rounded <= max_core else even
+
+
 @dataclass(frozen=True)
 class TileGrid:
-    """All tiles over a processing frame of ``shape`` ``(H, W)``."""
+    """All tiles over a processing frame of ``shape`` ``(H, W)``; every tile reads ``read_hw`` px."""
 
     shape: tuple[int, int]
     config: TilingConfig
 
     @property
+    def core_hw(self) -> tuple[int, int]:
+        """Core (height, width) in processing px (the last row / column is cut at the frame's edge)."""
+        return tuple(balanced_core(max(1, n), self.config.core_px) for n in self.shape)  # type: ignore[return-value]
+
+    @property
+    def read_hw(self) -> tuple[int, int]:
+        """Model input (height, width) of every tile: the core plus the halo on both sides."""
+        ch, cw = self.core_hw
+        return ch + 2 * self.config.halo_px, cw + 2 * self.config.halo_px
+
+    @property
     def grid_shape(self) -> tuple[int, int]:
-        c = self.config.core_px
-        return -(-self.shape[0] // c), -(-self.shape[1] // c)
+        ch, cw = self.core_hw
+        return -(-self.shape[0] // ch), -(-self.shape[1] // cw)
 
     def tile(self, row: int, col: int) -> Tile:
-        c, h = self.config.core_px, self.config.halo_px
+        (ch, cw), h = self.core_hw, self.config.halo_px
         H, W = self.shape
-        core = Box(col * c, row * c, min((col + 1) * c, W), min((row + 1) * c, H))
-        read = Box(col * c - h, row * c - h, col * c - h + self.config.tile_px, row * c - h + self.config.tile_px)
+        core = Box(col * cw, row * ch, min((col + 1) * cw, W), min((row + 1) * ch, H))
+        rh, rw = self.read_hw
+        read = Box(col * cw - h, row * ch - h, col * cw - h + rw, row * ch - h + rh)
         return Tile((row, col), core, read)
 
     def __iter__(self) -> Iterator[Tile]:

@@ -20,7 +20,7 @@ def inputs(tmp_path):
     image, _, centers_rc = synthetic_nuclei((96, 128), n_nuclei=10, seed=2)
     write_png(tmp_path / "tile.png", image)
     points_xy = centers_rc[:, ::-1]
-    write_points(tmp_path / "tile.csv", points_xy)
+    write_points(tmp_path / "tile.csv", points_xy + 0.5)  # files hold the continuous frame
     return tmp_path / "tile.png", tmp_path / "tile.csv", points_xy
 
 
@@ -53,7 +53,7 @@ def test_euclidean_flag(tmp_path, inputs):
 def test_points_outside_fail_or_drop(tmp_path, inputs):
     image, _, points_xy = inputs
     outside = tmp_path / "outside.geojson"
-    write_points(outside, np.vstack([points_xy, [[500.0, 5.0]]]))
+    write_points(outside, np.vstack([points_xy + 0.5, [[500.0, 5.0]]]))
     runner = CliRunner()
     result = runner.invoke(main, ["pseudo-labels", str(image), str(outside), "-o", str(tmp_path / "x")])
     assert result.exit_code == 1

@@ -6,14 +6,14 @@ import pytest
 from click.testing import CliRunner
 from wsi_fakes import OracleModel, block_labels, small_slide, tiny_model_dir, write_oracle_slide
 
-from pronet_wsi import cluster
 from pronet_wsi.cli import main
-from pronet_wsi.cluster import ModelSpec, local_cluster, parse_scheduler, worker_device
-from pronet_wsi.cohort import SlideItem, segment_batch
 from pronet_wsi.errors import InputError
 from pronet_wsi.inference import InferenceConfig
-from pronet_wsi.pipeline import SegmentConfig
 from pronet_wsi.tiling import TilingConfig
+from pronet_wsi.wsi import cluster
+from pronet_wsi.wsi.cluster import ModelSpec, local_cluster, parse_scheduler, worker_device
+from pronet_wsi.wsi.cohort import SlideItem, segment_batch
+from pronet_wsi.wsi.pipeline import SegmentConfig
 
 CFG = SegmentConfig(tiling=TilingConfig(256, 48), use_tissue_mask=False, batch_size=2, workers=2)
 COMMON = ["--tile-px", 256, "--halo-px", 32, "--quiet"]
@@ -106,7 +106,8 @@ def test_two_slides_on_the_cluster_equal_the_threaded_run(client, slides, tmp_pa
         assert record["status"] == "failed" and f"{name}.tif" in record["error"]
         assert not (tmp_path / "dask" / f"{name}.geojson").exists()
     # both workers got tiles (of both slides: 20 tiles each, 2 per batch)
-    assert all(n > 0 for n in client.run(lambda: len(__import__("pronet_wsi.tile_task").tile_task._HANDLES)).values())
+    handles = client.run(lambda: len(__import__("importlib").import_module("pronet_wsi.wsi.tile_task")._HANDLES))
+    assert all(n > 0 for n in handles.values())
 
 
 def test_cli_on_a_running_scheduler_loads_the_model_once_per_worker(client, slides, model_dir, tmp_path):
@@ -119,7 +120,7 @@ def test_cli_on_a_running_scheduler_loads_the_model_once_per_worker(client, slid
     for p in slides:
         name = p.stem + ".geojson"
         assert (tmp_path / "dask" / name).read_bytes() == (tmp_path / "threads" / name).read_bytes()
-    loads = client.run(lambda: list(__import__("pronet_wsi.cluster").cluster.LOADS))
+    loads = client.run(lambda: list(__import__("importlib").import_module("pronet_wsi.wsi.cluster").LOADS))
     assert sorted(len(v) for v in loads.values()) == [1, 1], loads
 
 

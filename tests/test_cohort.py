@@ -8,7 +8,8 @@ from click.testing import CliRunner
 from wsi_fakes import small_slide, tiny_model_dir
 
 from pronet_wsi.cli import main
-from pronet_wsi.cohort import (
+from pronet_wsi.errors import InputError
+from pronet_wsi.wsi.cohort import (
     SUMMARY_COLUMNS,
     expand_inputs,
     parse_shard,
@@ -17,7 +18,6 @@ from pronet_wsi.cohort import (
     summary_rows,
     summary_totals,
 )
-from pronet_wsi.errors import InputError
 
 COMMON = ["--tile-px", 256, "--halo-px", 32, "--quiet"]
 

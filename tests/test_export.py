@@ -84,7 +84,7 @@ def test_uuids_are_deterministic_and_distinct():
 def test_labels_writer_chunks(tmp_path):
     import zarr
 
-    w = LabelsWriter(tmp_path / "l.zarr", (100, 130), 64, {"mpp": 0.25})
+    w = LabelsWriter(tmp_path / "l.zarr", (100, 130), (64, 64), {"mpp": 0.25})
     w.write(64, 64, np.full((36, 64), 7, np.uint32))
     w.write(0, 0, np.zeros((64, 64), np.uint32))
     w.close()

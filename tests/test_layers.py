@@ -8,7 +8,8 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "pronet_wsi"
 SCIENCE = ["geometry", "tiling", "tissue", "postprocess", "instances", "stitching", "metrics", "overlay",
            "training.pseudolabels", "training.targets", "training.refinement", "training.points"]
-RUN_LAYER = ["pipeline", "cluster", "cohort", "parts", "assemble", "tile_task", "export", "slide"]
+RUN_LAYER = ["wsi.pipeline", "wsi.cluster", "wsi.cohort", "wsi.tile_store", "wsi.assemble", "wsi.tile_task",
+             "export", "slide", "files", "progress"]
 HEAVY = ("torch", "dask", "distributed", "click", "pronet_wsi.cli")
 
 
@@ -67,6 +68,15 @@ def test_science_never_imports_torch_dask_or_the_cli():
         assert not bad, f"pronet_wsi.{m} imports {sorted(bad)}"
 
 
+def test_only_the_cli_and_the_api_reach_up_into_the_run_layer():
+    graph = _internal(import_graph())
+    allowed = {"pronet_wsi.cli", "pronet_wsi"}
+    for m, deps in graph.items():
+        if m.startswith("pronet_wsi.wsi") or m in allowed:
+            continue
+        assert not {d for d in deps if d.startswith("pronet_wsi.wsi")}, f"{m} imports the run layer"
+
+
 def test_run_layer_never_imports_training():
     graph = import_graph()
     for m in RUN_LAYER:
@@ -78,15 +88,18 @@ def test_click_defaults_are_the_dataclass_defaults():
     """Every CLI default that is also a config field has one value (the dataclass's)."""
     from pronet_wsi.cli import main
     from pronet_wsi.inference import InferenceConfig
-    from pronet_wsi.pipeline import SegmentConfig
+    from pronet_wsi.model import ModelConfig
     from pronet_wsi.tiling import TilingConfig
+    from pronet_wsi.wsi.pipeline import SegmentConfig
 
     def defaults(command: str) -> dict:
         return {p.name: p.default for p in main.commands[command].params}
 
     seg, pred = defaults("segment"), defaults("predict")
-    assert seg["tile_px"] == TilingConfig().tile_px and seg["halo_px"] == TilingConfig().halo_px
-    assert seg["batch_size"] == SegmentConfig().batch_size == InferenceConfig().batch_size
+    assert seg["tile_px"] == TilingConfig().tile_px
+    assert seg["halo_px"] is None, "segment --halo-px defaults to the model's context_px"
+    assert TilingConfig().halo_px == ModelConfig().context_px  # Python's default is the shipped model's context
+    assert seg["batch_size"] == SegmentConfig().batch_size
     assert seg["workers"] == SegmentConfig().workers
     assert seg["device"] == pred["device"] == InferenceConfig().device
     assert pred["window_px"] == InferenceConfig().window_px

@@ -15,9 +15,9 @@ from wsi_fakes import (
 
 from pronet_wsi.errors import InputError
 from pronet_wsi.export import read_geojson
-from pronet_wsi.pipeline import SegmentConfig, segment_slide
 from pronet_wsi.slide import write_pyramid_tiff
 from pronet_wsi.tiling import TilingConfig
+from pronet_wsi.wsi.pipeline import SegmentConfig, segment_slide
 
 CFG = SegmentConfig(tiling=TilingConfig(256, 48), use_tissue_mask=False, batch_size=2, workers=2)
 
@@ -112,7 +112,7 @@ def test_a_dask_cluster_gives_the_same_result(slide, reference, tmp_path):
                                   local_directory=str(tmp_path / "dask")) as cluster:
         from distributed import Client
 
-        from pronet_wsi.cluster import DaskExecutor
+        from pronet_wsi.wsi.cluster import DaskExecutor
 
         cfg = SegmentConfig(tiling=CFG.tiling, use_tissue_mask=False, batch_size=2)
         with Client(cluster) as client:

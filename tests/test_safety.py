@@ -24,10 +24,10 @@ from pronet_wsi.errors import InputError
 from pronet_wsi.files import FILE_MODE, LockHeld, OutputLock
 from pronet_wsi.inference import InferenceConfig, Predictor
 from pronet_wsi.model import ModelConfig, PRONet, load_model, save_model
-from pronet_wsi.pipeline import SegmentConfig, segment_slide
 from pronet_wsi.synthetic import synthetic_nuclei
 from pronet_wsi.tiling import TilingConfig
 from pronet_wsi.training.loop import load_checkpoint
+from pronet_wsi.wsi.pipeline import SegmentConfig, segment_slide
 
 
 def run(*args):

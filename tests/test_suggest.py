@@ -9,7 +9,8 @@ from wsi_fakes import small_slide, tiny_model_dir
 
 from pronet_wsi.cli import main
 from pronet_wsi.suggest import box_unreliability, candidate_centres, choose_boxes
-from pronet_wsi.training.points import read_points
+from pronet_wsi.training.dataset import load_slide_items
+from pronet_wsi.training.points import read_points, read_regions
 
 
 def test_unreliability_is_zero_for_sure_consistent_maps_and_high_otherwise():
@@ -64,3 +65,8 @@ def test_suggest_cli_writes_qupath_annotations_train_can_read(tmp_path):
     inside = [any(shapely.geometry.shape(b["geometry"]).buffer(1).contains(shapely.Point(*p)) for b in boxes)
               for p in pts]
     assert all(inside)
+    # the boxes are the complete regions `train --slide` trains on: every suggested point lands in a piece
+    assert len(read_regions(tmp_path / "out" / "s_suggest.geojson")) == 5
+    items = load_slide_items(slide, tmp_path / "out" / "s_suggest.geojson", mpp=0.5)
+    assert sum(int(mask[np.floor(p[:, 1]).astype(int), np.floor(p[:, 0]).astype(int)].sum())
+               for _, _, p, mask in items) == len(pts)

@@ -2,20 +2,32 @@ import numpy as np
 import pytest
 
 from pronet_wsi.geometry import Box, Frame
-from pronet_wsi.tiling import TileGrid, TilingConfig, select_tiles
+from pronet_wsi.tiling import TileGrid, TilingConfig, balanced_core, select_tiles
 
 
-@pytest.mark.parametrize("shape,tile,halo", [((1000, 700), 256, 64), ((257, 129), 128, 0), ((50, 60), 512, 128)])
+@pytest.mark.parametrize("shape,tile,halo", [((1000, 700), 256, 64), ((257, 129), 128, 0), ((50, 60), 512, 128),
+                                             ((16384, 5000), 2048, 96)])
 def test_cores_partition_the_frame_and_reads_are_core_plus_halo(shape, tile, halo):
     grid = TileGrid(shape, TilingConfig(tile, halo))
     cover = np.zeros(shape, int)
     for t in grid:
         c = t.core
         cover[int(c.y0) : int(c.y1), int(c.x0) : int(c.x1)] += 1
-        assert t.read.width == tile and t.read.height == tile
+        assert t.read.shape == grid.read_hw  # one model input shape per slide, never above the tile size
+        assert max(grid.read_hw) <= tile
         assert t.read.x0 == c.x0 - halo and t.read.y0 == c.y0 - halo
     assert (cover == 1).all()
     assert len(list(grid)) == len(grid) == grid.grid_shape[0] * grid.grid_shape[1]
+    # balanced: no more tiles along an axis than a fixed grid of full cores, and less than one core of waste
+    for n, core, length in zip(grid.grid_shape, grid.core_hw, shape, strict=True):
+        assert n == -(-length // (tile - 2 * halo)) and n * core - length < core
+
+
+def test_balanced_core_wastes_little_beyond_the_frame():
+    assert balanced_core(16384, 1856) == 1824  # 9 cores, 32 px past the edge (a fixed grid: 9 x 1856, 320 px)
+    assert balanced_core(1000, 128) == 128
+    assert balanced_core(50, 256) == 64  # one core, rounded up to the network's stride
+    assert balanced_core(100, 100) == 100  # rounding up would exceed the largest core: exact
 
 
 def test_neighbours_and_keys():

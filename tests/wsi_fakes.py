@@ -83,7 +83,7 @@ class OracleModel:
         self.mpp = mpp
         self.radius_px = radius_px
         self.postprocess_config = PostprocessConfig()
-        self.halo_hint_px = 32
+        self.context_px = 32
         self.calls = 0
         self.tiles_seen = 0
 
@@ -146,7 +146,7 @@ class DarkBlobModel:
     def __init__(self, mpp: float) -> None:
         self.mpp = mpp
         self.postprocess_config = PostprocessConfig(min_area_px=3)
-        self.halo_hint_px = 16
+        self.context_px = 16
 
     def predict_batch(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
         from scipy import ndimage as ndi

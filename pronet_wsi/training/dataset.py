@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,10 +17,13 @@ import torch
 from scipy import ndimage as ndi
 
 from pronet_wsi.errors import InputError
+from pronet_wsi.geometry import xy_to_index
 from pronet_wsi.images import IMAGE_SUFFIXES, read_image, read_labels
 from pronet_wsi.training import points as points_io
 from pronet_wsi.training.pseudolabels import PseudoLabelConfig, pseudo_labels_with_cells
 from pronet_wsi.training.targets import center_heatmap
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,10 +62,13 @@ class AugmentConfig:
 class Sample:
     """One training image and everything derived from it (arrays in the image frame).
 
-    image : (H, W, 3) uint8. points_xy : (N, 2) float64 current (refined) points.
+    image : (H, W, 3) uint8. points_xy : (N, 2) float64 current (refined) points in the array-index frame
+    (pixel ``[r, c]`` centred at ``(c, r)``), the frame of the pseudo labels, targets and refinement.
     voronoi, cluster : (H, W) uint8 pseudo labels (0 bg, 1 fg, 2 ignore).
     cells : (H, W) int32 Voronoi cell index into ``points_xy`` (-1 none).
     pred_mask : (H, W) bool predicted foreground (None until offsets are switched on).
+    region : (H, W) bool, where every nucleus is clicked (None: the whole image). Outside it the pseudo labels
+        are ignore and the cells -1, so no loss sees those pixels, and patches are centred inside it.
     """
 
     name: str
@@ -70,12 +77,17 @@ class Sample:
     voronoi: np.ndarray
     cluster: np.ndarray
     cells: np.ndarray
-    initial_points_xy: np.ndarray = field(default=None)  # type: ignore[assignment]
+    initial_points_xy: np.ndarray = field(default=None)  # type: ignore[arg-type]  # set in __post_init__
     pred_mask: np.ndarray | None = None
+    region: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.initial_points_xy is None:
             self.initial_points_xy = self.points_xy.copy()
+        if self.region is not None:
+            self.voronoi = np.where(self.region, self.voronoi, 2).astype(np.uint8)
+            self.cluster = np.where(self.region, self.cluster, 2).astype(np.uint8)
+            self.cells = np.where(self.region, self.cells, -1).astype(np.int32)
 
 
 def find_points_file(points_dir: Path, stem: str) -> Path | None:
@@ -122,6 +134,7 @@ def load_items(images: str | Path, points: str | Path | None = None, labels: str
             if shift is not None and shift[1] > 0:
                 pts = points_io.shift_points(pts, shift[0], shift[1], image.shape[:2], seed=seed + i)
         else:
+            assert points is not None  # exactly one of points / labels, checked above
             pf = find_points_file(Path(points), path.stem)
             if pf is None:
                 continue
@@ -136,11 +149,16 @@ def load_items(images: str | Path, points: str | Path | None = None, labels: str
     return items
 
 
-def prepare_samples(items: list[tuple[str, np.ndarray, np.ndarray]], config: PseudoLabelConfig,
-                    cache_dir: Path | None) -> list[Sample]:
-    """Pseudo labels for each item, cached in ``cache_dir`` keyed by image, points and config."""
+def prepare_samples(items: list[tuple], config: PseudoLabelConfig, cache_dir: Path | None) -> list[Sample]:
+    """Pseudo labels for each item, cached in ``cache_dir`` keyed by image, points and config.
+
+    An item is (name, image, points_xy) or (name, image, points_xy, region): points in the continuous frame
+    of point files (converted here, once, to the array frame of :class:`Sample`), ``region`` an (H, W) bool
+    mask of where the clicks are complete.
+    """
     samples = []
-    for name, image, pts in items:
+    for name, image, pts_xy, *rest in items:
+        pts = xy_to_index(pts_xy)
         key = hashlib.sha1(image.tobytes()[:1_000_000] + pts.tobytes() +
                            json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:16]
         cache = None if cache_dir is None else Path(cache_dir) / f"{name}_{key}.npz"
@@ -154,28 +172,35 @@ def prepare_samples(items: list[tuple[str, np.ndarray, np.ndarray]], config: Pse
                 tmp = cache.with_suffix(".tmp.npz")
                 np.savez_compressed(tmp, voronoi=v, cluster=k, cells=cells)
                 tmp.replace(cache)
-        samples.append(Sample(name, image, pts.astype(np.float64), v, k, cells.astype(np.int32)))
+        region = rest[0] if rest else None
+        samples.append(Sample(name, image, pts.astype(np.float64), v, k, cells.astype(np.int32), region=region))
     return samples
 
 
-def channel_stats(samples: list[Sample]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(samples: list[Sample]) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """Per-channel mean and std of the training images scaled to [0, 1]."""
     px = np.concatenate([s.image.reshape(-1, 3)[::7] for s in samples]).astype(np.float64) / 255.0
-    return tuple(px.mean(0).round(4).tolist()), tuple(np.maximum(px.std(0), 1e-3).round(4).tolist())
+    m, s = px.mean(0).round(4).tolist(), np.maximum(px.std(0), 1e-3).round(4).tolist()
+    return (m[0], m[1], m[2]), (s[0], s[1], s[2])
 
 
 class PatchDataset(torch.utils.data.Dataset):
-    """Random augmented patches; item ``i`` of epoch ``e`` is a pure function of (seed, e, i)."""
+    """Random augmented patches; item ``i`` of epoch ``e`` is a pure function of (seed, e, i).
+
+    An epoch has at least ``min_patches`` items (the images cycled), so that a few small clicked crops still
+    make one full batch.
+    """
 
     def __init__(self, samples: list[Sample], patch_px: int, patches_per_image: int, radius_px: float,
                  mean: tuple[float, ...], std: tuple[float, ...], augment: AugmentConfig = AugmentConfig(),
-                 seed: int = 0, by_area: bool = False) -> None:
+                 seed: int = 0, by_area: bool = False, min_patches: int = 1) -> None:
         self.samples, self.patch_px, self.ppi = samples, patch_px, patches_per_image
         if by_area:
             counts = [max(1, round(patches_per_image * s.image.shape[0] * s.image.shape[1] / 1e6)) for s in samples]
-            self.index = np.repeat(np.arange(len(samples)), counts)
+            index = np.repeat(np.arange(len(samples)), counts)
         else:
-            self.index = np.tile(np.arange(len(samples)), patches_per_image)
+            index = np.tile(np.arange(len(samples)), patches_per_image)
+        self.index = np.resize(index, max(len(index), min_patches))
         self.radius_px, self.augment, self.seed = radius_px, augment, seed
         self.mean = np.asarray(mean, np.float32) * 255
         self.std = np.asarray(std, np.float32) * 255
@@ -196,24 +221,32 @@ def make_patch(s: Sample, rng: np.random.Generator, patch_px: int, radius_px: fl
     h, w = s.image.shape[:2]
     scale = float(np.exp(rng.uniform(*np.log(aug.scale_range))))
     crop = int(round(patch_px / scale))
-    r0 = int(rng.integers(0, max(h - crop, 0) + 1))
-    c0 = int(rng.integers(0, max(w - crop, 0) + 1))
+    if s.region is not None:  # centred on a random pixel of the region, kept inside the image
+        rr, cc = np.nonzero(s.region)
+        j = int(rng.integers(len(rr)))
+        r0 = int(np.clip(rr[j] - crop // 2, 0, max(h - crop, 0)))
+        c0 = int(np.clip(cc[j] - crop // 2, 0, max(w - crop, 0)))
+    else:
+        r0 = int(rng.integers(0, max(h - crop, 0) + 1))
+        c0 = int(rng.integers(0, max(w - crop, 0) + 1))
     sl = (slice(r0, r0 + crop), slice(c0, c0 + crop))
     pred = s.pred_mask[sl] if s.pred_mask is not None else np.zeros((min(crop, h - r0), min(crop, w - c0)), bool)
-    layers = [s.image[sl], s.voronoi[sl], s.cluster[sl], s.cells[sl], pred]
+    valid = s.region[sl] if s.region is not None else np.ones(pred.shape, bool)
+    layers = [s.image[sl], s.voronoi[sl], s.cluster[sl], s.cells[sl], pred, valid]
     ch, cw = layers[1].shape
     if (ch, cw) != (crop, crop):  # image smaller than the crop: pad, labels ignore
         pads = ((0, crop - ch), (0, crop - cw))
         layers = [np.pad(layers[0], (*pads, (0, 0)), mode="reflect"), np.pad(layers[1], pads, constant_values=2),
                   np.pad(layers[2], pads, constant_values=2), np.pad(layers[3], pads, constant_values=-1),
-                  np.pad(layers[4], pads)]
+                  np.pad(layers[4], pads), np.pad(layers[5], pads)]
     zoom = patch_px / crop
     img = _resize(layers[0], patch_px, order=1)
-    voronoi, cluster, cells, pred = (_resize(a, patch_px, order=0) for a in layers[1:])
+    voronoi, cluster, cells, pred, valid = (_resize(a, patch_px, order=0) for a in layers[1:])
     pts_rc = (s.points_xy[:, ::-1] - [r0, c0] + 0.5) * zoom - 0.5
     if aug.dihedral:
         k, flip = int(rng.integers(4)), bool(rng.integers(2))
-        img, voronoi, cluster, cells, pred = (_dihedral(a, k, flip) for a in (img, voronoi, cluster, cells, pred))
+        img, voronoi, cluster, cells, pred, valid = (_dihedral(a, k, flip)
+                                                     for a in (img, voronoi, cluster, cells, pred, valid))
         pts_rc = _dihedral_points(pts_rc, k, flip, patch_px)
     img = jitter_colour(img, rng, aug)
     img = ((img - mean) / std).astype(np.float32)
@@ -232,6 +265,7 @@ def make_patch(s: Sample, rng: np.random.Generator, patch_px: int, radius_px: fl
         "heatmap": torch.from_numpy(heat),
         "offsets": torch.from_numpy(offsets),
         "offset_mask": torch.from_numpy(np.ascontiguousarray(mask)),
+        "valid": torch.from_numpy(np.ascontiguousarray(valid)),
     }
 
 
@@ -245,8 +279,8 @@ def jitter_colour(img: np.ndarray, rng: np.random.Generator, aug: AugmentConfig)
         hed = hed * (1 + rng.uniform(-aug.hed_scale, aug.hed_scale, 3)) + rng.uniform(-aug.hed_shift,
                                                                                       aug.hed_shift, 3)
         out = (hed2rgb(hed) * 255).astype(np.float32)
-    out = out * (1 + rng.uniform(-aug.gain, aug.gain, 3)) + rng.uniform(-aug.bias, aug.bias, 3)
-    out = np.clip(out, 0, 255)
+    out = np.clip(out * (1 + rng.uniform(-aug.gain, aug.gain, 3)) + rng.uniform(-aug.bias, aug.bias, 3),
+                  0, 255).astype(np.float32)
     if aug.lowres_prob and rng.random() < aug.lowres_prob:
         f = float(rng.uniform(*aug.lowres_range))
         t = torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))[None]
@@ -299,11 +333,16 @@ def load_val_items(images: str | Path, labels: str | Path, names: list[str] | No
 
 
 def load_slide_items(slide_path: str | Path, points_path: str | Path, mpp: float, slide_mpp: float | None = None,
-                     region_px: int = 1024, drop_outside: bool = False) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """Training regions cut from a whole-slide image around QuPath point annotations.
+                     region_px: int = 1024, drop_outside: bool = False, regions_path: str | Path | None = None,
+                     margin_px: int = 64) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """Training images cut from a whole-slide image: one or more per complete-annotation region.
 
-    The slide is read at the model's ``mpp`` in ``region_px`` squares on a grid over the points' bounding box;
-    regions without points are skipped. Points (level-0 x, y in QuPath's frame) are mapped into each region.
+    Regions are the polygon / rectangle annotations exported with the points (or those of ``regions_path``):
+    every nucleus inside a region is clicked, so an unclicked area there is background, and nothing outside a
+    region is trained on. Each region's bounding box, grown by ``margin_px`` of context, is read at the model's
+    ``mpp`` in pieces of at most ``region_px`` (+ margin) square; an item is (name, image, points_xy in the
+    piece's pixel frame, region mask of the piece). A region without points, or points outside every region,
+    give a warning naming them; no region at all is an error that says how to add them.
     """
     from pronet_wsi.geometry import Box
     from pronet_wsi.slide import open_slide
@@ -311,20 +350,77 @@ def load_slide_items(slide_path: str | Path, points_path: str | Path, mpp: float
     pts = points_io.read_points(points_path)
     if len(pts) == 0:
         raise InputError(f"{points_path}: no points; annotate nuclei as points in QuPath and export them")
-    items = []
+    regions = points_io.read_regions(regions_path if regions_path is not None else points_path)
+    if not regions:
+        where = regions_path if regions_path is not None else points_path
+        raise InputError(f"{where}: no region annotations; in QuPath draw a rectangle around each area whose "
+                         "nuclei you clicked (all of them), then export points and rectangles together (File > "
+                         "Export objects as GeoJSON, all objects), or give them separately with --regions")
+    items: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
     with open_slide(slide_path, mpp=slide_mpp) as slide:
         pts, _ = points_io.clip_points(pts, slide.shape, drop_outside=drop_outside, source=str(points_path))
+        used = np.zeros(len(pts), bool)
         scale = slide.mpp / mpp  # model px per level-0 px
-        step0 = region_px / scale
-        gx = np.floor((pts[:, 0] - pts[:, 0].min()) / step0).astype(int)
-        gy = np.floor((pts[:, 1] - pts[:, 1].min()) / step0).astype(int)
-        for cx, cy in sorted(set(zip(gx.tolist(), gy.tolist(), strict=True))):
-            x0 = pts[:, 0].min() + cx * step0 - 0.5
-            y0 = pts[:, 1].min() + cy * step0 - 0.5
-            box = Box(x0, y0, x0 + step0, y0 + step0)
-            local = (pts - [x0, y0]) * scale - 0.5
-            keep = ((local > -0.5) & (local < region_px - 0.5)).all(axis=1)
-            if keep.any():
-                image = slide.read_box(box, (region_px, region_px))
-                items.append((f"{Path(slide_path).stem}_{cx}_{cy}", image, local[keep]))
+        for k, region in enumerate(regions):
+            x0, y0, x1, y1 = region.bounds()
+            n_in = 0
+            nx, ny = (max(1, int(np.ceil((b - a) * scale / region_px))) for a, b in ((x0, x1), (y0, y1)))
+            for iy in range(ny):
+                for ix in range(nx):  # piece core in level-0 continuous coordinates, then the margin around it
+                    cx0, cy0 = x0 + ix * region_px / scale, y0 + iy * region_px / scale
+                    cx1, cy1 = min(x1, cx0 + region_px / scale), min(y1, cy0 + region_px / scale)
+                    ox, oy = cx0 - margin_px / scale, cy0 - margin_px / scale
+                    w = int(np.ceil((cx1 - cx0) * scale)) + 2 * margin_px
+                    h = int(np.ceil((cy1 - cy0) * scale)) + 2 * margin_px
+                    mask = points_io.region_mask(region, (ox, oy), scale, (h, w))
+                    core = np.zeros((h, w), bool)
+                    core[margin_px:h - margin_px, margin_px:w - margin_px] = True
+                    mask &= core
+                    local = (pts - [ox, oy]) * scale  # level-0 continuous -> the piece's continuous frame
+                    inside = points_io.inside_image(local, (h, w))
+                    rr = np.clip(np.floor(local[:, 1]).astype(int), 0, h - 1)
+                    cc = np.clip(np.floor(local[:, 0]).astype(int), 0, w - 1)
+                    in_region = inside & mask[rr, cc]
+                    used |= in_region
+                    n_in += int(in_region.sum())
+                    if not mask.any() or not in_region.any():
+                        continue
+                    image = slide.read_box(Box(ox, oy, ox + w / scale, oy + h / scale), (h, w))
+                    items.append((f"{Path(slide_path).stem}_r{k}_{ix}_{iy}", image, local[inside], mask))
+            if n_in == 0:
+                log.warning("%s: region %s holds no points and is not trained on; click its nuclei or delete it",
+                            points_path, region.name)
+        if (~used).any():
+            first = pts[~used][0]
+            log.warning("%s: %d of %d points lie outside every region (first at x=%.0f, y=%.0f) and are not "
+                        "trained on; draw a region around them", points_path, int((~used).sum()), len(pts),
+                        first[0], first[1])
+    if not items:
+        raise InputError(f"{points_path}: no region holds points; draw the regions around the clicked nuclei")
     return items
+
+
+def read_slide_list(path: str | Path) -> list[tuple[Path, Path, float | None, Path | None]]:
+    """Rows of a CSV with columns ``slide,points`` and optional ``mpp`` and ``regions`` (paths relative to the
+    CSV's folder): many slides for one ``train --slide-list``."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--slide-list {path}: file not found")
+    rows = list(csv.DictReader(path.read_text(encoding="utf-8-sig").splitlines()))
+    if not rows or not {"slide", "points"} <= {k.strip().lower() for k in rows[0] if k}:
+        raise InputError(f"--slide-list {path}: expected a header 'slide,points[,mpp][,regions]' and one row per "
+                         "slide")
+    out = []
+    for i, row in enumerate(rows, start=2):
+        row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+        if not row["slide"] or not row["points"]:
+            raise InputError(f"{path}:{i}: slide and points are both needed")
+        try:
+            mpp = float(row["mpp"]) if row.get("mpp") else None
+        except ValueError:
+            raise InputError(f"{path}:{i}: mpp {row['mpp']!r} is not a number (um per pixel, e.g. 0.25)") from None
+        regions = path.parent / row["regions"] if row.get("regions") else None
+        out.append((path.parent / row["slide"], path.parent / row["points"], mpp, regions))
+    return out

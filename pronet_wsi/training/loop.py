@@ -24,6 +24,7 @@ from pronet_wsi.inference import InferenceConfig, Predictor
 from pronet_wsi.metrics import evaluate_image, mean_scores
 from pronet_wsi.model import ModelBundle, ModelConfig, PRONet, load_model, resolve_model_dir, save_model
 from pronet_wsi.postprocess import PostprocessConfig, postprocess
+from pronet_wsi.progress import progress_bar
 from pronet_wsi.training.dataset import AugmentConfig, PatchDataset, Sample, channel_stats, prepare_samples
 from pronet_wsi.training.losses import LossConfig, pronet_loss
 from pronet_wsi.training.pseudolabels import PseudoLabelConfig
@@ -199,7 +200,8 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     start_epoch, elapsed0 = restore_checkpoint(ckpt_path, model, opt, samples) if resume else (0, 0.0)
     dataset = PatchDataset(samples, config.patch_px, config.patches_per_image, mcfg.center_radius_px, mcfg.mean,
-                           mcfg.std, config.augment, config.seed, by_area=config.patches_by_area)
+                           mcfg.std, config.augment, config.seed, by_area=config.patches_by_area,
+                           min_patches=config.batch_size)
     log_path = work / "log.csv"
     fields = ["epoch", "minutes", "lr", "loss", "voronoi", "cluster", "center", "offset", "mean_movement",
               "val_object_dice", "val_aji"]
@@ -207,8 +209,9 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
         with open(log_path, "w", newline="") as f:
             csv.writer(f).writerow(fields)
     t0 = time.monotonic() - elapsed0
-    bar = _progress(config.epochs, start_epoch, progress)
+    bar = progress_bar(config.epochs, "epochs", "ep", initial=start_epoch, enabled=progress, leave=True)
     epoch = start_epoch - 1
+    assert config.offset_start_epoch is not None and config.refine_start_epoch is not None  # __post_init__
     for epoch in range(start_epoch, config.epochs):
         for g in opt.param_groups:
             g["lr"] = config.lr * _lr_factor(config, epoch, (time.monotonic() - t0) / 60)
@@ -253,7 +256,8 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
     if val_items and config.tune_thresholds:
         thresholds = tune_thresholds(predictor, val_items, thresholds, config.tune_min_areas)
     model.eval()
-    save_model(model.to("cpu").to(memory_format=torch.contiguous_format), outdir, thresholds,
+    save_model(model.to("cpu").to(memory_format=torch.contiguous_format),  # type: ignore[call-overload]
+               outdir, thresholds,
                extra={**extra, "train_minutes": round((time.monotonic() - t0) / 60, 2)})
     _write_points(work, samples)
     plot_curve(log_path, work / "curve.png")
@@ -343,12 +347,6 @@ def _out_of_time(config: TrainConfig, t0: float) -> bool:
     return config.max_minutes is not None and (time.monotonic() - t0) / 60 >= config.max_minutes
 
 
-def _progress(total: int, done: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=done, desc="epochs", unit="ep", disable=not enabled, dynamic_ncols=True)
-
-
 def _save_checkpoint(path: Path, model, opt, samples: list[Sample], epoch: int, elapsed_s: float) -> None:
     """Tensors and plain types only, so :func:`load_checkpoint` never unpickles code."""
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "elapsed_s": elapsed_s,
@@ -373,7 +371,7 @@ def _write_points(work: Path, samples: list[Sample]) -> None:
     from pronet_wsi.training.points import write_points_csv
 
     for s in samples:
-        write_points_csv(work / "refined_points" / f"{s.name}.csv", s.points_xy)
+        write_points_csv(work / "refined_points" / f"{s.name}.csv", s.points_xy + 0.5)  # array -> file frame
 
 
 def validate(predictor: Predictor, val_items: list, thresholds: PostprocessConfig):

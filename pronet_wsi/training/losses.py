@@ -41,19 +41,23 @@ def masked_bce(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return (loss * valid).sum() / n
 
 
-def focal_center_loss(logits: torch.Tensor, heatmap: torch.Tensor, alpha: float = 2.0, beta: float = 4.0
-                      ) -> torch.Tensor:
+def focal_center_loss(logits: torch.Tensor, heatmap: torch.Tensor, alpha: float = 2.0, beta: float = 4.0,
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
     """CenterNet focal loss (paper Eq. 3), normalised by the number of points (pixels where heatmap == 1).
 
-    logits : (B, 1, H, W) centre logits; heatmap : (B, H, W) Gaussian target in [0, 1].
+    logits : (B, 1, H, W) centre logits; heatmap : (B, H, W) Gaussian target in [0, 1]; valid : (B, H, W)
+    bool, the pixels inside a complete-annotation region (None: all); the others carry no loss.
     """
     logits = logits[:, 0].float()
     pos = heatmap >= 1.0 - 1e-6
+    neg = ~pos if valid is None else ~pos & valid
+    if valid is not None:
+        pos = pos & valid
     log_p = F.logsigmoid(logits)
     log_1mp = F.logsigmoid(-logits)
     p = torch.sigmoid(logits)
     pos_loss = ((1 - p) ** alpha * log_p)[pos].sum()
-    neg_loss = ((1 - heatmap) ** beta * p**alpha * log_1mp)[~pos].sum()
+    neg_loss = ((1 - heatmap) ** beta * p**alpha * log_1mp)[neg].sum()
     n_points = pos.sum().clamp(min=1)
     return -(pos_loss + neg_loss) / n_points
 
@@ -73,7 +77,7 @@ def pronet_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], co
     """All terms and the weighted total, for logging and backward."""
     l_v = masked_bce(out["foreground"], batch["voronoi"])
     l_k = masked_bce(out["foreground"], batch["cluster"])
-    l_c = focal_center_loss(out["centers"], batch["heatmap"], config.alpha, config.beta)
+    l_c = focal_center_loss(out["centers"], batch["heatmap"], config.alpha, config.beta, batch.get("valid"))
     if use_offsets:
         l_o = offset_l1(out["offsets"], batch["offsets"], batch["offset_mask"])
     else:

@@ -1,9 +1,10 @@
 """Point annotations in and out (CSV, QuPath GeoJSON), centroids from instance masks, shift simulation.
 
-Every array here is ``points_xy``: (N, 2) float64, level-0 pixel (x, y). A pixel's centre sits at integer
-coordinates (the array-index frame that ``scipy.ndimage.center_of_mass`` uses), so pixel ``[row, col]`` holds
-the points with ``round(y) == row`` and ``round(x) == col``, and a point lies inside an (H, W) image when
-``-0.5 <= x < W - 0.5`` and ``-0.5 <= y < H - 0.5``.
+Every array here is ``points_xy``: (N, 2) float64, level-0 pixel (x, y) in QuPath's continuous frame, the one
+every file and module boundary uses: pixel ``[row, col]`` covers ``[col, col + 1) x [row, row + 1)``, so its
+centre is ``(col + 0.5, row + 0.5)`` and a point lies inside an (H, W) image when ``0 <= x < W`` and
+``0 <= y < H``. A click on a nucleus's centre pixel in QuPath reads back on that pixel. Training converts to the
+array-index frame once (:func:`pronet_wsi.geometry.xy_to_index`, in ``dataset.prepare_samples``).
 
 An empty file (a header, or a FeatureCollection without features) reads as a (0, 2) array; it is the
 training code's job to refuse an image with no points (``pseudo_labels`` raises a ValueError for it).
@@ -15,6 +16,7 @@ import csv
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +140,9 @@ def _feature_points(path: Path, i: int, feature: object) -> list[list[float]]:
     geometry = feature["geometry"]
     kind = geometry.get("type")
     coords = geometry.get("coordinates")
-    props = feature.get("properties") if isinstance(feature.get("properties"), dict) else {}
+    props = feature.get("properties")
+    if not isinstance(props, dict):
+        props = {}
     if kind in ("Polygon", "MultiPolygon") and props.get("objectType") == "annotation":
         return []  # a region annotation (e.g. a `suggest` box) exported with the points, not a point
     if kind == "Point":
@@ -155,6 +159,90 @@ def _feature_points(path: Path, i: int, feature: object) -> list[list[float]]:
             raise InputError(f"{path}: feature {i} ({kind}) has a bad coordinate {xy!r}; expected [x, y] numbers")
         pts.append([float(xy[0]), float(xy[1])])
     return pts
+
+
+@dataclass(frozen=True)
+class Region:
+    """An area whose nuclei are all clicked (a QuPath rectangle or polygon annotation).
+
+    ``exterior`` and each of ``holes`` are (K, 2) float64 rings in QuPath's continuous level-0 (x, y) frame
+    (a pixel's centre at +0.5), unlike ``points_xy``. ``name`` says which feature it came from, for messages.
+    """
+
+    name: str
+    exterior: np.ndarray
+    holes: tuple[np.ndarray, ...] = ()
+
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) of the exterior, continuous level-0."""
+        x, y = self.exterior[:, 0], self.exterior[:, 1]
+        return float(x.min()), float(y.min()), float(x.max()), float(y.max())
+
+
+NOT_REGIONS = ("detection", "cell", "tile")  # QuPath object types that are results, not annotations
+
+
+def read_regions(path: str | os.PathLike) -> list[Region]:
+    """Polygon / MultiPolygon annotations of a GeoJSON file (QuPath exports rectangles as Polygons).
+
+    Detections and cells (a segmentation result) are not regions and are skipped; so are points. A CSV holds
+    no regions (returns []).
+    """
+    path = Path(path)
+    if path.suffix.lower() not in GEOJSON_SUFFIXES:
+        return []
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); give a GeoJSON file") from None
+    features = data.get("features", []) if isinstance(data, dict) and data.get("type") == "FeatureCollection" \
+        else [data] if isinstance(data, dict) else data if isinstance(data, list) else []
+    out: list[Region] = []
+    for i, feature in enumerate(features):
+        if not isinstance(feature, dict) or not isinstance(feature.get("geometry"), dict):
+            continue
+        props = feature.get("properties")
+        if not isinstance(props, dict):
+            props = {}
+        if props.get("objectType") in NOT_REGIONS:
+            continue
+        geometry = feature["geometry"]
+        kind, coords = geometry.get("type"), geometry.get("coordinates")
+        if kind not in ("Polygon", "MultiPolygon"):
+            continue
+        cls = props.get("classification")
+        label = props.get("name") or (cls.get("name") if isinstance(cls, dict) else None) or "annotation"
+        polygons = [coords] if kind == "Polygon" else coords
+        if not isinstance(polygons, list):
+            raise InputError(f"{path}: feature {i} ({kind}) has no coordinate list")
+        for j, rings in enumerate(polygons):
+            try:
+                arrays = [np.asarray(r, np.float64)[:, :2] for r in rings]
+            except (TypeError, ValueError, IndexError):
+                raise InputError(f"{path}: feature {i} ({kind}) has a bad ring; expected [[x, y], ...]") from None
+            if not arrays or any(len(a) < 3 or not np.isfinite(a).all() for a in arrays):
+                raise InputError(f"{path}: feature {i} ({kind}) has a ring with fewer than 3 finite points")
+            suffix = f".{j}" if kind == "MultiPolygon" else ""
+            out.append(Region(f"feature {i}{suffix} ({label!s})", arrays[0], tuple(arrays[1:])))
+    return out
+
+
+def region_mask(region: Region, origin_xy: tuple[float, float], scale: float, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: the pixels of an image whose centres lie inside ``region`` (holes excluded).
+
+    The image's pixel ``[r, c]`` covers level-0 continuous ``origin + ([c, r] + 0.5) / scale`` at its centre,
+    i.e. the image is the box starting at ``origin_xy`` read at ``scale`` image px per level-0 px.
+    """
+    from skimage.draw import polygon2mask
+
+    def raster(ring: np.ndarray) -> np.ndarray:
+        local = (ring - np.asarray(origin_xy)) * scale - 0.5  # continuous -> pixel-centre (index) frame
+        return polygon2mask(shape, local[:, ::-1])
+
+    mask = raster(region.exterior)
+    for hole in region.holes:
+        mask &= ~raster(hole)
+    return mask
 
 
 def write_points_geojson(path: str | os.PathLike, points_xy: np.ndarray, name: str = "Nucleus") -> None:
@@ -186,11 +274,11 @@ def _as_points(points_xy: np.ndarray) -> np.ndarray:
 
 
 def inside_image(points_xy: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """(N,) bool: which points round to a pixel of an image of ``shape`` (H, W)."""
+    """(N,) bool: which points fall on a pixel of an image of ``shape`` (H, W)."""
     pts = _as_points(points_xy)
     h, w = shape[:2]
     x, y = pts[:, 0], pts[:, 1]
-    return (x >= -0.5) & (x < w - 0.5) & (y >= -0.5) & (y < h - 0.5)
+    return (x >= 0) & (x < w) & (y >= 0) & (y < h)
 
 
 def clip_points(points_xy: np.ndarray, shape: tuple[int, int], drop_outside: bool = False,
@@ -222,7 +310,7 @@ def clip_points(points_xy: np.ndarray, shape: tuple[int, int], drop_outside: boo
 
 
 def centroids_from_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One point per instance: the float centroid of each non-zero label.
+    """One point per instance: the float centroid of each non-zero label, where a pathologist would click.
 
     Parameters
     ----------
@@ -230,7 +318,8 @@ def centroids_from_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Returns
     -------
-    centers_xy : (N, 2) float64 (x, y) centroids, in increasing label-id order.
+    centers_xy : (N, 2) float64 continuous (x, y) centroids (a one-pixel label at ``[r, c]`` gives
+        ``(c + 0.5, r + 0.5)``), in increasing label-id order.
     ids : (N,) int64, the label id of each centroid.
     """
     labels = np.asarray(labels)
@@ -241,7 +330,7 @@ def centroids_from_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if ids.size == 0:
         return np.zeros((0, 2)), ids
     centers_rc = np.array(ndi.center_of_mass(np.ones(labels.shape), labels, ids), np.float64).reshape(-1, 2)
-    return centers_rc[:, ::-1].copy(), ids
+    return centers_rc[:, ::-1] + 0.5, ids
 
 
 def shift_points(points_xy: np.ndarray, min_px: float, max_px: float, shape: tuple[int, int],
@@ -249,7 +338,8 @@ def shift_points(points_xy: np.ndarray, min_px: float, max_px: float, shape: tup
     """Simulate imprecise annotation: move each point by a random distance in a random direction.
 
     The distance is uniform in [``min_px``, ``max_px``], the direction uniform on the circle; the result is
-    clipped to the image ([0, W-1] x [0, H-1]), so a point near the border can move less than ``min_px``.
+    clipped to the centres of the image's edge pixels ([0.5, W - 0.5] x [0.5, H - 0.5]), so a point near the
+    border can move less than ``min_px``.
 
     Returns
     -------
@@ -263,6 +353,6 @@ def shift_points(points_xy: np.ndarray, min_px: float, max_px: float, shape: tup
     angle = rng.uniform(0.0, 2.0 * np.pi, len(pts))
     moved = pts + np.stack([dist * np.cos(angle), dist * np.sin(angle)], axis=1)
     h, w = shape[:2]
-    moved[:, 0] = np.clip(moved[:, 0], 0, w - 1)
-    moved[:, 1] = np.clip(moved[:, 1], 0, h - 1)
+    moved[:, 0] = np.clip(moved[:, 0], 0.5, w - 0.5)
+    moved[:, 1] = np.clip(moved[:, 1], 0.5, h - 0.5)
     return moved

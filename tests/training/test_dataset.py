@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from pronet_wsi.errors import InputError
 from pronet_wsi.training.dataset import (
@@ -115,3 +116,12 @@ def test_stain_and_lowres_jitter_keep_image_and_targets_aligned(nuclei):
     blurred = make_patch(s, np.random.default_rng(0), 128, 6.0, aug, zero, one)
     assert np.abs(np.diff(blurred["image"].numpy(), axis=2)).mean() < np.abs(np.diff(plain["image"].numpy(),
                                                                                        axis=2)).mean()
+
+
+def test_a_few_small_crops_still_fill_a_batch(nuclei):
+    """Three 256 px crops at 8 patches per Mpx are 3 patches: the epoch is padded to one batch of 4."""
+    samples = [_sample(nuclei)] * 3
+    ds = PatchDataset(samples, 96, 8, 6.0, (0.5,) * 3, (0.2,) * 3, by_area=True, min_patches=4)
+    assert len(ds) == 4 and sorted(ds.index.tolist()) == [0, 0, 1, 2]
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, drop_last=True)
+    assert len(list(loader)) == 1

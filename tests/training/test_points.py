@@ -128,7 +128,7 @@ def test_missing_file_and_unknown_suffix(tmp_path):
 
 
 def test_clip_points_errors_or_drops():
-    pts = np.array([[0.0, 0.0], [99.4, 49.4], [99.6, 10.0], [-1.0, 5.0], [5.0, 49.5]])
+    pts = np.array([[0.0, 0.0], [99.9, 49.9], [100.0, 10.0], [-0.1, 5.0], [5.0, 50.0]])  # continuous frame
     with pytest.raises(InputError, match=r"pts.csv: 3 of 5 points lie outside the 100x50 image.*--drop-outside"):
         clip_points(pts, (50, 100), source="pts.csv")
     kept, dropped = clip_points(pts, (50, 100), drop_outside=True)
@@ -142,13 +142,13 @@ def test_centroids_from_labels_in_id_order():
     image, labels, centers_rc = synthetic_nuclei((96, 128), n_nuclei=12, seed=4)
     centers_xy, ids = centroids_from_labels(labels)
     np.testing.assert_array_equal(ids, np.arange(1, len(centers_rc) + 1))
-    np.testing.assert_allclose(centers_xy, centers_rc[:, ::-1])
+    np.testing.assert_allclose(centers_xy, centers_rc[:, ::-1] + 0.5)  # continuous: pixel [r, c] at (c+.5, r+.5)
     gaps = np.zeros((10, 10), np.uint16)
     gaps[1:3, 1:3] = 7
     gaps[6:9, 5] = 3
     xy, ids = centroids_from_labels(gaps)
     np.testing.assert_array_equal(ids, [3, 7])
-    np.testing.assert_allclose(xy, [[5.0, 7.0], [1.5, 1.5]])
+    np.testing.assert_allclose(xy, [[5.5, 7.5], [2.0, 2.0]])
     xy, ids = centroids_from_labels(np.zeros((4, 4), int))
     assert xy.shape == (0, 2) and ids.size == 0
 
@@ -171,9 +171,9 @@ def test_shift_points_distance_direction_seed():
 
 
 def test_shift_points_stays_in_image_and_validates():
-    corner = np.array([[0.0, 0.0], [49.0, 29.0]])
+    corner = np.array([[0.5, 0.5], [49.5, 29.5]])  # centres of the corner pixels
     moved = shift_points(corner, 10.0, 10.0, (30, 50), seed=1)
-    assert (moved >= 0).all() and (moved[:, 0] <= 49).all() and (moved[:, 1] <= 29).all()
+    assert (moved >= 0.5).all() and (moved[:, 0] <= 49.5).all() and (moved[:, 1] <= 29.5).all()
     np.testing.assert_array_equal(shift_points(corner, 0.0, 0.0, (30, 50)), corner)
     with pytest.raises(ValueError, match="min_px <= max_px"):
         shift_points(corner, 5.0, 2.0, (30, 50))

@@ -10,6 +10,7 @@ import pytest
 from scipy.spatial import cKDTree
 from skimage.measure import label
 
+from pronet_wsi.geometry import xy_to_index
 from pronet_wsi.images import read_image, read_labels
 from pronet_wsi.synthetic import synthetic_nuclei
 from pronet_wsi.training.points import centroids_from_labels
@@ -29,7 +30,7 @@ def monuseg(monuseg_dir, name):
     """(image, centroids_xy) of one MoNuSeg image, points = centroids of its label instances."""
     image = read_image(monuseg_dir / "images" / f"{name}.tif")
     points_xy, _ = centroids_from_labels(read_labels(monuseg_dir / "labels" / f"{name}.png"))
-    return image, points_xy
+    return image, xy_to_index(points_xy)  # pseudo labels work in the array frame
 
 
 def real_crop(monuseg_dir, size=160):

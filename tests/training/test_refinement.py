@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
+from pronet_wsi.geometry import xy_to_index
 from pronet_wsi.images import read_labels
 from pronet_wsi.training.points import centroids_from_labels, shift_points
 from pronet_wsi.training.refinement import RefineConfig, refine_points
@@ -19,10 +20,11 @@ def test_one_e_step_recovers_shifted_points_with_oracle_offsets(monuseg_dir):
     for name in ("TCGA-18-5592-01Z-00-DX1", "TCGA-KB-A93J-01A-01-TS1"):
         labels = read_labels(monuseg_dir / "labels" / f"{name}.png")
         true_xy, ids = centroids_from_labels(labels)
+        true_xy = xy_to_index(true_xy)  # refinement works in the array frame
         dense = np.zeros((labels.max(), 2))
         dense[ids - 1] = true_xy[:, ::-1]
         offsets = offset_field(labels, dense)
-        shifted = shift_points(true_xy, 6, 8, labels.shape, seed=3)
+        shifted = xy_to_index(shift_points(true_xy + 0.5, 6, 8, labels.shape, seed=3))
         new, moved = refine_points(shifted, _cells(shifted, labels.shape), labels > 0, offsets)
         err = np.hypot(*(new - true_xy).T)
         assert (err < 2).mean() >= 0.9, f"{name}: {(err < 2).mean():.3f}"

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -21,11 +23,20 @@ def test_train_from_qupath_points_on_a_slide(slides_dir, tmp_path):
     rng = np.random.default_rng(0)
     pts = np.column_stack([rng.uniform(1000, 1300, 30), rng.uniform(1200, 1500, 30)])
     write_points_geojson(tmp_path / "points.geojson", pts)
-    res = run("train", "--slide", slides_dir / "CMU-1-Small-Region.svs", "--points", tmp_path / "points.geojson",
-              *TINY, "-o", tmp_path / "m")
+    slide = slides_dir / "CMU-1-Small-Region.svs"
+    res = run("train", "--slide", slide, "--points", tmp_path / "points.geojson", *TINY, "-o", tmp_path / "m0")
+    assert res.exit_code != 0 and "no region annotations" in res.output and "Traceback" not in res.output
+    fc = json.loads((tmp_path / "points.geojson").read_text())  # a QuPath rectangle exported with the points
+    fc["features"].append({"type": "Feature", "properties": {"objectType": "annotation"}, "geometry": {
+        "type": "Polygon", "coordinates": [[[990, 1190], [1310, 1190], [1310, 1510], [990, 1510], [990, 1190]]]}})
+    (tmp_path / "points.geojson").write_text(json.dumps(fc))
+    res = run("train", "--slide", slide, "--points", tmp_path / "points.geojson", *TINY, "-o", tmp_path / "m")
     assert res.exit_code == 0, res.output
     bundle = load_model(tmp_path / "m")
     assert bundle.config.mpp == 0.25
+    (tmp_path / "slides.csv").write_text(f"slide,points\n{slide},points.geojson\n")
+    res = run("train", "--slide-list", tmp_path / "slides.csv", *TINY, "-o", tmp_path / "m2")
+    assert res.exit_code == 0, res.output
 
 
 @pytest.fixture

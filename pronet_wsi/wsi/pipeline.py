@@ -10,7 +10,7 @@
 
 Steps 1-2 are :func:`prepare_slide` (a :class:`SlidePlan`), steps 4-5 :func:`finish_slide`; both run where the
 caller runs. Step 3 runs on the local threaded scheduler, or on a Dask distributed cluster
-(:mod:`pronet_wsi.cluster`, which also keeps several slides in flight at once); the tile tasks write their parts
+(:mod:`pronet_wsi.wsi.cluster`, which also keeps several slides in flight at once); the tile tasks write their parts
 to the output folder, so on a cluster it must be on a file system the workers share.
 
 Memory is bounded by the tasks in flight and a window of three tile rows of centres; nothing slide-sized.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,17 +29,18 @@ from pathlib import Path
 import numpy as np
 
 from pronet_wsi import __version__
-from pronet_wsi.assemble import write_outputs
 from pronet_wsi.errors import InputError
 from pronet_wsi.export import nucleus_uuid, save_mask_png, tissue_annotation, write_json, write_tissue_geojson
-from pronet_wsi.files import OutputLock, sweep_temp
+from pronet_wsi.files import OutputLock, OutputPaths, slide_stem, sweep_temp
 from pronet_wsi.geometry import Frame, check_scale
-from pronet_wsi.parts import PartStore
+from pronet_wsi.progress import progress_bar
 from pronet_wsi.slide import open_slide
 from pronet_wsi.stitching import StitchConfig
-from pronet_wsi.tile_task import TileJob, close_slides, run_batch
 from pronet_wsi.tiling import Tile, TileGrid, TilingConfig, select_tiles
 from pronet_wsi.tissue import TissueConfig, tissue_mask
+from pronet_wsi.wsi.assemble import write_outputs
+from pronet_wsi.wsi.tile_store import TileStore
+from pronet_wsi.wsi.tile_task import TileJob, TileModel, close_slides, run_batch
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 class SegmentConfig:
     """Settings of a whole-slide run (besides the model).
 
-    batch_size : tiles per model call. workers : Dask threads (0 = CPU count + 1, at most 9).
+    batch_size : tiles per model call (a 2048 px tile is ~5 Mpx; raise it on a large GPU).
+    workers : Dask threads (0 = CPU count + 1, at most 9).
     use_tissue_mask : skip glass. gzip : write ``.geojson.gz``. labels_zarr : also write the label image.
     tissue_geojson : also write ``<stem>_tissue.geojson``, the tissue region as a QuPath annotation.
     overwrite : redo a slide whose output exists. overlay_max_px : long side of the overlay PNG (also the
@@ -59,7 +60,7 @@ class SegmentConfig:
     tissue: TissueConfig = field(default_factory=TissueConfig)
     stitch: StitchConfig = field(default_factory=StitchConfig)
     use_tissue_mask: bool = True
-    batch_size: int = 4
+    batch_size: int = 1
     workers: int = 0
     gzip: bool = False
     labels_zarr: bool = False
@@ -107,26 +108,6 @@ class SlideResult:
                 f"{self.mpx:.1f} Mpx in {self.seconds:.1f} s ({rate:.2f} Mpx/s) -> {self.geojson}")
 
 
-def slide_stem(path: Path) -> str:
-    name = Path(path).name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
-
-
-def output_paths(slide_path: Path, out_dir: Path, gzip_output: bool = False, name: str | None = None
-                 ) -> dict[str, Path]:
-    """Where a slide's outputs go; ``name`` (default: the slide's stem) is the file name stem."""
-    stem = name or slide_stem(slide_path)
-    out_dir = Path(out_dir)
-    return {"geojson": out_dir / (stem + (".geojson.gz" if gzip_output else ".geojson")),
-            "record": out_dir / f"{stem}.json", "overlay": out_dir / f"{stem}_overlay.png",
-            "mask": out_dir / f"{stem}_tissue.png", "tissue": out_dir / f"{stem}_tissue.geojson",
-            "labels": out_dir / f"{stem}_labels.zarr",
-            "parts": out_dir / f".{stem}.parts", "lock": out_dir / f".{stem}.lock"}
-
-
 def check_writable(out_dir: Path) -> None:
     """Create ``out_dir`` if needed and make sure files can be written there (InputError otherwise)."""
     out_dir = Path(out_dir)
@@ -140,19 +121,19 @@ def check_writable(out_dir: Path) -> None:
                          f"choose another -o") from exc
 
 
-def is_finished(paths: dict[str, Path]) -> bool:
+def is_finished(paths: OutputPaths) -> bool:
     """A previous run finished this slide: its GeoJSON and a run record with status ``done`` exist."""
     import json
 
-    if not (paths["geojson"].exists() and paths["record"].exists()):
+    if not (paths.geojson.exists() and paths.record.exists()):
         return False
     try:
-        return json.loads(paths["record"].read_text()).get("status") == "done"
+        return json.loads(paths.record.read_text()).get("status") == "done"
     except (OSError, ValueError):
         return False
 
 
-def run_tiles_threaded(plan: SlidePlan, predictor, progress, on_tile_done) -> list[dict]:
+def run_tiles_threaded(plan: SlidePlan, predictor: TileModel, progress, on_tile_done) -> list[dict]:
     """The default tile executor: a plan's batches on Dask's local threaded scheduler; ``progress(stats_list)``
     after each batch. Any callable with this signature can run them instead (``cluster.DaskExecutor``)."""
     import dask
@@ -181,7 +162,7 @@ class SlidePlan:
 
     slide_path: Path
     name: str
-    paths: dict[str, Path]
+    paths: OutputPaths
     config: SegmentConfig
     job: TileJob
     grid: TileGrid
@@ -213,7 +194,7 @@ class SlidePlan:
         return {t.key: t.core.area / 1e6 for t in self.tiles}
 
 
-def prepare_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, predictor,
+def prepare_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, predictor: TileModel,
                   config: SegmentConfig = SegmentConfig(), *, backend: str = "auto", mpp: float | None = None,
                   name: str | None = None) -> SlidePlan | SlideResult:
     """Steps 1-2 of the module docstring: a :class:`SlidePlan`, or a ``skipped`` result for a finished slide.
@@ -223,17 +204,17 @@ def prepare_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
     t_start = time.perf_counter()
     slide_path, out_dir = Path(slide_path), Path(out_dir)
     name = name or slide_stem(slide_path)
-    paths = output_paths(slide_path, out_dir, config.gzip, name)
+    paths = OutputPaths.of(slide_path, out_dir, config.gzip, name)
     if not config.overwrite and is_finished(paths):
-        return SlideResult(slide_path, "skipped", paths["geojson"], name=name)
+        return SlideResult(slide_path, "skipped", paths.geojson, name=name)
     check_writable(out_dir)
-    lock = OutputLock(paths["lock"], str(paths["geojson"])).acquire()  # LockHeld if another run has it
+    lock = OutputLock(paths.lock, str(paths.geojson)).acquire()  # LockHeld if another run has it
     try:
         if not config.overwrite and is_finished(paths):  # it finished while we waited for the lock
             lock.release()
-            return SlideResult(slide_path, "skipped", paths["geojson"], name=name)
-        for key in ("geojson", "record", "overlay", "mask", "tissue"):
-            sweep_temp(out_dir, paths[key].name)  # left by a killed run of this slide (we hold its lock)
+            return SlideResult(slide_path, "skipped", paths.geojson, name=name)
+        for path in (paths.geojson, paths.record, paths.overlay, paths.mask, paths.tissue):
+            sweep_temp(out_dir, path.name)  # left by a killed run of this slide (we hold its lock)
         plan = _plan(slide_path, name, paths, predictor, config, backend, mpp, t_start)
     except BaseException:
         lock.release()
@@ -242,7 +223,7 @@ def prepare_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
     return plan
 
 
-def _plan(slide_path: Path, name: str, paths: dict[str, Path], predictor, config: SegmentConfig, backend: str,
+def _plan(slide_path: Path, name: str, paths: OutputPaths, predictor: TileModel, config: SegmentConfig, backend: str,
           mpp: float | None, t_start: float) -> SlidePlan:
     timings: dict[str, float] = {}
     warnings: list[str] = []
@@ -259,10 +240,10 @@ def _plan(slide_path: Path, name: str, paths: dict[str, Path], predictor, config
         slide_info = slide.info()
         backend_used = slide.backend
         slide_mpp = slide.mpp
-    hint = getattr(predictor, "halo_hint_px", None)
-    if hint and config.tiling.halo_px < hint:
-        warnings.append(f"--halo-px {config.tiling.halo_px} is below the model's hint of {hint} px; nuclei on "
-                        f"tile seams may be cut")
+    context = predictor.context_px
+    if config.tiling.halo_px < context:
+        warnings.append(f"--halo-px {config.tiling.halo_px} is below the model's context of {context} px; nuclei "
+                        f"on tile seams may differ from an untiled run")
     if not tiles:
         warnings.append("no tissue found (the slide looks empty); wrote an empty FeatureCollection")
     model_id = _model_id(predictor)
@@ -273,16 +254,16 @@ def _plan(slide_path: Path, name: str, paths: dict[str, Path], predictor, config
     inference = getattr(predictor, "config", None) or getattr(predictor, "inference", None)
     if getattr(inference, "tta", False):
         fingerprint["tta"] = True  # parts made with and without TTA never mix
-    store = PartStore(paths["parts"], fingerprint)
+    store = TileStore(paths.parts, fingerprint)
     if config.overwrite:
         store.remove()
-        store = PartStore(paths["parts"], fingerprint)
+        store = TileStore(paths.parts, fingerprint)
     done_before = store.done(verify=True)
     for p in store.damaged:
         warnings.append(f"{p}: damaged part file (interrupted copy or disk fault); its tile was run again")
     pending = [t for t in tiles if t.key not in done_before]
     job = TileJob(str(slide_path), backend_used, slide_mpp, frame, config.tiling, config.stitch.match_radius_px,
-               config.labels_zarr, str(paths["parts"]), fingerprint)
+               config.labels_zarr, str(paths.parts), fingerprint)
     batches = [pending[i : i + config.batch_size] for i in range(0, len(pending), config.batch_size)]
     return SlidePlan(slide_path, name, paths, config, job, grid, tiles, batches, len(tiles) - len(pending), frame,
                      thumb, thumb_ds, mask, slide_info, slide_mpp, predictor.mpp, model_id,
@@ -295,7 +276,7 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
     ``tile_stats`` are the stats dicts the tile tasks of this run returned (timings are summed into the record).
     """
     config, paths, timings, warnings = plan.config, plan.paths, plan.timings, plan.warnings
-    store = PartStore(paths["parts"])
+    store = TileStore(paths.parts)
     timings["tiles_wall_s"] = tiles_wall_s
     for key in ("read_s", "wait_s", "predict_s", "postprocess_s", "polygons_s", "save_s"):
         timings[f"sum_{key}"] = round(float(sum(s.get(key, 0.0) for s in tile_stats)), 3)
@@ -307,9 +288,9 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
                            plan.thumb_ds, plan.mask, plan.slide_mpp, plan.model_mpp, timings)
     area_um2_sum = counts.pop("area_um2_sum")
     if plan.mask is not None:
-        save_mask_png(paths["mask"], plan.mask)
+        save_mask_png(paths.mask, plan.mask)
         if config.tissue_geojson:
-            write_tissue_geojson(paths["tissue"], tissue_annotation(plan.mask, plan.thumb_ds,
+            write_tissue_geojson(paths.tissue, tissue_annotation(plan.mask, plan.thumb_ds,
                                                                     nucleus_uuid(ids_key(plan), 0)))
         tissue_mm2 = float(plan.mask.sum()) * (plan.thumb_ds * plan.slide_mpp) ** 2 / 1e6
     else:
@@ -318,7 +299,7 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
     timings["total_s"] = total
     mpx = sum(plan.core_mpx.values())
     record = {"status": "done", "name": plan.name, "slide": plan.slide_info,
-              "output": {k: str(v) for k, v in paths.items() if k not in ("parts", "lock")},
+              "output": paths.user_files(),
               "model": plan.model_id, "model_mpp": plan.model_mpp,
               "config": {"segment": _plain(config), "postprocess": plan.postprocess},
               "processing": {"scale_level0_per_px": plan.frame.scale, "shape_hw": list(plan.frame.shape)},
@@ -336,18 +317,18 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
               "timings_s": {k: round(v, 3) for k, v in timings.items()}, "warnings": warnings,
               "versions": _versions(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
-        write_json(paths["record"], record)
+        write_json(paths.record, record)
     except BaseException:  # no GeoJSON without its "done" record; this run wrote it, so this run removes it
-        paths["geojson"].unlink(missing_ok=True)
+        paths.geojson.unlink(missing_ok=True)
         raise
     store.remove()
     for w in warnings:
         log.info("%s: %s", plan.slide_path.name, w)
-    return SlideResult(plan.slide_path, "done", paths["geojson"], counts["nuclei"], len(plan.tiles), plan.n_resumed,
+    return SlideResult(plan.slide_path, "done", paths.geojson, counts["nuclei"], len(plan.tiles), plan.n_resumed,
                        mpx, total, warnings, plan.name)
 
 
-def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, predictor,
+def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, predictor: TileModel,
                   config: SegmentConfig = SegmentConfig(), *, backend: str = "auto", mpp: float | None = None,
                   name: str | None = None, progress: bool = False, on_tile_done=None, executor=None) -> SlideResult:
     """Segment one slide into ``out_dir/<stem>.geojson`` (see the module docstring).
@@ -361,7 +342,7 @@ def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
     progress : show a progress bar (only when stderr is a terminal).
     on_tile_done : called with each finished tile's key (tests use it to simulate a kill).
     executor : runs the tile batches, ``executor(plan, predictor, progress, on_tile_done) -> stats``; default
-        :func:`run_tiles_threaded`, or ``pronet_wsi.cluster.DaskExecutor(client)`` for a Dask cluster.
+        :func:`run_tiles_threaded`, or ``pronet_wsi.wsi.cluster.DaskExecutor(client)`` for a Dask cluster.
 
     Raises
     ------
@@ -377,8 +358,8 @@ def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
         plan.release()
 
 
-def _run_plan(plan: SlidePlan, predictor, progress: bool, on_tile_done, executor) -> SlideResult:
-    bar = _progress_bar(len(plan.tiles), plan.n_resumed, plan.slide_path.name, progress)
+def _run_plan(plan: SlidePlan, predictor: TileModel, progress: bool, on_tile_done, executor) -> SlideResult:
+    bar = progress_bar(len(plan.tiles), plan.slide_path.name, "tile", initial=plan.n_resumed, enabled=progress)
     core_mpx = plan.core_mpx
     counter = {"nuclei": 0, "mpx": 0.0, "t0": time.perf_counter()}
     lock = threading.Lock()
@@ -387,20 +368,19 @@ def _run_plan(plan: SlidePlan, predictor, progress: bool, on_tile_done, executor
         with lock:
             counter["nuclei"] += sum(s["in_core"] for s in stats)
             counter["mpx"] += sum(core_mpx[s["key"]] for s in stats)
-            if bar is not None:
-                rate = counter["mpx"] / max(time.perf_counter() - counter["t0"], 1e-9)
-                bar.set_postfix_str(f"{counter['nuclei']:,} nuclei, {rate:.2f} Mpx/s", refresh=False)
-                bar.update(len(stats))
+            rate = counter["mpx"] / max(time.perf_counter() - counter["t0"], 1e-9)
+            bar.set_postfix_str(f"{counter['nuclei']:,} nuclei, {rate:.2f} Mpx/s", refresh=False)
+            bar.update(len(stats))
 
     t = time.perf_counter()
     try:
+        tile_stats: list[dict]
         if not plan.batches:
             tile_stats = []
         else:
             tile_stats = (executor or run_tiles_threaded)(plan, predictor, on_progress, on_tile_done)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         close_slides(plan.job.slide_path)
     return finish_slide(plan, tile_stats, time.perf_counter() - t)
 
@@ -415,14 +395,6 @@ def ids_key(plan: SlidePlan) -> str:
                 "stitch": asdict(plan.config.stitch), "mpp": plan.slide_mpp, "tta": plan.job.fingerprint.get("tta")}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return f"{plan.name}/{digest}"
-
-
-def _progress_bar(total: int, initial: int, name: str, enabled: bool):
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=name, unit="tile", dynamic_ncols=True, leave=False)
 
 
 def _model_id(predictor) -> str:

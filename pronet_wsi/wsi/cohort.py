@@ -3,7 +3,8 @@
 * :func:`read_manifest` reads a CSV of slides (``path``, optional ``mpp`` and ``output`` name); a bad line is
   an InputError naming the file and the line. :func:`expand_inputs` expands glob patterns.
 * :func:`select_shard` keeps every N-th slide from the I-th, so the tasks of a SLURM job array split a cohort
-  without talking to each other; finished slides are skipped on a rerun (by :func:`~pronet_wsi.pipeline.segment_slide`).
+  without talking to each other; finished slides are skipped on a rerun (by
+  :func:`~pronet_wsi.wsi.pipeline.segment_slide`).
 * :func:`segment_batch` runs the slides, each isolated: a slide that fails gets a run record ``<name>.json``
   with ``status: "failed"`` and the error (and no GeoJSON), and the others go on.
 * :func:`summary_rows` merges the run records of an output folder into one table (``pronet-wsi summary``).
@@ -25,9 +26,9 @@ from pathlib import Path
 
 from pronet_wsi.errors import InputError
 from pronet_wsi.export import write_json
-from pronet_wsi.files import LockHeld, atomic_bytes
-from pronet_wsi.pipeline import SegmentConfig, SlideResult, output_paths, segment_slide, slide_stem
+from pronet_wsi.files import LockHeld, OutputPaths, atomic_bytes, slide_stem
 from pronet_wsi.slide import MPP_RANGE
+from pronet_wsi.wsi.pipeline import SegmentConfig, SlideResult, segment_slide
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def expand_inputs(args: Iterable[str | os.PathLike]) -> list[SlideItem]:
 
     A pattern that is not itself an existing file and matches no file is an InputError.
     """
-    items = []
+    items: list[SlideItem] = []
     for arg in args:
         text = str(arg)
         if re.search(r"[*?[]", text) and not Path(text).exists():
@@ -217,16 +218,16 @@ def segment_batch(items: Iterable[SlideItem], out_dir: str | os.PathLike, predic
                   config: SegmentConfig = SegmentConfig(), *, client=None, backend: str = "auto",
                   default_mpp: float | None = None, pin_gpus: bool = False, progress: bool = False
                   ) -> Iterator[Outcome]:
-    """Segment slides one by one (``client`` None: :func:`~pronet_wsi.pipeline.segment_slide` each, on the local
+    """Segment slides one by one (``client`` None: :func:`~pronet_wsi.wsi.pipeline.segment_slide` each, on the local
     threaded scheduler) or all at once on the Dask cluster of ``client``
-    (:func:`pronet_wsi.cluster.segment_on_client`); yields an :class:`Outcome` as each slide ends.
+    (:func:`pronet_wsi.wsi.cluster.segment_on_client`); yields an :class:`Outcome` as each slide ends.
 
     A failing slide (any ``Exception``) is isolated: it gets a failure record and the batch goes on.
     """
     out_dir = Path(out_dir)
     started = time.time()
     if client is not None:
-        from pronet_wsi.cluster import segment_on_client
+        from pronet_wsi.wsi.cluster import segment_on_client
 
         for item, res in segment_on_client(client, items, out_dir, predictor, config, backend=backend,
                                            default_mpp=default_mpp, pin_gpus=pin_gpus, progress=progress):
@@ -252,21 +253,21 @@ def _failed(item: SlideItem, exc: BaseException, out_dir: Path, config: SegmentC
     msg = error_message(exc)
     if isinstance(exc, LockHeld):  # another run owns this slide's outputs: touch nothing
         return Outcome(item, None, msg)
-    write_failure_record(output_paths(item.path, out_dir, config.gzip, item.stem), item, msg, type(exc).__name__,
+    write_failure_record(OutputPaths.of(item.path, out_dir, config.gzip, item.stem), item, msg, type(exc).__name__,
                          started)
     return Outcome(item, None, msg)
 
 
-def write_failure_record(paths: dict[str, Path], item: SlideItem, message: str, error_type: str,
+def write_failure_record(paths: OutputPaths, item: SlideItem, message: str, error_type: str,
                          started: float) -> None:
     """Record a failed slide in ``<name>.json`` (``status: "failed"``, the error), written atomically.
 
     Nothing else is touched: a run removes only what it wrote itself (a GeoJSON whose record could not be
-    written, in :func:`~pronet_wsi.pipeline.finish_slide`). The per-tile parts stay, so a rerun resumes.
+    written, in :func:`~pronet_wsi.wsi.pipeline.finish_slide`). The per-tile parts stay, so a rerun resumes.
     Unwritable folder: no record.
     """
     try:
-        write_json(paths["record"], {
+        write_json(paths.record, {
             "status": "failed", "name": item.stem, "slide": {"path": str(item.path)}, "error": message,
             "error_type": error_type, "source": item.source,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

@@ -27,12 +27,16 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Generic, TypeVar
+
+import numpy as np
 
 from pronet_wsi.errors import InputError
 from pronet_wsi.inference import InferenceConfig
-from pronet_wsi.pipeline import SegmentConfig, SlidePlan, finish_slide, prepare_slide
 from pronet_wsi.postprocess import PostprocessConfig
-from pronet_wsi.tile_task import run_batch
+from pronet_wsi.progress import progress_bar
+from pronet_wsi.wsi.pipeline import SegmentConfig, SlidePlan, SlideResult, finish_slide, prepare_slide
+from pronet_wsi.wsi.tile_task import run_batch
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +101,7 @@ def open_client(scheduler: str, timeout_s: float | None = None):
 class ModelSpec:
     """A model folder as the workers see it: small to send; :meth:`predict_batch` loads it once per process.
 
-    Has what the pipeline reads on the client (``mpp``, ``postprocess_config``, ``halo_hint_px``, ``model_dir``)
+    Has what the pipeline reads on the client (``mpp``, ``postprocess_config``, ``context_px``, ``model_dir``)
     without loading the network here, so the client needs no GPU. ``pin_gpus``: with ``device="auto"``, worker
     ``i`` of a ``local:N`` cluster (worker names 0..N-1) uses ``cuda:i mod GPUs``.
     """
@@ -106,7 +110,7 @@ class ModelSpec:
     inference: InferenceConfig
     mpp: float
     postprocess_config: PostprocessConfig
-    halo_hint_px: int
+    context_px: int
     pin_gpus: bool = False
 
     @classmethod
@@ -118,7 +122,7 @@ class ModelSpec:
         path = resolve_model_dir(model_dir)
         bundle = load_model(path)
         return cls(str(Path(path).resolve()), inference, bundle.config.mpp, bundle.thresholds,
-                   int(4 * bundle.config.center_radius_px), pin_gpus)
+                   bundle.config.context_px, pin_gpus)
 
     @classmethod
     def from_predictor(cls, predictor, pin_gpus: bool = False) -> ModelSpec | None:
@@ -127,9 +131,9 @@ class ModelSpec:
         if path is None or not hasattr(predictor, "config"):
             return None
         return cls(str(Path(path).resolve()), predictor.config, predictor.mpp, predictor.postprocess_config,
-                   predictor.halo_hint_px, pin_gpus)
+                   predictor.context_px, pin_gpus)
 
-    def predict_batch(self, tiles):
+    def predict_batch(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
         return worker_predictor(self).predict_batch(tiles)
 
 
@@ -231,10 +235,13 @@ def run_plan(client, plan: SlidePlan, predictor, progress=None, on_tile_done=Non
     return results
 
 
+ItemT = TypeVar("ItemT")
+
+
 @dataclass
-class _InFlight:
+class _InFlight(Generic[ItemT]):
     sid: int
-    item: object
+    item: ItemT
     plan: SlidePlan
     futures: list
     remaining: int
@@ -253,14 +260,14 @@ class DaskExecutor:
         return run_plan(self.client, plan, predictor, progress, on_tile_done)
 
 
-def segment_on_client(client, items: Iterable, out_dir: str | os.PathLike, predictor,
+def segment_on_client(client, items: Iterable[ItemT], out_dir: str | os.PathLike, predictor,
                       config: SegmentConfig = SegmentConfig(), *, backend: str = "auto",
                       default_mpp: float | None = None, pin_gpus: bool = False, progress: bool = False
-                      ) -> Iterator[tuple[object, object]]:
+                      ) -> Iterator[tuple[ItemT, SlideResult | Exception]]:
     """Segment many slides on a cluster; yields ``(item, SlideResult or the exception)`` as each slide ends.
 
     ``items`` have ``path``, ``mpp`` (None: ``default_mpp``) and ``name`` (output stem or None), e.g.
-    :class:`pronet_wsi.cohort.SlideItem`. One slide's failure (its exception is yielded) does not stop the
+    :class:`pronet_wsi.wsi.cohort.SlideItem`. One slide's failure (its exception is yielded) does not stop the
     others. Slides are prepared and finished here; their tiles run on the workers, the next slides' tiles queued
     while one is finished (at least two slides, and batches for twice the cluster's threads as it is now, at
     most ``MAX_SLIDES_IN_FLIGHT`` slides).
@@ -269,10 +276,10 @@ def segment_on_client(client, items: Iterable, out_dir: str | os.PathLike, predi
 
     remote = remote_predictor(client, predictor, pin_gpus)
     queue = list(items)
-    active: dict[int, _InFlight] = {}
+    active: dict[int, _InFlight[ItemT]] = {}
     owner: dict = {}
     ac = as_completed([], loop=client.loop)
-    bar = _bar(progress)
+    bar = progress_bar(0, "tiles", "tile", enabled=progress)
     next_id = 0
 
     def queued() -> int:
@@ -300,9 +307,8 @@ def segment_on_client(client, items: Iterable, out_dir: str | os.PathLike, predi
             if not isinstance(plan, SlidePlan):  # skipped, nothing to run, or failed
                 yield item, plan
                 continue
-            if bar is not None:
-                bar.total += len(plan.tiles)
-                bar.update(plan.n_resumed)
+            bar.total += len(plan.tiles)
+            bar.update(plan.n_resumed)
             futures = _submit(client, plan, remote)
             active[next_id] = _InFlight(next_id, item, plan, futures, len(futures), time.perf_counter(), [])
             for f in futures:
@@ -329,12 +335,12 @@ def segment_on_client(client, items: Iterable, out_dir: str | os.PathLike, predi
                 continue
             slide.stats.extend(res)
             slide.remaining -= 1
-            if bar is not None:
-                bar.update(len(res))
+            bar.update(len(res))
             if slide.remaining:
                 continue
             del active[slide.sid]
             yield from admit()  # queue the next slides' tiles before this one's (serial) second pass
+            outcome: SlideResult | Exception
             try:
                 outcome = finish_slide(slide.plan, slide.stats, time.perf_counter() - slide.t0)
             except Exception as exc:
@@ -343,18 +349,9 @@ def segment_on_client(client, items: Iterable, out_dir: str | os.PathLike, predi
                 slide.plan.release()
             yield slide.item, outcome
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         for slide in active.values():
             client.cancel(slide.futures)
             slide.plan.release()
 
 
-def _bar(enabled: bool):
-    import sys
-
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=0, desc="tiles", unit="tile", dynamic_ncols=True, leave=False)

@@ -11,16 +11,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from pronet_wsi.export import feature_bodies
 from pronet_wsi.geometry import Frame, rc_to_xy
 from pronet_wsi.instances import tile_instances
-from pronet_wsi.parts import PartStore
-from pronet_wsi.postprocess import postprocess
+from pronet_wsi.postprocess import PostprocessConfig, postprocess
 from pronet_wsi.slide import Slide, open_slide
 from pronet_wsi.tiling import Tile, TilingConfig
+from pronet_wsi.wsi.tile_store import TileStore
 
 _MODEL_LOCK = threading.Lock()  # one model batch at a time per process
 
@@ -68,19 +69,38 @@ def close_slides(path: str) -> None:
         slide.close()
 
 
-def run_batch(job: TileJob, tiles: list[Tile], predictor, on_tile_done=None) -> list[dict]:
+class TileModel(Protocol):
+    """What the run layer needs of a model (a ``Predictor``, a Dask ``ModelSpec``, or a test's oracle).
+
+    mpp : the model's pixel size (um). context_px : the tile halo it needs for seam-exact maps.
+    predict_batch : (B, H, W, 3) uint8 tiles -> maps ``foreground`` (B, H, W), ``offsets`` (B, 2, H, W),
+    ``centers`` (B, H, W).
+    """
+
+    @property
+    def mpp(self) -> float: ...
+
+    @property
+    def context_px(self) -> int: ...
+
+    @property
+    def postprocess_config(self) -> PostprocessConfig: ...
+
+    def predict_batch(self, tiles: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+def run_batch(job: TileJob, tiles: list[Tile], predictor: TileModel, on_tile_done=None) -> list[dict]:
     """Read, predict, post-process and save a batch of tiles; returns one stats dict per tile."""
     slide = _thread_slide(job)
     t0 = time.perf_counter()
-    size = job.tiling.tile_px
-    images = np.stack([slide.read_box(job.frame.box_to_level0(t.read), (size, size)) for t in tiles])
+    images = np.stack([slide.read_box(job.frame.box_to_level0(t.read), t.read.shape) for t in tiles])
     t_read = time.perf_counter()
     with _MODEL_LOCK:
         t1 = time.perf_counter()  # after the wait for the model: waiting is neither reading nor predicting
         maps = predictor.predict_batch(images)
         t2 = time.perf_counter()
     del images
-    store = PartStore(Path(job.parts_root))
+    store = TileStore(Path(job.parts_root))
     config = predictor.postprocess_config
     out = []
     for k, tile in enumerate(tiles):

@@ -8,25 +8,25 @@ they are known before pass 2 streams the kept nuclei to the GeoJSON (and the lab
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
 from pronet_wsi.export import GeoJSONWriter, LabelsWriter, Overlay, feature_text, nucleus_uuid
+from pronet_wsi.files import OutputPaths
 from pronet_wsi.geometry import Frame
-from pronet_wsi.parts import PartStore
 from pronet_wsi.stitching import Candidates, Resolver
 from pronet_wsi.tiling import Tile, TileGrid
+from pronet_wsi.wsi.tile_store import TileStore
 
 
-def write_outputs(store: PartStore, grid: TileGrid, tiles: list[Tile], frame: Frame, paths: dict[str, Path],
+def write_outputs(store: TileStore, grid: TileGrid, tiles: list[Tile], frame: Frame, paths: OutputPaths,
                   config, ids_key: str, thumb: np.ndarray, thumb_ds: float, mask, slide_mpp: float,
                   model_mpp: float, timings: dict) -> dict:
     """Stitch decisions (pass 1, centres and outlines), then stream GeoJSON / labels / overlay (pass 2).
 
     ``tiles`` are the processed tiles in raster order, their parts in ``store``; feature ids derive from
     ``ids_key`` (slide name, model and settings) and the nucleus number; ``config`` is the
-    :class:`~pronet_wsi.pipeline.SegmentConfig`; ``thumb`` / ``thumb_ds`` the overlay thumbnail and its
+    :class:`~pronet_wsi.wsi.pipeline.SegmentConfig`; ``thumb`` / ``thumb_ds`` the overlay thumbnail and its
     downsample; stage times are added to ``timings``. Returns counts (candidates, nuclei, duplicates removed) and
     the summed ``area_um2`` of the kept nuclei (``area_um2_sum``).
     """
@@ -53,12 +53,12 @@ def write_outputs(store: PartStore, grid: TileGrid, tiles: list[Tile], frame: Fr
     overlay = Overlay(thumb, thumb_ds, mask)
     labels = None
     if config.labels_zarr:
-        labels = LabelsWriter(paths["labels"], frame.shape, config.tiling.core_px,
+        labels = LabelsWriter(paths.labels, frame.shape, grid.core_hw,
                               {"mpp": model_mpp, "slide_mpp": slide_mpp, "level0_px_per_px": frame.scale,
                                "description": "nucleus ids; id i is the i-th feature of the GeoJSON"})
     area_um2_sum = 0.0
     try:
-        with GeoJSONWriter(paths["geojson"], config.gzip) as writer:
+        with GeoJSONWriter(paths.geojson, config.gzip) as writer:
             for tl in tiles:
                 km = keep[tl.index]
                 texts = store.load_texts(tl.key)
@@ -75,13 +75,13 @@ def write_outputs(store: PartStore, grid: TileGrid, tiles: list[Tile], frame: Fr
         if labels is not None:
             labels.abort()
         raise
-    overlay.save(paths["overlay"])
+    overlay.save(paths.overlay)
     timings["export_s"] = time.perf_counter() - t
     return {"candidates": n_candidates, "nuclei": gid, "duplicates_removed": n_candidates - gid,
             "area_um2_sum": area_um2_sum}
 
 
-def _paint_labels(labels: LabelsWriter, store: PartStore, grid: TileGrid, tiles: list[Tile], order: dict,
+def _paint_labels(labels: LabelsWriter, store: TileStore, grid: TileGrid, tiles: list[Tile], order: dict,
                   keep: dict, gid_start: dict) -> None:
     """Write each core's chunk from the kept nuclei of its tile and its neighbours (first id wins overlaps)."""
     chunks = sorted({i for tl in tiles for i in [tl.index, *grid.neighbours(tl.index)]})

@@ -22,7 +22,7 @@ _FIELDS = ("centers_xy", "priority", "in_core", "area_px", "area_um2", "center_s
 _MASK_FIELDS = ("bbox", "bits", "bit_offsets")
 
 
-class PartStore:
+class TileStore:
     """A folder of per-tile results.
 
     Parameters
@@ -106,7 +106,7 @@ class PartStore:
 
 
 def _intact(path: Path) -> bool:
-    """A part file whose zip members all pass their CRC check and hold the fields :meth:`PartStore.load` reads."""
+    """A part file whose zip members all pass their CRC check and hold the fields :meth:`TileStore.load` reads."""
     try:
         with zipfile.ZipFile(path) as zf:
             if zf.testzip() is not None:
