@@ -30,8 +30,11 @@ RESULTS = labs.ROOT / "benchmarks" / "results" / "adapt.csv"
 @click.option("--minutes", default=10.0, help="Training budget; 0 scores --init as it is.")
 @click.option("--threads", default=2)
 @click.option("--seed", default=0)
+@click.option("--lr", type=float, default=None, help="Override the recipe's learning rate (recipe sweep).")
+@click.option("--no-refine", is_flag=True, help="No EM point refinement (recipe sweep).")
+@click.option("--tag", default=None, help="Name of the run in the results table (default: the start model's).")
 @click.option("-o", "--outdir", required=True, type=click.Path(path_type=Path))
-def main(lab, clicks, init, minutes, threads, seed, outdir) -> None:
+def main(lab, clicks, init, minutes, threads, seed, lr, no_refine, tag, outdir) -> None:
     from pronet_wsi.inference import InferenceConfig, Predictor, segment_image
     from pronet_wsi.metrics import evaluate_image, mean_scores
     from pronet_wsi.training.loop import TrainConfig, train
@@ -53,12 +56,13 @@ def main(lab, clicks, init, minutes, threads, seed, outdir) -> None:
         ppm = TrainConfig.recipe(init=init).patches_per_image
         per_epoch = max(4, sum(max(1, round(ppm * im.shape[0] * im.shape[1] / 1e6)) for _, im, _ in chosen))
         config = TrainConfig.recipe(init=init, max_minutes=minutes, num_threads=threads, tune_thresholds=False,
-                                    epochs=max(10, int(minutes * 60 / per_epoch)), seed=seed)
+                                    epochs=max(10, int(minutes * 60 / per_epoch)), seed=seed, lr=lr,
+                                    use_refinement=False if no_refine else None)
         model_dir = train(config, chosen, outdir, progress=False)
     train_min = (time.monotonic() - t0) / 60
     predictor = Predictor(model_dir, InferenceConfig())
     m = mean_scores([evaluate_image(gt, segment_image(im, predictor).labels) for _, im, gt in labs.load(lab, "test")])
-    row = {"lab": lab, "start": "scratch" if not init else Path(init).name, "clicks": n, "images": len(chosen),
+    row = {"lab": lab, "start": tag or ("scratch" if not init else Path(init).name), "clicks": n, "images": len(chosen),
            "minutes": round(train_min, 1), "aji": round(m.aji, 4), "object_dice": round(m.object_dice, 4),
            "pq": round(m.pq, 4)}
     click.echo(row)
