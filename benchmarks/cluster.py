@@ -7,7 +7,7 @@ Both paths go through the same cohort API (:func:`pronet_wsi.wsi.cohort.segment_
 runs), one after the other in this process, on the same slides (generated once into --workdir with
 ``benchmarks/wsi.py``'s tissue mosaic: 0.25 um/px JPEG pyramids, tissue in an ellipse on glass):
 
-* **threaded**: load the model (``Predictor``) + ``segment_batch`` on the local threaded scheduler (default
+* **threaded**: load the model (``Predictor``) + ``segment_batch`` on the local thread pool (default
   threads: CPUs + 1; torch uses all cores);
 * **cluster**: start ``LocalCluster`` (2 worker processes, CPUs / 2 Dask threads each, 127.0.0.1, dashboard on
   a free port) + ``segment_batch`` with its client (each worker loads the model on first use, within the run);

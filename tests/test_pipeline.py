@@ -1,5 +1,6 @@
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -74,6 +75,34 @@ def test_kill_and_resume_gives_the_identical_file_without_redoing_tiles(slide, r
     # (a task already running when the kill came may have finished a tile or two more)
     assert 8 <= res.n_tiles_resumed < 20 and model.tiles_seen == 20 - res.n_tiles_resumed
     assert res.geojson.read_bytes() == ref_bytes
+
+
+class SlowOracle(OracleModel):
+    """An oracle whose batches take a while, recording when each ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ended: list[float] = []
+
+    def predict_batch(self, tiles):
+        time.sleep(0.6)  # longer than post-processing a batch
+        out = super().predict_batch(tiles)
+        self.ended.append(time.monotonic())
+        return out
+
+
+def test_a_failed_run_returns_only_when_no_tile_task_still_runs(slide, tmp_path):
+    # the slide is closed when the run ends: a task still reading it then crashed the process (SIGABRT in CI)
+    def kill(key):
+        raise Killed
+
+    model = SlowOracle()
+    with pytest.raises(Killed):
+        segment_slide(slide, tmp_path, model, CFG, on_tile_done=kill)
+    returned = time.monotonic()
+    time.sleep(0.5)
+    assert model.ended and max(model.ended) <= returned
+    assert len(model.ended) < 10  # the batches not started were cancelled
 
 
 def test_parts_from_other_settings_are_not_reused(slide, reference, tmp_path):

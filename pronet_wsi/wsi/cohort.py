@@ -218,8 +218,8 @@ def segment_batch(items: Iterable[SlideItem], out_dir: str | os.PathLike, predic
                   config: SegmentConfig = SegmentConfig(), *, client=None, backend: str = "auto",
                   default_mpp: float | None = None, pin_gpus: bool = False, progress: bool = False
                   ) -> Iterator[Outcome]:
-    """Segment slides one by one (``client`` None: :func:`~pronet_wsi.wsi.pipeline.segment_slide` each, on the local
-    threaded scheduler) or all at once on the Dask cluster of ``client``
+    """Segment slides one by one (``client`` None: :func:`~pronet_wsi.wsi.pipeline.segment_slide` each, on a local
+    thread pool) or all at once on the Dask cluster of ``client``
     (:func:`pronet_wsi.wsi.cluster.segment_on_client`); yields an :class:`Outcome` as each slide ends.
 
     A failing slide (any ``Exception``) is isolated: it gets a failure record and the batch goes on.

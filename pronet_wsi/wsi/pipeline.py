@@ -1,15 +1,15 @@
-"""segment_slide(): one slide from file to GeoJSON. The only module that wires the stages together and knows Dask.
+"""segment_slide(): one slide from file to GeoJSON. The only module that wires the stages together.
 
 1. open the slide, make the processing frame (model mpp), the thumbnail and the tissue mask;
 2. tile the frame (cores partition it) and keep the tiles with tissue;
-3. run the tiles as Dask tasks, one batch each: read -> model (one batch at a time, behind a lock) ->
+3. run the tiles as tasks, one batch each: read -> model (one batch at a time, behind a lock) ->
    post-process -> candidates -> per-tile part on disk. Several tasks run at once, so reading and
    post-processing overlap with the model; finished tiles are skipped on a rerun;
 4. stitch: decide which tile's view of each nucleus to keep (needs only the neighbouring tiles' centres);
 5. stream the kept nuclei to GeoJSON (and optionally a zarr label image), then the overlay and the run record.
 
 Steps 1-2 are :func:`prepare_slide` (a :class:`SlidePlan`), steps 4-5 :func:`finish_slide`; both run where the
-caller runs. Step 3 runs on the local threaded scheduler, or on a Dask distributed cluster
+caller runs. Step 3 runs on a local thread pool, or on a Dask distributed cluster
 (:mod:`pronet_wsi.wsi.cluster`, which also keeps several slides in flight at once); the tile tasks write their parts
 to the output folder, so on a cluster it must be on a file system the workers share.
 
@@ -49,7 +49,7 @@ class SegmentConfig:
     """Settings of a whole-slide run (besides the model).
 
     batch_size : tiles per model call (a 2048 px tile is ~5 Mpx; raise it on a large GPU).
-    workers : Dask threads (0 = CPU count + 1, at most 9).
+    workers : tile threads (0 = CPU count + 1, at most 9).
     use_tissue_mask : skip glass. gzip : write ``.geojson.gz``. labels_zarr : also write the label image.
     tissue_geojson : also write ``<stem>_tissue.geojson``, the tissue region as a QuPath annotation.
     overwrite : redo a slide whose output exists. overlay_max_px : long side of the overlay PNG (also the
@@ -134,20 +134,26 @@ def is_finished(paths: OutputPaths) -> bool:
 
 
 def run_tiles_threaded(plan: SlidePlan, predictor: TileModel, progress, on_tile_done) -> list[dict]:
-    """The default tile executor: a plan's batches on Dask's local threaded scheduler; ``progress(stats_list)``
-    after each batch. Any callable with this signature can run them instead (``cluster.DaskExecutor``)."""
-    import dask
-    from dask.callbacks import Callback
+    """The default tile executor: a plan's batches on ``config.n_workers`` threads; ``progress(stats_list)`` after
+    each batch. Any callable with this signature can run them instead (``cluster.DaskExecutor``).
 
-    class _Progress(Callback):
-        def _posttask(self, key, result, dsk, state, worker_id):
-            if isinstance(result, list):
-                progress(result)
+    Returns (or raises) only when no batch is running any more: on an error or an interrupt the batches not yet
+    started are cancelled and the running ones finish, so nothing reads the slide or writes parts afterwards.
+    """
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    tasks = [dask.delayed(run_batch, pure=False)(plan.job, b, predictor, on_tile_done) for b in plan.batches]
-    with _Progress():
-        done = dask.compute(*tasks, scheduler="threads", num_workers=plan.config.n_workers)
-    return [r for batch in done for r in batch]
+    results: dict[int, list[dict]] = {}
+    with ThreadPoolExecutor(plan.config.n_workers, thread_name_prefix="pronet-tile") as pool:
+        futures = {pool.submit(run_batch, plan.job, batch, predictor, on_tile_done): i
+                   for i, batch in enumerate(plan.batches)}
+        try:
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
+                progress(results[futures[fut]])
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return [r for i in sorted(results) for r in results[i]]
 
 
 # -- the driver ------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The per-tile task of a whole-slide run: read a batch of tiles, run the model, post-process, save the parts.
 
-:func:`run_batch` is what a Dask task runs, on the local threaded scheduler or on a distributed worker; a
+:func:`run_batch` is what a tile task runs, in the local thread pool or on a Dask distributed worker; a
 :class:`TileJob` carries everything it needs besides the model and pickles small. Each thread keeps its own open
 slide handles (backends need not be thread-safe); the model runs one batch at a time per process.
 """
