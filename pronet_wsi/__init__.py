@@ -15,7 +15,7 @@ import importlib
 __version__ = "0.1.0"
 
 _WHERE = {
-    "segment_slide": "pronet_wsi.wsi.pipeline", "SegmentConfig": "pronet_wsi.wsi.pipeline",
+    "segment_slide": "pronet_wsi.wsi.pipeline", "SegmentConfig": "pronet_wsi.wsi.plan",
     "load_model": "pronet_wsi.model", "Predictor": "pronet_wsi.inference", "InferenceConfig": "pronet_wsi.inference",
     "segment_image": "pronet_wsi.inference", "train": "pronet_wsi.training.loop",
     "TrainConfig": "pronet_wsi.training.loop", "evaluate_image": "pronet_wsi.metrics",

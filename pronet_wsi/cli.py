@@ -374,7 +374,8 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
     from pronet_wsi.model import resolve_model_dir
     from pronet_wsi.tiling import TilingConfig
     from pronet_wsi.wsi.cohort import duplicates, expand_inputs, parse_shard, read_manifest, segment_batch, select_shard
-    from pronet_wsi.wsi.pipeline import SegmentConfig, check_writable
+    from pronet_wsi.wsi.pipeline import check_writable
+    from pronet_wsi.wsi.plan import SegmentConfig
     from pronet_wsi.wsi.tile_task import TileModel
 
     if manifest is not None and slides:

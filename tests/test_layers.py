@@ -8,7 +8,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "pronet_wsi"
 SCIENCE = ["geometry", "tiling", "tissue", "postprocess", "instances", "stitching", "metrics", "overlay",
            "training.pseudolabels", "training.targets", "training.refinement", "training.points"]
-RUN_LAYER = ["wsi.pipeline", "wsi.cluster", "wsi.cohort", "wsi.tile_store", "wsi.assemble", "wsi.tile_task",
+RUN_LAYER = ["wsi.plan", "wsi.pipeline", "wsi.cluster", "wsi.cohort", "wsi.tile_store", "wsi.assemble", "wsi.tile_task",
              "export", "slide", "files", "progress"]
 HEAVY = ("torch", "dask", "distributed", "click", "pronet_wsi.cli")
 
@@ -90,7 +90,7 @@ def test_click_defaults_are_the_dataclass_defaults():
     from pronet_wsi.inference import InferenceConfig
     from pronet_wsi.model import ModelConfig
     from pronet_wsi.tiling import TilingConfig
-    from pronet_wsi.wsi.pipeline import SegmentConfig
+    from pronet_wsi.wsi.plan import SegmentConfig
 
     def defaults(command: str) -> dict:
         return {p.name: p.default for p in main.commands[command].params}

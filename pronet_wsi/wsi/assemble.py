@@ -12,24 +12,21 @@ import time
 import numpy as np
 
 from pronet_wsi.export import GeoJSONWriter, LabelsWriter, Overlay, feature_text, nucleus_uuid
-from pronet_wsi.files import OutputPaths
-from pronet_wsi.geometry import Frame
 from pronet_wsi.stitching import Candidates, Resolver
 from pronet_wsi.tiling import Tile, TileGrid
+from pronet_wsi.wsi.plan import SlidePlan
 from pronet_wsi.wsi.tile_store import TileStore
 
 
-def write_outputs(store: TileStore, grid: TileGrid, tiles: list[Tile], frame: Frame, paths: OutputPaths,
-                  config, ids_key: str, thumb: np.ndarray, thumb_ds: float, mask, slide_mpp: float,
-                  model_mpp: float, timings: dict) -> dict:
+def write_outputs(plan: SlidePlan, store: TileStore, ids_key: str) -> dict:
     """Stitch decisions (pass 1, centres and outlines), then stream GeoJSON / labels / overlay (pass 2).
 
-    ``tiles`` are the processed tiles in raster order, their parts in ``store``; feature ids derive from
-    ``ids_key`` (slide name, model and settings) and the nucleus number; ``config`` is the
-    :class:`~pronet_wsi.wsi.pipeline.SegmentConfig`; ``thumb`` / ``thumb_ds`` the overlay thumbnail and its
-    downsample; stage times are added to ``timings``. Returns counts (candidates, nuclei, duplicates removed) and
-    the summed ``area_um2`` of the kept nuclei (``area_um2_sum``).
+    The parts of ``plan.tiles`` (raster order) are in ``store``; feature ids derive from ``ids_key`` (slide name,
+    model and settings) and the nucleus number; stage times go into ``plan.log``. Returns counts (candidates,
+    nuclei, duplicates removed) and the summed ``area_um2`` of the kept nuclei (``area_um2_sum``).
     """
+    grid, tiles, frame, paths, config = plan.grid, plan.tiles, plan.frame, plan.paths, plan.config
+    timings = plan.log.timings
     t = time.perf_counter()
     order = {tl.index: k for k, tl in enumerate(tiles)}
 
@@ -50,11 +47,11 @@ def write_outputs(store: TileStore, grid: TileGrid, tiles: list[Tile], frame: Fr
     for tl in tiles:
         gid_start[tl.index] = gid
         gid += int(keep[tl.index].sum())
-    overlay = Overlay(thumb, thumb_ds, mask)
+    overlay = Overlay(plan.overview.thumb, plan.overview.ds, plan.overview.mask)
     labels = None
     if config.labels_zarr:
         labels = LabelsWriter(paths.labels, frame.shape, grid.core_hw,
-                              {"mpp": model_mpp, "slide_mpp": slide_mpp, "level0_px_per_px": frame.scale,
+                              {"mpp": plan.model.mpp, "slide_mpp": plan.slide.mpp, "level0_px_per_px": frame.scale,
                                "description": "nucleus ids; id i is the i-th feature of the GeoJSON"})
     area_um2_sum = 0.0
     try:
@@ -81,7 +78,7 @@ def write_outputs(store: TileStore, grid: TileGrid, tiles: list[Tile], frame: Fr
             "area_um2_sum": area_um2_sum}
 
 
-def _paint_labels(labels: LabelsWriter, store: TileStore, grid: TileGrid, tiles: list[Tile], order: dict,
+def _paint_labels(labels: LabelsWriter, store: TileStore, grid: TileGrid, tiles: tuple[Tile, ...], order: dict,
                   keep: dict, gid_start: dict) -> None:
     """Write each core's chunk from the kept nuclei of its tile and its neighbours (first id wins overlaps)."""
     chunks = sorted({i for tl in tiles for i in [tl.index, *grid.neighbours(tl.index)]})

@@ -35,7 +35,8 @@ from pronet_wsi.errors import InputError
 from pronet_wsi.inference import InferenceConfig
 from pronet_wsi.postprocess import PostprocessConfig
 from pronet_wsi.progress import progress_bar
-from pronet_wsi.wsi.pipeline import SegmentConfig, SlidePlan, SlideResult, finish_slide, prepare_slide
+from pronet_wsi.wsi.pipeline import finish_slide, prepare_slide
+from pronet_wsi.wsi.plan import SegmentConfig, SlidePlan, SlideResult
 from pronet_wsi.wsi.tile_task import run_batch
 
 log = logging.getLogger(__name__)

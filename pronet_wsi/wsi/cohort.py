@@ -28,7 +28,8 @@ from pronet_wsi.errors import InputError
 from pronet_wsi.export import write_json
 from pronet_wsi.files import LockHeld, OutputPaths, atomic_bytes, slide_stem
 from pronet_wsi.slide import MPP_RANGE
-from pronet_wsi.wsi.pipeline import SegmentConfig, SlideResult, segment_slide
+from pronet_wsi.wsi.pipeline import segment_slide
+from pronet_wsi.wsi.plan import SegmentConfig, SlideResult
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,8 @@ import os
 import platform
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-
-import numpy as np
 
 from pronet_wsi import __version__
 from pronet_wsi.errors import InputError
@@ -35,78 +33,17 @@ from pronet_wsi.files import OutputLock, OutputPaths, slide_stem, sweep_temp
 from pronet_wsi.geometry import Frame, check_scale
 from pronet_wsi.progress import progress_bar
 from pronet_wsi.slide import open_slide
-from pronet_wsi.stitching import StitchConfig
-from pronet_wsi.tiling import Tile, TileGrid, TilingConfig, select_tiles
-from pronet_wsi.tissue import TissueConfig, tissue_mask
+from pronet_wsi.tiling import TileGrid, select_tiles
+from pronet_wsi.tissue import tissue_mask
 from pronet_wsi.wsi.assemble import write_outputs
+from pronet_wsi.wsi.plan import ModelInfo, Overview, RunLog, SegmentConfig, SlidePlan, SlideResult, SlideSource
 from pronet_wsi.wsi.tile_store import TileStore
 from pronet_wsi.wsi.tile_task import TileJob, TileModel, close_slides, run_batch
 
 log = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
-class SegmentConfig:
-    """Settings of a whole-slide run (besides the model).
-
-    batch_size : tiles per model call (a 2048 px tile is ~5 Mpx; raise it on a large GPU).
-    workers : tile threads (0 = CPU count + 1, at most 9).
-    use_tissue_mask : skip glass. gzip : write ``.geojson.gz``. labels_zarr : also write the label image.
-    tissue_geojson : also write ``<stem>_tissue.geojson``, the tissue region as a QuPath annotation.
-    overwrite : redo a slide whose output exists. overlay_max_px : long side of the overlay PNG (also the
-    image the tissue mask is computed on).
-    """
-
-    tiling: TilingConfig = field(default_factory=TilingConfig)
-    tissue: TissueConfig = field(default_factory=TissueConfig)
-    stitch: StitchConfig = field(default_factory=StitchConfig)
-    use_tissue_mask: bool = True
-    batch_size: int = 1
-    workers: int = 0
-    gzip: bool = False
-    labels_zarr: bool = False
-    tissue_geojson: bool = False
-    overwrite: bool = False
-    overlay_max_px: int = 2048
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.batch_size <= 256:
-            raise ValueError(f"batch_size={self.batch_size}: must be between 1 and 256")
-        if self.overlay_max_px < 64:
-            raise ValueError(f"overlay_max_px={self.overlay_max_px}: must be >= 64")
-        if not 0 <= self.workers <= 256:
-            raise ValueError(f"workers={self.workers}: must be between 0 (auto) and 256")
-        if self.tiling.halo_px < 2 * self.stitch.match_radius_px:
-            raise ValueError(f"halo_px={self.tiling.halo_px}: must be at least twice the match radius "
-                             f"({self.stitch.match_radius_px} px) so both tiles see a nucleus on their seam")
-
-    @property
-    def n_workers(self) -> int:
-        return self.workers or min(9, (os.cpu_count() or 1) + 1)
-
-
-@dataclass
-class SlideResult:
-    """What happened to one slide. ``status`` is ``done`` or ``skipped``; ``name`` is the output stem."""
-
-    slide: Path
-    status: str
-    geojson: Path
-    n_nuclei: int = 0
-    n_tiles: int = 0
-    n_tiles_resumed: int = 0
-    mpx: float = 0.0
-    seconds: float = 0.0
-    warnings: list[str] = field(default_factory=list)
-    name: str = ""
-
-    def summary(self) -> str:
-        if self.status == "skipped":
-            return f"{self.slide.name}: skipped, {self.geojson} exists (use --overwrite to redo it)"
-        rate = self.mpx / self.seconds if self.seconds > 0 else 0.0
-        resumed = f" ({self.n_tiles_resumed} resumed)" if self.n_tiles_resumed else ""
-        return (f"{self.slide.name}: {self.n_nuclei:,} nuclei in {self.n_tiles} tiles{resumed}, "
-                f"{self.mpx:.1f} Mpx in {self.seconds:.1f} s ({rate:.2f} Mpx/s) -> {self.geojson}")
-
+__all__ = ["SegmentConfig", "SlidePlan", "SlideResult", "finish_slide", "prepare_slide", "run_tiles_threaded",
+           "segment_slide"]
 
 def check_writable(out_dir: Path) -> None:
     """Create ``out_dir`` if needed and make sure files can be written there (InputError otherwise)."""
@@ -157,49 +94,6 @@ def run_tiles_threaded(plan: SlidePlan, predictor: TileModel, progress, on_tile_
 
 
 # -- the driver ------------------------------------------------------------------------------------------------
-@dataclass
-class SlidePlan:
-    """A slide opened, its tissue found and its tiles chosen; what the tile tasks and :func:`finish_slide` need.
-
-    ``batches`` are the tiles still to run (finished parts of an earlier run are not redone); ``thumb`` (h, w, 3)
-    uint8 and ``mask`` (h, w) bool (or None) are the overlay thumbnail and tissue mask, ``thumb_ds`` level-0 px
-    per thumbnail px.
-    """
-
-    slide_path: Path
-    name: str
-    paths: OutputPaths
-    config: SegmentConfig
-    job: TileJob
-    grid: TileGrid
-    tiles: list[Tile]
-    batches: list[list[Tile]]
-    n_resumed: int
-    frame: Frame
-    thumb: np.ndarray
-    thumb_ds: float
-    mask: np.ndarray | None
-    slide_info: dict
-    slide_mpp: float
-    model_mpp: float
-    model_id: str
-    postprocess: dict
-    timings: dict[str, float]
-    warnings: list[str]
-    t_start: float
-    lock: OutputLock | None = None
-
-    def release(self) -> None:
-        """Let other runs write this slide's outputs again (after finishing or failing)."""
-        if self.lock is not None:
-            self.lock.release()
-
-    @property
-    def core_mpx(self) -> dict[str, float]:
-        """Mpx (at the model's mpp) of each tile's core, by tile key."""
-        return {t.key: t.core.area / 1e6 for t in self.tiles}
-
-
 def prepare_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, predictor: TileModel,
                   config: SegmentConfig = SegmentConfig(), *, backend: str = "auto", mpp: float | None = None,
                   name: str | None = None) -> SlidePlan | SlideResult:
@@ -207,55 +101,51 @@ def prepare_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
 
     ``name`` is the output stem (default: the slide's). Raises what :func:`segment_slide` raises.
     """
-    t_start = time.perf_counter()
+    run_log = RunLog()
     slide_path, out_dir = Path(slide_path), Path(out_dir)
     name = name or slide_stem(slide_path)
     paths = OutputPaths.of(slide_path, out_dir, config.gzip, name)
+    skipped = SlideResult(slide_path, "skipped", paths.geojson, name=name)
     if not config.overwrite and is_finished(paths):
-        return SlideResult(slide_path, "skipped", paths.geojson, name=name)
+        return skipped
     check_writable(out_dir)
     lock = OutputLock(paths.lock, str(paths.geojson)).acquire()  # LockHeld if another run has it
     try:
         if not config.overwrite and is_finished(paths):  # it finished while we waited for the lock
             lock.release()
-            return SlideResult(slide_path, "skipped", paths.geojson, name=name)
+            return skipped
         for path in (paths.geojson, paths.record, paths.overlay, paths.mask, paths.tissue):
             sweep_temp(out_dir, path.name)  # left by a killed run of this slide (we hold its lock)
-        plan = _plan(slide_path, name, paths, predictor, config, backend, mpp, t_start)
+        return _plan(slide_path, name, paths, predictor, config, backend, mpp, run_log, lock)
     except BaseException:
         lock.release()
         raise
-    plan.lock = lock
-    return plan
 
 
 def _plan(slide_path: Path, name: str, paths: OutputPaths, predictor: TileModel, config: SegmentConfig, backend: str,
-          mpp: float | None, t_start: float) -> SlidePlan:
-    timings: dict[str, float] = {}
-    warnings: list[str] = []
+          mpp: float | None, run_log: RunLog, lock: OutputLock) -> SlidePlan:
+    timings, warnings = run_log.timings, run_log.warnings
     with open_slide(slide_path, backend, mpp) as slide:
         check_scale(slide.mpp, predictor.mpp, f"{slide_path} ({slide.mpp_source})")
         frame = Frame.for_slide(slide.shape, slide.mpp, predictor.mpp)
-        timings["open_s"] = time.perf_counter() - t_start
+        timings["open_s"] = time.perf_counter() - run_log.t_start
         t = time.perf_counter()
         thumb, thumb_ds = slide.thumbnail(config.overlay_max_px)
         mask = tissue_mask(thumb, thumb_ds * slide.mpp, config.tissue) if config.use_tissue_mask else None
         grid = TileGrid(frame.shape, config.tiling)
         tiles = select_tiles(grid, frame, mask, thumb_ds)
         timings["tissue_s"] = time.perf_counter() - t
-        slide_info = slide.info()
-        backend_used = slide.backend
-        slide_mpp = slide.mpp
+        source = SlideSource(slide_path, name, slide.mpp, slide.backend, slide.info())
     context = predictor.context_px
     if config.tiling.halo_px < context:
         warnings.append(f"--halo-px {config.tiling.halo_px} is below the model's context of {context} px; nuclei "
                         f"on tile seams may differ from an untiled run")
     if not tiles:
         warnings.append("no tissue found (the slide looks empty); wrote an empty FeatureCollection")
-    model_id = _model_id(predictor)
+    model = ModelInfo(_model_id(predictor), predictor.mpp, _plain(predictor.postprocess_config))
     fingerprint = {"version": __version__, "slide": str(slide_path.resolve()), "size": slide_path.stat().st_size,
-                   "mtime_ns": slide_path.stat().st_mtime_ns, "backend": backend_used, "mpp": slide_mpp,
-                   "model": model_id, "tiling": asdict(config.tiling), "stitch": asdict(config.stitch),
+                   "mtime_ns": slide_path.stat().st_mtime_ns, "backend": source.backend, "mpp": source.mpp,
+                   "model": model.id, "tiling": asdict(config.tiling), "stitch": asdict(config.stitch),
                    "masks": config.labels_zarr}
     inference = getattr(predictor, "config", None) or getattr(predictor, "inference", None)
     if getattr(inference, "tta", False):
@@ -268,12 +158,13 @@ def _plan(slide_path: Path, name: str, paths: OutputPaths, predictor: TileModel,
     for p in store.damaged:
         warnings.append(f"{p}: damaged part file (interrupted copy or disk fault); its tile was run again")
     pending = [t for t in tiles if t.key not in done_before]
-    job = TileJob(str(slide_path), backend_used, slide_mpp, frame, config.tiling, config.stitch.match_radius_px,
-               config.labels_zarr, str(paths.parts), fingerprint)
-    batches = [pending[i : i + config.batch_size] for i in range(0, len(pending), config.batch_size)]
-    return SlidePlan(slide_path, name, paths, config, job, grid, tiles, batches, len(tiles) - len(pending), frame,
-                     thumb, thumb_ds, mask, slide_info, slide_mpp, predictor.mpp, model_id,
-                     _plain(predictor.postprocess_config), timings, warnings, t_start)
+    job = TileJob(slide_path=str(slide_path), backend=source.backend, mpp=source.mpp, frame=frame,
+                  tiling=config.tiling, match_radius_px=config.stitch.match_radius_px,
+                  with_masks=config.labels_zarr, parts_root=str(paths.parts), fingerprint=fingerprint)
+    batches = tuple(tuple(pending[i : i + config.batch_size]) for i in range(0, len(pending), config.batch_size))
+    return SlidePlan(slide=source, paths=paths, config=config, model=model, frame=frame, grid=grid,
+                     tiles=tuple(tiles), batches=batches, overview=Overview(thumb, thumb_ds, mask), job=job,
+                     log=run_log, lock=lock)
 
 
 def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -> SlideResult:
@@ -281,45 +172,43 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
 
     ``tile_stats`` are the stats dicts the tile tasks of this run returned (timings are summed into the record).
     """
-    config, paths, timings, warnings = plan.config, plan.paths, plan.timings, plan.warnings
+    config, paths, overview = plan.config, plan.paths, plan.overview
+    timings, warnings = plan.log.timings, plan.log.warnings
     store = TileStore(paths.parts)
     timings["tiles_wall_s"] = tiles_wall_s
     for key in ("read_s", "wait_s", "predict_s", "postprocess_s", "polygons_s", "save_s"):
         timings[f"sum_{key}"] = round(float(sum(s.get(key, 0.0) for s in tile_stats)), 3)
-    all_stats = [store.load_stats(tl.key) for tl in plan.tiles]
-    n_cut = sum(s["cut_at_edge"] for s in all_stats)
+    n_cut = sum(store.load_stats(tl.key)["cut_at_edge"] for tl in plan.tiles)
     if n_cut:
         warnings.append(f"{n_cut} nuclei near a tile core touch the tile edge; use a larger --halo-px")
-    counts = write_outputs(store, plan.grid, plan.tiles, plan.frame, paths, config, ids_key(plan), plan.thumb,
-                           plan.thumb_ds, plan.mask, plan.slide_mpp, plan.model_mpp, timings)
+    counts = write_outputs(plan, store, ids_key(plan))
     area_um2_sum = counts.pop("area_um2_sum")
-    if plan.mask is not None:
-        save_mask_png(paths.mask, plan.mask)
+    if overview.mask is not None:
+        save_mask_png(paths.mask, overview.mask)
         if config.tissue_geojson:
-            write_tissue_geojson(paths.tissue, tissue_annotation(plan.mask, plan.thumb_ds,
+            write_tissue_geojson(paths.tissue, tissue_annotation(overview.mask, overview.ds,
                                                                     nucleus_uuid(ids_key(plan), 0)))
-        tissue_mm2 = float(plan.mask.sum()) * (plan.thumb_ds * plan.slide_mpp) ** 2 / 1e6
-    else:
-        tissue_mm2 = plan.frame.level0_shape[0] * plan.frame.level0_shape[1] * plan.slide_mpp**2 / 1e6
-    total = time.perf_counter() - plan.t_start
+    tissue_mm2 = overview.tissue_mm2(plan.slide.mpp, plan.frame.level0_shape)
+    total = time.perf_counter() - plan.log.t_start
     timings["total_s"] = total
     mpx = sum(plan.core_mpx.values())
-    record = {"status": "done", "name": plan.name, "slide": plan.slide_info,
+    model_mpp = plan.model.mpp
+    record = {"status": "done", "name": plan.slide.name, "slide": plan.slide.info,
               "output": paths.user_files(),
-              "model": plan.model_id, "model_mpp": plan.model_mpp,
-              "config": {"segment": _plain(config), "postprocess": plan.postprocess},
+              "model": plan.model.id, "model_mpp": model_mpp,
+              "config": {"segment": _plain(config), "postprocess": plan.model.postprocess},
               "processing": {"scale_level0_per_px": plan.frame.scale, "shape_hw": list(plan.frame.shape)},
               "counts": {"tiles_grid": len(plan.grid), "tiles_tissue": len(plan.tiles),
                          "tiles_resumed": plan.n_resumed, "tiles_run": sum(len(b) for b in plan.batches),
                          "cut_at_tile_edge": n_cut, **counts},
               "measurements": {"tissue_area_mm2": round(tissue_mm2, 6),
-                               "processed_area_mm2": round(mpx * plan.model_mpp**2, 6),
+                               "processed_area_mm2": round(mpx * model_mpp**2, 6),
                                "nuclei_per_mm2": round(counts["nuclei"] / tissue_mm2, 3) if tissue_mm2 else None,
                                "mean_area_um2": round(area_um2_sum / counts["nuclei"], 3) if counts["nuclei"]
                                else None},
               "mpx_processed": round(mpx, 3),
               "model_input_mpx": round(sum(t.read.area for t in plan.tiles) / 1e6, 3),
-              "tissue_mpx": round(tissue_mm2 * 1e6 / plan.model_mpp**2 / 1e6, 3),
+              "tissue_mpx": round(tissue_mm2 * 1e6 / model_mpp**2 / 1e6, 3),
               "timings_s": {k: round(v, 3) for k, v in timings.items()}, "warnings": warnings,
               "versions": _versions(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
@@ -329,9 +218,10 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
         raise
     store.remove()
     for w in warnings:
-        log.info("%s: %s", plan.slide_path.name, w)
-    return SlideResult(plan.slide_path, "done", paths.geojson, counts["nuclei"], len(plan.tiles), plan.n_resumed,
-                       mpx, total, warnings, plan.name)
+        log.info("%s: %s", plan.slide.path.name, w)
+    return SlideResult(plan.slide.path, "done", paths.geojson, n_nuclei=counts["nuclei"], n_tiles=len(plan.tiles),
+                       n_tiles_resumed=plan.n_resumed, mpx=mpx, seconds=total, warnings=warnings,
+                       name=plan.slide.name)
 
 
 def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, predictor: TileModel,
@@ -365,7 +255,7 @@ def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
 
 
 def _run_plan(plan: SlidePlan, predictor: TileModel, progress: bool, on_tile_done, executor) -> SlideResult:
-    bar = progress_bar(len(plan.tiles), plan.slide_path.name, "tile", initial=plan.n_resumed, enabled=progress)
+    bar = progress_bar(len(plan.tiles), plan.slide.path.name, "tile", initial=plan.n_resumed, enabled=progress)
     core_mpx = plan.core_mpx
     counter = {"nuclei": 0, "mpx": 0.0, "t0": time.perf_counter()}
     lock = threading.Lock()
@@ -397,10 +287,10 @@ def ids_key(plan: SlidePlan) -> str:
     import hashlib
     import json
 
-    settings = {"model": plan.model_id, "postprocess": plan.postprocess, "tiling": asdict(plan.config.tiling),
-                "stitch": asdict(plan.config.stitch), "mpp": plan.slide_mpp, "tta": plan.job.fingerprint.get("tta")}
+    settings = {"model": plan.model.id, "postprocess": plan.model.postprocess, "tiling": asdict(plan.config.tiling),
+                "stitch": asdict(plan.config.stitch), "mpp": plan.slide.mpp, "tta": plan.job.fingerprint.get("tta")}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return f"{plan.name}/{digest}"
+    return f"{plan.slide.name}/{digest}"
 
 
 def _model_id(predictor) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -89,7 +90,7 @@ class TileModel(Protocol):
     def predict_batch(self, tiles: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
-def run_batch(job: TileJob, tiles: list[Tile], predictor: TileModel, on_tile_done=None) -> list[dict]:
+def run_batch(job: TileJob, tiles: Sequence[Tile], predictor: TileModel, on_tile_done=None) -> list[dict]:
     """Read, predict, post-process and save a batch of tiles; returns one stats dict per tile."""
     slide = _thread_slide(job)
     t0 = time.perf_counter()
