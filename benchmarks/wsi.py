@@ -170,8 +170,7 @@ def forward_and_postprocess(args, predictor, slide_path: Path, n_tiles: int) -> 
         m = encode_maps(lab.astype(np.uint32), radius_px=8)
         t = time.perf_counter()
         seg = postprocess(m, predictor.postprocess_config)
-        inst = tile_instances(seg.labels, seg.centers_rc, seg.center_scores, m["foreground"], tile.read, tile.core,
-                              frame, predictor.mpp, 8.0)
+        inst = tile_instances(seg, m["foreground"], tile.read, tile.core, frame, predictor.mpp, 8.0)
         feature_bodies(inst)
         pp_ms.append((time.perf_counter() - t) * 1e3)
         nuclei.append(int(inst.in_core.sum()))

@@ -17,6 +17,7 @@ import shapely
 from scipy import ndimage as ndi
 
 from pronet_wsi.geometry import Box, Frame, rc_to_xy
+from pronet_wsi.postprocess import Segmentation
 
 SIMPLIFY_PX = 0.5
 GRID_PX = 0.01
@@ -120,16 +121,13 @@ class Instances:
                    bit_offsets=np.zeros(1, np.int64) if with_masks else None)
 
 
-def tile_instances(labels: np.ndarray, centers_rc: np.ndarray, center_scores: np.ndarray, foreground: np.ndarray,
-                   read: Box, core: Box, frame: Frame, model_mpp: float, match_radius_px: float,
-                   with_masks: bool = False, clip: Box | None = None) -> Instances:
+def tile_instances(seg: Segmentation, foreground: np.ndarray, read: Box, core: Box, frame: Frame, model_mpp: float,
+                   match_radius_px: float, *, with_masks: bool = False, clip: Box | None = None) -> Instances:
     """Candidates of one tile: instances whose centre lies in ``core`` grown by ``match_radius_px``.
 
     Parameters
     ----------
-    labels : (H, W) uint32 tile instance map (ids 1..N), processing px, tile-local.
-    centers_rc : (N, 2) float64 tile-local (row, col) centre of instance i + 1.
-    center_scores : (N,) float32.
+    seg : the tile's post-processed instances (tile-local labels, (row, col) centres and their scores).
     foreground : (H, W) float32 foreground probability.
     read, core : the tile's read and core boxes in the processing frame.
     frame : the slide's processing frame (scale to level 0).
@@ -142,6 +140,7 @@ def tile_instances(labels: np.ndarray, centers_rc: np.ndarray, center_scores: np
     -------
     :class:`Instances` sorted by centre (y, then x); nuclei whose polygon collapses are dropped.
     """
+    labels, centers_rc, center_scores = seg.labels, seg.centers_rc, seg.center_scores
     n = len(centers_rc)
     if n == 0:
         return Instances.empty(with_masks)

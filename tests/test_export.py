@@ -20,6 +20,7 @@ from pronet_wsi.export import (
 )
 from pronet_wsi.geometry import Box, Frame
 from pronet_wsi.instances import tile_instances
+from pronet_wsi.postprocess import Segmentation
 from pronet_wsi.synthetic import synthetic_nuclei
 
 
@@ -27,8 +28,9 @@ from pronet_wsi.synthetic import synthetic_nuclei
 def inst():
     _, lab, centers = synthetic_nuclei((200, 200), n_nuclei=30, seed=2)
     frame = Frame(0.5, (200, 200), (100, 100))  # a 0.5 um/px model on a 0.25 um/px slide: non-integer coords
-    return tile_instances(lab.astype(np.uint32), centers, np.full(len(centers), 0.8, np.float32),
-                          (lab > 0).astype(np.float32), Box(0, 0, 200, 200), Box(0, 0, 200, 200), frame, 0.5, 8.0)
+    seg = Segmentation(lab.astype(np.uint32), centers, np.full(len(centers), 0.8, np.float32))
+    return tile_instances(seg, (lab > 0).astype(np.float32), Box(0, 0, 200, 200), Box(0, 0, 200, 200), frame, 0.5,
+                          8.0)
 
 
 def write(path, inst, gz=False, stem="slide"):

@@ -4,6 +4,7 @@ import shapely
 
 from pronet_wsi.geometry import Box, Frame
 from pronet_wsi.instances import Instances, tile_instances
+from pronet_wsi.postprocess import Segmentation
 from pronet_wsi.synthetic import synthetic_nuclei
 
 
@@ -18,8 +19,9 @@ def instances_of(labels, frame=None, read=None, core=None, radius=8.0, masks=Fal
     frame = frame or Frame(1.0, (h, w), (h, w))
     read = read or Box(0, 0, w, h)
     core = core or read
-    return tile_instances(labels, centers, np.linspace(0.3, 1, n).astype(np.float32),
-                          (labels > 0).astype(np.float32) * 0.9, read, core, frame, 0.25, radius, masks)
+    seg = Segmentation(labels, centers, np.linspace(0.3, 1, n).astype(np.float32))
+    return tile_instances(seg, (labels > 0).astype(np.float32) * 0.9, read, core, frame, 0.25, radius,
+                          with_masks=masks)
 
 
 def polygons(inst: Instances):

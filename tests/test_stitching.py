@@ -26,8 +26,7 @@ def oracle_slide(tmp_path_factory):
         rgb = s.read_box(Box(0, 0, SHAPE[1], SHAPE[0]), SHAPE)
     seg = postprocess(model.maps(rgb), model.postprocess_config)
     whole = Box(0, 0, SHAPE[1], SHAPE[0])
-    inst = tile_instances(seg.labels, seg.centers_rc, seg.center_scores, (seg.labels > 0).astype(np.float32),
-                          whole, whole, Frame(1.0, SHAPE, SHAPE), 0.25, 8.0)
+    inst = tile_instances(seg, (seg.labels > 0).astype(np.float32), whole, whole, Frame(1.0, SHAPE, SHAPE), 0.25, 8.0)
     untiled = [json.loads('{"type":"Feature"' + b) for b in feature_bodies(inst)]
     return path, seg.labels, untiled
 
@@ -166,9 +165,8 @@ def test_in_memory_stitch_of_two_tiles(oracle_slide):
     with open_slide(path) as s:
         for t in grid:
             seg = postprocess(model.maps(s.read_box(t.read, t.read.shape)), model.postprocess_config)
-            parts.append((t.index, tile_instances(seg.labels, seg.centers_rc, seg.center_scores,
-                                                  (seg.labels > 0).astype(np.float32), t.read, t.core, frame, 0.25,
-                                                  8.0)))
+            parts.append((t.index, tile_instances(seg, (seg.labels > 0).astype(np.float32), t.read, t.core, frame,
+                                                  0.25, 8.0)))
     kept = stitch(parts, 8.0)
     assert sum(len(p) for _, p in parts) > len(kept) == len(untiled)
 

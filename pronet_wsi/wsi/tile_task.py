@@ -109,8 +109,8 @@ def run_batch(job: TileJob, tiles: Sequence[Tile], predictor: TileModel, on_tile
         tile_maps = {name: maps[name][k] for name in ("foreground", "offsets", "centers")}
         seg = postprocess(tile_maps, config)
         t4 = time.perf_counter()
-        inst = tile_instances(seg.labels, seg.centers_rc, seg.center_scores, tile_maps["foreground"], tile.read,
-                              tile.core, job.frame, predictor.mpp, job.match_radius_px, job.with_masks)
+        inst = tile_instances(seg, tile_maps["foreground"], tile.read, tile.core, job.frame, predictor.mpp,
+                              job.match_radius_px, with_masks=job.with_masks)
         bodies = feature_bodies(inst)
         t5 = time.perf_counter()
         cut = _cut_at_edge(seg, tile, job.match_radius_px)
