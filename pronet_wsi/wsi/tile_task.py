@@ -64,8 +64,17 @@ def _thread_slide(job: TileJob) -> Slide:
 
 
 def close_slides(path: str) -> None:
+    """Close the handles on ``path`` of this thread and of threads that have ended (a finished run's pool).
+
+    A live thread's handle is left to that thread (it may be reading: an in-process Dask worker still running a
+    task of a failed run); it is closed when the thread drops it for a newer slide.
+    """
+    live = {t.ident for t in threading.enumerate()} - {threading.get_ident()}
     with _HANDLES_LOCK:
-        stale = [mine.pop(k) for mine in _HANDLES.values() for k in [k for k in mine if k[0] == path]]
+        stale = [mine.pop(k) for tid, mine in _HANDLES.items() if tid not in live
+                 for k in [k for k in mine if k[0] == path]]
+        for tid in [tid for tid, mine in _HANDLES.items() if not mine]:
+            del _HANDLES[tid]
     for slide in stale:
         slide.close()
 
