@@ -49,15 +49,49 @@ def main(verbose: bool) -> None:
 @click.argument("pred_dir", type=click.Path(path_type=Path))
 @click.argument("gt_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "output_csv", type=click.Path(path_type=Path), default=None,
-              help="Write per-image scores and their mean to this CSV (image, object_dice, pixel_dice, aji, pq).")
+              help="Write the scores to this CSV (instance maps: image, object_dice, pixel_dice, aji, pq per image "
+                   "and the mean; typed: one row per class, mean and detection).")
+@click.option("--radius-um", type=float, default=3.0, show_default=True,
+              help="Typed detection: a predicted nucleus matches a click within this distance (HoVer-Net: 12 px "
+                   "at 0.25 um/px).")
+@click.option("--mpp", type=float, default=0.25, show_default=True,
+              help="Typed detection: pixel size of the images the points refer to, in um/px (0.5 for 20x).")
 @friendly_errors
-def evaluate(pred_dir: Path, gt_dir: Path, output_csv: Path | None) -> None:
-    """Score predicted instance maps in PRED_DIR against ground truth in GT_DIR (paired by file stem).
+def evaluate(pred_dir: Path, gt_dir: Path, output_csv: Path | None, radius_um: float, mpp: float) -> None:
+    """Score predictions in PRED_DIR against ground truth in GT_DIR (paired by file stem).
 
-    Prints object Dice, pixel Dice, AJI and PQ per image and their mean over images.
+    Instance maps (<stem>.tif vs <stem>.png/.tif): prints object Dice, pixel Dice, AJI and PQ per image and their
+    mean over images. Typed detection, when PRED_DIR holds <stem>_nuclei.csv (from `predict`) and GT_DIR holds
+    class-labelled clicks <stem>.csv (x,y,class) or <stem>.geojson (QuPath points): matches nuclei to clicks
+    within --radius-um and prints per-class precision, recall, F1 and HoVer-Net's F_c, and detection F_d, pooled
+    over the images. Clicks without a class count for detection only.
     """
-    from pronet_wsi.evaluation import evaluate_folder, format_table, write_scores_csv
+    from pronet_wsi.evaluation import (
+        evaluate_folder,
+        evaluate_typed_folder,
+        format_table,
+        format_typed_table,
+        has_nucleus_tables,
+        has_point_files,
+        write_scores_csv,
+        write_typed_csv,
+    )
 
+    if has_nucleus_tables(pred_dir) and has_point_files(gt_dir):
+        if not (0 < mpp <= 20) or not 0 < radius_um <= 100:
+            raise InputError(f"--mpp {mpp:g} um/px, --radius-um {radius_um:g}: need 0 < mpp <= 20 (0.25 at 40x, 0.5 "
+                             "at 20x) and 0 < radius <= 100 um")
+        typed = evaluate_typed_folder(pred_dir, gt_dir, radius_um / mpp)
+        click.echo(format_typed_table(typed))
+        if typed.unknown_pred_classes:
+            click.echo(f"predicted classes never clicked (scored as a wrong class): "
+                       f"{', '.join(typed.unknown_pred_classes)}")
+        click.echo(f"scored {len(typed.rows)} image(s), matching within {radius_um:g} um = {radius_um / mpp:g} px; "
+                   "ground truth without a prediction is not scored")
+        if output_csv is not None:
+            write_typed_csv(output_csv, typed)
+            click.echo(f"wrote {output_csv}")
+        return
     rows, mean = evaluate_folder(pred_dir, gt_dir)
     click.echo(format_table(rows, mean))
     click.echo(f"scored {len(rows)} prediction(s); ground truth without a prediction is not scored")
@@ -69,7 +103,7 @@ def evaluate(pred_dir: Path, gt_dir: Path, output_csv: Path | None) -> None:
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False, path_type=str),
-              help="Folder for <stem>.tif (uint32 instance map) and <stem>_overlay.png.")
+              help="Folder for <stem>.tif (uint32 instance map), <stem>_overlay.png and <stem>_nuclei.csv.")
 @click.option("-m", "--model", "model_dir", default=None, type=click.Path(path_type=str),
               help="Model folder (default: the shipped model).")
 @click.option("--mpp", type=float, default=None,
@@ -81,9 +115,15 @@ def evaluate(pred_dir: Path, gt_dir: Path, output_csv: Path | None) -> None:
 @friendly_errors
 def predict(inputs: tuple[str, ...], outdir: str, model_dir: str | None, mpp: float | None, device: str,
             window_px: int, tta: bool) -> None:
-    """Segment nuclei in PNG/TIFF/JPEG images; write instance maps and overlays."""
+    """Segment nuclei in PNG/TIFF/JPEG images; write instance maps, overlays and a table of nuclei.
+
+    <stem>_nuclei.csv has one row per nucleus: id (its label in <stem>.tif), x, y (its centre in the image's
+    continuous pixel frame, as QuPath's), class and class_probability (a typed model's; "Nucleus" otherwise) and
+    area_um2.
+    """
     from pathlib import Path
 
+    from pronet_wsi.export import write_nuclei_csv
     from pronet_wsi.images import list_images, read_image, write_labels, write_png
     from pronet_wsi.inference import InferenceConfig, Predictor, segment_image
     from pronet_wsi.overlay import draw_contours
@@ -101,16 +141,17 @@ def predict(inputs: tuple[str, ...], outdir: str, model_dir: str | None, mpp: fl
     for i, path in enumerate(paths):
         image = images[0][1] if i == 0 else read_image(path)
         seg = segment_image(image, predictor, mpp=mpp)
-        labels_path, overlay_path = targets[path]
+        labels_path, overlay_path, table_path = targets[path]
         write_labels(labels_path, seg.labels)
         write_png(overlay_path, draw_contours(image, seg.labels))
+        write_nuclei_csv(table_path, seg, predictor.classes, mpp if mpp is not None else predictor.mpp)
         click.echo(f"{path.name}: {seg.n} nuclei -> {labels_path}")
 
 
-def prediction_outputs(paths: list[Path], out: Path) -> dict[Path, tuple[Path, Path]]:
-    """``<stem>.tif`` and ``<stem>_overlay.png`` in ``out`` for each input; an error if two inputs share a stem
-    or an output would overwrite an input (inputs are never overwritten)."""
-    targets: dict[Path, tuple[Path, Path]] = {}
+def prediction_outputs(paths: list[Path], out: Path) -> dict[Path, tuple[Path, Path, Path]]:
+    """``<stem>.tif``, ``<stem>_overlay.png`` and ``<stem>_nuclei.csv`` in ``out`` for each input; an error if two
+    inputs share a stem or an output would overwrite an input (inputs are never overwritten)."""
+    targets: dict[Path, tuple[Path, Path, Path]] = {}
     by_stem: dict[str, Path] = {}
     inputs = {p.resolve() for p in paths}
     for p in paths:
@@ -118,7 +159,7 @@ def prediction_outputs(paths: list[Path], out: Path) -> dict[Path, tuple[Path, P
             raise InputError(f"{p} and {by_stem[p.stem]} would both write {out / (p.stem + '.tif')}; rename one "
                              "or predict them into different -o folders")
         by_stem[p.stem] = p
-        pair = (out / f"{p.stem}.tif", out / f"{p.stem}_overlay.png")
+        pair = (out / f"{p.stem}.tif", out / f"{p.stem}_overlay.png", out / f"{p.stem}_nuclei.csv")
         for t in pair:
             if t.resolve() in inputs:
                 raise InputError(f"-o {out}: the output {t} would overwrite the input image {t}; choose another -o")
@@ -189,7 +230,14 @@ def _names(value: str | None) -> list[str] | None:
 @click.option("--schedule", type=click.Choice(["constant", "cosine"]), default=None, help="[recipe]")
 @click.option("--patch-px", type=int, default=None, help="[recipe]")
 @click.option("--patches-per-image", type=int, default=None, help="Patches per epoch per megapixel [recipe].")
-@click.option("--mpp", type=float, default=None, help="Resolution of the training images (default: the model's).")
+@click.option("--mpp", type=float, default=None,
+              help="Pixel size of the --images and --val-images in um/px (e.g. 0.5 for 20x); they are resampled to "
+                   "the model's (default: already at the model's).")
+@click.option("--model-mpp", type=float, default=None,
+              help="Working resolution of a model trained from scratch (default: --mpp, else 0.25; with --init the "
+                   "start model's).")
+@click.option("--freeze-trunk", is_flag=True,
+              help="With classed points and --init: train only the type head (the start model's nuclei unchanged).")
 @click.option("--euclidean", is_flag=True, help="Euclidean instead of geodesic pseudo labels (ablation).")
 @click.option("--no-offsets", is_flag=True, help="No offset module: centre map + binary only (ablation).")
 @click.option("--no-refine", is_flag=True, help="No EM point refinement (ablation).")
@@ -204,12 +252,13 @@ def _names(value: str | None) -> list[str] | None:
 @friendly_errors
 def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide_list, val_images, val_labels,
           val_names, recipe, init,
-          width, epochs, batch_size, lr, weight_decay, schedule, patch_px, patches_per_image, mpp, euclidean,
-          no_offsets, no_refine, max_minutes, seed, device, resume, drop_outside, quiet, outdir) -> None:
+          width, epochs, batch_size, lr, weight_decay, schedule, patch_px, patches_per_image, mpp, model_mpp,
+          freeze_trunk, euclidean, no_offsets, no_refine, max_minutes, seed, device, resume, drop_outside, quiet,
+          outdir) -> None:
     """Train PROnet from point annotations (image folders + points, or QuPath points on a slide)."""
     from pathlib import Path
 
-    from pronet_wsi.training.dataset import load_items, load_slide_items, read_slide_list
+    from pronet_wsi.training.dataset import load_items, load_slide_items, read_slide_list, resample_items
     from pronet_wsi.training.loop import TrainConfig
     from pronet_wsi.training.loop import train as run_training
     from pronet_wsi.training.pseudolabels import PseudoLabelConfig
@@ -226,11 +275,17 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
             from pronet_wsi.model import load_model, resolve_model_dir
 
             start = load_model(resolve_model_dir(None if init == "default" else init)).config
-            mpp = start.mpp if mpp is None else mpp
+            if model_mpp is not None and abs(model_mpp - start.mpp) > 1e-6:
+                raise InputError(f"--model-mpp {model_mpp:g}: the --init model works at {start.mpp:g} um/px; drop "
+                                 "--model-mpp (give the images' pixel size with --mpp)")
+            model_mpp = start.mpp
             width = start.width if width is None else width
+        elif model_mpp is None:
+            model_mpp = mpp
         config = TrainConfig.recipe(
             recipe, init=init, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-            schedule=schedule, patch_px=patch_px, patches_per_image=patches_per_image, width=width, mpp=mpp,
+            schedule=schedule, patch_px=patch_px, patches_per_image=patches_per_image, width=width, mpp=model_mpp,
+            freeze_trunk=True if freeze_trunk else None,
             seed=seed, device=device, max_minutes=max_minutes, use_offsets=False if no_offsets else None,
             use_refinement=False if no_refine else None,
             pseudo=PseudoLabelConfig(geodesic=False) if euclidean else None)
@@ -250,15 +305,22 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
             raise click.UsageError("give --images (with --points or --labels), --slide with --points, or --slide-list")
         if len(points) > 1:
             raise click.UsageError("--images takes one --points folder")
-        items = load_items(images, points[0] if points else None, labels, names=_names(names),  # type: ignore[assignment]
+        items = load_items(images, points[0] if points else None, labels, names=_names(names),
                            shift=tuple(shift) if shift else None, seed=seed, drop_outside=drop_outside)
+        if mpp is not None:
+            check_mpp_option(mpp)
+            items = resample_items(items, mpp / config.mpp)
     val = None
     if val_images:
         if not val_labels:
             raise click.UsageError("--val-images needs --val-labels (instance maps to score against)")
+        from pronet_wsi.inference import resample_image, resample_labels
         from pronet_wsi.training.dataset import load_val_items
 
         val = load_val_items(val_images, val_labels, _names(val_names))
+        if mpp is not None and abs(mpp / config.mpp - 1) > 1e-3:
+            val = [(n, w := resample_image(im, mpp / config.mpp), resample_labels(gt, w.shape[:2]))
+                   for n, im, gt in val]
     out = run_training(config, items, outdir, val_items=val, resume=resume, progress=not quiet)
     click.echo(f"model written to {out}")
 

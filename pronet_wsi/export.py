@@ -3,7 +3,8 @@
 GeoJSON follows QuPath's import rules (checked by ``tests/wsi_fakes.check_qupath_geojson``): one FeatureCollection; each
 nucleus a Feature with a UUID ``id``, a valid closed Polygon in level-0 pixels (QuPath frame) with
 coordinates rounded to 0.01 px, and ``properties`` holding ``objectType: "detection"``,
-``classification: {"name": "Nucleus", "color": [r, g, b]}`` and a ``measurements`` map. Features are written
+``classification: {"name": "Nucleus", "color": [r, g, b]}`` (a typed model: the nucleus's class and its colour)
+and a ``measurements`` map. Features are written
 one at a time; the collection never exists in memory. Every file is written under a temporary name and renamed
 when complete.
 """
@@ -29,19 +30,51 @@ _UUID_NAMESPACE = uuid.UUID("6f1c3c1e-5e0b-4a43-9a57-7d1f3b2c9e10")
 _CLASS_TEXT = json.dumps(NUCLEUS_CLASS, separators=(",", ":"))
 
 
+def write_nuclei_csv(path: Path, seg, classes: tuple[str, ...], mpp: float) -> None:
+    """One row per nucleus of an image's :class:`~pronet_wsi.postprocess.Segmentation`, atomically:
+    ``id,x,y,class,class_probability,area_um2``; x, y the centre in the image's continuous frame (pixel
+    ``[r, c]`` centred at ``(c + 0.5, r + 0.5)``), class ``Nucleus`` with an empty probability when untyped."""
+    import csv
+
+    area = np.bincount(seg.labels.ravel().astype(np.int64), minlength=seg.n + 1)[1:] * mpp**2
+    index, prob = seg.class_index, seg.class_prob
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["id", "x", "y", "class", "class_probability", "area_um2"])
+    for i in range(seg.n):
+        r, c = seg.centers_rc[i]
+        name = classes[index[i]] if classes and index[i] >= 0 else NUCLEUS_CLASS["name"]
+        p = f"{float(prob[i]):.4f}" if classes else ""
+        writer.writerow([i + 1, f"{c + 0.5:.2f}", f"{r + 0.5:.2f}", name, p, f"{area[i]:.3f}"])
+    atomic_bytes(path, buf.getvalue().encode("utf-8"))
+
+
 def nucleus_uuid(slide_stem: str, global_id: int) -> str:
     """Deterministic UUID of nucleus ``global_id`` of a slide (the same on every rerun)."""
     return str(uuid.uuid5(_UUID_NAMESPACE, f"{slide_stem}/{global_id}"))
 
 
-def feature_bodies(inst: Instances) -> list[str]:
-    """Text of each nucleus's Feature after its id: ``,"geometry":{...},"properties":{...}}``."""
+def class_texts(classes: tuple[str, ...], colors: tuple[tuple[int, int, int], ...]) -> list[str]:
+    """The ``classification`` JSON text of each class of a typed model (QuPath colours), in class order."""
+    return [json.dumps({"name": n, "color": list(c)}, separators=(",", ":"), ensure_ascii=False)
+            for n, c in zip(classes, colors, strict=True)]
+
+
+def feature_bodies(inst: Instances, classes: tuple[str, ...] = (),
+                   colors: tuple[tuple[int, int, int], ...] = ()) -> list[str]:
+    """Text of each nucleus's Feature after its id: ``,"geometry":{...},"properties":{...}}``.
+
+    ``classes`` / ``colors``: a typed model's class names and QuPath colours; each nucleus is classified by its
+    ``class_index`` (an untyped model's nuclei are all ``Nucleus``).
+    """
+    texts = class_texts(classes, colors) if classes else []
     out = []
     for i in range(len(inst)):
         m = inst.measurements(i)
         meas = ",".join(f'{json.dumps(k, ensure_ascii=False)}:{float(v)!r}' for k, v in m.items())
+        cls = texts[int(inst.class_index[i])] if texts and inst.class_index is not None else _CLASS_TEXT
         out.append(f',"geometry":{{"type":"Polygon","coordinates":{inst.geometry_json(i)}}},"properties":'
-                   f'{{"objectType":"detection","classification":{_CLASS_TEXT},"measurements":{{{meas}}}}}}}')
+                   f'{{"objectType":"detection","classification":{cls},"measurements":{{{meas}}}}}}}')
     return out
 
 

@@ -5,7 +5,7 @@ The only torch <-> numpy boundary: everything in and out is numpy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +84,8 @@ class Predictor:
         self.mpp = bundle.config.mpp
         self.postprocess_config: PostprocessConfig = bundle.thresholds
         self.context_px = bundle.config.context_px  # the tile halo this model needs for seam-exact maps
+        self.classes: tuple[str, ...] = bundle.config.classes  # nucleus classes of a typed model; () = untyped
+        self.class_colors = bundle.config.class_colors
         amp = config.amp
         if amp == "auto":
             amp = "on" if (self.device.type == "cuda" or _cpu_has_bf16()) else "off"
@@ -105,7 +107,8 @@ class Predictor:
         Returns
         -------
         ``foreground`` (B, H, W) float32 probability, ``offsets`` (B, 2, H, W) float32 (dy, dx) px,
-        ``centers`` (B, H, W) float32 probability.
+        ``centers`` (B, H, W) float32 probability; a typed model adds ``types`` (B, K, H, W) float32 class
+        probabilities (softmax over the model's ``classes``).
         """
         tiles = np.asarray(tiles)
         if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
@@ -118,16 +121,19 @@ class Predictor:
                 memory_format=torch.channels_last if self.device.type == "cpu" else torch.contiguous_format)
             maps = self._maps_tta(x) if self.config.tta else self._maps(x)
             outs.append({k: v.cpu().numpy() for k, v in maps.items()})
-        return {k: np.concatenate([o[k] for o in outs]) for k in ("foreground", "offsets", "centers")}
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
     def _maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Probabilities and offsets (float32) for a normalised (B, 3, H, W) batch."""
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             raw = self.model(x)
-        return {"foreground": torch.sigmoid(raw["foreground"].float())[:, 0],
+        maps = {"foreground": torch.sigmoid(raw["foreground"].float())[:, 0],
                 "offsets": raw["offsets"].float(),
                 "centers": torch.sigmoid(raw["centers"].float())[:, 0]}
+        if "types" in raw:
+            maps["types"] = torch.softmax(raw["types"].float(), dim=1)
+        return maps
 
     def _maps_tta(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """:meth:`_maps` averaged over the 8 dihedral views, each mapped back (offset vectors rotated too)."""
@@ -154,7 +160,8 @@ class Predictor:
 
         Returns
         -------
-        ``foreground`` (H, W), ``offsets`` (2, H, W), ``centers`` (H, W), float32.
+        ``foreground`` (H, W), ``offsets`` (2, H, W), ``centers`` (H, W), float32; ``types`` (K, H, W) for a
+        typed model.
         """
         h, w = image.shape[:2]
         win, ov = self.config.window_px, self.config.overlap_px
@@ -162,6 +169,8 @@ class Predictor:
             return {k: v[0] for k, v in self.predict_batch(image[None]).items()}
         out = {"foreground": np.zeros((h, w), np.float32), "offsets": np.zeros((2, h, w), np.float32),
                "centers": np.zeros((h, w), np.float32)}
+        if self.classes:
+            out["types"] = np.zeros((len(self.classes), h, w), np.float32)
         boxes = list(_windows(h, w, win, ov))
         for i in range(0, len(boxes), self.config.batch_size):
             chunk = boxes[i : i + self.config.batch_size]
@@ -172,7 +181,8 @@ class Predictor:
                 loc = (slice(kr0 - r0, kr1 - r0), slice(kc0 - c0, kc1 - c0))
                 out["foreground"][sl] = maps["foreground"][j][loc]
                 out["centers"][sl] = maps["centers"][j][loc]
-                out["offsets"][(slice(None), *sl)] = maps["offsets"][j][(slice(None), *loc)]
+                for name in ("offsets", "types") if self.classes else ("offsets",):
+                    out[name][(slice(None), *sl)] = maps[name][j][(slice(None), *loc)]
         return out
 
 
@@ -245,4 +255,4 @@ def segment_image(image: np.ndarray, predictor: Predictor, mpp: float | None = N
         return seg
     labels = resample_labels(seg.labels, image.shape[:2])
     centers = (seg.centers_rc + 0.5) * (np.array(image.shape[:2]) / np.array(work.shape[:2])) - 0.5
-    return Segmentation(labels, centers, seg.center_scores)
+    return replace(seg, labels=labels, centers_rc=centers)

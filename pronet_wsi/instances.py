@@ -24,7 +24,7 @@ GRID_PX = 0.01
 
 
 MEASUREMENT_NAMES = {"area_um2": "Area µm^2", "area_px": "Area px^2", "center_score": "Center score",
-                     "foreground_mean": "Foreground probability"}
+                     "foreground_mean": "Foreground probability", "class_prob": "Class probability"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,8 @@ class Instances:
     offsets : (N + 1,) int64.
     masks : optional per-nucleus masks for label images: ``bbox`` (N, 4) int64 ``(r0, c0, r1, c1)`` in the
         processing frame and ``bits`` packed bits with ``bit_offsets`` (N + 1,) int64 (see :meth:`mask`).
+    class_index : (N,) int16 class of each nucleus (index into the model's classes), None for an untyped model.
+    class_prob : (N,) float32 mean probability of that class over the nucleus, None for an untyped model.
     """
 
     centers_xy: np.ndarray
@@ -58,6 +60,8 @@ class Instances:
     bbox: np.ndarray | None = None
     bits: np.ndarray | None = None
     bit_offsets: np.ndarray | None = None
+    class_index: np.ndarray | None = None
+    class_prob: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.centers_xy)
@@ -93,7 +97,9 @@ class Instances:
         return Instances(self.centers_xy[idx], self.priority[idx], self.in_core[idx], self.area_px[idx],
                          self.area_um2[idx], self.center_score[idx], self.foreground_mean[idx],
                          self.coords[take].reshape(-1, 2), np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
-                         bbox=bbox, bits=bits, bit_offsets=bit_offsets)
+                         bbox=bbox, bits=bits, bit_offsets=bit_offsets,
+                         class_index=None if self.class_index is None else self.class_index[idx],
+                         class_prob=None if self.class_prob is None else self.class_prob[idx])
 
     def geometry_json(self, i: int) -> str:
         """The GeoJSON ``coordinates`` of nucleus ``i`` (one ring, rounded to 0.01 px) as text."""
@@ -109,16 +115,20 @@ class Instances:
                   MEASUREMENT_NAMES["area_px"]: (float(self.area_px[i]), 2),
                   MEASUREMENT_NAMES["center_score"]: (float(self.center_score[i]), 4),
                   MEASUREMENT_NAMES["foreground_mean"]: (float(self.foreground_mean[i]), 4)}
+        if self.class_prob is not None:
+            values[MEASUREMENT_NAMES["class_prob"]] = (float(self.class_prob[i]), 4)
         return {k: round(v, nd) for k, (v, nd) in values.items() if math.isfinite(v)}
 
     @classmethod
-    def empty(cls, with_masks: bool = False) -> Instances:
+    def empty(cls, with_masks: bool = False, typed: bool = False) -> Instances:
         z = np.zeros(0)
         return cls(np.zeros((0, 2)), z, np.zeros(0, bool), z, z, np.zeros(0, np.float32), np.zeros(0, np.float32),
                    np.zeros((0, 2)), np.zeros(1, np.int64),
                    bbox=np.zeros((0, 4), np.int64) if with_masks else None,
                    bits=np.zeros(0, np.uint8) if with_masks else None,
-                   bit_offsets=np.zeros(1, np.int64) if with_masks else None)
+                   bit_offsets=np.zeros(1, np.int64) if with_masks else None,
+                   class_index=np.zeros(0, np.int16) if typed else None,
+                   class_prob=np.zeros(0, np.float32) if typed else None)
 
 
 def tile_instances(seg: Segmentation, foreground: np.ndarray, read: Box, core: Box, frame: Frame, model_mpp: float,
@@ -142,18 +152,19 @@ def tile_instances(seg: Segmentation, foreground: np.ndarray, read: Box, core: B
     """
     labels, centers_rc, center_scores = seg.labels, seg.centers_rc, seg.center_scores
     n = len(centers_rc)
+    typed = seg.type_probs is not None
     if n == 0:
-        return Instances.empty(with_masks)
+        return Instances.empty(with_masks, typed)
     centers_p = rc_to_xy(centers_rc, (read.x0, read.y0))  # processing frame
     cand = core.expand(match_radius_px).contains_xy(centers_p)
     ids = np.nonzero(cand)[0] + 1
     if len(ids) == 0:
-        return Instances.empty(with_masks)
+        return Instances.empty(with_masks, typed)
     objs = ndi.find_objects(labels, max_label=n)
     ok = np.array([objs[i - 1] is not None for i in ids], bool)
     ids = ids[ok]
     if len(ids) == 0:
-        return Instances.empty(with_masks)
+        return Instances.empty(with_masks, typed)
     bbox = np.array([[objs[i - 1][0].start, objs[i - 1][1].start, objs[i - 1][0].stop, objs[i - 1][1].stop]
                      for i in ids], np.int64)
     lab = np.ascontiguousarray(labels, dtype=np.int64) if labels.dtype != np.int64 else labels
@@ -166,7 +177,7 @@ def tile_instances(seg: Segmentation, foreground: np.ndarray, read: Box, core: B
     alive = ~shapely.is_empty(polys)
     ids, bbox, polys = ids[alive], bbox[alive], polys[alive]
     if len(ids) == 0:
-        return Instances.empty(with_masks)
+        return Instances.empty(with_masks, typed)
     flat = lab.ravel()
     counts = np.bincount(flat, minlength=n + 1)[ids].astype(np.float64)
     fg_sum = np.bincount(flat, weights=np.asarray(foreground, np.float64).ravel(), minlength=n + 1)[ids]
@@ -181,6 +192,9 @@ def tile_instances(seg: Segmentation, foreground: np.ndarray, read: Box, core: B
         extra = {"bbox": bbox + np.array([read.y0, read.x0, read.y0, read.x0], np.int64),
                  "bits": np.concatenate(packed) if packed else np.zeros(0, np.uint8),
                  "bit_offsets": np.concatenate([[0], np.cumsum([len(p) for p in packed])]).astype(np.int64)}
+    if typed:
+        extra["class_index"] = seg.class_index[ids - 1].astype(np.int16)
+        extra["class_prob"] = seg.class_prob[ids - 1].astype(np.float32)
     return Instances(
         centers_xy=frame.to_level0(c_p),
         priority=read.edge_distance(c_p),

@@ -2,7 +2,9 @@
 (binary -> offset -> centre) joined by residual units and attention units.
 
 ``forward(x)`` returns raw maps, the same in train and eval:
-``foreground`` (B, 1, H, W) logits, ``offsets`` (B, 2, H, W) (dy, dx) px, ``centers`` (B, 1, H, W) logits.
+``foreground`` (B, 1, H, W) logits, ``offsets`` (B, 2, H, W) (dy, dx) px, ``centers`` (B, 1, H, W) logits, and
+for a typed model (``ModelConfig.classes``) ``types`` (B, K, H, W) class logits from a small type head on the
+decoder's full-resolution features.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class ModelConfig:
     context_px : how far (px) input beyond a pixel still changes the network's maps there; ``segment`` uses it as
         the default tile halo. 96 was measured on the shipped model (a tile's maps equal the untiled maps beyond
         96 px from its edge; 64 px leaves |d foreground| 0.05 at the seam), and depends on the architecture's depth.
+    classes : nucleus class names of the type head (QuPath classification names); empty = an untyped model.
+    class_colors : one QuPath colour (r, g, b) per class.
     """
 
     architecture: str = ARCHITECTURE
@@ -49,6 +53,8 @@ class ModelConfig:
     offset_scale: float = 10.0
     center_radius_px: float = 8.0
     context_px: int = 96
+    classes: tuple[str, ...] = ()
+    class_colors: tuple[tuple[int, int, int], ...] = ()
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -58,6 +64,34 @@ class ModelConfig:
             raise ValueError(f"width={self.width}: must be in [0.05, 2.0]")
         if self.mpp <= 0:
             raise ValueError(f"mpp={self.mpp}: must be > 0")
+        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+        if len(set(self.classes)) != len(self.classes) or any(not c for c in self.classes):
+            raise ValueError(f"classes={list(self.classes)}: names must be unique and non-empty")
+        colors = tuple(tuple(int(v) for v in c) for c in self.class_colors) or class_colors(self.classes)
+        if len(colors) != len(self.classes) or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in colors):
+            raise ValueError(f"class_colors={self.class_colors}: need one (r, g, b) in 0-255 per class")
+        object.__setattr__(self, "class_colors", colors)
+
+
+# QuPath's own colours for its default classes (PathClassFactory), then a palette for other names.
+QUPATH_COLORS = {"tumor": (200, 0, 0), "stroma": (150, 200, 150), "immune cells": (160, 90, 160),
+                 "necrosis": (50, 50, 50), "other": (255, 200, 0), "region*": (0, 0, 180), "ignore*": (180, 180, 180),
+                 "positive": (200, 50, 50), "negative": (112, 112, 225)}
+PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60), (128, 128, 0), (0, 128, 128), (170, 110, 40), (128, 0, 0))
+
+
+def class_colors(names: tuple[str, ...]) -> tuple[tuple[int, int, int], ...]:
+    """A QuPath colour per class name: QuPath's own for its standard classes, a fixed palette otherwise."""
+    out: list[tuple[int, int, int]] = []
+    k = 0
+    for name in names:
+        if name.lower() in QUPATH_COLORS:
+            out.append(QUPATH_COLORS[name.lower()])
+        else:
+            out.append(PALETTE[k % len(PALETTE)])
+            k += 1
+    return tuple(out)
 
 
 def _ch(c: int, width: float) -> int:
@@ -128,6 +162,7 @@ class PRONet(nn.Module):
         self.head_binary = nn.Conv2d(c, 1, 1)
         self.head_offset = nn.Conv2d(c, 2, 1)
         self.head_center = nn.Conv2d(c, 1, 1)
+        self.head_type = type_head(c, len(config.classes), bn) if config.classes else None
         assert self.head_center.bias is not None  # Conv2d defaults to bias=True
         nn.init.constant_(self.head_center.bias, -2.19)  # CenterNet prior: sigmoid = 0.1
 
@@ -152,7 +187,20 @@ class PRONet(nn.Module):
         centers = self.head_center(f_center)
         offsets = self.head_offset(self.au_offset(f_offset, torch.sigmoid(centers))) * self.config.offset_scale
         foreground = self.head_binary(self.au_binary(f_binary, offsets / self.config.offset_scale))
-        return {"foreground": foreground[..., :h, :w], "offsets": offsets[..., :h, :w], "centers": centers[..., :h, :w]}
+        out = {"foreground": foreground[..., :h, :w], "offsets": offsets[..., :h, :w], "centers": centers[..., :h, :w]}
+        if self.head_type is not None:
+            out["types"] = self.head_type(x)[..., :h, :w]
+        return out
+
+    def trunk_parameters(self) -> list[nn.Parameter]:
+        """Every parameter but the type head's (what ``freeze_trunk`` keeps fixed)."""
+        head = {id(p) for p in self.head_type.parameters()} if self.head_type is not None else set()
+        return [p for p in self.parameters() if id(p) not in head]
+
+
+def type_head(c: int, n_classes: int, bn: bool) -> nn.Sequential:
+    """Per-pixel class logits from the decoder's full-resolution features: conv3x3 (2c) -> conv1x1 (K)."""
+    return nn.Sequential(*_conv(c, 2 * c, bn), nn.Conv2d(2 * c, n_classes, 1))
 
 
 def save_model(model: PRONet, path: str | Path, thresholds: PostprocessConfig = PostprocessConfig(),
@@ -199,6 +247,8 @@ def load_model(path: str | Path) -> ModelBundle:
         raw = json.loads((path / "config.json").read_text())
         expected = raw.pop("weights_sha256", None)
         raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
+        raw["classes"] = tuple(raw.get("classes", ()))
+        raw["class_colors"] = tuple(tuple(c) for c in raw.get("class_colors", ()))
         config = ModelConfig(**raw)
         thr_file = path / "thresholds.json"
         thresholds = PostprocessConfig(**json.loads(thr_file.read_text())) if thr_file.exists() else PostprocessConfig()

@@ -47,15 +47,49 @@ class Segmentation:
     labels : (H, W) uint32, 0 = background, ids 1..N.
     centers_rc : (N, 2) float64, (row, col) centre of instance i + 1 in the array frame.
     center_scores : (N,) float32, centre-heatmap probability at that centre (0 for fragments without a peak).
+    type_probs : (N, K) float32, mean class probability over each instance's pixels (typed models), or None.
     """
 
     labels: np.ndarray
     centers_rc: np.ndarray
     center_scores: np.ndarray
+    type_probs: np.ndarray | None = None
 
     @property
     def n(self) -> int:
         return len(self.centers_rc)
+
+    @property
+    def class_index(self) -> np.ndarray:
+        """(N,) int64: each instance's class (arg-max of its mean class probability), -1 for an untyped model."""
+        if self.type_probs is None:
+            return np.full(self.n, -1, np.int64)
+        return np.argmax(self.type_probs, axis=1).astype(np.int64) if self.n else np.zeros(0, np.int64)
+
+    @property
+    def class_prob(self) -> np.ndarray:
+        """(N,) float32: the mean probability of that class (NaN for an untyped model)."""
+        if self.type_probs is None:
+            return np.full(self.n, np.nan, np.float32)
+        return self.type_probs.max(axis=1).astype(np.float32) if self.n else np.zeros(0, np.float32)
+
+
+def mean_type_probs(labels: np.ndarray, types: np.ndarray) -> np.ndarray:
+    """(N, K) float32 mean of each class probability over the pixels of instances 1..N of ``labels``.
+
+    types : (K, H, W) class probabilities. An id without pixels gets a uniform row.
+    """
+    n = int(labels.max()) if labels.size else 0
+    k = types.shape[0]
+    if n == 0:
+        return np.zeros((0, k), np.float32)
+    flat = labels.ravel().astype(np.int64)
+    count = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
+    sums = np.stack([np.bincount(flat, weights=types[c].ravel().astype(np.float64), minlength=n + 1)[1:]
+                     for c in range(k)], axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        probs = np.where(count[:, None] > 0, sums / count[:, None], 1.0 / k)
+    return probs.astype(np.float32)
 
 
 def find_centers(centers: np.ndarray, config: PostprocessConfig = PostprocessConfig()) -> np.ndarray:
@@ -104,7 +138,8 @@ def postprocess(maps: dict[str, np.ndarray], config: PostprocessConfig = Postpro
     """Instances from one tile's maps.
 
     ``maps`` holds ``foreground`` (H, W) probability, ``offsets`` (2, H, W) (dy, dx) px and ``centers``
-    (H, W) probability. Each centre keeps its largest connected piece; other pieces of at least
+    (H, W) probability, and for a typed model ``types`` (K, H, W) class probabilities (each instance's class is
+    the arg-max of its mean class probability). Each centre keeps its largest connected piece; other pieces of at least
     ``min_area_px`` become instances of their own (a nucleus whose centre peak was missed), smaller ones
     are dropped.
     """
@@ -122,8 +157,10 @@ def postprocess(maps: dict[str, np.ndarray], config: PostprocessConfig = Postpro
     # connected pieces of constant assignment (4-connectivity)
     pieces = _pieces(assigned)
     n_pieces = int(pieces.max())
+    types = maps.get("types")
     if n_pieces == 0:
-        return Segmentation(np.zeros(fg.shape, np.uint32), np.zeros((0, 2)), np.zeros(0, np.float32))
+        empty_types = None if types is None else np.zeros((0, types.shape[0]), np.float32)
+        return Segmentation(np.zeros(fg.shape, np.uint32), np.zeros((0, 2)), np.zeros(0, np.float32), empty_types)
     flat = pieces.ravel()
     area = np.bincount(flat, minlength=n_pieces + 1)[1:]
     owner = np.zeros(n_pieces, np.int64)
@@ -149,7 +186,8 @@ def postprocess(maps: dict[str, np.ndarray], config: PostprocessConfig = Postpro
     if (~main).any():
         frag_ids = np.nonzero(~main)[0] + 1
         centers_rc[~main] = np.asarray(ndi.center_of_mass(labels > 0, labels, frag_ids), float).reshape(-1, 2)
-    return Segmentation(labels, centers_rc, scores)
+    type_probs = None if types is None else mean_type_probs(labels, np.asarray(types, np.float32))
+    return Segmentation(labels, centers_rc, scores, type_probs)
 
 
 def instance_centroids_rc(labels: np.ndarray) -> np.ndarray:

@@ -6,6 +6,10 @@ of its foreground is neither clearly nucleus nor clearly background (``uncertain
 measured without labels. The picks rotate over tissue types (k-means on the boxes' mean colour) and keep apart,
 so the clicks teach the model something new everywhere. Inside each box the model's nuclei centres are written
 as one Points annotation: correcting them (move, delete, add) is faster than clicking from scratch.
+
+With a typed model a box also scores by ``type uncertainty`` (how far its nuclei's class probabilities are
+from certain), and its nuclei are written as one Points annotation per predicted class, classified and coloured
+as the model's classes, so correcting a type is moving a point to the right class's annotation.
 """
 
 from __future__ import annotations
@@ -58,6 +62,15 @@ def box_unreliability(plain: dict[str, np.ndarray], mirrored: dict[str, np.ndarr
     dis = float(np.abs(p - q)[area].mean())
     unc = float(((p > 0.3) & (p < 0.7))[area].mean())
     return {"flip_disagreement": dis, "uncertain": unc, "score": dis + unc}
+
+
+def type_uncertainty(type_probs: np.ndarray) -> float:
+    """Mean over a box's nuclei of ``1 - p_max`` scaled to [0, 1] (0: every nucleus sure of its class, 1: every
+    one uniform over the K classes). ``type_probs`` : (N, K) mean class probabilities; no nuclei gives 0."""
+    if type_probs.size == 0:
+        return 0.0
+    k = type_probs.shape[1]
+    return float(((1.0 - type_probs.max(axis=1)) / (1.0 - 1.0 / k)).mean()) if k > 1 else 0.0
 
 
 def candidate_centres(mask: np.ndarray, downsample: float, n: int) -> np.ndarray:
@@ -131,7 +144,12 @@ def suggest_slide(slide_path: str | Path, out_path: str | Path, predictor, confi
             for j in range(m):
                 plain = {k: v[j] for k, v in views.items()}
                 back = {"foreground": views["foreground"][m + j][:, ::-1]}
-                scores.append(box_unreliability(plain, back))
+                score = box_unreliability(plain, back)
+                if "types" in plain:
+                    tp = postprocess(plain, predictor.postprocess_config).type_probs
+                    score["type_uncertain"] = type_uncertainty(tp if tp is not None else np.zeros((0, 1)))
+                    score["score"] += score["type_uncertain"]
+                scores.append(score)
                 colours.append(tiles[j].reshape(-1, 3).mean(0))
                 maps_plain.append(plain)
     if not boxes:
@@ -146,10 +164,19 @@ def suggest_slide(slide_path: str | Path, out_path: str | Path, predictor, confi
         seg = postprocess(maps_plain[i], predictor.postprocess_config)
         scale = side0 / side
         pts = rc_to_xy(seg.centers_rc) * scale + [b.x0, b.y0]  # level-0 continuous, as QuPath reads them
-        reason = "the mirrored view disagrees" if s["flip_disagreement"] >= s["uncertain"] else \
-            "foreground is uncertain"
+        worst = max(("flip_disagreement", "uncertain", "type_uncertain"), key=lambda k: s.get(k, -1.0))
+        reason = {"flip_disagreement": "the mirrored view disagrees", "uncertain": "foreground is uncertain",
+                  "type_uncertain": "nucleus types are uncertain"}[worst]
         features.append(_rectangle(f"{slide_path.stem}/{rank}", b, rank, reason, s, int(groups[i])))
-        if len(pts):
+        classes = tuple(getattr(predictor, "classes", ()))
+        if classes and len(pts):  # one classified Points annotation per predicted class
+            colors = getattr(predictor, "class_colors", ())
+            for c, name in enumerate(classes):
+                sel = seg.class_index == c
+                if sel.any():
+                    cls = {"name": name, "color": list(colors[c])}
+                    features.append(_points(f"{slide_path.stem}/{rank}/points/{name}", pts[sel], rank, cls))
+        elif len(pts):
             features.append(_points(f"{slide_path.stem}/{rank}/points", pts, rank))
     _write(out_path, features)
     return {"slide": str(slide_path), "regions": len(picks), "candidates": len(boxes),
@@ -166,15 +193,19 @@ def _rectangle(key: str, b, rank: int, reason: str, s: dict, group: int) -> dict
                            "measurements": {"Rank": rank, "Unreliability": round(s["score"], 4),
                                             "Flip disagreement": round(s["flip_disagreement"], 4),
                                             "Uncertain foreground": round(s["uncertain"], 4),
+                                            **({"Type uncertainty": round(s["type_uncertain"], 4)}
+                                               if "type_uncertain" in s else {}),
                                             "Tissue type": group}}}
 
 
-def _points(key: str, pts: np.ndarray, rank: int) -> dict:
+def _points(key: str, pts: np.ndarray, rank: int, classification: dict | None = None) -> dict:
+    name = f"#{rank}: model nuclei (correct me)" if classification is None else \
+        f"#{rank}: model's {classification['name']} nuclei (correct me)"
     return {"type": "Feature", "id": str(uuid.uuid5(_NS, key)),
             "geometry": {"type": "MultiPoint", "coordinates": [[round(float(x), 2), round(float(y), 2)]
                                                                for x, y in pts]},
-            "properties": {"objectType": "annotation", "name": f"#{rank}: model nuclei (correct me)",
-                           "classification": POINTS_CLASS, "isLocked": False}}
+            "properties": {"objectType": "annotation", "name": name,
+                           "classification": classification or POINTS_CLASS, "isLocked": False}}
 
 
 def _write(path: str | Path, features: list[dict]) -> None:

@@ -60,3 +60,25 @@ def synthetic_nuclei(
     img = background[None, None] * (1 - fg[..., None]) + nucleus[None, None] * fg[..., None]
     img += rng.normal(0, 6, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8), labels, centers_rc.reshape(-1, 2)
+
+
+TYPED_LOOKS = {"Dark": (60, 25, 110), "Pale": (160, 120, 200)}
+
+
+def synthetic_typed_nuclei(shape: tuple[int, int] = (256, 256), n_nuclei: int = 40, seed: int = 0
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """:func:`synthetic_nuclei` whose nuclei have one of two looks, the class following the look.
+
+    Returns image, labels and centers_rc as :func:`synthetic_nuclei`, and the class name of each instance
+    (``Dark``: small dark nuclei; ``Pale``: pale ones; see :data:`TYPED_LOOKS`).
+    """
+    rng = np.random.default_rng(seed + 7919)
+    _, labels, centers_rc = synthetic_nuclei(shape, n_nuclei, seed=seed)
+    names = list(TYPED_LOOKS)
+    types = [names[int(k)] for k in rng.integers(0, len(names), len(centers_rc))]
+    colour = np.array([[235, 180, 210], *[TYPED_LOOKS[t] for t in types]], float)  # row 0: background
+    img = colour[labels]
+    for c in range(3):
+        img[..., c] = ndi.gaussian_filter(img[..., c], 0.8)
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8), labels, centers_rc, types

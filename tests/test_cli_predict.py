@@ -71,3 +71,33 @@ def test_predict_without_model_or_bad_model(image_dir, tmp_path, monkeypatch):
 def test_info_runs(model_dir):
     res = run("info")
     assert res.exit_code == 0 and "torch" in res.output and "device:" in res.output
+
+
+@pytest.mark.parametrize("typed", [False, True])
+def test_predict_writes_a_table_of_nuclei_matching_the_label_map(tmp_path, typed):
+    import csv
+
+    import torch
+
+    torch.manual_seed(0)
+    net = PRONet(ModelConfig(width=0.0625, mpp=0.5, classes=("Tumor", "Stroma") if typed else ()))
+    with torch.no_grad():
+        net.head_center.bias.fill_(-0.5)
+        net.head_binary.bias.fill_(0.5)
+    save_model(net.eval(), tmp_path / "m")
+    img, _, _ = synthetic_nuclei((96, 96), 8)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    res = run("predict", tmp_path / "a.png", "-o", tmp_path / "out", "-m", tmp_path / "m", "--mpp", 0.25)
+    assert res.exit_code == 0, res.output
+    lab = tifffile.imread(tmp_path / "out" / "a.tif")
+    rows = list(csv.DictReader((tmp_path / "out" / "a_nuclei.csv").open()))
+    assert len(rows) == lab.max() > 0
+    assert list(rows[0]) == ["id", "x", "y", "class", "class_probability", "area_um2"]
+    for r in rows:
+        i = int(r["id"])
+        assert float(r["area_um2"]) == pytest.approx((lab == i).sum() * 0.25**2, rel=1e-3)  # input pixels
+        assert 0 <= float(r["x"]) <= 96 and 0 <= float(r["y"]) <= 96
+        if typed:
+            assert r["class"] in ("Tumor", "Stroma") and 0.5 <= float(r["class_probability"]) <= 1.0
+        else:
+            assert r["class"] == "Nucleus" and r["class_probability"] == ""

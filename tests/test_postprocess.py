@@ -79,3 +79,26 @@ def test_config_validation():
         PostprocessConfig(center_threshold=1.5)
     with pytest.raises(ValueError, match="grouping"):
         PostprocessConfig(grouping="magic")
+
+
+def test_typed_maps_give_each_instance_the_argmax_of_its_mean_class_probability():
+    from pronet_wsi.postprocess import mean_type_probs
+    from pronet_wsi.training.targets import encode_maps, instance_centroids
+
+    labels = np.zeros((40, 40), np.uint32)
+    labels[5:15, 5:15] = 1
+    labels[20:32, 20:32] = 2
+    types = np.zeros((3, 40, 40), np.float32)
+    types[0] = 1.0
+    types[:, labels == 2] = np.array([[0.1], [0.3], [0.6]])
+    types[:, 20:22, 20:32] = np.array([0.0, 1.0, 0.0])[:, None, None]  # a sixth of nucleus 2 leans to class 1
+    probs = mean_type_probs(labels, types)
+    np.testing.assert_allclose(probs[1], [0.1 * 5 / 6, 0.3 * 5 / 6 + 1 / 6, 0.6 * 5 / 6], atol=1e-6)
+    maps = {**encode_maps(labels, instance_centroids(labels), 6.0), "types": types}
+    seg = postprocess(maps)
+    assert seg.n == 2 and seg.type_probs is not None
+    order = np.argsort(seg.centers_rc[:, 0])
+    assert seg.class_index[order].tolist() == [0, 2]
+    np.testing.assert_allclose(seg.class_prob[order], [1.0, 0.5], atol=1e-6)
+    untyped = postprocess({k: v for k, v in maps.items() if k != "types"})
+    assert untyped.type_probs is None and untyped.class_index.tolist() == [-1, -1]

@@ -69,4 +69,38 @@ def test_suggest_cli_writes_qupath_annotations_train_can_read(tmp_path):
     assert len(read_regions(tmp_path / "out" / "s_suggest.geojson")) == 5
     items = load_slide_items(slide, tmp_path / "out" / "s_suggest.geojson", mpp=0.5)
     assert sum(int(mask[np.floor(p[:, 1]).astype(int), np.floor(p[:, 0]).astype(int)].sum())
-               for _, _, p, mask in items) == len(pts)
+               for _, _, p, mask, _ in items) == len(pts)
+
+
+def test_type_uncertainty_is_zero_when_sure_and_one_when_uniform():
+    from pronet_wsi.suggest import type_uncertainty
+
+    assert type_uncertainty(np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])) == 0.0
+    assert abs(type_uncertainty(np.full((4, 3), 1 / 3)) - 1.0) < 1e-9
+    assert type_uncertainty(np.zeros((0, 3))) == 0.0
+
+
+def test_suggest_with_a_typed_model_writes_one_classified_points_annotation_per_class(tmp_path):
+    import torch
+
+    from pronet_wsi.model import ModelConfig, PRONet, load_model, save_model
+    from pronet_wsi.training.points import read_points_classes
+
+    untyped = load_model(tiny_model_dir(tmp_path / "u", mpp=0.5)).model
+    torch.manual_seed(1)
+    net = PRONet(ModelConfig(width=0.0625, mpp=0.5, classes=("Tumor", "Immune cells")))
+    state = {**net.state_dict(), **untyped.state_dict()}  # the tiny model's nuclei, a random type head
+    net.load_state_dict(state)
+    save_model(net.eval(), tmp_path / "t")
+    slide = small_slide(tmp_path / "s.tif", side=512, mpp=0.5)
+    res = CliRunner().invoke(main, ["suggest", str(slide), "-o", str(tmp_path / "out"), "-m", str(tmp_path / "t"),
+                                    "--regions", "3", "--region-um", "64"])
+    assert res.exit_code == 0, res.output
+    fc = json.loads((tmp_path / "out" / "s_suggest.geojson").read_text())
+    boxes = [f for f in fc["features"] if f["geometry"]["type"] == "Polygon"]
+    assert all(0 <= b["properties"]["measurements"]["Type uncertainty"] <= 1 for b in boxes)
+    names = {f["properties"]["classification"]["name"] for f in fc["features"] if f["geometry"]["type"] ==
+             "MultiPoint"}
+    assert names and names <= {"Tumor", "Immune cells"}
+    _, classes = read_points_classes(tmp_path / "out" / "s_suggest.geojson")
+    assert set(classes) == names  # the typed points read back with their classes, for `train`

@@ -101,13 +101,15 @@ class OracleModel:
         return {k: np.stack([p[k] for p in per]) for k in ("foreground", "offsets", "centers")}
 
 
-def check_qupath_geojson(fc: dict, shape_hw: tuple[int, int] | None = None) -> int:
+def check_qupath_geojson(fc: dict, shape_hw: tuple[int, int] | None = None,
+                         classes: tuple[str, ...] = ("Nucleus",)) -> int:
     """Assert the QuPath import rules (research/peer-tools.md section 3) on a read-back FeatureCollection.
 
     One FeatureCollection; each feature has a UUID id, ``properties.objectType == "detection"`` (not at the top
     level), ``classification {name, color [r, g, b]}``, a measurements map of finite numbers, and a valid closed
     Polygon (>= 4 points, one ring, coordinates on the 0.01 grid, inside the slide when ``shape_hw`` is given).
-    Returns the number of features.
+    ``classes``: the allowed class names (a typed model's nuclei also carry ``Class probability``). Returns the
+    number of features.
     """
     import math
     import uuid
@@ -121,10 +123,11 @@ def check_qupath_geojson(fc: dict, shape_hw: tuple[int, int] | None = None) -> i
         props = f["properties"]
         assert props["objectType"] == "detection"
         cls = props["classification"]
-        assert set(cls) == {"name", "color"} and cls["name"] == "Nucleus"
+        assert set(cls) == {"name", "color"} and cls["name"] in classes
         assert len(cls["color"]) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in cls["color"])
         meas = props["measurements"]
-        assert set(meas) == {"Area µm^2", "Area px^2", "Center score", "Foreground probability"}
+        typed = {"Class probability"} if classes != ("Nucleus",) else set()
+        assert set(meas) == {"Area µm^2", "Area px^2", "Center score", "Foreground probability", *typed}
         assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in meas.values())
         geom = f["geometry"]
         assert geom["type"] == "Polygon" and len(geom["coordinates"]) == 1
@@ -136,6 +139,27 @@ def check_qupath_geojson(fc: dict, shape_hw: tuple[int, int] | None = None) -> i
         if shape_hw is not None:
             assert ring.min() >= 0 and (ring[:, 0] <= shape_hw[1]).all() and (ring[:, 1] <= shape_hw[0]).all()
     return len(fc["features"])
+
+
+class TypedOracleModel(OracleModel):
+    """:class:`OracleModel` with a type head: a nucleus with an even id is ``Even``, an odd one ``Odd``."""
+
+    name = "typed-oracle"
+    classes = ("Even", "Odd")
+    class_colors = ((10, 20, 30), (200, 100, 0))
+
+    def maps(self, rgb: np.ndarray) -> dict[str, np.ndarray]:
+        ids = decode_ids(rgb)
+        maps = super().maps(rgb)
+        odd = (ids % 2 == 1).astype(np.float32)
+        maps["types"] = np.stack([1.0 - 0.9 * odd - 0.05, 0.9 * odd + 0.05])  # (2, H, W), rows sum to 1
+        return maps
+
+    def predict_batch(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
+        self.calls += 1
+        self.tiles_seen += len(tiles)
+        per = [self.maps(t) for t in tiles]
+        return {k: np.stack([p[k] for p in per]) for k in per[0]}
 
 
 class DarkBlobModel:

@@ -69,6 +69,7 @@ class Sample:
     pred_mask : (H, W) bool predicted foreground (None until offsets are switched on).
     region : (H, W) bool, where every nucleus is clicked (None: the whole image). Outside it the pseudo labels
         are ignore and the cells -1, so no loss sees those pixels, and patches are centred inside it.
+    point_classes : (N,) int16 class index of each point into the run's classes, -1 = untyped (None: all).
     """
 
     name: str
@@ -80,10 +81,13 @@ class Sample:
     initial_points_xy: np.ndarray = field(default=None)  # type: ignore[arg-type]  # set in __post_init__
     pred_mask: np.ndarray | None = None
     region: np.ndarray | None = None
+    point_classes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.initial_points_xy is None:
             self.initial_points_xy = self.points_xy.copy()
+        if self.point_classes is None:
+            self.point_classes = np.full(len(self.points_xy), -1, np.int16)
         if self.region is not None:
             self.voronoi = np.where(self.region, self.voronoi, 2).astype(np.uint8)
             self.cluster = np.where(self.region, self.cluster, 2).astype(np.uint8)
@@ -91,7 +95,7 @@ class Sample:
 
 
 def find_points_file(points_dir: Path, stem: str) -> Path | None:
-    for suffix in (".csv", ".geojson", ".json"):
+    for suffix in (".csv", ".geojson", ".json", ".geojson.gz"):
         p = points_dir / f"{stem}{suffix}"
         if p.is_file():
             return p
@@ -100,8 +104,9 @@ def find_points_file(points_dir: Path, stem: str) -> Path | None:
 
 def load_items(images: str | Path, points: str | Path | None = None, labels: str | Path | None = None,
                names: list[str] | None = None, shift: tuple[float, float] | None = None, seed: int = 0,
-               drop_outside: bool = False) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """Read (name, image, points_xy) for every image in a folder.
+               drop_outside: bool = False) -> list[tuple]:
+    """Read (name, image, points_xy, None, classes) for every image in a folder (``classes``: a class name per
+    point, "" = untyped; see :func:`~pronet_wsi.training.points.read_points_classes`).
 
     Points come from ``points`` (a folder of ``<stem>.csv`` / ``<stem>.geojson``) or are derived from
     instance labels in ``labels`` (``<stem>.png``/``.tif``; centroids, optionally shifted by
@@ -133,28 +138,56 @@ def load_items(images: str | Path, points: str | Path | None = None, labels: str
             pts, _ = points_io.centroids_from_labels(read_labels(lab_path))
             if shift is not None and shift[1] > 0:
                 pts = points_io.shift_points(pts, shift[0], shift[1], image.shape[:2], seed=seed + i)
+            classes = [""] * len(pts)
         else:
             assert points is not None  # exactly one of points / labels, checked above
             pf = find_points_file(Path(points), path.stem)
             if pf is None:
                 continue
-            pts = points_io.read_points(pf)
+            pts, classes = points_io.read_points_classes(pf)
+        keep = points_io.inside_image(pts, image.shape[:2])
         pts, _ = points_io.clip_points(pts, image.shape[:2], drop_outside=drop_outside,
                                        source=str(pf) if labels is None else str(path))
+        classes = [c for c, k in zip(classes, keep, strict=True) if k]
         if len(pts) == 0:
             continue
-        items.append((path.stem, image, pts))
+        items.append((path.stem, image, pts, None, classes))
     if not items:
         raise InputError(f"no image in {images} has points; expected <stem>.csv or <stem>.geojson in {points}")
     return items
 
 
-def prepare_samples(items: list[tuple], config: PseudoLabelConfig, cache_dir: Path | None) -> list[Sample]:
+def item_classes(items: list[tuple]) -> tuple[str, ...]:
+    """The sorted nucleus class names of the training items' points ("" = untyped is not a class)."""
+    return tuple(sorted({c for it in items if len(it) > 4 and it[4] is not None for c in it[4] if c}))
+
+
+def resample_items(items: list[tuple], scale: float) -> list[tuple]:
+    """Items of images at another pixel size, brought to the model's: images resized by ``scale`` (model px per
+    image px), points scaled in the continuous frame, region masks resized (nearest)."""
+    from pronet_wsi.inference import resample_image, resample_labels
+
+    if abs(scale - 1.0) < 1e-3:
+        return items
+    out = []
+    for name, image, pts, *rest in items:
+        work = resample_image(image, scale)
+        factor = np.array([work.shape[1] / image.shape[1], work.shape[0] / image.shape[0]])
+        region = rest[0] if rest else None
+        if region is not None:
+            region = resample_labels(region.astype(np.uint8), work.shape[:2]).astype(bool)
+        out.append((name, work, np.asarray(pts, np.float64) * factor, region, *rest[1:]))
+    return out
+
+
+def prepare_samples(items: list[tuple], config: PseudoLabelConfig, cache_dir: Path | None,
+                    classes: tuple[str, ...] = ()) -> list[Sample]:
     """Pseudo labels for each item, cached in ``cache_dir`` keyed by image, points and config.
 
-    An item is (name, image, points_xy) or (name, image, points_xy, region): points in the continuous frame
-    of point files (converted here, once, to the array frame of :class:`Sample`), ``region`` an (H, W) bool
-    mask of where the clicks are complete.
+    An item is (name, image, points_xy[, region[, point classes]]): points in the continuous frame of point
+    files (converted here, once, to the array frame of :class:`Sample`), ``region`` an (H, W) bool mask of where
+    the clicks are complete (None: the whole image), point classes a name per point ("" = untyped), indexed
+    into ``classes``.
     """
     samples = []
     for name, image, pts_xy, *rest in items:
@@ -173,7 +206,11 @@ def prepare_samples(items: list[tuple], config: PseudoLabelConfig, cache_dir: Pa
                 np.savez_compressed(tmp, voronoi=v, cluster=k, cells=cells)
                 tmp.replace(cache)
         region = rest[0] if rest else None
-        samples.append(Sample(name, image, pts.astype(np.float64), v, k, cells.astype(np.int32), region=region))
+        names = rest[1] if len(rest) > 1 and rest[1] is not None else [""] * len(pts)
+        index = {c: i for i, c in enumerate(classes)}
+        point_classes = np.array([index.get(c, -1) for c in names], np.int16)
+        samples.append(Sample(name, image, pts.astype(np.float64), v, k, cells.astype(np.int32), region=region,
+                              point_classes=point_classes))
     return samples
 
 
@@ -252,6 +289,7 @@ def make_patch(s: Sample, rng: np.random.Generator, patch_px: int, radius_px: fl
     img = ((img - mean) / std).astype(np.float32)
     inside = (pts_rc >= -0.5).all(1) & (pts_rc < patch_px - 0.5).all(1)
     heat = center_heatmap(pts_rc[inside], (patch_px, patch_px), radius_px)
+    types = type_target(cells, cluster, voronoi, pred, s.point_classes)
     mask = pred & (cells >= 0)
     offsets = np.zeros((2, patch_px, patch_px), np.float32)
     rr, cc = np.nonzero(mask)
@@ -266,7 +304,25 @@ def make_patch(s: Sample, rng: np.random.Generator, patch_px: int, radius_px: fl
         "offsets": torch.from_numpy(offsets),
         "offset_mask": torch.from_numpy(np.ascontiguousarray(mask)),
         "valid": torch.from_numpy(np.ascontiguousarray(valid)),
+        "types": torch.from_numpy(types),
     }
+
+
+def type_target(cells: np.ndarray, cluster: np.ndarray, voronoi: np.ndarray, pred_mask: np.ndarray,
+                point_classes: np.ndarray | None) -> np.ndarray:
+    """(H, W) int64 class target: a typed point's class over its nucleus as far as known (its Voronoi cell where
+    K, V or the current predicted mask is foreground), -1 (ignore) elsewhere and for untyped points.
+
+    The predicted mask matters for nuclei that k-means puts in the background (pale, vesicular ones): with K
+    and V alone such a class is taught on the point's small disk only, and the head learns the dark classes.
+    """
+    out = np.full(cells.shape, -1, np.int64)
+    if point_classes is None or not (point_classes >= 0).any():
+        return out
+    fg = (cells >= 0) & ((cluster == 1) | (voronoi == 1) | pred_mask.astype(bool))
+    rr, cc = np.nonzero(fg)
+    out[rr, cc] = point_classes[cells[rr, cc]]
+    return out
 
 
 def jitter_colour(img: np.ndarray, rng: np.random.Generator, aug: AugmentConfig) -> np.ndarray:
@@ -334,20 +390,20 @@ def load_val_items(images: str | Path, labels: str | Path, names: list[str] | No
 
 def load_slide_items(slide_path: str | Path, points_path: str | Path, mpp: float, slide_mpp: float | None = None,
                      region_px: int = 1024, drop_outside: bool = False, regions_path: str | Path | None = None,
-                     margin_px: int = 64) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+                     margin_px: int = 64) -> list[tuple]:
     """Training images cut from a whole-slide image: one or more per complete-annotation region.
 
     Regions are the polygon / rectangle annotations exported with the points (or those of ``regions_path``):
     every nucleus inside a region is clicked, so an unclicked area there is background, and nothing outside a
     region is trained on. Each region's bounding box, grown by ``margin_px`` of context, is read at the model's
     ``mpp`` in pieces of at most ``region_px`` (+ margin) square; an item is (name, image, points_xy in the
-    piece's pixel frame, region mask of the piece). A region without points, or points outside every region,
-    give a warning naming them; no region at all is an error that says how to add them.
+    piece's pixel frame, region mask of the piece, class name per point). A region without points, or points
+    outside every region, give a warning naming them; no region at all is an error that says how to add them.
     """
     from pronet_wsi.geometry import Box
     from pronet_wsi.slide import open_slide
 
-    pts = points_io.read_points(points_path)
+    pts, names = points_io.read_points_classes(points_path)
     if len(pts) == 0:
         raise InputError(f"{points_path}: no points; annotate nuclei as points in QuPath and export them")
     regions = points_io.read_regions(regions_path if regions_path is not None else points_path)
@@ -356,9 +412,11 @@ def load_slide_items(slide_path: str | Path, points_path: str | Path, mpp: float
         raise InputError(f"{where}: no region annotations; in QuPath draw a rectangle around each area whose "
                          "nuclei you clicked (all of them), then export points and rectangles together (File > "
                          "Export objects as GeoJSON, all objects), or give them separately with --regions")
-    items: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
+    items: list[tuple] = []
     with open_slide(slide_path, mpp=slide_mpp) as slide:
+        keep = points_io.inside_image(pts, slide.shape)
         pts, _ = points_io.clip_points(pts, slide.shape, drop_outside=drop_outside, source=str(points_path))
+        names = [c for c, k in zip(names, keep, strict=True) if k]
         used = np.zeros(len(pts), bool)
         scale = slide.mpp / mpp  # model px per level-0 px
         for k, region in enumerate(regions):
@@ -386,7 +444,8 @@ def load_slide_items(slide_path: str | Path, points_path: str | Path, mpp: float
                     if not mask.any() or not in_region.any():
                         continue
                     image = slide.read_box(Box(ox, oy, ox + w / scale, oy + h / scale), (h, w))
-                    items.append((f"{Path(slide_path).stem}_r{k}_{ix}_{iy}", image, local[inside], mask))
+                    items.append((f"{Path(slide_path).stem}_r{k}_{ix}_{iy}", image, local[inside], mask,
+                                  [c for c, i in zip(names, inside, strict=True) if i]))
             if n_in == 0:
                 log.warning("%s: region %s holds no points and is not trained on; click its nuclei or delete it",
                             points_path, region.name)

@@ -25,7 +25,14 @@ from pronet_wsi.metrics import evaluate_image, mean_scores
 from pronet_wsi.model import ModelBundle, ModelConfig, PRONet, load_model, resolve_model_dir, save_model
 from pronet_wsi.postprocess import PostprocessConfig, postprocess
 from pronet_wsi.progress import progress_bar
-from pronet_wsi.training.dataset import AugmentConfig, PatchDataset, Sample, channel_stats, prepare_samples
+from pronet_wsi.training.dataset import (
+    AugmentConfig,
+    PatchDataset,
+    Sample,
+    channel_stats,
+    item_classes,
+    prepare_samples,
+)
 from pronet_wsi.training.losses import LossConfig, pronet_loss
 from pronet_wsi.training.pseudolabels import PseudoLabelConfig
 from pronet_wsi.training.refinement import RefineConfig, refine_points
@@ -53,6 +60,8 @@ class TrainConfig:
     run starts from. ``predict_every``: epochs between the full-image predictions that give the offset targets
     and the E-step (they cost a forward pass over every training image). ``patches_by_area``: patches per image
     scale with its area (``patches_per_image`` per megapixel, at least one), so small crops are not oversampled.
+    ``classes``: nucleus classes of the type head (default: the classes of the training points; none = untyped).
+    ``freeze_trunk``: train only the type head (the start model's nuclei stay exactly as they were).
     """
 
     epochs: int = 120
@@ -83,6 +92,8 @@ class TrainConfig:
     keep_best: bool = True
     predict_every: int = 1
     patches_by_area: bool = True
+    classes: tuple[str, ...] = ()
+    freeze_trunk: bool = False
     pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
@@ -134,6 +145,7 @@ class TrainConfig:
         raw["augment"] = AugmentConfig(**aug)
         if "tune_min_areas" in raw:
             raw["tune_min_areas"] = tuple(raw["tune_min_areas"])
+        raw["classes"] = tuple(raw.get("classes", ()))
         return cls(**raw)
 
 
@@ -191,23 +203,36 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
+    if not config.classes and item_classes(train_items):
+        config = replace(config, classes=item_classes(train_items))
+    if config.freeze_trunk and not config.classes:
+        raise InputError("--freeze-trunk trains only the type head; the points carry no classes")
     (work / "train_config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
 
-    samples = prepare_samples(train_items, config.pseudo, work / "cache")  # V, K and the cells (Sec. 2.1)
+    samples = prepare_samples(train_items, config.pseudo, work / "cache", config.classes)  # V, K, cells (2.1)
     bundle = start_model(config, samples)
     predictor = Predictor(bundle, InferenceConfig(device=config.device, amp=config.amp))
     model, mcfg, thresholds = predictor.model, bundle.config, bundle.thresholds
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    params = list(model.parameters())
+    if config.freeze_trunk:
+        assert model.head_type is not None  # typed: checked above
+        for p in model.trunk_parameters():
+            p.requires_grad_(False)
+        params = list(model.head_type.parameters())
+    opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     start_epoch, elapsed0 = restore_checkpoint(ckpt_path, model, opt, samples) if resume else (0, 0.0)
     dataset = PatchDataset(samples, config.patch_px, config.patches_per_image, mcfg.center_radius_px, mcfg.mean,
                            mcfg.std, config.augment, config.seed, by_area=config.patches_by_area,
                            min_patches=config.batch_size)
     log_path = work / "log.csv"
-    fields = ["epoch", "minutes", "lr", "loss", "voronoi", "cluster", "center", "offset", "mean_movement",
+    fields = ["epoch", "minutes", "lr", "loss", "voronoi", "cluster", "center", "offset", "type", "mean_movement",
               "val_object_dice", "val_aji"]
     if not resume or not log_path.exists():
         with open(log_path, "w", newline="") as f:
             csv.writer(f).writerow(fields)
+    else:  # a run started by an older version keeps its columns
+        with open(log_path, newline="") as f:
+            fields = next(csv.reader(f), fields)
     t0 = time.monotonic() - elapsed0
     bar = progress_bar(config.epochs, "epochs", "ep", initial=start_epoch, enabled=progress, leave=True)
     epoch = start_epoch - 1
@@ -215,8 +240,8 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
     for epoch in range(start_epoch, config.epochs):
         for g in opt.param_groups:
             g["lr"] = config.lr * _lr_factor(config, epoch, (time.monotonic() - t0) / 60)
-        use_offsets = config.use_offsets and epoch >= config.offset_start_epoch
-        refine = config.use_offsets and config.use_refinement and epoch >= config.refine_start_epoch
+        use_offsets = config.use_offsets and epoch >= config.offset_start_epoch and not config.freeze_trunk
+        refine = use_offsets and config.use_refinement and epoch >= config.refine_start_epoch
         movement = float("nan")
         t_epoch = time.monotonic()
         if (use_offsets or refine) and (epoch % config.predict_every == 0
@@ -226,7 +251,7 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
         dataset.epoch = epoch
         loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
                                              generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-        sums, n = m_step_epoch(predictor, opt, loader, config.loss, use_offsets)
+        sums, n = m_step_epoch(predictor, opt, loader, config.loss, use_offsets, config.freeze_trunk)
         log.info("epoch %d: predict+refine %.1f s, %d steps %.1f s", epoch, t_pred, n,
                  time.monotonic() - t_epoch - t_pred)
         row = {"epoch": epoch, "minutes": round((time.monotonic() - t0) / 60, 3), "lr": opt.param_groups[0]["lr"],
@@ -275,12 +300,23 @@ def start_model(config: TrainConfig, samples: list[Sample]) -> ModelBundle:
         if abs(start.config.width - config.width) > 1e-9:
             raise InputError(f"--init {config.init}: the model has width {start.config.width}, not {config.width}; "
                              "drop --width (a fine-tune keeps the start model's network)")
-        mcfg = replace(start.config, extra={})
+        same = start.config.classes == config.classes
+        mcfg = replace(start.config, extra={}, classes=config.classes,
+                       class_colors=start.config.class_colors if same else ())
         model = PRONet(mcfg)
-        model.load_state_dict(start.model.state_dict())
+        state = start.model.state_dict()
+        if not same:
+            state = {k: v for k, v in state.items() if not k.startswith("head_type.")}
+            if start.config.classes:
+                log.warning("--init %s: its classes %s differ from the points' %s; starting a new type head",
+                            config.init, list(start.config.classes), list(config.classes))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("head_type.") for k in missing):
+            raise InputError(f"--init {config.init}: weights do not fit the network ({(missing + unexpected)[:3]})")
         return ModelBundle(model, mcfg, replace(start.thresholds, grouping=config.grouping))
     mean, std = channel_stats(samples)
-    mcfg = ModelConfig(width=config.width, mpp=config.mpp, mean=mean, std=std, center_radius_px=config.radius_px)
+    mcfg = ModelConfig(width=config.width, mpp=config.mpp, mean=mean, std=std, center_radius_px=config.radius_px,
+                       classes=config.classes)
     return ModelBundle(PRONet(mcfg), mcfg, PostprocessConfig(grouping=config.grouping))
 
 
@@ -311,12 +347,17 @@ def predict_and_refine(predictor: Predictor, samples: list[Sample], refine: Refi
     return float(np.concatenate(moves).mean()) if moves else float("nan")
 
 
-def m_step_epoch(predictor: Predictor, opt, loader, loss: LossConfig, use_offsets: bool
-                 ) -> tuple[dict[str, float], int]:
-    """One pass over the patches minimising Eq. 2-4 and 6 (offsets only once ``use_offsets``); returns the
-    summed loss terms and the number of steps."""
+def m_step_epoch(predictor: Predictor, opt, loader, loss: LossConfig, use_offsets: bool,
+                 freeze_trunk: bool = False) -> tuple[dict[str, float], int]:
+    """One pass over the patches minimising Eq. 2-4 and 6 (offsets only once ``use_offsets``; the type loss for
+    a typed model); returns the summed loss terms and the number of steps. ``freeze_trunk``: the trunk stays in
+    eval mode (batch-norm statistics fixed) and only the type head learns."""
     model, device, autocast = predictor.model, predictor.device, predictor.autocast_dtype
     model.train()
+    if freeze_trunk:
+        assert model.head_type is not None  # only typed models freeze the trunk
+        model.eval()
+        model.head_type.train()
     sums: dict[str, float] = {}
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}

@@ -1,4 +1,5 @@
-"""PROnet losses (paper Eq. 2-4): L = lambda_B (L_V + L_K) + lambda_O L_O + lambda_C L_C."""
+"""PROnet losses (paper Eq. 2-4): L = lambda_B (L_V + L_K) + lambda_O L_O + lambda_C L_C, plus lambda_T L_T, the
+cross-entropy of the type head on typed points' pseudo-label foreground (typed models only)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ class LossConfig:
     lambda_c: float = 1.0
     alpha: float = 2.0
     beta: float = 4.0
+    lambda_t: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("lambda_b", "lambda_o", "lambda_c", "alpha", "beta"):
+        for name in ("lambda_b", "lambda_o", "lambda_c", "alpha", "beta", "lambda_t"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
 
@@ -72,6 +74,15 @@ def offset_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> t
     return diff.sum() / mask.numel()
 
 
+def type_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of (B, K, H, W) class logits over the pixels whose (B, H, W) target is >= 0 (-1 = ignore),
+    normalised by their count; 0 when no pixel is typed."""
+    valid = target >= 0
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), target.long(), ignore_index=-1)
+
+
 def pronet_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], config: LossConfig,
                 use_offsets: bool) -> dict[str, torch.Tensor]:
     """All terms and the weighted total, for logging and backward."""
@@ -83,4 +94,8 @@ def pronet_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], co
     else:
         l_o = out["offsets"].sum() * 0.0
     total = config.lambda_b * (l_v + l_k) + config.lambda_c * l_c + config.lambda_o * l_o
-    return {"loss": total, "voronoi": l_v, "cluster": l_k, "center": l_c, "offset": l_o}
+    terms = {"loss": total, "voronoi": l_v, "cluster": l_k, "center": l_c, "offset": l_o}
+    if "types" in out and "types" in batch:
+        terms["type"] = type_ce(out["types"], batch["types"])
+        terms["loss"] = total + config.lambda_t * terms["type"]
+    return terms

@@ -8,12 +8,19 @@ array-index frame once (:func:`pronet_wsi.geometry.xy_to_index`, in ``dataset.pr
 
 An empty file (a header, or a FeatureCollection without features) reads as a (0, 2) array; it is the
 training code's job to refuse an image with no points (``pseudo_labels`` raises a ValueError for it).
+
+Points may carry a nucleus class (:func:`read_points_classes`): a CSV column ``class``, or the
+``classification.name`` of a QuPath Points annotation. An empty class, and QuPath's / pronet-wsi's generic
+``Nucleus``, mean an untyped click: it trains the instance heads only.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
+import io
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -25,24 +32,50 @@ from scipy import ndimage as ndi
 from pronet_wsi.errors import InputError
 from pronet_wsi.files import atomic_write
 
+log = logging.getLogger(__name__)
 CSV_SUFFIXES = (".csv",)
-GEOJSON_SUFFIXES = (".geojson", ".json")
+GEOJSON_SUFFIXES = (".geojson", ".json", ".geojson.gz", ".json.gz")
+UNTYPED = ("", "nucleus")  # class names (lower case) that mean "a nucleus, no type"
+NOT_REGION_CLASSES = ("tissue",)  # pronet-wsi's own tissue annotation: not a complete region
+
+
+def _suffix(path: Path) -> str:
+    """The point-file suffix, ``.geojson.gz`` counted as one."""
+    name = path.name.lower()
+    return next((s for s in (".geojson.gz", ".json.gz") if name.endswith(s)), path.suffix.lower())
 
 
 def read_points(path: str | os.PathLike) -> np.ndarray:
-    """Read points from a CSV (``x,y`` header) or a QuPath GeoJSON file, chosen by the file suffix.
+    """Read points from a CSV (``x,y`` header) or a QuPath GeoJSON file (also gzipped), chosen by the suffix.
 
     Returns
     -------
     points_xy : (N, 2) float64, level-0 pixel (x, y), in file order.
     """
+    return read_points_classes(path)[0]
+
+
+def read_points_classes(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
+    """Points and their nucleus classes from a CSV (``x,y[,class]``) or QuPath GeoJSON (``.gz`` too).
+
+    Returns
+    -------
+    points_xy : (N, 2) float64, level-0 pixel (x, y), in file order.
+    classes : N class names; "" for an untyped point (no class, an empty one, or ``Nucleus``).
+    """
     path = Path(path)
-    suffix = path.suffix.lower()
+    suffix = _suffix(path)
     if suffix in CSV_SUFFIXES:
-        return read_points_csv(path)
+        return _read_csv(path)
     if suffix in GEOJSON_SUFFIXES:
-        return read_points_geojson(path)
+        return _read_geojson(path)
     raise InputError(f"{path}: unknown point file type {suffix!r}; give a .csv (x,y header) or a .geojson file")
+
+
+def class_name(name: object) -> str:
+    """A point's class as stored: stripped, "" when untyped (see :data:`UNTYPED`)."""
+    text = str(name).strip() if isinstance(name, str) else ""
+    return "" if text.lower() in UNTYPED else text
 
 
 def write_points(path: str | os.PathLike, points_xy: np.ndarray) -> None:
@@ -63,14 +96,23 @@ def _read_text(path: Path) -> str:
     if not path.is_file():
         raise InputError(f"{path}: not a file; give a point file (.csv or .geojson)")
     try:
+        if path.name.lower().endswith(".gz"):
+            with gzip.open(path, "rb") as fh:
+                return fh.read().decode("utf-8-sig")
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not a UTF-8 text file; give a CSV or GeoJSON point file") from exc
+    except (OSError, EOFError) as exc:  # a damaged or truncated .gz
+        raise InputError(f"{path}: cannot be read ({exc}); export the file again") from exc
 
 
 def read_points_csv(path: str | os.PathLike) -> np.ndarray:
     """Read a CSV whose header names columns ``x`` and ``y`` (level-0 px floats); other columns are ignored."""
-    path = Path(path)
+    return _read_csv(Path(path))[0]
+
+
+def _read_csv(path: Path) -> tuple[np.ndarray, list[str]]:
+    """Points and classes (column ``class`` if present) of a point CSV."""
     rows = csv.reader(_read_text(path).splitlines())
     header = next(rows, None)
     while header is not None and not any(cell.strip() for cell in header):
@@ -82,7 +124,9 @@ def read_points_csv(path: str | os.PathLike) -> np.ndarray:
         raise InputError(f"{path}:{rows.line_num}: header {','.join(header)!r} lacks columns x and y; "
                          "the first line must name them, e.g. 'x,y'")
     ix, iy = names.index("x"), names.index("y")
+    ic = names.index("class") if "class" in names else None
     out: list[tuple[float, float]] = []
+    classes: list[str] = []
     for row in rows:
         if not any(cell.strip() for cell in row):
             continue
@@ -94,13 +138,23 @@ def read_points_csv(path: str | os.PathLike) -> np.ndarray:
         if not (math.isfinite(x) and math.isfinite(y)):
             raise InputError(f"{path}:{rows.line_num}: non-finite coordinate in {','.join(row)!r}")
         out.append((x, y))
-    return np.array(out, np.float64).reshape(-1, 2)
+        classes.append(class_name(row[ic]) if ic is not None and ic < len(row) else "")
+    return np.array(out, np.float64).reshape(-1, 2), classes
 
 
-def write_points_csv(path: str | os.PathLike, points_xy: np.ndarray) -> None:
-    """Write ``x,y`` rows with full float precision, atomically."""
+def write_points_csv(path: str | os.PathLike, points_xy: np.ndarray, classes: list[str] | None = None) -> None:
+    """Write ``x,y`` rows (``x,y,class`` with ``classes``) with full float precision, atomically."""
     pts = _as_points(points_xy)
-    text = "x,y\n" + "".join(f"{float(x)!r},{float(y)!r}\n" for x, y in pts)
+    if classes is not None:
+        if len(classes) != len(pts):
+            raise ValueError(f"{len(classes)} classes for {len(pts)} points")
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["x", "y", "class"])
+        writer.writerows([repr(float(x)), repr(float(y)), c] for (x, y), c in zip(pts, classes, strict=True))
+        text = buf.getvalue()
+    else:
+        text = "x,y\n" + "".join(f"{float(x)!r},{float(y)!r}\n" for x, y in pts)
     atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
@@ -111,7 +165,11 @@ def read_points_geojson(path: str | os.PathLike) -> np.ndarray:
     (regions exported with the points) are skipped; any other geometry type is an error naming the feature,
     because it is usually the wrong export (cells instead of points).
     """
-    path = Path(path)
+    return _read_geojson(Path(path))[0]
+
+
+def _read_geojson(path: Path) -> tuple[np.ndarray, list[str]]:
+    """Points and classes of a QuPath GeoJSON export; detections and cells are skipped with one warning."""
     try:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as exc:
@@ -129,9 +187,21 @@ def read_points_geojson(path: str | os.PathLike) -> np.ndarray:
     else:
         raise InputError(f"{path}: not a GeoJSON FeatureCollection, Feature or list of features")
     out: list[list[float]] = []
+    classes: list[str] = []
+    n_results = 0
     for i, feature in enumerate(features):
-        out.extend(_feature_points(path, i, feature))
-    return np.array(out, np.float64).reshape(-1, 2)
+        props = feature.get("properties") if isinstance(feature, dict) else None
+        if isinstance(props, dict) and props.get("objectType") in NOT_REGIONS:
+            n_results += 1  # detections / cells exported with the points: results, not clicks
+            continue
+        pts = _feature_points(path, i, feature)
+        out.extend(pts)
+        cls = props.get("classification") if isinstance(props, dict) else None
+        classes.extend([class_name(cls.get("name") if isinstance(cls, dict) else None)] * len(pts))
+    if n_results:
+        log.warning("%s: skipped %d detection/cell objects (segmentation results, not clicks); export only "
+                    "annotations to silence this", path, n_results)
+    return np.array(out, np.float64).reshape(-1, 2), classes
 
 
 def _feature_points(path: Path, i: int, feature: object) -> list[list[float]]:
@@ -185,11 +255,12 @@ NOT_REGIONS = ("detection", "cell", "tile")  # QuPath object types that are resu
 def read_regions(path: str | os.PathLike) -> list[Region]:
     """Polygon / MultiPolygon annotations of a GeoJSON file (QuPath exports rectangles as Polygons).
 
-    Detections and cells (a segmentation result) are not regions and are skipped; so are points. A CSV holds
-    no regions (returns []).
+    Detections and cells (a segmentation result) are not regions and are skipped; so are points, and
+    pronet-wsi's own tissue annotation (class ``Tissue``: it is not a complete region, so it is skipped with a
+    warning). A CSV holds no regions (returns []).
     """
     path = Path(path)
-    if path.suffix.lower() not in GEOJSON_SUFFIXES:
+    if _suffix(path) not in GEOJSON_SUFFIXES:
         return []
     try:
         data = json.loads(_read_text(path))
@@ -211,7 +282,12 @@ def read_regions(path: str | os.PathLike) -> list[Region]:
         if kind not in ("Polygon", "MultiPolygon"):
             continue
         cls = props.get("classification")
-        label = props.get("name") or (cls.get("name") if isinstance(cls, dict) else None) or "annotation"
+        cls_name = cls.get("name") if isinstance(cls, dict) else None
+        if isinstance(cls_name, str) and cls_name.strip().lower() in NOT_REGION_CLASSES:
+            log.warning("%s: feature %d is a %s annotation (e.g. pronet-wsi's tissue outline), not a region whose "
+                        "nuclei are all clicked; skipped", path, i, cls_name)
+            continue
+        label = props.get("name") or cls_name or "annotation"
         polygons = [coords] if kind == "Polygon" else coords
         if not isinstance(polygons, list):
             raise InputError(f"{path}: feature {i} ({kind}) has no coordinate list")

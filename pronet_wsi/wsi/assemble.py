@@ -23,7 +23,8 @@ def write_outputs(plan: SlidePlan, store: TileStore, ids_key: str) -> dict:
 
     The parts of ``plan.tiles`` (raster order) are in ``store``; feature ids derive from ``ids_key`` (slide name,
     model and settings) and the nucleus number; stage times go into ``plan.log``. Returns counts (candidates,
-    nuclei, duplicates removed) and the summed ``area_um2`` of the kept nuclei (``area_um2_sum``).
+    nuclei, duplicates removed), the summed ``area_um2`` of the kept nuclei (``area_um2_sum``) and the kept
+    nuclei per class of a typed model (``class_counts``, a list in class order).
     """
     grid, tiles, frame, paths, config = plan.grid, plan.tiles, plan.frame, plan.paths, plan.config
     timings = plan.log.timings
@@ -54,6 +55,7 @@ def write_outputs(plan: SlidePlan, store: TileStore, ids_key: str) -> dict:
                               {"mpp": plan.model.mpp, "slide_mpp": plan.slide.mpp, "level0_px_per_px": frame.scale,
                                "description": "nucleus ids; id i is the i-th feature of the GeoJSON"})
     area_um2_sum = 0.0
+    class_counts = np.zeros(len(plan.model.classes), np.int64)
     try:
         with GeoJSONWriter(paths.geojson, config.gzip) as writer:
             for tl in tiles:
@@ -64,6 +66,8 @@ def write_outputs(plan: SlidePlan, store: TileStore, ids_key: str) -> dict:
                     writer.write(feature_text(nucleus_uuid(ids_key, base + n), texts[i]))
                 kept = store.load(tl.key).select(km)
                 area_um2_sum += float(kept.area_um2.sum())
+                if kept.class_index is not None and len(class_counts):
+                    class_counts += np.bincount(kept.class_index.astype(np.int64), minlength=len(class_counts))
                 overlay.add(kept)
         if labels is not None:
             _paint_labels(labels, store, grid, tiles, order, keep, gid_start)
@@ -75,7 +79,7 @@ def write_outputs(plan: SlidePlan, store: TileStore, ids_key: str) -> dict:
     overlay.save(paths.overlay)
     timings["export_s"] = time.perf_counter() - t
     return {"candidates": n_candidates, "nuclei": gid, "duplicates_removed": n_candidates - gid,
-            "area_um2_sum": area_um2_sum}
+            "area_um2_sum": area_um2_sum, "class_counts": class_counts.tolist()}
 
 
 def _paint_labels(labels: LabelsWriter, store: TileStore, grid: TileGrid, tiles: tuple[Tile, ...], order: dict,

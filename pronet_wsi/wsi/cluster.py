@@ -113,6 +113,8 @@ class ModelSpec:
     postprocess_config: PostprocessConfig
     context_px: int
     pin_gpus: bool = False
+    classes: tuple[str, ...] = ()
+    class_colors: tuple[tuple[int, int, int], ...] = ()
 
     @classmethod
     def load(cls, model_dir: str | Path | None, inference: InferenceConfig = InferenceConfig(),
@@ -123,7 +125,7 @@ class ModelSpec:
         path = resolve_model_dir(model_dir)
         bundle = load_model(path)
         return cls(str(Path(path).resolve()), inference, bundle.config.mpp, bundle.thresholds,
-                   bundle.config.context_px, pin_gpus)
+                   bundle.config.context_px, pin_gpus, bundle.config.classes, bundle.config.class_colors)
 
     @classmethod
     def from_predictor(cls, predictor, pin_gpus: bool = False) -> ModelSpec | None:
@@ -132,7 +134,7 @@ class ModelSpec:
         if path is None or not hasattr(predictor, "config"):
             return None
         return cls(str(Path(path).resolve()), predictor.config, predictor.mpp, predictor.postprocess_config,
-                   predictor.context_px, pin_gpus)
+                   predictor.context_px, pin_gpus, predictor.classes, predictor.class_colors)
 
     def predict_batch(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
         return worker_predictor(self).predict_batch(tiles)

@@ -319,10 +319,15 @@ def _record_row(name: str, rec: dict) -> dict:
     meas = rec.get("measurements", {})
     wall = rec.get("timings_s", {}).get("total_s")
     mpx = rec.get("mpx_processed")
-    return _row(name, slide, "done", "", nuclei=rec.get("counts", {}).get("nuclei"),
-                tissue_area_mm2=meas.get("tissue_area_mm2"), nuclei_per_mm2=meas.get("nuclei_per_mm2"),
-                mean_area_um2=meas.get("mean_area_um2"), wall_time_s=wall,
-                mpx_per_s=round(mpx / wall, 3) if wall and mpx is not None else None)
+    per_class = {}
+    classes = rec.get("classes")
+    for cls, v in (classes.items() if isinstance(classes, dict) else ()):
+        if isinstance(v, dict):
+            per_class[f"n_{cls}"], per_class[f"{cls}_per_mm2"] = v.get("nuclei"), v.get("per_mm2")
+    return {**_row(name, slide, "done", "", nuclei=rec.get("counts", {}).get("nuclei"),
+                   tissue_area_mm2=meas.get("tissue_area_mm2"), nuclei_per_mm2=meas.get("nuclei_per_mm2"),
+                   mean_area_um2=meas.get("mean_area_um2"), wall_time_s=wall,
+                   mpx_per_s=round(mpx / wall, 3) if wall and mpx is not None else None), **per_class}
 
 
 def summary_totals(rows: list[dict]) -> dict:
@@ -355,9 +360,11 @@ def format_totals(totals: dict) -> str:
 
 
 def write_summary_csv(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Write the rows as CSV (columns :data:`SUMMARY_COLUMNS`, empty cells for unknown values), atomically."""
+    """Write the rows as CSV (columns :data:`SUMMARY_COLUMNS`, then ``n_<class>`` and ``<class>_per_mm2`` for
+    every nucleus class of a typed model's slides; empty cells for unknown values), atomically."""
+    extra = list(dict.fromkeys(k for r in rows for k in r if k not in SUMMARY_COLUMNS))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=[*SUMMARY_COLUMNS, *extra], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     atomic_bytes(Path(path), buf.getvalue().encode())

@@ -142,7 +142,8 @@ def _plan(slide_path: Path, name: str, paths: OutputPaths, predictor: TileModel,
                         f"on tile seams may differ from an untiled run")
     if not tiles:
         warnings.append("no tissue found (the slide looks empty); wrote an empty FeatureCollection")
-    model = ModelInfo(_model_id(predictor), predictor.mpp, _plain(predictor.postprocess_config))
+    classes: tuple[str, ...] = tuple(getattr(predictor, "classes", ()))  # test doubles may be untyped
+    model = ModelInfo(_model_id(predictor), predictor.mpp, _plain(predictor.postprocess_config), classes)
     fingerprint = {"version": __version__, "slide": str(slide_path.resolve()), "size": slide_path.stat().st_size,
                    "mtime_ns": slide_path.stat().st_mtime_ns, "backend": source.backend, "mpp": source.mpp,
                    "model": model.id, "tiling": asdict(config.tiling), "stitch": asdict(config.stitch),
@@ -160,7 +161,8 @@ def _plan(slide_path: Path, name: str, paths: OutputPaths, predictor: TileModel,
     pending = [t for t in tiles if t.key not in done_before]
     job = TileJob(slide_path=str(slide_path), backend=source.backend, mpp=source.mpp, frame=frame,
                   tiling=config.tiling, match_radius_px=config.stitch.match_radius_px,
-                  with_masks=config.labels_zarr, parts_root=str(paths.parts), fingerprint=fingerprint)
+                  with_masks=config.labels_zarr, parts_root=str(paths.parts), fingerprint=fingerprint,
+                  classes=classes, class_colors=tuple(getattr(predictor, "class_colors", ())) if classes else ())
     batches = tuple(tuple(pending[i : i + config.batch_size]) for i in range(0, len(pending), config.batch_size))
     return SlidePlan(slide=source, paths=paths, config=config, model=model, frame=frame, grid=grid,
                      tiles=tuple(tiles), batches=batches, overview=Overview(thumb, thumb_ds, mask), job=job,
@@ -183,6 +185,7 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
         warnings.append(f"{n_cut} nuclei near a tile core touch the tile edge; use a larger --halo-px")
     counts = write_outputs(plan, store, ids_key(plan))
     area_um2_sum = counts.pop("area_um2_sum")
+    class_counts = counts.pop("class_counts")
     if overview.mask is not None:
         save_mask_png(paths.mask, overview.mask)
         if config.tissue_geojson:
@@ -201,6 +204,7 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
               "counts": {"tiles_grid": len(plan.grid), "tiles_tissue": len(plan.tiles),
                          "tiles_resumed": plan.n_resumed, "tiles_run": sum(len(b) for b in plan.batches),
                          "cut_at_tile_edge": n_cut, **counts},
+              "classes": _class_counts(plan.model.classes, class_counts, tissue_mm2),
               "measurements": {"tissue_area_mm2": round(tissue_mm2, 6),
                                "processed_area_mm2": round(mpx * model_mpp**2, 6),
                                "nuclei_per_mm2": round(counts["nuclei"] / tissue_mm2, 3) if tissue_mm2 else None,
@@ -301,6 +305,12 @@ def _model_id(predictor) -> str:
         stamp = weights.stat().st_mtime_ns if weights.exists() else 0
         return f"{Path(path).resolve()}@{stamp}"
     return getattr(predictor, "name", type(predictor).__name__)
+
+
+def _class_counts(classes: tuple[str, ...], counts: list[int], tissue_mm2: float) -> dict:
+    """Per-class nucleus counts and densities (per mm^2 of tissue) for the run record; {} for an untyped model."""
+    return {name: {"nuclei": int(n), "per_mm2": round(n / tissue_mm2, 3) if tissue_mm2 else None}
+            for name, n in zip(classes, counts, strict=True)}
 
 
 def _plain(obj) -> dict:

@@ -91,11 +91,13 @@ class Overview:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Which model made the nuclei: ``id`` (folder and weights stamp), its ``mpp`` and post-processing settings."""
+    """Which model made the nuclei: ``id`` (folder and weights stamp), its ``mpp``, post-processing settings and,
+    for a typed model, its nucleus ``classes``."""
 
     id: str
     mpp: float
     postprocess: dict
+    classes: tuple[str, ...] = ()
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pronet_wsi.instances import Instances
 _FIELDS = ("centers_xy", "priority", "in_core", "area_px", "area_um2", "center_score", "foreground_mean",
            "coords", "offsets")
 _MASK_FIELDS = ("bbox", "bits", "bit_offsets")
+_TYPE_FIELDS = ("class_index", "class_prob")  # typed models only
 
 
 class TileStore:
@@ -73,6 +74,8 @@ class TileStore:
         arrays = {f: getattr(inst, f) for f in _FIELDS}
         if inst.bbox is not None:
             arrays.update({f: getattr(inst, f) for f in _MASK_FIELDS})
+        if inst.class_index is not None:
+            arrays.update({f: getattr(inst, f) for f in _TYPE_FIELDS})
         arrays["text"] = np.frombuffer(blob, np.uint8)
         arrays["text_offsets"] = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
         arrays["stats"] = np.frombuffer(json.dumps(stats).encode(), np.uint8)
@@ -85,6 +88,7 @@ class TileStore:
     def load(self, key: str, masks: bool = False) -> Instances:
         with np.load(self.path(key)) as z:
             extra = {f: z[f] for f in _MASK_FIELDS if masks and f in z.files}
+            extra.update({f: z[f] for f in _TYPE_FIELDS if f in z.files})
             return Instances(**{f: z[f] for f in _FIELDS}, **extra)
 
     def load_candidates(self, key: str) -> tuple[np.ndarray, ...]:

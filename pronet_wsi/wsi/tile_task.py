@@ -40,6 +40,8 @@ class TileJob:
     with_masks: bool
     parts_root: str
     fingerprint: dict
+    classes: tuple[str, ...] = ()
+    class_colors: tuple[tuple[int, int, int], ...] = ()
 
 
 _HANDLES: dict[int, dict[tuple, Slide]] = {}  # thread id -> its open slides, oldest first
@@ -84,7 +86,8 @@ class TileModel(Protocol):
 
     mpp : the model's pixel size (um). context_px : the tile halo it needs for seam-exact maps.
     predict_batch : (B, H, W, 3) uint8 tiles -> maps ``foreground`` (B, H, W), ``offsets`` (B, 2, H, W),
-    ``centers`` (B, H, W).
+    ``centers`` (B, H, W), and ``types`` (B, K, H, W) class probabilities for a typed model (one whose
+    ``classes`` attribute names K classes; a model without the attribute is untyped).
     """
 
     @property
@@ -115,12 +118,12 @@ def run_batch(job: TileJob, tiles: Sequence[Tile], predictor: TileModel, on_tile
     out = []
     for k, tile in enumerate(tiles):
         t3 = time.perf_counter()
-        tile_maps = {name: maps[name][k] for name in ("foreground", "offsets", "centers")}
+        tile_maps = {name: m[k] for name, m in maps.items()}
         seg = postprocess(tile_maps, config)
         t4 = time.perf_counter()
         inst = tile_instances(seg, tile_maps["foreground"], tile.read, tile.core, job.frame, predictor.mpp,
                               job.match_radius_px, with_masks=job.with_masks)
-        bodies = feature_bodies(inst)
+        bodies = feature_bodies(inst, job.classes, job.class_colors)
         t5 = time.perf_counter()
         cut = _cut_at_edge(seg, tile, job.match_radius_px)
         stats = {"candidates": len(inst), "in_core": int(inst.in_core.sum()), "cut_at_edge": cut,

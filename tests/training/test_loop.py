@@ -24,7 +24,7 @@ def _config(**kw):
 @pytest.fixture
 def items(monuseg_dir):
     crop = []
-    for name, image, pts in load_items(monuseg_dir / "images", labels=monuseg_dir / "labels", names=NAMES):
+    for name, image, pts, *_ in load_items(monuseg_dir / "images", labels=monuseg_dir / "labels", names=NAMES):
         keep = (pts < 300).all(1)
         crop.append((name, image[:300, :300], pts[keep]))
     return crop

@@ -118,7 +118,7 @@ def test_slide_pieces_follow_the_regions(tmp_path, blobs, caplog):
     assert len(first) == 4 and first[0][1].shape == (128 + 32, 128 + 32, 3)
     assert sum(int(it[3].sum()) for it in first) == 200 * 150  # the pieces' masks tile the region exactly
     n_in_masks = 0
-    for _, image, local, mask in first:  # points in the piece frame sit on dark blob pixels
+    for _, image, local, mask, _ in first:  # points in the piece frame sit on dark blob pixels
         rr, cc = np.floor(local[:, 1]).astype(int), np.floor(local[:, 0]).astype(int)
         assert (image[rr, cc].mean(1) < 120).mean() > 0.9
         n_in_masks += int(mask[rr, cc].sum())

@@ -248,3 +248,40 @@ def test_a_real_network_gives_the_same_nuclei_whatever_the_batching(slide, tmp_p
     assert counts[0] > 0 and outputs[1] == outputs[2]
     assert abs(counts[0] - counts[1]) <= 0.02 * counts[0]  # a random net sits on its thresholds: bits matter
     check_qupath_geojson(json.loads(outputs[0]), (600, 700))
+
+
+def test_a_typed_model_classifies_every_nucleus_and_counts_classes(slide, reference, tmp_path):
+    from wsi_fakes import TypedOracleModel, decode_ids
+
+    from pronet_wsi.slide import open_slide
+    from pronet_wsi.wsi.cohort import summary_rows, write_summary_csv
+
+    res = segment_slide(slide, tmp_path, TypedOracleModel(), CFG)
+    fc = read_geojson(res.geojson)
+    assert check_qupath_geojson(fc, (600, 700), ("Even", "Odd")) == res.n_nuclei == reference[0].n_nuclei
+    with open_slide(slide) as s:
+        ids = decode_ids(s.read_level(0, 0, 0, (600, 700)))
+    names = {"Even": 0, "Odd": 0}
+    for f in fc["features"]:
+        cls = f["properties"]["classification"]
+        assert cls == {"name": cls["name"], "color": [10, 20, 30] if cls["name"] == "Even" else [200, 100, 0]}
+        assert f["properties"]["measurements"]["Class probability"] == pytest.approx(0.95, abs=1e-3)
+        names[cls["name"]] += 1
+        c = shapely.Polygon(f["geometry"]["coordinates"][0]).representative_point()  # inside the nucleus
+        assert (ids[int(c.y), int(c.x)] % 2 == 1) == (cls["name"] == "Odd")
+    assert min(names.values()) > 50
+    record = json.loads((tmp_path / "slide.json").read_text())
+    assert {k: v["nuclei"] for k, v in record["classes"].items()} == names
+    assert record["classes"]["Odd"]["per_mm2"] == pytest.approx(names["Odd"] / record["measurements"][
+        "tissue_area_mm2"], rel=1e-3)
+    write_summary_csv(tmp_path / "summary.csv", summary_rows(tmp_path))
+    header, row = (tmp_path / "summary.csv").read_text().splitlines()[:2]
+    assert header.endswith("n_Even,Even_per_mm2,n_Odd,Odd_per_mm2") and f",{names['Odd']}," in row
+
+
+def test_an_untyped_model_writes_nucleus_and_no_class_columns(reference):
+    res, _ = reference
+    fc = read_geojson(res.geojson)
+    assert {f["properties"]["classification"]["name"] for f in fc["features"]} == {"Nucleus"}
+    assert all("Class probability" not in f["properties"]["measurements"] for f in fc["features"])
+    assert json.loads((res.geojson.parent / "slide.json").read_text())["classes"] == {}

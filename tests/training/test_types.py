@@ -1,0 +1,186 @@
+"""Nucleus types from classed clicks: points with classes, the type head, its targets, loss and training."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from pronet_wsi.errors import InputError
+from pronet_wsi.inference import Predictor, segment_image
+from pronet_wsi.model import ModelConfig, PRONet, class_colors, load_model, save_model
+from pronet_wsi.synthetic import synthetic_typed_nuclei
+from pronet_wsi.training.dataset import item_classes, load_items, resample_items, type_target
+from pronet_wsi.training.loop import TrainConfig, start_model, train
+from pronet_wsi.training.losses import type_ce
+from pronet_wsi.training.points import centroids_from_labels, read_points_classes, read_regions, write_points_csv
+
+
+def _qupath_export(with_gzip: bool, path) -> None:
+    """A file in the form QuPath 0.5/0.6 writes: classed Points annotations, a rectangle, pronet-wsi's Tissue
+    annotation and a detection, in one FeatureCollection."""
+    features = [
+        {"type": "Feature", "id": "a1", "geometry": {"type": "MultiPoint", "coordinates": [[10.5, 20.5], [30, 40]]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}}},
+        {"type": "Feature", "id": "a2", "geometry": {"type": "MultiPoint", "coordinates": [[50, 60]]},
+         "properties": {"objectType": "annotation",
+                        "classification": {"name": "Immune cells", "color": [160, 90, 160]}}},
+        {"type": "Feature", "id": "a3", "geometry": {"type": "MultiPoint", "coordinates": [[70, 80]]},
+         "properties": {"objectType": "annotation"}},  # unclassified points: untyped clicks
+        {"type": "Feature", "id": "r1", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [100, 0], [100, 100],
+                                                                                       [0, 100], [0, 0]]]},
+         "properties": {"objectType": "annotation", "name": "box"}},
+        {"type": "Feature", "id": "t1", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [900, 0], [900, 900],
+                                                                                       [0, 900], [0, 0]]]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Tissue", "color": [0, 160, 0]}}},
+        {"type": "Feature", "id": "d1", "geometry": {"type": "Polygon", "coordinates": [[[5, 5], [9, 5], [9, 9],
+                                                                                       [5, 5]]]},
+         "properties": {"objectType": "detection", "classification": {"name": "Nucleus"}}},
+    ]
+    text = json.dumps({"type": "FeatureCollection", "features": features})
+    if with_gzip:
+        with gzip.open(path, "wt", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        path.write_text(text)
+
+
+@pytest.mark.parametrize("name", ["points.geojson", "points.geojson.gz"])
+def test_qupath_export_reads_back_with_classes_and_regions(tmp_path, caplog, name):
+    path = tmp_path / name
+    _qupath_export(name.endswith(".gz"), path)
+    with caplog.at_level(logging.WARNING):
+        pts, classes = read_points_classes(path)
+        regions = read_regions(path)
+    np.testing.assert_array_equal(pts, [[10.5, 20.5], [30, 40], [50, 60], [70, 80]])
+    assert classes == ["Tumor", "Tumor", "Immune cells", ""]
+    assert [r.name for r in regions] == ["feature 3 (box)"]  # the Tissue outline is not a complete region
+    assert "skipped 1 detection" in caplog.text and "Tissue annotation" in caplog.text
+
+
+def test_csv_class_column_round_trips_and_nucleus_means_untyped(tmp_path):
+    path = tmp_path / "p.csv"
+    pts = np.array([[1.25, 2.5], [3.0, 4.0], [5.0, 6.0]])
+    write_points_csv(path, pts, ["Tumor", "", "Stroma, loose"])
+    got, classes = read_points_classes(path)
+    np.testing.assert_array_equal(got, pts)
+    assert classes == ["Tumor", "", "Stroma, loose"]
+    path.write_text("x,y,class\n1,2,Nucleus\n3,4,Tumor\n5,6\n")
+    assert read_points_classes(path)[1] == ["", "Tumor", ""]
+
+
+def test_item_classes_are_sorted_names_without_untyped():
+    items = [("a", None, None, None, ["B", "", "A"]), ("b", None, None, None, ["C"]), ("c", None, None)]
+    assert item_classes(items) == ("A", "B", "C")
+
+
+def test_resample_items_scales_points_in_the_continuous_frame():
+    img = np.zeros((100, 60, 3), np.uint8)
+    out = resample_items([("a", img, np.array([[30.0, 50.0]]), None, ["T"])], 2.0)
+    name, work, pts, region, classes = out[0]
+    assert work.shape == (200, 120, 3) and classes == ["T"] and region is None
+    np.testing.assert_allclose(pts, [[60.0, 100.0]])
+
+
+def test_type_target_covers_typed_cells_only():
+    cells = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, -1, -1]])
+    cluster = np.array([[1, 0, 1, 1], [1, 2, 0, 1], [1, 1, 1, 1]], np.uint8)
+    voronoi = np.full(cells.shape, 2, np.uint8)
+    pred = np.zeros(cells.shape, bool)
+    pred[1, 1] = True  # a pale pixel k-means missed, but the model's mask has
+    t = type_target(cells, cluster, voronoi, pred, np.array([1, 0, -1], np.int16))
+    np.testing.assert_array_equal(t, [[1, -1, 0, 0], [1, 1, -1, 0], [-1, -1, -1, -1]])
+
+
+def test_type_ce_ignores_untyped_pixels_and_is_zero_without_any():
+    logits = torch.tensor([[[[5.0, 0.0]], [[0.0, 5.0]]]])  # (1, 2, 1, 2)
+    good = type_ce(logits, torch.tensor([[[0, -1]]]))
+    bad = type_ce(logits, torch.tensor([[[1, -1]]]))
+    assert float(good) < 0.01 < 4.0 < float(bad)
+    assert float(type_ce(logits, torch.full((1, 1, 2), -1))) == 0.0
+
+
+def test_typed_model_maps_and_folder_round_trip(tmp_path):
+    cfg = ModelConfig(width=0.0625, classes=("Tumor", "Lymphocyte"))
+    assert cfg.class_colors == ((200, 0, 0), class_colors(("Lymphocyte",))[0])  # QuPath's own Tumor colour
+    net = PRONet(cfg).eval()
+    with torch.no_grad():
+        out = net(torch.zeros(1, 3, 40, 36))
+    assert out["types"].shape == (1, 2, 40, 36)
+    save_model(net, tmp_path / "m")
+    bundle = load_model(tmp_path / "m")
+    assert bundle.config.classes == ("Tumor", "Lymphocyte") and bundle.config.class_colors == cfg.class_colors
+    maps = Predictor(bundle).predict_batch(np.zeros((1, 32, 32, 3), np.uint8))
+    np.testing.assert_allclose(maps["types"].sum(axis=1), 1.0, atol=1e-4)
+    with pytest.raises(ValueError, match="unique"):
+        ModelConfig(classes=("A", "A"))
+
+
+def test_init_from_untyped_adds_a_head_and_other_classes_start_a_new_one(tmp_path, caplog):
+    untyped = save_model(PRONet(ModelConfig(width=0.0625)), tmp_path / "u")
+    typed = start_model(TrainConfig(init=str(untyped), width=0.0625, classes=("A", "B")), [])
+    assert typed.model.head_type is not None and typed.config.classes == ("A", "B")
+    trunk = {k: v for k, v in typed.model.state_dict().items() if not k.startswith("head_type.")}
+    for k, v in load_model(untyped).model.state_dict().items():
+        assert torch.equal(trunk[k], v)  # the trunk is the start model's
+    save_model(typed.model, tmp_path / "t")
+    same = start_model(TrainConfig(init=str(tmp_path / "t"), width=0.0625, classes=("A", "B")), [])
+    assert torch.equal(same.model.head_type[0].weight, typed.model.head_type[0].weight)
+    with caplog.at_level(logging.WARNING):
+        other = start_model(TrainConfig(init=str(tmp_path / "t"), width=0.0625, classes=("A", "C")), [])
+    assert other.config.classes == ("A", "C") and "new type head" in caplog.text
+
+
+def _typed_items(n: int, side: int = 192) -> list[tuple]:
+    items = []
+    for s in range(n):
+        img, lab, _, types = synthetic_typed_nuclei((side, side), 30, seed=s)
+        pts, ids = centroids_from_labels(lab)
+        items.append((f"s{s}", img, pts, None, [types[i - 1] for i in ids]))
+    return items
+
+
+def test_freeze_trunk_trains_only_the_type_head(tmp_path):
+    torch.manual_seed(0)
+    start = save_model(PRONet(ModelConfig(width=0.0625)), tmp_path / "start")
+    cfg = TrainConfig.recipe(init=str(start), width=0.0625, epochs=1, patch_px=64, patches_per_image=50, batch_size=2,
+                             freeze_trunk=True, tune_thresholds=False, num_threads=1)
+    out = train(cfg, _typed_items(1, 96), tmp_path / "m", progress=False)
+    before, after = load_model(start).model.state_dict(), load_model(out).model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # batch-norm statistics included
+    assert load_model(out).config.classes == ("Dark", "Pale")
+    with pytest.raises(InputError, match="no classes"):
+        train(cfg, [(n, im, p) for n, im, p, *_ in _typed_items(1, 96)], tmp_path / "m2", progress=False)
+
+
+def test_type_head_learns_the_class_that_follows_the_look(tmp_path):
+    """Acceptance: from the shipped model, classed clicks on two synthetic looks; a held-out image's detected
+    nuclei are classified right >= 90 %."""
+    torch.manual_seed(0)
+    cfg = TrainConfig.recipe(init="default", epochs=12, patch_px=96, patches_per_image=400, tune_thresholds=False,
+                             num_threads=2, device="cpu")
+    out = train(cfg, _typed_items(3), tmp_path / "m", progress=False)
+    predictor = Predictor(out)
+    assert predictor.classes == ("Dark", "Pale")
+    img, lab, centers, types = synthetic_typed_nuclei((192, 192), 30, seed=99)
+    seg = segment_image(img, predictor)
+    hits = [(seg.labels[int(round(r)), int(round(c))], t) for (r, c), t in zip(centers, types, strict=True)]
+    found = [(i, t) for i, t in hits if i > 0]
+    right = sum(predictor.classes[seg.class_index[i - 1]] == t for i, t in found)
+    assert len(found) >= 0.6 * len(centers)
+    assert right >= 0.9 * len(found), (right, len(found))
+
+
+def test_load_items_carries_classes_and_refuses_nothing_silently(tmp_path):
+    from PIL import Image
+
+    img, lab, _, types = synthetic_typed_nuclei((64, 64), 6, seed=1)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    pts, ids = centroids_from_labels(lab)
+    write_points_csv(tmp_path / "a.csv", pts, [types[i - 1] for i in ids])
+    (name, image, got, region, classes), = load_items(tmp_path, points=tmp_path)
+    assert classes == [types[i - 1] for i in ids] and region is None
