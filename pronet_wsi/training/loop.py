@@ -62,6 +62,9 @@ class TrainConfig:
     scale with its area (``patches_per_image`` per megapixel, at least one), so small crops are not oversampled.
     ``classes``: nucleus classes of the type head (default: the classes of the training points; none = untyped).
     ``freeze_trunk``: train only the type head (the start model's nuclei stay exactly as they were).
+    ``holdout``: without validation images, this share of the training images (at least one) is held back and
+    its clicks score every validated epoch (detection F1 within ``holdout_radius_um``, averaged with the mean
+    class F1 for a typed model); the best epoch is kept. 0 trains on every image and keeps the last epoch.
     """
 
     epochs: int = 120
@@ -94,6 +97,8 @@ class TrainConfig:
     patches_by_area: bool = True
     classes: tuple[str, ...] = ()
     freeze_trunk: bool = False
+    holdout: float = 0.0
+    holdout_radius_um: float = 3.0
     pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
@@ -116,6 +121,8 @@ class TrainConfig:
             raise ValueError(f"predict_every={self.predict_every}: must be >= 1")
         if self.patch_px < 64 or self.patch_px % 16:
             raise ValueError(f"patch_px={self.patch_px}: must be a multiple of 16 and >= 64")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"holdout={self.holdout}: must be in [0, 1)")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -208,6 +215,9 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
     if config.freeze_trunk and not config.classes:
         raise InputError("--freeze-trunk trains only the type head; the points carry no classes")
     (work / "train_config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
+    held: list = []
+    if config.holdout and not val_items:
+        train_items, held = split_holdout(train_items, config.holdout, config.seed)
 
     samples = prepare_samples(train_items, config.pseudo, work / "cache", config.classes)  # V, K, cells (2.1)
     bundle = start_model(config, samples)
@@ -226,7 +236,7 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
                            min_patches=config.batch_size)
     log_path = work / "log.csv"
     fields = ["epoch", "minutes", "lr", "loss", "voronoi", "cluster", "center", "offset", "type", "mean_movement",
-              "val_object_dice", "val_aji"]
+              "val_object_dice", "val_aji", "val_clicks"]
     if not resume or not log_path.exists():
         with open(log_path, "w", newline="") as f:
             csv.writer(f).writerow(fields)
@@ -256,13 +266,18 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
                  time.monotonic() - t_epoch - t_pred)
         row = {"epoch": epoch, "minutes": round((time.monotonic() - t0) / 60, 3), "lr": opt.param_groups[0]["lr"],
                **{k: round(v / n, 5) for k, v in sums.items()}, "mean_movement": movement,
-               "val_object_dice": "", "val_aji": ""}
+               "val_object_dice": "", "val_aji": "", "val_clicks": ""}
         last = epoch == config.epochs - 1 or _out_of_time(config, t0)
         if val_items and (last or (epoch + 1) % config.val_every == 0):
             vs = validate(predictor, val_items, thresholds)
             row["val_object_dice"], row["val_aji"] = round(vs.object_dice, 4), round(vs.aji, 4)
             if config.keep_best:
                 _keep_if_best(work / BEST, model, epoch, vs.aji)
+        if held and (last or (epoch + 1) % config.val_every == 0):
+            score = validate_clicks(predictor, held, thresholds, config.holdout_radius_um / mcfg.mpp)
+            row["val_clicks"] = round(score, 4)
+            if config.keep_best:
+                _keep_if_best(work / BEST, model, epoch, score)
         with open(log_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=fields, extrasaction="ignore").writerow(row)
         _save_checkpoint(ckpt_path, model, opt, samples, epoch, time.monotonic() - t0)
@@ -273,11 +288,11 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
     bar.close()
     best = work / BEST
     extra = {"epochs_trained": epoch + 1}
-    if val_items and config.keep_best and best.exists():
+    if (val_items or held) and config.keep_best and best.exists():
         state = torch.load(best, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         extra["kept_epoch"] = int(state["epoch"])
-        log.info("keeping epoch %d (validation AJI %.4f)", int(state["epoch"]), float(state["aji"]))
+        log.info("keeping epoch %d (validation score %.4f)", int(state["epoch"]), float(state["aji"]))
     if val_items and config.tune_thresholds:
         thresholds = tune_thresholds(predictor, val_items, thresholds, config.tune_min_areas)
     model.eval()
@@ -415,6 +430,44 @@ def _write_points(work: Path, samples: list[Sample]) -> None:
         write_points_csv(work / "refined_points" / f"{s.name}.csv", s.points_xy + 0.5)  # array -> file frame
 
 
+def split_holdout(items: list, share: float, seed: int) -> tuple[list, list]:
+    """(train, held back): ``share`` of the items (at least one, by a seeded draw) held back for validation."""
+    if len(items) < 2:
+        raise InputError(f"--holdout {share:g}: needs at least 2 training images (or regions); give more images, "
+                         "--val-images, or --holdout 0")
+    n = min(len(items) - 1, max(1, round(share * len(items))))
+    held = set(np.random.default_rng(seed).permutation(len(items))[:n].tolist())
+    return [it for i, it in enumerate(items) if i not in held], [it for i, it in enumerate(items) if i in held]
+
+
+def validate_clicks(predictor: Predictor, items: list, thresholds: PostprocessConfig, radius_px: float) -> float:
+    """How well the model finds (and types) the held-back clicks of ``items`` (name, image, points_xy[, region[,
+    classes]]): detection F1 within ``radius_px``, averaged with the mean class F1 when the model is typed.
+    Predictions outside an item's region mask are not scored (nothing there is clicked)."""
+    from pronet_wsi.detection import pool_scores, score_typed
+
+    was_training = predictor.model.training
+    predictor.model.eval()
+    classes = predictor.classes
+    scores = []
+    for _, image, pts, *rest in items:
+        region = rest[0] if rest else None
+        names = rest[1] if len(rest) > 1 and rest[1] is not None else [""] * len(pts)
+        seg = postprocess(predictor.predict_image(image), thresholds)
+        centers_xy = seg.centers_rc[:, ::-1] + 0.5
+        if region is not None:
+            rc = np.clip(np.floor(seg.centers_rc).astype(int), 0, np.array(region.shape) - 1)
+            keep = region[rc[:, 0], rc[:, 1]]
+        else:
+            keep = np.ones(seg.n, bool)
+        pred_cls = [classes[i] if classes and i >= 0 else "" for i in seg.class_index]
+        scores.append(score_typed(pts, names, centers_xy[keep], [c for c, k in zip(pred_cls, keep, strict=True) if k],
+                                  radius_px, classes))
+    predictor.model.train(was_training)
+    pooled = pool_scores(scores)
+    return pooled.f_d if not classes else 0.5 * (pooled.f_d + pooled.mean_f1)
+
+
 def validate(predictor: Predictor, val_items: list, thresholds: PostprocessConfig):
     """Mean scores of the model on [(name, image, gt labels)]."""
     was_training = predictor.model.training
@@ -462,6 +515,10 @@ def plot_curve(log_path: Path, png: Path) -> None:
     a1.set_xlabel("epoch")
     a1.set_yscale("log")
     a1.legend()
+    clicks = [(int(r["epoch"]), float(r["val_clicks"])) for r in rows if r.get("val_clicks")]
+    if clicks:
+        a2.plot([v[0] for v in clicks], [v[1] for v in clicks], "^-", label="held-back clicks F1")
+        a2.legend()
     vr = [(int(r["epoch"]), float(r["val_aji"]), float(r["val_object_dice"])) for r in rows if r["val_aji"]]
     if vr:
         a2.plot([v[0] for v in vr], [v[1] for v in vr], "o-", label="val AJI")

@@ -184,3 +184,24 @@ def test_load_items_carries_classes_and_refuses_nothing_silently(tmp_path):
     write_points_csv(tmp_path / "a.csv", pts, [types[i - 1] for i in ids])
     (name, image, got, region, classes), = load_items(tmp_path, points=tmp_path)
     assert classes == [types[i - 1] for i in ids] and region is None
+
+
+def test_holdout_keeps_back_images_and_scores_their_clicks(tmp_path):
+    from pronet_wsi.training.loop import split_holdout, validate_clicks
+
+    items = _typed_items(4, 96)
+    train_part, held = split_holdout(items, 0.25, 0)
+    assert len(held) == 1 and len(train_part) == 3 and {i[0] for i in held} | {i[0] for i in train_part} == {
+        "s0", "s1", "s2", "s3"}
+    with pytest.raises(InputError, match="at least 2"):
+        split_holdout(items[:1], 0.25, 0)
+    net = PRONet(ModelConfig(width=0.0625, classes=("Dark", "Pale"))).eval()
+    predictor = Predictor(load_model(save_model(net, tmp_path / "m")))
+    score = validate_clicks(predictor, held, predictor.postprocess_config, 12.0)
+    assert 0.0 <= score <= 1.0
+    cfg = TrainConfig(epochs=2, width=0.0625, patch_px=64, patches_per_image=50, batch_size=2, holdout=0.25,
+                      val_every=1, tune_thresholds=False, num_threads=1)
+    out = train(cfg, items, tmp_path / "t", progress=False)
+    log = (out / "train" / "log.csv").read_text().splitlines()
+    assert log[0].endswith("val_clicks") and all(line.split(",")[-1] != "" for line in log[1:])
+    assert "kept_epoch" in load_model(out).config.extra
