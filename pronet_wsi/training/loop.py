@@ -33,7 +33,7 @@ from pronet_wsi.training.dataset import (
     item_classes,
     prepare_samples,
 )
-from pronet_wsi.training.losses import LossConfig, pronet_loss
+from pronet_wsi.training.losses import LossConfig, balanced_class_weights, pronet_loss
 from pronet_wsi.training.pseudolabels import PseudoLabelConfig
 from pronet_wsi.training.refinement import RefineConfig, refine_points
 
@@ -143,7 +143,7 @@ class TrainConfig:
     def from_json(cls, raw: dict) -> TrainConfig:
         raw = dict(raw)
         raw["pseudo"] = PseudoLabelConfig(**raw["pseudo"])
-        raw["loss"] = LossConfig(**raw["loss"])
+        raw["loss"] = LossConfig(**{**raw["loss"], "class_weights": tuple(raw["loss"].get("class_weights", ()))})
         raw["refine"] = RefineConfig(**raw["refine"])
         aug = dict(raw["augment"])
         for key in ("scale_range", "lowres_range"):
@@ -212,6 +212,11 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
     torch.manual_seed(config.seed)
     if not config.classes and item_classes(train_items):
         config = replace(config, classes=item_classes(train_items))
+    if config.classes and not config.loss.class_weights:
+        counts = [sum(c == name for it in train_items if len(it) > 4 and it[4] for c in it[4])
+                  for name in config.classes]
+        config = replace(config, loss=replace(config.loss, class_weights=balanced_class_weights(counts)))
+        log.info("type loss weights %s for %s clicks of %s", config.loss.class_weights, counts, config.classes)
     if config.freeze_trunk and not config.classes:
         raise InputError("--freeze-trunk trains only the type head; the points carry no classes")
     (work / "train_config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")

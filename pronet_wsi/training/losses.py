@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -13,7 +14,11 @@ IGNORE = 2
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Loss weights and the focal-loss exponents (CenterNet alpha 2, beta 4)."""
+    """Loss weights and the focal-loss exponents (CenterNet alpha 2, beta 4).
+
+    class_weights : per-class weights of the type loss (empty: all 1); ``train`` sets them from the click counts
+        (:func:`balanced_class_weights`) so a rare class is not drowned by the common ones.
+    """
 
     lambda_b: float = 1.0
     lambda_o: float = 1.0
@@ -21,11 +26,27 @@ class LossConfig:
     alpha: float = 2.0
     beta: float = 4.0
     lambda_t: float = 1.0
+    class_weights: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("lambda_b", "lambda_o", "lambda_c", "alpha", "beta", "lambda_t"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+        object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))
+        if any(not w > 0 for w in self.class_weights):
+            raise ValueError(f"class_weights={self.class_weights}: must be > 0")
+
+
+def balanced_class_weights(counts: list[int]) -> tuple[float, ...]:
+    """Type-loss weight per class from its number of clicks: sqrt(median count / count), clipped to [0.2, 5]
+    (a class with a tenth of the median's clicks weighs about 3x; softer than inverse frequency, which
+    over-predicts a rare class). A class without clicks gets 1."""
+    n = np.asarray(counts, np.float64)
+    if not (n > 0).any():
+        return tuple(1.0 for _ in counts)
+    med = float(np.median(n[n > 0]))
+    w = np.where(n > 0, np.sqrt(med / np.maximum(n, 1)), 1.0)
+    return tuple(round(float(v), 4) for v in np.clip(w, 0.2, 5.0))
 
 
 def masked_bce(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -74,13 +95,14 @@ def offset_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> t
     return diff.sum() / mask.numel()
 
 
-def type_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def type_ce(logits: torch.Tensor, target: torch.Tensor, weights: tuple[float, ...] = ()) -> torch.Tensor:
     """Cross-entropy of (B, K, H, W) class logits over the pixels whose (B, H, W) target is >= 0 (-1 = ignore),
-    normalised by their count; 0 when no pixel is typed."""
+    normalised by their (weighted) count; 0 when no pixel is typed. ``weights``: one per class (empty: all 1)."""
     valid = target >= 0
     if not bool(valid.any()):
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), target.long(), ignore_index=-1)
+    w = torch.tensor(weights, dtype=torch.float32, device=logits.device) if weights else None
+    return F.cross_entropy(logits.float(), target.long(), weight=w, ignore_index=-1)
 
 
 def pronet_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], config: LossConfig,
@@ -96,6 +118,6 @@ def pronet_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], co
     total = config.lambda_b * (l_v + l_k) + config.lambda_c * l_c + config.lambda_o * l_o
     terms = {"loss": total, "voronoi": l_v, "cluster": l_k, "center": l_c, "offset": l_o}
     if "types" in out and "types" in batch:
-        terms["type"] = type_ce(out["types"], batch["types"])
+        terms["type"] = type_ce(out["types"], batch["types"], config.class_weights)
         terms["loss"] = total + config.lambda_t * terms["type"]
     return terms

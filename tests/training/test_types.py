@@ -205,3 +205,16 @@ def test_holdout_keeps_back_images_and_scores_their_clicks(tmp_path):
     log = (out / "train" / "log.csv").read_text().splitlines()
     assert log[0].endswith("val_clicks") and all(line.split(",")[-1] != "" for line in log[1:])
     assert "kept_epoch" in load_model(out).config.extra
+
+
+def test_balanced_class_weights_lift_a_rare_class_softly_and_weight_the_loss():
+    from pronet_wsi.training.losses import balanced_class_weights
+
+    w = balanced_class_weights([6000, 4000, 300, 6000])
+    assert w[2] == pytest.approx((5000 / 300) ** 0.5, rel=1e-3) and 0.8 < w[0] < 1.0
+    assert balanced_class_weights([0, 10]) == (1.0, 1.0) and max(balanced_class_weights([1, 10**6, 10**6])) == 5.0
+    logits = torch.zeros(1, 2, 1, 2)
+    target = torch.tensor([[[0, 1]]])
+    logits[0, 0, 0, 1] = 3.0  # pixel 2 (class 1) is wrong, pixel 1 (class 0) uncertain
+    plain, weighted = type_ce(logits, target), type_ce(logits, target, (1.0, 4.0))
+    assert float(weighted) > float(plain)
