@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pronet_wsi.files import atomic_bytes, commit, open_atomic_stream
+from pronet_wsi.files import TOOL_MARK, atomic_bytes, commit, mark_owned, open_atomic_stream
 from pronet_wsi.instances import Instances
 
 NUCLEUS_CLASS = {"name": "Nucleus", "color": [220, 50, 50]}
@@ -85,6 +85,7 @@ class GeoJSONWriter:
                 self._fh.close()
             self._raw.close()
             commit(self._tmp, self.path)
+            mark_owned(self.path)
         except BaseException:  # e.g. a full disk: leave no temporary file behind
             self.abort()
             raise
@@ -142,6 +143,7 @@ class LabelsWriter:
         if self.path.exists():
             shutil.rmtree(self.path)
         os.replace(self._tmp, self.path)
+        mark_owned(self.path)
 
     def abort(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
@@ -177,6 +179,7 @@ class Overlay:
 
     def save(self, path: Path) -> None:
         atomic_bytes(Path(path), _png_bytes(self.image))
+        mark_owned(Path(path))
 
 
 def _png_bytes(img: Image.Image) -> bytes:
@@ -188,10 +191,13 @@ def _png_bytes(img: Image.Image) -> bytes:
 def save_mask_png(path: Path, mask: np.ndarray) -> None:
     """Write a bool mask as a black/white PNG, atomically."""
     atomic_bytes(Path(path), _png_bytes(Image.fromarray(mask.astype(np.uint8) * 255)))
+    mark_owned(Path(path))
 
 
 def write_json(path: Path, record: dict) -> None:
-    atomic_bytes(Path(path), (json.dumps(record, indent=2, default=str) + "\n").encode())
+    """Write a run record, marked ``"tool": "pronet-wsi"`` (so a later run knows it may replace it)."""
+    atomic_bytes(Path(path), (json.dumps({"tool": TOOL_MARK, **record}, indent=2, default=str) + "\n").encode())
+    mark_owned(Path(path))
 
 
 TISSUE_CLASS = {"name": "Tissue", "color": [60, 160, 60]}
@@ -226,3 +232,4 @@ def tissue_annotation(mask: np.ndarray, downsample: float, feature_id: str) -> d
 def write_tissue_geojson(path: Path, feature: dict | None) -> None:
     fc = {"type": "FeatureCollection", "features": [feature] if feature else []}
     atomic_bytes(Path(path), (json.dumps(fc, ensure_ascii=False) + "\n").encode())
+    mark_owned(Path(path))
