@@ -65,9 +65,19 @@ def temp_path(path: Path) -> Iterator[Path]:
             os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise _with_path(exc, path) from exc
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _with_path(exc: OSError, path: Path) -> OSError:
+    """``exc`` with ``path`` as its file name when a writer raised it without one (e.g. a full disk)."""
+    if exc.filename:
+        return exc
+    return OSError(exc.errno, exc.strerror or str(exc) or type(exc).__name__, str(path))
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
@@ -178,9 +188,12 @@ def open_atomic_stream(path: Path) -> tuple[IO[bytes], Path]:
 
 def commit(tmp: Path, path: Path) -> None:
     """fsync ``tmp``, give it the normal file mode and rename it onto ``path``."""
-    fsync_path(tmp)
-    os.chmod(tmp, FILE_MODE)
-    os.replace(tmp, path)
+    try:
+        fsync_path(tmp)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise _with_path(exc, Path(path)) from exc
     _fsync_dir(Path(path).parent)
 
 

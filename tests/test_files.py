@@ -69,3 +69,14 @@ def test_os_errors_are_one_line_with_path_and_remedy():
     line = describe_os_error(OSError(errno.ENOSPC, "No space left on device", "/data/out/a.tif"))
     assert line == "/data/out/a.tif: No space left on device; free space there or choose another -o"
     assert "\n" not in describe_os_error(PermissionError(errno.EACCES, "Permission denied", "/x"))
+
+
+def test_a_write_error_without_a_path_gets_the_output_path(tmp_path):
+    from pronet_wsi.files import atomic_write
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as err:
+        atomic_write(tmp_path / "a.tif", full)
+    assert err.value.filename == str(tmp_path / "a.tif") and not list(tmp_path.iterdir())

@@ -209,6 +209,10 @@ class Outcome:
 
 def error_message(exc: BaseException) -> str:
     """A one-line message for an exception (its type named unless it is bad input or an OS error)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        from pronet_wsi.files import describe_os_error
+
+        return describe_os_error(exc)
     msg = str(exc).splitlines()[0] if str(exc) else ""
     if not isinstance(exc, (InputError, OSError, ValueError)) or not msg:
         msg = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
