@@ -487,7 +487,7 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
         if i not in dups and key not in seen:
             seen.add(key)
             todo.append(items[i])
-    inputs = [Path(it.path) for it in items]
+    inputs = [Path(it.path) for it in items] + ([Path(manifest)] if manifest is not None else [])
     for item in todo:  # outputs in the way (inputs, files pronet-wsi did not write): one line, nothing written
         check_slide(item.path, outdir, planned, item.stem, inputs)
     inference = InferenceConfig(device=device, batch_size=batch_size, tta=tta)

@@ -324,6 +324,11 @@ def _cases(tmp: Path, model_dir: Path) -> list[list]:
     pts.mkdir()
     (pts / "a.csv").write_text("x,y\n10,10\n500,20\n")
     (pts / "zz.csv").write_text("x,y\n10,10\n")
+    outside = tmp / "outside"
+    outside.mkdir()
+    (outside / "a.csv").write_text("x,y\n10,10\n500,20\n")
+    tif_in = tmp / "in" / "t.tif"
+    tifffile.imwrite(tif_in, _rgb(), photometric="rgb")
     ckpt = tmp / "run" / "train"
     ckpt.mkdir(parents=True)
     (ckpt / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
@@ -346,6 +351,9 @@ def _cases(tmp: Path, model_dir: Path) -> list[list]:
         ["predict", img, "-o", img.parent, "-m", damaged],
         ["train", "--images", tmp / "none", "--labels", tmp, "-o", tmp / "m"],
         ["train", "--images", img.parent, "--labels", img.parent, "-o", tmp / "run", "--resume", "--quiet"],
+        ["predict", tif_in, "-o", tif_in.parent, *m],  # the output t.tif would be the input
+        ["train", "--images", img.parent, "--points", outside, "-o", tmp / "m", "--epochs", 1, "--quiet",
+         "--drop-unmatched"],  # a point outside its image
         # issue 17
         ["predict", img, "-o", out, *m],  # row 1
         ["segment", img, tmp / "in" / "a_tissue.png", "-o", tmp / "in", *m, "--mpp", 0.5],  # row 2

@@ -29,7 +29,7 @@ from pathlib import Path
 from pronet_wsi import __version__
 from pronet_wsi.errors import InputError
 from pronet_wsi.export import nucleus_uuid, save_mask_png, tissue_annotation, write_json, write_tissue_geojson
-from pronet_wsi.files import OutputLock, OutputPaths, check_outputs, slide_stem, sweep_temp
+from pronet_wsi.files import OutputLock, OutputPaths, check_outputs, same_file, slide_stem, sweep_temp
 from pronet_wsi.geometry import Frame, check_scale
 from pronet_wsi.progress import progress_bar
 from pronet_wsi.slide import open_slide
@@ -76,16 +76,10 @@ def is_finished(paths: OutputPaths, slide_path: Path | None = None) -> bool:
     if slide_path is not None:
         info = rec["slide"] if isinstance(rec.get("slide"), dict) else {}
         made_from = info.get("path_resolved") or info.get("path")
-        if made_from and not _same_slide(Path(made_from), Path(slide_path)):
+        if made_from and not same_file(Path(made_from), Path(slide_path)):
             raise InputError(f"{paths.geojson}: made from another slide ({made_from}), not {slide_path}; give this "
                              f"slide another output name (manifest output column) or -o, or pass --overwrite")
     return True
-
-
-def _same_slide(a: Path, b: Path) -> bool:
-    from pronet_wsi.files import same_file
-
-    return same_file(a, b)
 
 
 def slide_outputs(paths: OutputPaths, config: SegmentConfig) -> list[Path]:
