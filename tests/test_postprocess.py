@@ -79,3 +79,11 @@ def test_config_validation():
         PostprocessConfig(center_threshold=1.5)
     with pytest.raises(ValueError, match="grouping"):
         PostprocessConfig(grouping="magic")
+
+
+@pytest.mark.parametrize("field,value", [("min_area_px", float("nan")), ("nms_px", float("nan")),
+                                         ("center_threshold", float("nan")), ("min_area_px", float("inf"))])
+def test_thresholds_reject_non_finite_values(field, value):
+    """Issue 17: a thresholds.json with NaN must not run and find 0 nuclei silently."""
+    with pytest.raises(ValueError, match=f"{field}="):
+        PostprocessConfig(**{field: value})
