@@ -17,20 +17,45 @@ from pronet_wsi.errors import InputError
 
 
 def friendly_errors(func):
-    """Turn bad-input exceptions into one-line ClickExceptions (no traceback)."""
+    """Turn bad-input and OS exceptions into one-line ClickExceptions (no traceback); an output folder this
+    command created and left empty is removed when it fails."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        outdir = kwargs.get("outdir")
+        fresh = outdir is not None and not os.path.lexists(outdir)
         try:
             return func(*args, **kwargs)
-        except (InputError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as exc:
+        except BaseException:
+            if fresh:
+                _remove_if_empty(Path(outdir))
+            raise
+
+    @functools.wraps(func)
+    def guarded(*args, **kwargs):
+        try:
+            return wrapper(*args, **kwargs)
+        except OSError as exc:
+            from pronet_wsi.files import describe_os_error
+
+            raise click.ClickException(describe_os_error(exc)) from exc
+        except (InputError, ValueError) as exc:
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
         except KeyboardInterrupt:
             click.echo(f"interrupted: finished work is kept; run the same command again to resume"
                        f"{' (with --resume)' if func.__name__ == 'train' else ''}", err=True)
             sys.exit(130)
 
-    return wrapper
+    return guarded
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` when it holds nothing (or only our hidden bookkeeping of no outputs)."""
+    import contextlib
+
+    with contextlib.suppress(OSError):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 @click.group()
@@ -67,6 +92,8 @@ def evaluate(pred_dir: Path, gt_dir: Path, output_csv: Path | None, radius_um: f
     over the images. Clicks without a class count for detection only.
     """
     from pronet_wsi.evaluation import (
+        CSV_COLUMNS,
+        TYPED_CSV_COLUMNS,
         evaluate_folder,
         evaluate_typed_folder,
         format_table,
@@ -76,8 +103,15 @@ def evaluate(pred_dir: Path, gt_dir: Path, output_csv: Path | None, radius_um: f
         write_scores_csv,
         write_typed_csv,
     )
+    from pronet_wsi.files import check_report
+    from pronet_wsi.wsi.pipeline import check_writable
 
-    if has_nucleus_tables(pred_dir) and has_point_files(gt_dir):
+    typed_mode = has_nucleus_tables(pred_dir) and has_point_files(gt_dir)
+    if output_csv is not None:  # before the work: a report never replaces a file it did not write
+        check_report(output_csv, TYPED_CSV_COLUMNS if typed_mode else CSV_COLUMNS)
+        check_writable(output_csv.parent)
+
+    if typed_mode:
         if not (0 < mpp <= 20) or not 0 < radius_um <= 100:
             raise InputError(f"--mpp {mpp:g} um/px, --radius-um {radius_um:g}: need 0 < mpp <= 20 (0.25 at 40x, 0.5 "
                              "at 20x) and 0 < radius <= 100 um")
@@ -112,9 +146,11 @@ def evaluate(pred_dir: Path, gt_dir: Path, output_csv: Path | None, radius_um: f
 @click.option("--window-px", default=1024, show_default=True, help="Larger images run in overlapping windows.")
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation: average the 8 flips/rotations (8x the model time; see RESULTS.md).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace existing <stem>.tif / <stem>_overlay.png that pronet-wsi did not write (never inputs).")
 @friendly_errors
 def predict(inputs: tuple[str, ...], outdir: str, model_dir: str | None, mpp: float | None, device: str,
-            window_px: int, tta: bool) -> None:
+            window_px: int, tta: bool, overwrite: bool) -> None:
     """Segment nuclei in PNG/TIFF/JPEG images; write instance maps, overlays and a table of nuclei.
 
     <stem>_nuclei.csv has one row per nucleus: id (its label in <stem>.tif), x, y (its centre in the image's
@@ -124,22 +160,30 @@ def predict(inputs: tuple[str, ...], outdir: str, model_dir: str | None, mpp: fl
     from pathlib import Path
 
     from pronet_wsi.export import write_nuclei_csv
+    from pronet_wsi.files import check_outputs
     from pronet_wsi.images import list_images, read_image, write_labels, write_png
     from pronet_wsi.inference import InferenceConfig, Predictor, segment_image
     from pronet_wsi.overlay import draw_contours
+    from pronet_wsi.wsi.pipeline import check_writable
 
     check_mpp_option(mpp)
     paths = list_images(list(inputs))
     out = Path(outdir)
     targets = prediction_outputs(paths, out)
-    images = [(p, read_image(p)) for p in paths[:1]]  # fail fast on the first file before loading the model
+    check_outputs([t for pair in targets.values() for t in pair], paths, overwrite)
+    notes: list[str] = []
+    images = [(p, read_image(p, notes)) for p in paths[:1]]  # fail fast on the first file before loading the model
     predictor = Predictor(model_dir, InferenceConfig(device=device, window_px=window_px, tta=tta))
     if mpp is not None:
         from pronet_wsi.geometry import check_scale
 
         check_scale(mpp, predictor.mpp, "--mpp")
+    check_writable(out)
     for i, path in enumerate(paths):
-        image = images[0][1] if i == 0 else read_image(path)
+        image = images[0][1] if i == 0 else read_image(path, notes)
+        for note in notes:
+            click.echo(f"NOTE {note}", err=True)
+        notes.clear()
         seg = segment_image(image, predictor, mpp=mpp)
         labels_path, overlay_path, table_path = targets[path]
         write_labels(labels_path, seg.labels)
@@ -249,6 +293,9 @@ def _names(value: str | None) -> list[str] | None:
 @click.option("--device", default=None, help="auto, cpu or cuda[:N] [auto].")
 @click.option("--resume", is_flag=True, help="Continue the run in MODEL_DIR from its last checkpoint.")
 @click.option("--drop-outside", is_flag=True, help="Drop points outside their image instead of failing.")
+@click.option("--drop-unmatched", is_flag=True,
+              help="Train on the images that have a points file, with a warning listing images without points and "
+                   "points files without an image (default: that is an error).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False, path_type=str),
               help="Model folder to write.")
@@ -257,15 +304,22 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
           val_names, recipe, init,
           width, epochs, batch_size, lr, weight_decay, schedule, patch_px, patches_per_image, mpp, model_mpp,
           holdout, freeze_trunk, euclidean, no_offsets, no_refine, max_minutes, seed, device, resume, drop_outside,
-          quiet, outdir) -> None:
+          drop_unmatched, quiet, outdir) -> None:
     """Train PROnet from point annotations (image folders + points, or QuPath points on a slide)."""
     from pathlib import Path
 
     from pronet_wsi.training.dataset import load_items, load_slide_items, read_slide_list, resample_items
-    from pronet_wsi.training.loop import TrainConfig
+    from pronet_wsi.training.loop import CHECKPOINT, TrainConfig
     from pronet_wsi.training.loop import train as run_training
     from pronet_wsi.training.pseudolabels import PseudoLabelConfig
+    from pronet_wsi.wsi.pipeline import check_writable
 
+    if max_minutes is not None and not 0 < max_minutes < float("inf"):
+        raise InputError(f"--max-minutes {max_minutes}: give a number of minutes > 0")
+    model_files = [n for n in ("config.json", "weights.pt", "thresholds.json") if (Path(outdir) / n).exists()]
+    if not resume and model_files and not (Path(outdir) / "train" / CHECKPOINT).exists():
+        raise InputError(f"-o {outdir}: holds {model_files[0]} of a model this run did not train; choose a new -o "
+                         "(a model folder is never overwritten)")
     if resume and (Path(outdir) / "train" / "train_config.json").exists():
         import dataclasses
         import json
@@ -273,6 +327,8 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
         config = TrainConfig.from_json(json.loads((Path(outdir) / "train" / "train_config.json").read_text()))
         if max_minutes is not None:
             config = dataclasses.replace(config, max_minutes=max_minutes)
+        if epochs is not None:  # continue to more epochs (the schedule stretches to the new length)
+            config = dataclasses.replace(config, epochs=epochs)
     else:
         if init is not None:  # the start model's resolution and width, unless given (then they must agree)
             from pronet_wsi.model import load_model, resolve_model_dir
@@ -309,7 +365,8 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
         if len(points) > 1:
             raise click.UsageError("--images takes one --points folder")
         items = load_items(images, points[0] if points else None, labels, names=_names(names),
-                           shift=tuple(shift) if shift else None, seed=seed, drop_outside=drop_outside)
+                           shift=tuple(shift) if shift else None, seed=seed, drop_outside=drop_outside,
+                           drop_unmatched=drop_unmatched)
         if mpp is not None:
             check_mpp_option(mpp)
             items = resample_items(items, mpp / config.mpp)
@@ -324,6 +381,7 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
         if mpp is not None and abs(mpp / config.mpp - 1) > 1e-3:
             val = [(n, w := resample_image(im, mpp / config.mpp), resample_labels(gt, w.shape[:2]))
                    for n, im, gt in val]
+    check_writable(Path(outdir))
     out = run_training(config, items, outdir, val_items=val, resume=resume, progress=not quiet)
     click.echo(f"model written to {out}")
 
@@ -337,9 +395,10 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
 @click.option("--euclidean", is_flag=True, help="Euclidean instead of geodesic distance (the paper's ablation).")
 @click.option("--d-star", type=float, default=None, help="Distance truncation for k-means (paper: 70 MoNuSeg).")
 @click.option("--drop-outside", is_flag=True, help="Drop points outside the image instead of failing.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs that pronet-wsi did not write.")
 @friendly_errors
 def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, euclidean: bool,
-                  d_star: float | None, drop_outside: bool) -> None:
+                  d_star: float | None, drop_outside: bool, overwrite: bool) -> None:
     """Voronoi label V and cluster label K (paper 2.1) of IMAGE from the POINTS file (.csv x,y or .geojson).
 
     The label PNGs are uint8: 0 background, 1 foreground, 2 ignore.
@@ -350,7 +409,7 @@ def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, eu
     import numpy as np
     from PIL import Image
 
-    from pronet_wsi.files import atomic_write
+    from pronet_wsi.files import atomic_write, check_outputs, mark_owned
     from pronet_wsi.geometry import xy_to_index
     from pronet_wsi.images import read_image
     from pronet_wsi.training.points import clip_points, read_points
@@ -361,6 +420,9 @@ def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, eu
     if lam is not None or d_star is not None:
         config = dataclasses.replace(config, lam=config.lam if lam is None else lam,
                                      d_star=config.d_star if d_star is None else d_star)
+    names = [outdir / f"{image.stem}_{n}" for n in ("voronoi.png", "cluster.png", "pseudolabels.png",
+                                                       "pseudolabels.json")]
+    check_outputs(names, [image, points], overwrite)
     rgb = read_image(image)
     pts, n_dropped = clip_points(read_points(points), rgb.shape[:2], drop_outside=drop_outside, source=str(points))
     pts = xy_to_index(pts)  # file frame -> the array frame of the pseudo labels
@@ -373,15 +435,18 @@ def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, eu
             Image.fromarray(lab).save(tmp, format="PNG")
 
         atomic_write(outdir / f"{stem}_{name}.png", save_png)
+        mark_owned(outdir / f"{stem}_{name}.png")
     fig = figure_pseudo_labels(rgb, voronoi, cluster, pts, title=f"{stem}: {len(pts)} points, "
                                + ("Euclidean" if euclidean else f"geodesic lam={config.lam:g}"))
     atomic_write(outdir / f"{stem}_pseudolabels.png", lambda tmp: fig.savefig(tmp, format="png"))
+    mark_owned(outdir / f"{stem}_pseudolabels.png")
     record = {"image": str(image), "points": str(points), "n_points": len(pts), "n_dropped": n_dropped,
               "config": dataclasses.asdict(config),
               "pixel_counts_bg_fg_ignore": {name: np.bincount(lab.ravel(), minlength=3).tolist()
                             for name, lab in (("voronoi", voronoi), ("cluster", cluster))}}
     atomic_write(outdir / f"{stem}_pseudolabels.json",
                  lambda tmp: tmp.write_text(json.dumps(record, indent=2), encoding="utf-8"))
+    mark_owned(outdir / f"{stem}_pseudolabels.json")
     dropped = f" ({n_dropped} outside the image dropped)" if n_dropped else ""
     click.echo(f"{image.name}: {len(pts)} points{dropped} -> {outdir / (stem + '_voronoi.png')}, "
                f"{stem}_cluster.png, {stem}_pseudolabels.png")
@@ -412,19 +477,24 @@ def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, eu
 @click.option("--scheduler", default=None,
               help="Dask cluster: local:N (N worker processes on this machine) or a running scheduler's address "
                    "tcp://HOST:PORT (default: threads in this process).")
+@click.option("--connect-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for the --scheduler address to answer as a Dask scheduler.")
 @click.option("--gzip", "gzip_output", is_flag=True, help="Write <stem>.geojson.gz.")
 @click.option("--labels-zarr", is_flag=True, help="Also write the instance label image as <stem>_labels.zarr.")
 @click.option("--no-tissue-mask", is_flag=True, help="Process the whole slide, glass included.")
 @click.option("--tissue-annotation", is_flag=True,
               help="Also write <stem>_tissue.geojson: the tissue region as a QuPath annotation (import it with the "
                    "nuclei; Resolve hierarchy then puts them under it).")
-@click.option("--overwrite", is_flag=True, help="Redo slides whose output already exists.")
+@click.option("--overwrite", is_flag=True,
+              help="Redo slides whose output already exists, and replace files in the way that pronet-wsi did not "
+                   "write (never an input).")
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation: average the 8 flips/rotations (8x the model time; see RESULTS.md).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, halo_px, batch_size, device, workers,
-            scheduler, gzip_output, labels_zarr, no_tissue_mask, tissue_annotation, overwrite, tta, quiet) -> None:
+            scheduler, connect_timeout, gzip_output, labels_zarr, no_tissue_mask, tissue_annotation, overwrite, tta,
+            quiet) -> None:
     """Segment nuclei in whole slides: one QuPath GeoJSON of detections per slide.
 
     SLIDES are files or quoted glob patterns ("slides/*.svs"), or give --manifest. Tiles are read at the
@@ -439,7 +509,7 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
     from pronet_wsi.model import resolve_model_dir
     from pronet_wsi.tiling import TilingConfig
     from pronet_wsi.wsi.cohort import duplicates, expand_inputs, parse_shard, read_manifest, segment_batch, select_shard
-    from pronet_wsi.wsi.pipeline import check_writable
+    from pronet_wsi.wsi.pipeline import check_slide, check_writable
     from pronet_wsi.wsi.plan import SegmentConfig
     from pronet_wsi.wsi.tile_task import TileModel
 
@@ -458,9 +528,15 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
         if logging.getLogger().level > logging.INFO:
             logging.getLogger("distributed").setLevel(logging.WARNING)
     check_mpp_option(mpp)
+    if not (connect_timeout > 0 and connect_timeout < float("inf")):
+        raise InputError(f"--connect-timeout {connect_timeout}: give a number of seconds > 0")
     check_tile_memory(tile_px, batch_size)
     if halo_px is not None:
         TilingConfig(tile_px, halo_px)  # a bad pair fails before the model loads
+    settings = dict(use_tissue_mask=not no_tissue_mask, batch_size=batch_size, workers=workers, gzip=gzip_output,
+                    tissue_geojson=tissue_annotation, labels_zarr=labels_zarr, overwrite=overwrite)
+    planned = SegmentConfig(tiling=TilingConfig(tile_px, halo_px if halo_px is not None else TilingConfig().halo_px),
+                            **settings)  # option errors before anything is written
     items = read_manifest(manifest) if manifest is not None else expand_inputs(slides)
     dups = duplicates(items)
     indices = list(range(len(items)))
@@ -478,6 +554,9 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
         if i not in dups and key not in seen:
             seen.add(key)
             todo.append(items[i])
+    inputs = [Path(it.path) for it in items] + ([Path(manifest)] if manifest is not None else [])
+    for item in todo:  # outputs in the way (inputs, files pronet-wsi did not write): one line, nothing written
+        check_slide(item.path, outdir, planned, item.stem, inputs)
     inference = InferenceConfig(device=device, batch_size=batch_size, tta=tta)
     with contextlib.ExitStack() as stack:
         client = None
@@ -486,13 +565,11 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
             from pronet_wsi.wsi.cluster import ModelSpec, open_client
 
             predictor = ModelSpec.load(model_dir, inference, pin_gpus=local_cluster)
-            client = stack.enter_context(open_client(scheduler))
+            client = stack.enter_context(open_client(scheduler, timeout_s=connect_timeout))
         elif todo:
             predictor = Predictor(resolve_model_dir(model_dir), inference)
         halo = halo_px if halo_px is not None else getattr(predictor, "context_px", TilingConfig().halo_px)
-        config = SegmentConfig(tiling=TilingConfig(tile_px, halo), use_tissue_mask=not no_tissue_mask,
-                               batch_size=batch_size, workers=workers, gzip=gzip_output,
-                               tissue_geojson=tissue_annotation, labels_zarr=labels_zarr, overwrite=overwrite)
+        config = SegmentConfig(tiling=TilingConfig(tile_px, halo), **settings)
         for outcome in segment_batch(todo, outdir, predictor, config, client=client,
                                      backend=backend, default_mpp=mpp, pin_gpus=local_cluster, progress=not quiet):
             path, msg = outcome.item.path, outcome.error
@@ -506,7 +583,8 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
                 click.echo(f"WARNING {path.name}: {warning}", err=True)
             click.echo(result.summary())
     if failed:
-        click.echo(f"{failed} of {len(indices)} slides failed", err=True)
+        if len(indices) > 1:  # one slide: its ERROR line says it all
+            click.echo(f"{failed} of {len(indices)} slides failed", err=True)
         sys.exit(1)
 
 
@@ -530,8 +608,14 @@ def check_tile_memory(tile_px: int, batch_size: int, bytes_per_px: int = 600) ->
     need = batch_size * tile_px**2 * bytes_per_px
     if need > 0.8 * total:
         fit = int((0.8 * total / (batch_size * bytes_per_px)) ** 0.5 // 256 * 256)
-        raise InputError(f"--tile-px {tile_px} with --batch-size {batch_size}: needs ~{need / 2**30:.0f} GiB, this "
-                         f"machine has {total / 2**30:.0f} GiB; use --tile-px {max(fit, 256)} or less")
+        head = (f"--tile-px {tile_px} with --batch-size {batch_size}: needs ~{need / 2**30:.0f} GiB, this machine "
+                f"has {total / 2**30:.0f} GiB; ")
+        if fit >= 256:
+            raise InputError(head + f"use --tile-px {fit} or less")
+        batch = int(0.8 * total // (tile_px**2 * bytes_per_px))
+        if batch >= 1:
+            raise InputError(head + f"use --batch-size {batch} or less")
+        raise InputError(head + "use --batch-size 1 and a smaller --tile-px")
 
 
 @main.command()
@@ -544,10 +628,12 @@ def check_tile_memory(tile_px: int, batch_size: int, bytes_per_px: int = 600) ->
 @click.option("--region-um", type=float, default=100.0, show_default=True, help="Box side in um.")
 @click.option("--mpp", type=float, default=None, help="Slide pixel size in um (when the file has none).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs that pronet-wsi did not write.")
 @friendly_errors
-def suggest(slides, outdir, model_dir, regions, region_um, mpp, device) -> None:
+def suggest(slides, outdir, model_dir, regions, region_um, mpp, device, overwrite) -> None:
     """Propose where to click: boxes where the model is least reliable, spread over the tissue and its types,
     each with the model's nuclei as points to correct (QuPath annotations; see the README's adaptation loop)."""
+    from pronet_wsi.files import check_outputs
     from pronet_wsi.inference import InferenceConfig, Predictor
     from pronet_wsi.suggest import SuggestConfig, suggest_slide
     from pronet_wsi.wsi.cohort import expand_inputs
@@ -556,6 +642,7 @@ def suggest(slides, outdir, model_dir, regions, region_um, mpp, device) -> None:
     check_mpp_option(mpp)
     config = SuggestConfig(regions=regions, region_um=region_um, candidates=max(160, 4 * regions))
     items = expand_inputs(slides)
+    check_outputs([outdir / f"{item.stem}_suggest.geojson" for item in items], [it.path for it in items], overwrite)
     check_writable(outdir)
     predictor = Predictor(model_dir, InferenceConfig(device=device))
     for item in items:

@@ -23,7 +23,7 @@ import numpy as np
 
 from pronet_wsi.detection import TypedScores, pool_scores, score_typed
 from pronet_wsi.errors import InputError
-from pronet_wsi.files import atomic_write
+from pronet_wsi.files import atomic_write, check_report
 from pronet_wsi.images import IMAGE_SUFFIXES, read_labels
 from pronet_wsi.metrics import ImageScores, evaluate_image, mean_scores
 from pronet_wsi.training.points import read_points_classes
@@ -92,10 +92,25 @@ def score_pair(pair: ImagePair) -> ImageScores:
     """Read both instance maps of ``pair`` and score them; a shape mismatch names both files."""
     pred = read_labels(pair.pred_path)
     gt = read_labels(pair.gt_path)
+    for arr, path in ((gt, pair.gt_path), (pred, pair.pred_path)):
+        check_instance_map(arr, path)
     if pred.shape != gt.shape:
         raise InputError(f"{pair.pred_path} {pred.shape} and {pair.gt_path} {gt.shape}: shapes differ; "
                          "a prediction must cover the same pixels as its ground truth")
     return evaluate_image(gt, pred)
+
+
+def check_instance_map(labels: np.ndarray, path: Path) -> None:
+    """A binary mask (one value, e.g. 0/255, over several separate objects) is not an instance map: InputError."""
+    values = np.unique(labels)
+    values = values[values != 0]
+    if len(values) == 1:
+        from scipy import ndimage as ndi
+
+        n = ndi.label(labels > 0)[1]
+        if n > 1:
+            raise InputError(f"{path}: a binary mask (every pixel {int(values[0])}, {n} separate objects), not an "
+                             "instance map; give each nucleus its own id (e.g. skimage.measure.label)")
 
 
 def evaluate_folder(
@@ -109,8 +124,7 @@ def evaluate_folder(
 def write_scores_csv(path: str | os.PathLike, rows: list[tuple[str, ImageScores]], mean: ImageScores) -> None:
     """Write ``image, object_dice, pixel_dice, aji, pq`` per image plus a last ``mean`` row, atomically."""
     path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder; give a CSV file name such as {path / 'scores.csv'}")
+    check_report(path, CSV_COLUMNS)
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as fh:
@@ -119,7 +133,7 @@ def write_scores_csv(path: str | os.PathLike, rows: list[tuple[str, ImageScores]
             for name, s in [*rows, ("mean", mean)]:
                 writer.writerow([name, *(f"{getattr(s, c):.6f}" for c in CSV_COLUMNS[1:])])
 
-    atomic_write(Path(path), write)
+    atomic_write(Path(path), write)  # recognised as ours by its header (no note: the folder stays as it was)
 
 
 def format_table(rows: list[tuple[str, ImageScores]], mean: ImageScores) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pronet_wsi.files import atomic_bytes, commit, open_atomic_stream
+from pronet_wsi.files import TOOL_MARK, atomic_bytes, commit, mark_owned, open_atomic_stream
 from pronet_wsi.instances import Instances
 
 NUCLEUS_CLASS = {"name": "Nucleus", "color": [220, 50, 50]}
@@ -46,7 +46,8 @@ def write_nuclei_csv(path: Path, seg, classes: tuple[str, ...], mpp: float) -> N
         name = classes[index[i]] if classes and index[i] >= 0 else NUCLEUS_CLASS["name"]
         p = f"{float(prob[i]):.4f}" if classes else ""
         writer.writerow([i + 1, f"{c + 0.5:.2f}", f"{r + 0.5:.2f}", name, p, f"{area[i]:.3f}"])
-    atomic_bytes(path, buf.getvalue().encode("utf-8"))
+    atomic_bytes(Path(path), buf.getvalue().encode("utf-8"))
+    mark_owned(Path(path))
 
 
 def nucleus_uuid(slide_stem: str, global_id: int) -> str:
@@ -118,6 +119,7 @@ class GeoJSONWriter:
                 self._fh.close()
             self._raw.close()
             commit(self._tmp, self.path)
+            mark_owned(self.path)
         except BaseException:  # e.g. a full disk: leave no temporary file behind
             self.abort()
             raise
@@ -175,6 +177,7 @@ class LabelsWriter:
         if self.path.exists():
             shutil.rmtree(self.path)
         os.replace(self._tmp, self.path)
+        mark_owned(self.path)
 
     def abort(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
@@ -210,6 +213,7 @@ class Overlay:
 
     def save(self, path: Path) -> None:
         atomic_bytes(Path(path), _png_bytes(self.image))
+        mark_owned(Path(path))
 
 
 def _png_bytes(img: Image.Image) -> bytes:
@@ -221,10 +225,13 @@ def _png_bytes(img: Image.Image) -> bytes:
 def save_mask_png(path: Path, mask: np.ndarray) -> None:
     """Write a bool mask as a black/white PNG, atomically."""
     atomic_bytes(Path(path), _png_bytes(Image.fromarray(mask.astype(np.uint8) * 255)))
+    mark_owned(Path(path))
 
 
 def write_json(path: Path, record: dict) -> None:
-    atomic_bytes(Path(path), (json.dumps(record, indent=2, default=str) + "\n").encode())
+    """Write a run record, marked ``"tool": "pronet-wsi"`` (so a later run knows it may replace it)."""
+    atomic_bytes(Path(path), (json.dumps({"tool": TOOL_MARK, **record}, indent=2, default=str) + "\n").encode())
+    mark_owned(Path(path))
 
 
 TISSUE_CLASS = {"name": "Tissue", "color": [60, 160, 60]}
@@ -259,3 +266,4 @@ def tissue_annotation(mask: np.ndarray, downsample: float, feature_id: str) -> d
 def write_tissue_geojson(path: Path, feature: dict | None) -> None:
     fc = {"type": "FeatureCollection", "features": [feature] if feature else []}
     atomic_bytes(Path(path), (json.dumps(fc, ensure_ascii=False) + "\n").encode())
+    mark_owned(Path(path))

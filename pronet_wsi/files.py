@@ -65,9 +65,19 @@ def temp_path(path: Path) -> Iterator[Path]:
             os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise _with_path(exc, path) from exc
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _with_path(exc: OSError, path: Path) -> OSError:
+    """``exc`` with ``path`` as its file name when a writer raised it without one (e.g. a full disk)."""
+    if exc.filename:
+        return exc
+    return OSError(exc.errno, exc.strerror or str(exc) or type(exc).__name__, str(path))
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
@@ -178,9 +188,12 @@ def open_atomic_stream(path: Path) -> tuple[IO[bytes], Path]:
 
 def commit(tmp: Path, path: Path) -> None:
     """fsync ``tmp``, give it the normal file mode and rename it onto ``path``."""
-    fsync_path(tmp)
-    os.chmod(tmp, FILE_MODE)
-    os.replace(tmp, path)
+    try:
+        fsync_path(tmp)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise _with_path(exc, Path(path)) from exc
     _fsync_dir(Path(path).parent)
 
 
@@ -225,3 +238,143 @@ class OutputPaths:
     def user_files(self) -> dict[str, str]:
         """The outputs a user sees (for the run record), by name."""
         return {k: str(v) for k, v in asdict(self).items() if k not in ("parts", "lock")}
+
+
+# -- outputs this package wrote ----------------------------------------------------------------------------------
+OWNED_DIR = ".pronet-wsi-outputs"
+"""Hidden folder beside the outputs: one small JSON per output name (size, mtime, sha256) that pronet-wsi wrote."""
+TOOL_MARK = "pronet-wsi"
+"""The ``"tool"`` value of every JSON run record (a record is recognised by its content, even when copied)."""
+
+
+def _owned_note(path: Path) -> Path:
+    return Path(path).parent / OWNED_DIR / f"{Path(path).name}.json"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def mark_owned(path: Path) -> None:
+    """Record that this package has just written ``path`` (a file, or a folder such as a zarr store).
+
+    The note (``OUTDIR/.pronet-wsi-outputs/<name>.json``) holds the size, mtime and sha256 of a file, so a file
+    the user put there later under the same name is not taken for ours. Never fails the run that wrote ``path``.
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+        info = {"name": path.name, "dir": path.is_dir(), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "sha256": None if path.is_dir() else _sha256(path)}
+        note = _owned_note(path)
+        note.parent.mkdir(exist_ok=True)
+        atomic_text(note, json.dumps(info))
+    except OSError:
+        pass
+
+
+def is_owned(path: Path) -> bool:
+    """``path`` was written by pronet-wsi: a note of :func:`mark_owned` matches it, or it is a JSON run record
+    marked ``"tool": "pronet-wsi"`` (or an older record: ``status`` done/failed and a ``slide`` object)."""
+    path = Path(path)
+    try:
+        info = json.loads(_owned_note(path).read_text())
+        st = path.stat()
+        if info.get("dir"):
+            if path.is_dir():
+                return True
+        elif path.is_file() and info.get("size") == st.st_size and (
+                info.get("mtime_ns") == st.st_mtime_ns or info.get("sha256") == _sha256(path)):
+            return True
+    except (OSError, ValueError, AttributeError):
+        pass
+    if path.suffix.lower() == ".json" and path.is_file():
+        return is_run_record(path)
+    return False
+
+
+def is_run_record(path: Path) -> bool:
+    """A JSON file whose content says pronet-wsi wrote it (see :data:`TOOL_MARK`)."""
+    try:
+        if Path(path).stat().st_size > 64 << 20:
+            return False
+        rec = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    if not isinstance(rec, dict):
+        return False
+    return rec.get("tool") == TOOL_MARK or (rec.get("status") in ("done", "failed")
+                                            and isinstance(rec.get("slide"), dict) and "name" in rec)
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` name one file (resolved paths, or the same inode when both exist)."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def check_outputs(outputs: list[Path], inputs: list[Path], overwrite: bool = False,
+                  how: str = "pass --overwrite to replace it or choose another -o") -> None:
+    """Refuse to write any of ``outputs`` that is one of ``inputs`` (always) or exists and was not written by
+    pronet-wsi (unless ``overwrite``). Raises InputError naming the file and the fix."""
+    resolved = [Path(p) for p in inputs]
+    for out in outputs:
+        out = Path(out)
+        for src in resolved:
+            if same_file(out, src):
+                raise InputError(f"{out}: this output would overwrite the input {src}; choose another -o (inputs "
+                                 "are never overwritten, not even with --overwrite)")
+        if out.exists() or out.is_symlink():
+            if out.is_dir() and not out.name.endswith(".zarr"):
+                raise InputError(f"{out}: a folder is in the way of this output; choose another -o")
+            if not overwrite and not is_owned(out):
+                raise InputError(f"{out}: exists and was not written by pronet-wsi; {how}")
+
+
+def check_report(path: Path, header: tuple[str, ...], inputs: tuple[Path, ...] = ()) -> None:
+    """A report CSV may replace only a CSV pronet-wsi wrote (its first row is ``header``, possibly followed by
+    more columns) or nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give a CSV file name such as {path / 'scores.csv'}")
+    for src in inputs:
+        if same_file(path, src):
+            raise InputError(f"{path}: the report would overwrite the input {src}; choose another -o")
+    if not (path.exists() or path.is_symlink()):
+        return
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            first = fh.readline(4096).strip()
+    except (OSError, UnicodeDecodeError):
+        first = ""
+    if first != ",".join(header) and not first.startswith(",".join(header) + ","):  # a report of ours (a summary
+        # of typed slides has class columns after the header), not merely a file of ours (a GeoJSON)
+        raise InputError(f"{path}: exists and is not a CSV report pronet-wsi wrote; choose another -o "
+                         "(or delete it)")
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an OS error: the path, what happened and what to do."""
+    import errno
+
+    where = exc.filename or ""
+    what = exc.strerror or type(exc).__name__
+    fixes = {errno.ENOSPC: "free space there or choose another -o", errno.EDQUOT: "free space (quota) or choose "
+             "another -o", errno.ENOENT: "check the path (a folder on it does not exist)",
+             errno.EACCES: "check permissions or choose another -o", errno.EPERM: "check permissions or choose "
+             "another -o", errno.EROFS: "read-only file system; choose another -o",
+             errno.ENOTDIR: "a part of the path is a file, not a folder; check the path",
+             errno.EISDIR: "a folder is in the way; give a file name"}
+    fix = fixes.get(exc.errno or -1, "check the path and the disk")
+    return f"{where}: {what}; {fix}" if where else f"{what}; {fix}"

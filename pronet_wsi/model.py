@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import cast
@@ -62,8 +64,22 @@ class ModelConfig:
             raise ValueError(f"architecture={self.architecture!r}: only {ARCHITECTURE!r} is known")
         if not 0.05 <= self.width <= 2.0:
             raise ValueError(f"width={self.width}: must be in [0.05, 2.0]")
-        if self.mpp <= 0:
+        if not math.isfinite(self.mpp) or self.mpp <= 0:
             raise ValueError(f"mpp={self.mpp}: must be > 0")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                raise ValueError(f"{name}={list(values)}: must be 3 finite numbers (R, G, B)")
+        if not all(0.0 <= v <= 1.0 for v in self.mean):
+            raise ValueError(f"mean={list(self.mean)}: must be in [0, 1] (inputs are scaled to [0, 1])")
+        if not all(v > 0 for v in self.std):
+            raise ValueError(f"std={list(self.std)}: must be > 0")
+        if not math.isfinite(self.offset_scale) or self.offset_scale <= 0:
+            raise ValueError(f"offset_scale={self.offset_scale}: must be a finite number > 0")
+        if not math.isfinite(self.center_radius_px) or self.center_radius_px <= 0:
+            raise ValueError(f"center_radius_px={self.center_radius_px}: must be > 0")
+        if not isinstance(self.context_px, int) or isinstance(self.context_px, bool) or self.context_px < 0:
+            raise ValueError(f"context_px={self.context_px}: must be an integer >= 0")
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         if len(set(self.classes)) != len(self.classes) or any(not c for c in self.classes):
             raise ValueError(f"classes={list(self.classes)}: names must be unique and non-empty")
@@ -253,21 +269,49 @@ def load_model(path: str | Path) -> ModelBundle:
         thr_file = path / "thresholds.json"
         thresholds = PostprocessConfig(**json.loads(thr_file.read_text())) if thr_file.exists() else PostprocessConfig()
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise InputError(f"{path}: broken model folder ({_first_line(exc)}); retrain or reinstall the model") from exc
+        where = "thresholds.json" if "threshold" in str(exc) or "min_area" in str(exc) or "nms_px" in str(exc) \
+            or "grouping" in str(exc) else "config.json"
+        raise InputError(f"{path / where}: broken model folder ({_first_line(exc)}); fix that field, or retrain or "
+                         "reinstall the model") from exc
     if not weights.is_file():
         raise InputError(f"{weights}: missing; a model folder needs {WEIGHTS_FILE} beside config.json")
     if expected is not None and sha256_file(weights) != expected:
         raise InputError(f"{weights}: checksum does not match config.json (file damaged or replaced); "
                          "reinstall or retrain the model")
     try:  # weights_only: a pickled or crafted file is rejected, never executed
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about what it refuses; the error below says it in one line
+            warnings.simplefilter("ignore")
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged or foreign files
+        kind = "a pickled object, not a plain state dict" if "weights_only" in str(exc) or "Unsupported global" in \
+            str(exc) else "not a readable torch state dict"
+        raise InputError(f"{weights}: {kind} ({type(exc).__name__}); retrain or reinstall the model") from exc
+    try:
         model = PRONet(config)
         model.load_state_dict(state)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged or foreign files
-        raise InputError(f"{weights}: not weights for this config.json (width {config.width}) or not a plain "
-                         f"state dict ({_first_line(exc)[:120]}); retrain or reinstall the model") from exc
+    except Exception as exc:  # noqa: BLE001 - a state dict of another network
+        raise InputError(f"{weights}: not weights for this config.json (width {config.width}; "
+                         f"{type(exc).__name__}); retrain or reinstall the model") from exc
     model.eval()
     return ModelBundle(model, config, thresholds, path)
+
+
+def model_identity(path: Path) -> str:
+    """A model folder's identity by content: a digest of ``config.json`` (with the weights' sha256) and
+    ``thresholds.json``, the same for a copy of the folder anywhere; ``sha256:<16 hex>``."""
+    path = Path(path)
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+        if not isinstance(cfg, dict):
+            cfg = {"config": cfg}
+        if not cfg.get("weights_sha256") and (path / WEIGHTS_FILE).is_file():
+            cfg["weights_sha256"] = sha256_file(path / WEIGHTS_FILE)
+        thr_file = path / "thresholds.json"
+        thr = json.loads(thr_file.read_text()) if thr_file.exists() else None
+    except (OSError, ValueError):
+        return f"unreadable:{path.resolve()}"
+    text = json.dumps({"config": cfg, "thresholds": thr}, sort_keys=True, default=str)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _first_line(exc: BaseException) -> str:

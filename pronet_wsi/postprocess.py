@@ -32,11 +32,11 @@ class PostprocessConfig:
             raise ValueError(f"center_threshold={self.center_threshold}: must be in (0, 1)")
         if not 0.0 < self.foreground_threshold < 1.0:
             raise ValueError(f"foreground_threshold={self.foreground_threshold}: must be in (0, 1)")
-        if self.min_area_px < 0:
-            raise ValueError(f"min_area_px={self.min_area_px}: must be >= 0")
+        if not self.min_area_px >= 0 or self.min_area_px == float("inf"):  # NaN fails the first test
+            raise ValueError(f"min_area_px={self.min_area_px}: must be a number >= 0")
         if self.grouping not in GROUPINGS:
             raise ValueError(f"grouping={self.grouping!r}: must be one of {', '.join(GROUPINGS)}")
-        if self.nms_px < 1 or self.nms_px % 2 == 0:
+        if not self.nms_px >= 1 or not float(self.nms_px).is_integer() or self.nms_px % 2 == 0:
             raise ValueError(f"nms_px={self.nms_px}: must be an odd integer >= 1")
 
 

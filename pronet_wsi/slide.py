@@ -50,6 +50,8 @@ class Slide:
         self.bounds = bounds
         self.level_shapes = level_shapes
         self.level_downsamples = level_downsamples
+        self.pixel_max: int | None = None  # full intensity of 16-bit pixels (None: 8-bit)
+        self.notes: list[str] = []  # how the pixels were read, for the run record (e.g. 12-bit data)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -66,7 +68,9 @@ class Slide:
                 "shape_hw": list(self.shape), "bounds_xywh": [self.bounds.x0, self.bounds.y0, self.bounds.width,
                                                              self.bounds.height],
                 "levels": [{"shape_hw": list(s), "downsample": d}
-                           for s, d in zip(self.level_shapes, self.level_downsamples, strict=True)]}
+                           for s, d in zip(self.level_shapes, self.level_downsamples, strict=True)],
+                **({"pixel_max": self.pixel_max} if self.pixel_max else {}),
+                **({"notes": list(self.notes)} if self.notes else {})}
 
     # -- reading ---------------------------------------------------------------------------------------------
     def read_level(self, x: int, y: int, level: int, shape: tuple[int, int]) -> np.ndarray:
@@ -101,6 +105,10 @@ class Slide:
             rgba = np.asarray(self._h.read_region(loc, level, (w, h)))
         else:
             rgba = np.asarray(self._h.read_region(loc, level, (w, h), as_array=True))
+        if rgba.dtype == np.uint16:
+            from pronet_wsi.images import scale_uint16
+
+            rgba = scale_uint16(rgba, self.pixel_max or 65535)
         return _to_rgb(rgba)
 
     def read_box(self, box: Box, shape: tuple[int, int]) -> np.ndarray:
@@ -206,6 +214,11 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", mpp: float | None
         except ImportError as exc:
             errors.append(f"{name}: not installed ({exc})")
             continue
+        except InputError as exc:
+            if name == "image" and path.suffix.lower() in PLAIN_SUFFIXES:
+                raise  # a plain image with a real reason (grayscale, unsupported pixels): say it
+            errors.append(f"{name}: {type(exc).__name__}")
+            continue
         except Exception as exc:
             errors.append(f"{name}: {type(exc).__name__}")
             continue
@@ -298,8 +311,30 @@ def _open_tiffslide(path: Path) -> Slide:
 
     h = tiffslide.TiffSlide(str(path))
     mpp = _float_prop(h.properties, "tiffslide.mpp-x")
-    return Slide(path, "tiffslide", h, mpp or 0.0, "slide", _bounds(h.properties, "tiffslide", h.dimensions),
-                 tuple((hh, ww) for ww, hh in h.level_dimensions), tuple(float(d) for d in h.level_downsamples))
+    slide = Slide(path, "tiffslide", h, mpp or 0.0, "slide", _bounds(h.properties, "tiffslide", h.dimensions),
+                  tuple((hh, ww) for ww, hh in h.level_dimensions), tuple(float(d) for d in h.level_downsamples))
+    _check_pixels(slide, h)
+    return slide
+
+
+def _check_pixels(slide: Slide, handle) -> None:
+    """Grayscale slides are refused; 16-bit ones get the range that means full intensity (12-bit data)."""
+    from pronet_wsi.images import sample_max, tiff_sample_tags
+
+    level = len(slide.level_shapes) - 1
+    lh, lw = slide.level_shapes[level]
+    side = min(lh, lw, 64)
+    probe = np.asarray(handle.read_region((0, 0), level, (side, side), as_array=True))
+    if probe.ndim == 2 or (probe.ndim == 3 and probe.shape[-1] == 1):
+        raise InputError(f"{slide.path}: grayscale image; pronet-wsi needs an RGB (H&E) slide")
+    if probe.dtype != np.uint16:
+        return
+    bits, declared = tiff_sample_tags(slide.path)
+    observed = int(np.asarray(handle.read_region((0, 0), level, (lw, lh), as_array=True)).max()) \
+        if lh * lw <= 64e6 else 65535
+    slide.pixel_max, note = sample_max(observed, bits, declared)
+    if note:
+        slide.notes.append(note)
 
 
 def _open_image(path: Path) -> Slide:
@@ -307,10 +342,13 @@ def _open_image(path: Path) -> Slide:
 
     if path.suffix.lower() not in PLAIN_SUFFIXES:
         raise InputError(f"{path}: not a plain image")
-    arr = read_image(path)
+    notes: list[str] = []
+    arr = read_image(path, notes)
     mpp = _tiff_mpp(path) if path.suffix.lower() in (".tif", ".tiff") else None
     h, w = arr.shape[:2]
-    return Slide(path, "image", arr, mpp or 0.0, "slide", Box(0, 0, w, h), ((h, w),), (1.0,))
+    slide = Slide(path, "image", arr, mpp or 0.0, "slide", Box(0, 0, w, h), ((h, w),), (1.0,))
+    slide.notes = [n.split(": ", 1)[-1] for n in notes]
+    return slide
 
 
 def _tiff_mpp(path: Path) -> float | None:

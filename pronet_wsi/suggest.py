@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pronet_wsi.files import atomic_bytes
+from pronet_wsi.files import atomic_bytes, mark_owned
 from pronet_wsi.geometry import rc_to_xy
 
 REGION_CLASS = {"name": "Click here", "color": [250, 200, 0]}
@@ -211,3 +211,4 @@ def _points(key: str, pts: np.ndarray, rank: int, classification: dict | None = 
 def _write(path: str | Path, features: list[dict]) -> None:
     text = json.dumps({"type": "FeatureCollection", "features": features}, ensure_ascii=False)
     atomic_bytes(Path(path), (text + "\n").encode())
+    mark_owned(Path(path))

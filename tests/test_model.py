@@ -69,3 +69,29 @@ def test_load_model_errors(tmp_path):
 def test_config_validation():
     with pytest.raises(ValueError, match="width"):
         ModelConfig(width=5)
+
+
+@pytest.mark.parametrize("field,value", [("mean", (float("nan"), 0.5, 0.5)), ("std", (0.2, 0.0, 0.2)),
+                                         ("context_px", -5), ("offset_scale", float("inf"))])
+def test_model_config_rejects_implausible_normalisation(tmp_path, field, value):
+    """Issue 17 row 6: a NaN mean or zero std would give 0 nuclei silently; the error names the field."""
+    with pytest.raises(ValueError, match=f"{field}="):
+        ModelConfig(**{field: value})
+    d = save_model(PRONet(ModelConfig(width=0.0625)), tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[field] = list(value) if isinstance(value, tuple) else value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match=f"config.json: broken model folder \\({field}="):
+        load_model(d)
+
+
+def test_model_identity_is_by_content(tmp_path):
+    import shutil
+
+    from pronet_wsi.model import model_identity
+
+    d = save_model(PRONet(ModelConfig(width=0.0625)), tmp_path / "m")
+    copy = shutil.copytree(d, tmp_path / "other" / "m2", copy_function=shutil.copy)
+    assert model_identity(d) == model_identity(copy)
+    (copy / "thresholds.json").write_text((copy / "thresholds.json").read_text().replace("0.2", "0.3"))
+    assert model_identity(d) != model_identity(copy)

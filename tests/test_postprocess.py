@@ -102,3 +102,11 @@ def test_typed_maps_give_each_instance_the_argmax_of_its_mean_class_probability(
     np.testing.assert_allclose(seg.class_prob[order], [1.0, 0.5], atol=1e-6)
     untyped = postprocess({k: v for k, v in maps.items() if k != "types"})
     assert untyped.type_probs is None and untyped.class_index.tolist() == [-1, -1]
+
+
+@pytest.mark.parametrize("field,value", [("min_area_px", float("nan")), ("nms_px", float("nan")),
+                                         ("center_threshold", float("nan")), ("min_area_px", float("inf"))])
+def test_thresholds_reject_non_finite_values(field, value):
+    """Issue 17: a thresholds.json with NaN must not run and find 0 nuclei silently."""
+    with pytest.raises(ValueError, match=f"{field}="):
+        PostprocessConfig(**{field: value})

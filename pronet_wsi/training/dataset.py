@@ -104,14 +104,15 @@ def find_points_file(points_dir: Path, stem: str) -> Path | None:
 
 def load_items(images: str | Path, points: str | Path | None = None, labels: str | Path | None = None,
                names: list[str] | None = None, shift: tuple[float, float] | None = None, seed: int = 0,
-               drop_outside: bool = False) -> list[tuple]:
+               drop_outside: bool = False, drop_unmatched: bool = False) -> list[tuple]:
     """Read (name, image, points_xy, None, classes) for every image in a folder (``classes``: a class name per
     point, "" = untyped; see :func:`~pronet_wsi.training.points.read_points_classes`).
 
     Points come from ``points`` (a folder of ``<stem>.csv`` / ``<stem>.geojson``) or are derived from
     instance labels in ``labels`` (``<stem>.png``/``.tif``; centroids, optionally shifted by
-    ``shift = (min_px, max_px)``). ``names`` restricts to those stems. Images without points are skipped
-    with a warning only when some other image has points; none at all is an error.
+    ``shift = (min_px, max_px)``). ``names`` restricts to those stems. Images without a points file and point
+    files without an image are an InputError listing them, or with ``drop_unmatched`` a warning (logged) and
+    left out; none matched at all is an error.
     """
     images = Path(images)
     if not images.is_dir():
@@ -127,6 +128,8 @@ def load_items(images: str | Path, points: str | Path | None = None, labels: str
             raise InputError(f"--images {images}: no image for {sorted(missing)[:3]}")
     if not files:
         raise InputError(f"--images {images}: folder holds no images")
+    if points is not None:
+        files = _match_points(files, Path(points), names, drop_unmatched)
     items = []
     for i, path in enumerate(files):
         image = read_image(path)
@@ -155,6 +158,37 @@ def load_items(images: str | Path, points: str | Path | None = None, labels: str
     if not items:
         raise InputError(f"no image in {images} has points; expected <stem>.csv or <stem>.geojson in {points}")
     return items
+
+
+POINT_SUFFIXES = (".csv", ".geojson")  # .json is read as points too, but a folder may hold other JSON files
+
+
+def _match_points(files: list[Path], points_dir: Path, names: list[str] | None, drop_unmatched: bool) -> list[Path]:
+    """The images that have a points file; the unmatched on either side are an error (or a warning)."""
+    if not points_dir.is_dir():
+        raise InputError(f"--points {points_dir}: not a folder of <stem>.csv / <stem>.geojson point files")
+    stems = {p.stem for p in files}
+    no_points = [p.name for p in files if find_points_file(points_dir, p.stem) is None]
+    no_image = sorted(p.name for p in points_dir.iterdir() if p.is_file() and p.suffix.lower() in POINT_SUFFIXES
+                      and not p.name.startswith(".") and p.stem not in stems and (names is None or p.stem in names))
+    if not no_points and not no_image:
+        return files
+    parts = []
+    if no_points:
+        parts.append(f"{len(no_points)} image(s) without a points file ({_some(no_points)})")
+    if no_image:
+        parts.append(f"{len(no_image)} points file(s) without an image ({_some(no_image)})")
+    msg = f"--images/--points: {' and '.join(parts)}"
+    if not drop_unmatched:
+        raise InputError(f"{msg}; add the missing files, or pass --drop-unmatched to train on the matched pairs")
+    log.warning("%s; left out (--drop-unmatched)", msg)
+    return [p for p in files if p.name not in set(no_points)]
+
+
+def _some(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 
 
 def item_classes(items: list[tuple]) -> tuple[str, ...]:

@@ -7,11 +7,13 @@ the current points), EM refinement after ``refine_start_epoch``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
 import pickle
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -107,6 +109,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"epochs={self.epochs}: must be >= 1")
+        if self.max_minutes is not None and not (0 < self.max_minutes < float("inf")):
+            raise ValueError(f"max_minutes={self.max_minutes}: must be a number of minutes > 0 (--max-minutes)")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
         if self.schedule not in ("constant", "cosine"):
@@ -219,7 +223,6 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
         log.info("type loss weights %s for %s clicks of %s", config.loss.class_weights, counts, config.classes)
     if config.freeze_trunk and not config.classes:
         raise InputError("--freeze-trunk trains only the type head; the points carry no classes")
-    (work / "train_config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
     held: list = []
     if config.holdout and not val_items:
         train_items, held = split_holdout(train_items, config.holdout, config.seed)
@@ -236,6 +239,10 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
         params = list(model.head_type.parameters())
     opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     start_epoch, elapsed0 = restore_checkpoint(ckpt_path, model, opt, samples) if resume else (0, 0.0)
+    if start_epoch >= config.epochs:
+        raise InputError(f"--resume: the run in {outdir} has trained {start_epoch} epochs of {config.epochs}; give "
+                         f"--epochs more than {start_epoch} to continue it")
+    (work / "train_config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
     dataset = PatchDataset(samples, config.patch_px, config.patches_per_image, mcfg.center_radius_px, mcfg.mean,
                            mcfg.std, config.augment, config.seed, by_area=config.patches_by_area,
                            min_patches=config.batch_size)
@@ -248,6 +255,7 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
     else:  # a run started by an older version keeps its columns
         with open(log_path, newline="") as f:
             fields = next(csv.reader(f), fields)
+        _truncate_log(log_path, start_epoch)  # rows of epochs after the checkpoint are redone, not repeated
     t0 = time.monotonic() - elapsed0
     bar = progress_bar(config.epochs, "epochs", "ep", initial=start_epoch, enabled=progress, leave=True)
     epoch = start_epoch - 1
@@ -404,6 +412,19 @@ def _keep_if_best(path: Path, model, epoch: int, aji: float) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def _truncate_log(path: Path, start_epoch: int) -> None:
+    """Keep the header and the rows of epochs before ``start_epoch`` (a resume redoes the later ones)."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    kept = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) < start_epoch]
+    if len(kept) != len(rows):
+        buf = io.StringIO()
+        csv.writer(buf).writerows(kept)
+        atomic_write(path, lambda tmp: tmp.write_text(buf.getvalue(), encoding="utf-8"))
+
+
 def _out_of_time(config: TrainConfig, t0: float) -> bool:
     return config.max_minutes is not None and (time.monotonic() - t0) / 60 >= config.max_minutes
 
@@ -415,15 +436,25 @@ def _save_checkpoint(path: Path, model, opt, samples: list[Sample], epoch: int, 
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def _clip(text: str, limit: int) -> str:
+    """``text`` cut at a word boundary to at most ``limit`` characters (with "..." when cut)."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + "..."
+
+
 def load_checkpoint(path: Path) -> dict:
     """A training checkpoint, loaded with ``weights_only=True``: a crafted file cannot run code."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about what it refuses: the error below says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "elapsed_s", "points"} <= set(state):
             raise ValueError("not a pronet-wsi training checkpoint")
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: unreadable checkpoint ({msg[:160]}); start a new run without --resume, "
+        msg = "a pickled object torch refuses to load safely" if "weights_only" in str(exc) else (
+            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        raise InputError(f"{path}: unreadable checkpoint ({_clip(msg, 160)}); start a new run without --resume, "
                          "or delete the file") from exc
     return state
 

@@ -74,12 +74,64 @@ def local_cluster(n_workers: int, threads_per_worker: int | None = None, **kwarg
     return LocalCluster(n_workers=n_workers, threads_per_worker=threads, **{**options, **kwargs})
 
 
+def probe_scheduler(address: str, timeout_s: float = 30.0) -> None:
+    """Check within ``timeout_s`` that a Dask scheduler answers at ``address`` (``tcp://HOST:PORT`` or
+    ``HOST:PORT``; other protocols are left to Dask's own timeout).
+
+    A Dask server sends its handshake message as soon as a connection opens; anything else (an HTTP server, which
+    waits for a request, or a service that sends something else) is an InputError, so a wrong address never hangs
+    or makes Dask read a garbage message length.
+    """
+    import socket
+    import struct
+
+    text = address.strip()
+    proto, _, rest = text.rpartition("://")
+    if proto not in ("", "tcp"):
+        return
+    host, _, port_text = rest.rstrip("/").rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port_text.isdigit():
+        raise InputError(f"--scheduler {address}: no port; write tcp://HOST:PORT (Dask's default port is 8786)")
+    deadline = time.monotonic() + timeout_s
+
+    def recv(sock, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed the connection")
+            data += chunk
+        return data
+
+    what = f"--scheduler {address}"
+    try:
+        with socket.create_connection((host, int(port_text)), timeout=timeout_s) as sock:
+            (size,) = struct.unpack("<Q", recv(sock, 8))
+            if not 8 <= size <= 1 << 20:
+                raise InputError(f"{what}: something answers there but it is not a Dask scheduler; check the "
+                                 f"address (the scheduler prints it as 'Scheduler at: tcp://...')")
+            body = recv(sock, size)
+    except InputError:
+        raise
+    except TimeoutError as exc:
+        raise InputError(f"{what}: no Dask scheduler answered within {timeout_s:g} s (a web server or another "
+                         f"service there?); check the address, or raise --connect-timeout") from exc
+    except OSError as exc:
+        raise InputError(f"{what}: cannot connect ({exc.strerror or type(exc).__name__}); start a scheduler "
+                         f"(dask scheduler, dask-jobqueue) or check the address") from exc
+    if b"compression" not in body and b"pickle-protocol" not in body:
+        raise InputError(f"{what}: something answers there but it is not a Dask scheduler; check the address")
+
+
 @contextmanager
 def open_client(scheduler: str, timeout_s: float | None = None):
     """A distributed ``Client`` for ``scheduler`` (see :func:`parse_scheduler`), closed (with its cluster) on exit.
 
     ``timeout_s`` for connecting defaults to Dask's ``distributed.comm.timeouts.connect`` (30 s; environment
-    variable ``DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT``).
+    variable ``DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT``). A scheduler address is probed first
+    (:func:`probe_scheduler`): anything but a Dask scheduler is a one-line InputError, never a hang.
     """
     from distributed import Client
 
@@ -88,9 +140,12 @@ def open_client(scheduler: str, timeout_s: float | None = None):
         with local_cluster(int(value)) as cluster, Client(cluster, set_as_default=False) as client:
             yield client
         return
+    probe_scheduler(str(value), 30.0 if timeout_s is None else timeout_s)
     try:
         client = Client(str(value), set_as_default=False, **({} if timeout_s is None else {"timeout": timeout_s}))
-    except (OSError, TimeoutError) as exc:
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - OSError, TimeoutError, a failed handshake: all mean "not here"
         raise InputError(f"--scheduler {value}: cannot connect to a Dask scheduler there ({type(exc).__name__}); "
                          f"start one (dask scheduler, dask-jobqueue) or check the address") from exc
     with client:
@@ -265,8 +320,8 @@ class DaskExecutor:
 
 def segment_on_client(client, items: Iterable[ItemT], out_dir: str | os.PathLike, predictor,
                       config: SegmentConfig = SegmentConfig(), *, backend: str = "auto",
-                      default_mpp: float | None = None, pin_gpus: bool = False, progress: bool = False
-                      ) -> Iterator[tuple[ItemT, SlideResult | Exception]]:
+                      default_mpp: float | None = None, pin_gpus: bool = False, progress: bool = False,
+                      inputs: list[Path] | None = None) -> Iterator[tuple[ItemT, SlideResult | Exception]]:
     """Segment many slides on a cluster; yields ``(item, SlideResult or the exception)`` as each slide ends.
 
     ``items`` have ``path``, ``mpp`` (None: ``default_mpp``) and ``name`` (output stem or None), e.g.
@@ -279,6 +334,7 @@ def segment_on_client(client, items: Iterable[ItemT], out_dir: str | os.PathLike
 
     remote = remote_predictor(client, predictor, pin_gpus)
     queue = list(items)
+    protected = inputs if inputs is not None else [Path(it.path) for it in queue]  # type: ignore[attr-defined]
     active: dict[int, _InFlight[ItemT]] = {}
     owner: dict = {}
     ac = as_completed([], loop=client.loop)
@@ -291,7 +347,8 @@ def segment_on_client(client, items: Iterable[ItemT], out_dir: str | os.PathLike
     def prepare(item):
         try:
             plan = prepare_slide(item.path, out_dir, predictor, config, backend=backend,
-                                 mpp=item.mpp if item.mpp is not None else default_mpp, name=item.name)
+                                 mpp=item.mpp if item.mpp is not None else default_mpp, name=item.name,
+                                 inputs=protected)
             if isinstance(plan, SlidePlan) and not plan.batches:
                 try:
                     return finish_slide(plan, [], 0.0)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pronet_wsi.errors import InputError
 from pronet_wsi.export import write_json
-from pronet_wsi.files import LockHeld, OutputPaths, atomic_bytes, slide_stem
+from pronet_wsi.files import LockHeld, OutputPaths, atomic_bytes, check_outputs, check_report, slide_stem
 from pronet_wsi.slide import MPP_RANGE
 from pronet_wsi.wsi.pipeline import segment_slide
 from pronet_wsi.wsi.plan import SegmentConfig, SlideResult
@@ -209,6 +209,10 @@ class Outcome:
 
 def error_message(exc: BaseException) -> str:
     """A one-line message for an exception (its type named unless it is bad input or an OS error)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        from pronet_wsi.files import describe_os_error
+
+        return describe_os_error(exc)
     msg = str(exc).splitlines()[0] if str(exc) else ""
     if not isinstance(exc, (InputError, OSError, ValueError)) or not msg:
         msg = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
@@ -223,17 +227,21 @@ def segment_batch(items: Iterable[SlideItem], out_dir: str | os.PathLike, predic
     thread pool) or all at once on the Dask cluster of ``client``
     (:func:`pronet_wsi.wsi.cluster.segment_on_client`); yields an :class:`Outcome` as each slide ends.
 
-    A failing slide (any ``Exception``) is isolated: it gets a failure record and the batch goes on.
+    A failing slide (any ``Exception``) is isolated: it gets a failure record and the batch goes on. No output
+    replaces one of the slides of ``items`` (inputs are never outputs) or a file pronet-wsi did not write.
     """
     out_dir = Path(out_dir)
+    items = list(items)
+    inputs = [Path(it.path) for it in items]
     started = time.time()
     if client is not None:
         from pronet_wsi.wsi.cluster import segment_on_client
 
         for item, res in segment_on_client(client, items, out_dir, predictor, config, backend=backend,
-                                           default_mpp=default_mpp, pin_gpus=pin_gpus, progress=progress):
+                                           default_mpp=default_mpp, pin_gpus=pin_gpus, progress=progress,
+                                           inputs=inputs):
             if isinstance(res, BaseException):
-                yield _failed(item, res, out_dir, config, started)
+                yield _failed(item, res, out_dir, config, started, inputs)
             else:
                 yield Outcome(item, res)
         return
@@ -242,31 +250,41 @@ def segment_batch(items: Iterable[SlideItem], out_dir: str | os.PathLike, predic
         try:
             res = segment_slide(item.path, out_dir, predictor, config, backend=backend,
                                 mpp=item.mpp if item.mpp is not None else default_mpp, name=item.name,
-                                progress=progress)
+                                progress=progress, inputs=inputs)
         except Exception as exc:  # one bad slide is recorded and the others go on
-            yield _failed(item, exc, out_dir, config, started)
+            yield _failed(item, exc, out_dir, config, started, inputs)
             continue
         yield Outcome(item, res)
 
 
-def _failed(item: SlideItem, exc: BaseException, out_dir: Path, config: SegmentConfig, started: float) -> Outcome:
+def _failed(item: SlideItem, exc: BaseException, out_dir: Path, config: SegmentConfig, started: float,
+            inputs: list[Path] | None = None) -> Outcome:
     log.debug("segment %s failed", item.path, exc_info=exc)
     msg = error_message(exc)
     if isinstance(exc, LockHeld):  # another run owns this slide's outputs: touch nothing
         return Outcome(item, None, msg)
     write_failure_record(OutputPaths.of(item.path, out_dir, config.gzip, item.stem), item, msg, type(exc).__name__,
-                         started)
+                         started, [item.path, *(inputs or [])])
     return Outcome(item, None, msg)
 
 
 def write_failure_record(paths: OutputPaths, item: SlideItem, message: str, error_type: str,
-                         started: float) -> None:
+                         started: float, inputs: list[Path] | None = None) -> None:
     """Record a failed slide in ``<name>.json`` (``status: "failed"``, the error), written atomically.
 
     Nothing else is touched: a run removes only what it wrote itself (a GeoJSON whose record could not be
     written, in :func:`~pronet_wsi.wsi.pipeline.finish_slide`). The per-tile parts stay, so a rerun resumes.
-    Unwritable folder: no record.
+    No record replaces an input, a file pronet-wsi did not write, or the record of a finished slide (its
+    GeoJSON exists). Unwritable folder: no record.
     """
+    from pronet_wsi.wsi.pipeline import is_finished
+
+    try:
+        check_outputs([paths.record], list(inputs or [item.path]))
+    except InputError:
+        return
+    if is_finished(paths):
+        return
     try:
         write_json(paths.record, {
             "status": "failed", "name": item.stem, "slide": {"path": str(item.path)}, "error": message,
@@ -362,9 +380,10 @@ def format_totals(totals: dict) -> str:
 def write_summary_csv(path: str | os.PathLike, rows: list[dict]) -> None:
     """Write the rows as CSV (columns :data:`SUMMARY_COLUMNS`, then ``n_<class>`` and ``<class>_per_mm2`` for
     every nucleus class of a typed model's slides; empty cells for unknown values), atomically."""
+    check_report(Path(path), SUMMARY_COLUMNS)
     extra = list(dict.fromkeys(k for r in rows for k in r if k not in SUMMARY_COLUMNS))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=[*SUMMARY_COLUMNS, *extra], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_bytes(Path(path), buf.getvalue().encode())
+    atomic_bytes(Path(path), buf.getvalue().encode())  # recognised as ours by its header

@@ -29,7 +29,7 @@ from pathlib import Path
 from pronet_wsi import __version__
 from pronet_wsi.errors import InputError
 from pronet_wsi.export import nucleus_uuid, save_mask_png, tissue_annotation, write_json, write_tissue_geojson
-from pronet_wsi.files import OutputLock, OutputPaths, slide_stem, sweep_temp
+from pronet_wsi.files import OutputLock, OutputPaths, check_outputs, same_file, slide_stem, sweep_temp
 from pronet_wsi.geometry import Frame, check_scale
 from pronet_wsi.progress import progress_bar
 from pronet_wsi.slide import open_slide
@@ -58,16 +58,55 @@ def check_writable(out_dir: Path) -> None:
                          f"choose another -o") from exc
 
 
-def is_finished(paths: OutputPaths) -> bool:
-    """A previous run finished this slide: its GeoJSON and a run record with status ``done`` exist."""
+def is_finished(paths: OutputPaths, slide_path: Path | None = None) -> bool:
+    """A previous run finished this slide: its GeoJSON and a run record with status ``done`` exist.
+
+    With ``slide_path``, a record of another slide under the same output name is an InputError (never "skipped").
+    """
     import json
 
     if not (paths.geojson.exists() and paths.record.exists()):
         return False
     try:
-        return json.loads(paths.record.read_text()).get("status") == "done"
+        rec = json.loads(paths.record.read_text())
     except (OSError, ValueError):
         return False
+    if not isinstance(rec, dict) or rec.get("status") != "done":
+        return False
+    if slide_path is not None:
+        info = rec["slide"] if isinstance(rec.get("slide"), dict) else {}
+        made_from = info.get("path_resolved") or info.get("path")
+        if made_from and not same_file(Path(made_from), Path(slide_path)):
+            raise InputError(f"{paths.geojson}: made from another slide ({made_from}), not {slide_path}; give this "
+                             f"slide another output name (manifest output column) or -o, or pass --overwrite")
+    return True
+
+
+def slide_outputs(paths: OutputPaths, config: SegmentConfig) -> list[Path]:
+    """The files a run of ``config`` writes for one slide (GeoJSON, record, overlay and the optional ones)."""
+    outs = [paths.geojson, paths.record, paths.overlay]
+    if config.use_tissue_mask:
+        outs.append(paths.mask)
+        if config.tissue_geojson:
+            outs.append(paths.tissue)
+    if config.labels_zarr:
+        outs.append(paths.labels)
+    return outs
+
+
+def check_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, config: SegmentConfig,
+                name: str | None = None, inputs: list[Path] | tuple[Path, ...] = ()) -> bool:
+    """Whether the slide is finished (skip it), after checking that its outputs may be written.
+
+    Raises InputError: an output is an input (``slide_path`` or one of ``inputs``: never, not even with
+    ``config.overwrite``), exists and was not written by pronet-wsi, or is the finished result of another slide
+    (both unless ``config.overwrite``).
+    """
+    slide_path = Path(slide_path)
+    paths = OutputPaths.of(slide_path, Path(out_dir), config.gzip, name or slide_stem(slide_path))
+    outs = slide_outputs(paths, config)
+    check_outputs(outs, [slide_path, *inputs], config.overwrite)
+    return not config.overwrite and is_finished(paths, slide_path)
 
 
 def run_tiles_threaded(plan: SlidePlan, predictor: TileModel, progress, on_tile_done) -> list[dict]:
@@ -96,22 +135,26 @@ def run_tiles_threaded(plan: SlidePlan, predictor: TileModel, progress, on_tile_
 # -- the driver ------------------------------------------------------------------------------------------------
 def prepare_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, predictor: TileModel,
                   config: SegmentConfig = SegmentConfig(), *, backend: str = "auto", mpp: float | None = None,
-                  name: str | None = None) -> SlidePlan | SlideResult:
+                  name: str | None = None, inputs: list[Path] | tuple[Path, ...] = ()) -> SlidePlan | SlideResult:
     """Steps 1-2 of the module docstring: a :class:`SlidePlan`, or a ``skipped`` result for a finished slide.
 
-    ``name`` is the output stem (default: the slide's). Raises what :func:`segment_slide` raises.
+    ``name`` is the output stem (default: the slide's); ``inputs`` are other files no output may replace (the
+    other slides of a batch). Raises what :func:`segment_slide` raises.
     """
     run_log = RunLog()
     slide_path, out_dir = Path(slide_path), Path(out_dir)
     name = name or slide_stem(slide_path)
     paths = OutputPaths.of(slide_path, out_dir, config.gzip, name)
     skipped = SlideResult(slide_path, "skipped", paths.geojson, name=name)
-    if not config.overwrite and is_finished(paths):
+    if not slide_path.is_file():
+        raise InputError(f"{slide_path}: file not found; check the path" if not slide_path.exists() else
+                         f"{slide_path}: not a file; give a slide file")
+    if check_slide(slide_path, out_dir, config, name, inputs):
         return skipped
     check_writable(out_dir)
     lock = OutputLock(paths.lock, str(paths.geojson)).acquire()  # LockHeld if another run has it
     try:
-        if not config.overwrite and is_finished(paths):  # it finished while we waited for the lock
+        if check_slide(slide_path, out_dir, config, name, inputs):  # it finished while we waited for the lock
             lock.release()
             return skipped
         for path in (paths.geojson, paths.record, paths.overlay, paths.mask, paths.tissue):
@@ -136,6 +179,7 @@ def _plan(slide_path: Path, name: str, paths: OutputPaths, predictor: TileModel,
         tiles = select_tiles(grid, frame, mask, thumb_ds)
         timings["tissue_s"] = time.perf_counter() - t
         source = SlideSource(slide_path, name, slide.mpp, slide.backend, slide.info())
+        warnings.extend(slide.notes)  # e.g. 12-bit data read by its real range
     context = predictor.context_px
     if config.tiling.halo_px < context:
         warnings.append(f"--halo-px {config.tiling.halo_px} is below the model's context of {context} px; nuclei "
@@ -144,17 +188,20 @@ def _plan(slide_path: Path, name: str, paths: OutputPaths, predictor: TileModel,
         warnings.append("no tissue found (the slide looks empty); wrote an empty FeatureCollection")
     classes: tuple[str, ...] = tuple(getattr(predictor, "classes", ()))  # test doubles may be untyped
     model = ModelInfo(_model_id(predictor), predictor.mpp, _plain(predictor.postprocess_config), classes)
+    # everything that changes a tile's result: parts made under other settings are never mixed in
     fingerprint = {"version": __version__, "slide": str(slide_path.resolve()), "size": slide_path.stat().st_size,
                    "mtime_ns": slide_path.stat().st_mtime_ns, "backend": source.backend, "mpp": source.mpp,
-                   "model": model.id, "tiling": asdict(config.tiling), "stitch": asdict(config.stitch),
-                   "masks": config.labels_zarr}
+                   "pixel_range": source.info.get("pixel_max"), "model": model.id, "model_mpp": model.mpp,
+                   "postprocess": model.postprocess, "context_px": context,
+                   "tiling": asdict(config.tiling), "stitch": asdict(config.stitch), "masks": config.labels_zarr}
     inference = getattr(predictor, "config", None) or getattr(predictor, "inference", None)
     if getattr(inference, "tta", False):
         fingerprint["tta"] = True  # parts made with and without TTA never mix
-    store = TileStore(paths.parts, fingerprint)
     if config.overwrite:
-        store.remove()
-        store = TileStore(paths.parts, fingerprint)
+        TileStore(paths.parts).remove()
+    store = TileStore(paths.parts, fingerprint)
+    if store.restarted:
+        warnings.append(f"finished tiles of an earlier run were made with other {store.restarted}; started over")
     done_before = store.done(verify=True)
     for p in store.damaged:
         warnings.append(f"{p}: damaged part file (interrupted copy or disk fault); its tile was run again")
@@ -196,7 +243,8 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
     timings["total_s"] = total
     mpx = sum(plan.core_mpx.values())
     model_mpp = plan.model.mpp
-    record = {"status": "done", "name": plan.slide.name, "slide": plan.slide.info,
+    record = {"status": "done", "name": plan.slide.name,
+              "slide": {**plan.slide.info, "path_resolved": str(plan.slide.path.resolve())},
               "output": paths.user_files(),
               "model": plan.model.id, "model_mpp": model_mpp,
               "config": {"segment": _plain(config), "postprocess": plan.model.postprocess},
@@ -230,7 +278,8 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
 
 def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, predictor: TileModel,
                   config: SegmentConfig = SegmentConfig(), *, backend: str = "auto", mpp: float | None = None,
-                  name: str | None = None, progress: bool = False, on_tile_done=None, executor=None) -> SlideResult:
+                  name: str | None = None, progress: bool = False, on_tile_done=None, executor=None,
+                  inputs: list[Path] | tuple[Path, ...] = ()) -> SlideResult:
     """Segment one slide into ``out_dir/<stem>.geojson`` (see the module docstring).
 
     Parameters
@@ -241,6 +290,7 @@ def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
     name : output file stem (default: the slide's file name without its extension).
     progress : show a progress bar (only when stderr is a terminal).
     on_tile_done : called with each finished tile's key (tests use it to simulate a kill).
+    inputs : files no output may replace besides the slide (the other slides of a batch).
     executor : runs the tile batches, ``executor(plan, predictor, progress, on_tile_done) -> stats``; default
         :func:`run_tiles_threaded`, or ``pronet_wsi.wsi.cluster.DaskExecutor(client)`` for a Dask cluster.
 
@@ -249,7 +299,8 @@ def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
     InputError : unreadable slide, missing mpp, output folder not writable. Nothing but resumable per-tile
         parts is left behind by a failed run.
     """
-    plan = prepare_slide(slide_path, out_dir, predictor, config, backend=backend, mpp=mpp, name=name)
+    plan = prepare_slide(slide_path, out_dir, predictor, config, backend=backend, mpp=mpp, name=name,
+                         inputs=inputs)
     if isinstance(plan, SlideResult):
         return plan
     try:
@@ -298,12 +349,14 @@ def ids_key(plan: SlidePlan) -> str:
 
 
 def _model_id(predictor) -> str:
+    """The model's identity by content (weights sha256, network config, thresholds), not by folder or mtime, so a
+    copied model folder resumes and keeps the feature ids; objects without a folder go by their name."""
+    from pronet_wsi.model import model_identity
+
     bundle = getattr(predictor, "bundle", None)
     path = getattr(bundle, "path", None) or getattr(predictor, "model_dir", None)
     if path is not None:
-        weights = Path(path) / "weights.pt"
-        stamp = weights.stat().st_mtime_ns if weights.exists() else 0
-        return f"{Path(path).resolve()}@{stamp}"
+        return model_identity(Path(path))
     return getattr(predictor, "name", type(predictor).__name__)
 
 

@@ -37,13 +37,17 @@ class TileStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.damaged: list[Path] = []
+        self.restarted = ""  # "slide, model" etc.: why the parts of an earlier run were deleted
         if fingerprint is None:
             return
         fp_path = self.root / "fingerprint.json"
         text = json.dumps(fingerprint, sort_keys=True, indent=1, default=str)
         old = fp_path.read_text() if fp_path.exists() else None
         if old != text:
-            for p in [*self.root.glob("*.npz"), *self.root.glob(".*.tmp")]:
+            parts = [*self.root.glob("*.npz"), *self.root.glob(".*.tmp")]
+            if parts:
+                self.restarted = _differences(old, fingerprint)
+            for p in parts:
                 p.unlink(missing_ok=True)
             atomic_text(fp_path, text)
 
@@ -107,6 +111,19 @@ class TileStore:
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _differences(old_text: str | None, new: dict) -> str:
+    """The keys of the fingerprint that changed, e.g. ``"settings (model, postprocess)"``."""
+    try:
+        old = json.loads(old_text or "")
+    except ValueError:
+        old = None
+    if not isinstance(old, dict):
+        return "settings (no readable fingerprint)"
+    plain = json.loads(json.dumps(new, default=str))
+    keys = sorted(k for k in {*old, *plain} if old.get(k) != plain.get(k))
+    return f"settings ({', '.join(keys)})"
 
 
 def _intact(path: Path) -> bool:

@@ -125,3 +125,23 @@ def test_a_few_small_crops_still_fill_a_batch(nuclei):
     assert len(ds) == 4 and sorted(ds.index.tolist()) == [0, 0, 1, 2]
     loader = torch.utils.data.DataLoader(ds, batch_size=4, drop_last=True)
     assert len(list(loader)) == 1
+
+
+def test_unmatched_images_and_points_are_listed(tmp_path, caplog):
+    """Issue 17 row 10: images without points and points without images are an error, or with drop_unmatched
+    a warning naming them; never silent."""
+    from PIL import Image
+
+    from pronet_wsi.synthetic import synthetic_nuclei
+
+    img = synthetic_nuclei((64, 64), 4)[0]
+    for name in ("a", "b"):
+        Image.fromarray(img).save(tmp_path / f"{name}.png")
+    (tmp_path / "a.csv").write_text("x,y\n10,10\n30,30\n")
+    (tmp_path / "orphan.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    with pytest.raises(InputError, match=r"1 image\(s\) without a points file \(b\.png\).*orphan\.geojson"):
+        load_items(tmp_path, points=tmp_path)
+    with caplog.at_level("WARNING"):
+        items = load_items(tmp_path, points=tmp_path, drop_unmatched=True)
+    assert [it[0] for it in items] == ["a"]
+    assert "b.png" in caplog.text and "orphan.geojson" in caplog.text

@@ -57,12 +57,17 @@ def test_train_from_image_folder_and_point_csvs(folder):
 
 
 def test_image_without_points_is_skipped_and_outside_points_are_an_error(folder):
-    (folder / "pts" / "im1.csv").unlink()  # documented: images without a points file are skipped
+    (folder / "pts" / "im1.csv").unlink()  # issue 17: an error naming it, or skipped with --drop-unmatched
     res = run("train", "--images", folder / "imgs", "--points", folder / "pts", *TINY, "-o", folder / "m1")
+    assert res.exit_code != 0 and "im1.png" in res.output and "--drop-unmatched" in res.output
+    res = run("train", "--images", folder / "imgs", "--points", folder / "pts", *TINY, "-o", folder / "m1",
+              "--drop-unmatched")
     assert res.exit_code == 0, res.output
     write_points_csv(folder / "pts" / "im0.csv", np.array([[10.0, 10.0], [500.0, 20.0]]))
-    res = run("train", "--images", folder / "imgs", "--points", folder / "pts", *TINY, "-o", folder / "m2")
+    res = run("train", "--images", folder / "imgs", "--points", folder / "pts", *TINY, "-o", folder / "m2",
+              "--drop-unmatched")
     assert res.exit_code != 0 and "outside" in res.output and "Traceback" not in res.output
     (folder / "pts" / "im0.csv").write_text("x,y\n1,2\nthree,4\n")
-    res = run("train", "--images", folder / "imgs", "--points", folder / "pts", *TINY, "-o", folder / "m3")
+    res = run("train", "--images", folder / "imgs", "--points", folder / "pts", *TINY, "-o", folder / "m3",
+              "--drop-unmatched")
     assert res.exit_code != 0 and "im0.csv:3: bad row" in res.output

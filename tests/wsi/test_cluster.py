@@ -141,3 +141,54 @@ def test_cli_local_cluster(model_dir, tmp_path):
         res = CliRunner().invoke(main, ["segment", str(paths[0]), "-o", str(tmp_path / "x"), "-m", str(model_dir),
                                         "--scheduler", "tcp://127.0.0.1:1", "--quiet"])
     assert res.exit_code == 1 and "cannot connect" in res.output
+
+
+# -- issue 17 row 9: an address where no Dask scheduler answers fails in one line, never hangs --------------------
+@pytest.fixture(params=["garbage", "silent"])
+def not_dask(request):
+    """A local TCP server that is not Dask: one that sends a garbage header, one that waits (like HTTP)."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    conns = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conns.append(conn)
+            if request.param == "garbage":
+                conn.sendall(b"\xff" * 64)  # read by Dask as a 2**64-byte message
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"tcp://127.0.0.1:{srv.getsockname()[1]}"
+    srv.close()
+    for c in conns:
+        c.close()
+
+
+def test_a_server_that_is_not_dask_fails_within_the_timeout(not_dask, tmp_path):
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(InputError, match="not a Dask scheduler|no Dask scheduler answered"):
+        with cluster.open_client(not_dask, timeout_s=2):
+            pass
+    assert time.monotonic() - t0 < 10
+    slide = small_slide(tmp_path / "s.tif", side=256)
+    t0 = time.monotonic()
+    res = CliRunner().invoke(main, ["segment", str(slide), "-o", str(tmp_path / "o"), "-m",
+                                    str(tiny_model_dir(tmp_path / "m")), "--scheduler", not_dask,
+                                    "--connect-timeout", "2", *map(str, COMMON)])
+    assert res.exit_code != 0 and time.monotonic() - t0 < 30
+    assert len([ln for ln in res.stderr.splitlines() if ln.strip()]) == 1 and "Traceback" not in res.output
+    assert "--scheduler" in res.stderr and not (tmp_path / "o" / "s.geojson").exists()
+
+
+def test_a_real_scheduler_passes_the_probe(client):
+    cluster.probe_scheduler(client.scheduler.address, timeout_s=5)

@@ -49,7 +49,8 @@ def test_outputs_and_run_record(reference, slide):
     assert {"open_s", "tissue_s", "tiles_wall_s", "stitch_s", "export_s", "total_s"} <= set(record["timings_s"])
     assert record["config"]["segment"]["tiling"] == {"tile_px": 256, "halo_px": 48}
     assert record["versions"]["pronet_wsi"] and record["slide"]["mpp"] == 0.25
-    assert sorted(p.name for p in out.iterdir()) == ["slide.geojson", "slide.json", "slide_overlay.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".pronet-wsi-outputs", "slide.geojson", "slide.json",
+                                                      "slide_overlay.png"]  # + the notes of what pronet-wsi wrote
     assert "slide" in res.summary() and "Mpx/s" in res.summary()
 
 
@@ -285,3 +286,63 @@ def test_an_untyped_model_writes_nucleus_and_no_class_columns(reference):
     assert {f["properties"]["classification"]["name"] for f in fc["features"]} == {"Nucleus"}
     assert all("Class probability" not in f["properties"]["measurements"] for f in fc["features"])
     assert json.loads((res.geojson.parent / "slide.json").read_text())["classes"] == {}
+
+
+# -- issue 17 row 5: a resume continues only the same run ---------------------------------------------------------
+def _killed_run(slide_path, out, model_dir, n_tiles: int = 3):
+    """Segment with a real model folder and stop after ``n_tiles`` tiles (a simulated kill)."""
+    from pronet_wsi.inference import InferenceConfig, Predictor
+
+    seen = []
+
+    def kill(key):
+        seen.append(key)
+        if len(seen) == n_tiles:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        segment_slide(slide_path, out, Predictor(model_dir, InferenceConfig()), RESUME_CFG, on_tile_done=kill)
+    return len(list((out / f".{slide_path.stem}.parts").glob("*.npz")))
+
+
+RESUME_CFG = SegmentConfig(tiling=TilingConfig(256, 32), workers=1)
+
+
+def test_changed_thresholds_start_over_with_a_reason(tmp_path):
+    import shutil
+
+    from wsi_fakes import small_slide, tiny_model_dir
+
+    from pronet_wsi.inference import InferenceConfig, Predictor
+
+    slide_path = small_slide(tmp_path / "s.tif", side=768, mpp=0.5)
+    model = shutil.copytree(tiny_model_dir(tmp_path / "m0", mpp=0.5), tmp_path / "COPY")
+    assert _killed_run(slide_path, tmp_path / "out", model) >= 3
+    thr = json.loads((model / "thresholds.json").read_text())
+    thr.update(center_threshold=0.45, min_area_px=25)
+    (model / "thresholds.json").write_text(json.dumps(thr))
+    res = segment_slide(slide_path, tmp_path / "out", Predictor(model, InferenceConfig()), RESUME_CFG)
+    assert res.n_tiles_resumed == 0
+    assert any("started over" in w and "postprocess" in w for w in res.warnings), res.warnings
+    fresh = segment_slide(slide_path, tmp_path / "fresh", Predictor(model, InferenceConfig()), RESUME_CFG)
+    assert res.n_nuclei == fresh.n_nuclei
+    assert (tmp_path / "out" / "s.geojson").read_bytes() == (tmp_path / "fresh" / "s.geojson").read_bytes()
+    record = json.loads((tmp_path / "out" / "s.json").read_text())
+    assert record["config"]["postprocess"]["center_threshold"] == 0.45
+
+
+def test_a_copied_model_folder_resumes_with_the_same_ids(tmp_path):
+    import shutil
+
+    from wsi_fakes import small_slide, tiny_model_dir
+
+    from pronet_wsi.inference import InferenceConfig, Predictor
+
+    slide_path = small_slide(tmp_path / "s.tif", side=768, mpp=0.5)
+    model = tiny_model_dir(tmp_path / "m0", mpp=0.5)
+    done = _killed_run(slide_path, tmp_path / "out", model)
+    copy = shutil.copytree(model, tmp_path / "elsewhere" / "copy", copy_function=shutil.copy)  # new mtimes
+    res = segment_slide(slide_path, tmp_path / "out", Predictor(copy, InferenceConfig()), RESUME_CFG)
+    assert res.n_tiles_resumed == done and not any("started over" in w for w in res.warnings)
+    segment_slide(slide_path, tmp_path / "fresh", Predictor(model, InferenceConfig()), RESUME_CFG)
+    assert (tmp_path / "out" / "s.geojson").read_bytes() == (tmp_path / "fresh" / "s.geojson").read_bytes()
