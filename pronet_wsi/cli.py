@@ -283,6 +283,8 @@ def _names(value: str | None) -> list[str] | None:
 @click.option("--holdout", type=float, default=None,
               help="Without --val-images: hold back this share of the training images; their clicks score each "
                    "validated epoch and the best epoch is kept (default: the recipe's).")
+@click.option("--type-lr-factor", type=float, default=None,
+              help="The type head's learning rate is --lr times this (default: the recipe's).")
 @click.option("--freeze-trunk", is_flag=True,
               help="With classed points and --init: train only the type head (the start model's nuclei unchanged).")
 @click.option("--euclidean", is_flag=True, help="Euclidean instead of geodesic pseudo labels (ablation).")
@@ -303,8 +305,8 @@ def _names(value: str | None) -> list[str] | None:
 def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide_list, val_images, val_labels,
           val_names, recipe, init,
           width, epochs, batch_size, lr, weight_decay, schedule, patch_px, patches_per_image, mpp, model_mpp,
-          holdout, freeze_trunk, euclidean, no_offsets, no_refine, max_minutes, seed, device, resume, drop_outside,
-          drop_unmatched, quiet, outdir) -> None:
+          holdout, type_lr_factor, freeze_trunk, euclidean, no_offsets, no_refine, max_minutes, seed, device, resume,
+          drop_outside, drop_unmatched, quiet, outdir) -> None:
     """Train PROnet from point annotations (image folders + points, or QuPath points on a slide)."""
     from pathlib import Path
 
@@ -344,7 +346,7 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
         config = TrainConfig.recipe(
             recipe, init=init, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             schedule=schedule, patch_px=patch_px, patches_per_image=patches_per_image, width=width, mpp=model_mpp,
-            freeze_trunk=True if freeze_trunk else None, holdout=holdout,
+            freeze_trunk=True if freeze_trunk else None, holdout=holdout, type_lr_factor=type_lr_factor,
             seed=seed, device=device, max_minutes=max_minutes, use_offsets=False if no_offsets else None,
             use_refinement=False if no_refine else None,
             pseudo=PseudoLabelConfig(geodesic=False) if euclidean else None)

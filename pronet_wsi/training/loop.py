@@ -64,6 +64,8 @@ class TrainConfig:
     scale with its area (``patches_per_image`` per megapixel, at least one), so small crops are not oversampled.
     ``classes``: nucleus classes of the type head (default: the classes of the training points; none = untyped).
     ``freeze_trunk``: train only the type head (the start model's nuclei stay exactly as they were).
+    ``type_lr_factor``: the type head's learning rate is ``lr`` times this (a new head starts from random weights
+    while the trunk is already trained).
     ``holdout``: without validation images, this share of the training images (at least one) is held back and
     its clicks score every validated epoch (detection F1 within ``holdout_radius_um``, averaged with the mean
     class F1 for a typed model); the best epoch is kept. 0 trains on every image and keeps the last epoch.
@@ -101,6 +103,7 @@ class TrainConfig:
     freeze_trunk: bool = False
     holdout: float = 0.0
     holdout_radius_um: float = 3.0
+    type_lr_factor: float = 1.0
     pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
@@ -231,13 +234,14 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
     bundle = start_model(config, samples)
     predictor = Predictor(bundle, InferenceConfig(device=config.device, amp=config.amp))
     model, mcfg, thresholds = predictor.model, bundle.config, bundle.thresholds
-    params = list(model.parameters())
+    groups: list[dict] = [{"params": model.trunk_parameters(), "lr_factor": 1.0}]
+    if model.head_type is not None:
+        groups.append({"params": list(model.head_type.parameters()), "lr_factor": config.type_lr_factor})
     if config.freeze_trunk:
-        assert model.head_type is not None  # typed: checked above
         for p in model.trunk_parameters():
             p.requires_grad_(False)
-        params = list(model.head_type.parameters())
-    opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        groups = groups[1:]
+    opt = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
     start_epoch, elapsed0 = restore_checkpoint(ckpt_path, model, opt, samples) if resume else (0, 0.0)
     if start_epoch >= config.epochs:
         raise InputError(f"--resume: the run in {outdir} has trained {start_epoch} epochs of {config.epochs}; give "
@@ -262,7 +266,7 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
     assert config.offset_start_epoch is not None and config.refine_start_epoch is not None  # __post_init__
     for epoch in range(start_epoch, config.epochs):
         for g in opt.param_groups:
-            g["lr"] = config.lr * _lr_factor(config, epoch, (time.monotonic() - t0) / 60)
+            g["lr"] = config.lr * g.get("lr_factor", 1.0) * _lr_factor(config, epoch, (time.monotonic() - t0) / 60)
         use_offsets = config.use_offsets and epoch >= config.offset_start_epoch and not config.freeze_trunk
         refine = use_offsets and config.use_refinement and epoch >= config.refine_start_epoch
         movement = float("nan")
@@ -270,6 +274,8 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
         if (use_offsets or refine) and (epoch % config.predict_every == 0
                                         or any(s.pred_mask is None for s in samples)):
             movement = predict_and_refine(predictor, samples, config.refine if refine else None)
+        elif config.freeze_trunk and any(s.pred_mask is None for s in samples):  # the fixed trunk's mask, once:
+            predict_and_refine(predictor, samples, None)  # the type target needs it for pale nuclei
         t_pred = time.monotonic() - t_epoch
         dataset.epoch = epoch
         loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
