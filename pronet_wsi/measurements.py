@@ -15,6 +15,8 @@ cells ``Cell: Area``, ``Cell: Eosin OD mean``, ``Cytoplasm: Area``, ``Cytoplasm:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import shapely
 
@@ -197,3 +199,26 @@ def label_stats(values: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> dict
         mean = np.where(count > 0, s / count, np.nan)
         var = np.where(count > 1, (s2 - count * mean**2) / (count - 1), np.nan)
     return {"mean": mean, "std": np.sqrt(np.maximum(var, 0)), "max": np.where(count > 0, vmax[ids], np.nan)}
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """What to measure per nucleus and whether to grow cells.
+
+    level : ``none`` (only the detection's own four: areas, centre score, foreground probability), ``basic``
+        (+ shape), ``all`` (+ stain: hematoxylin / eosin OD).
+    cells_um : grow each nucleus by up to this many um into a cell (QuPath's cellExpansion); 0 = no cells.
+    """
+
+    level: str = "all"
+    cells_um: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.level not in LEVELS:
+            raise ValueError(f"measurements={self.level!r}: must be one of {', '.join(LEVELS)}")
+        if not 0.0 <= self.cells_um <= 50.0:
+            raise ValueError(f"cells_um={self.cells_um}: must be between 0 (no cells) and 50 um")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return measurement_names(self.level, self.cells_um > 0)

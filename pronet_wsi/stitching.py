@@ -276,7 +276,26 @@ def concat(parts: list[Instances]) -> Instances:
                      center_score=np.concatenate([p.center_score for p in parts]),
                      foreground_mean=np.concatenate([p.foreground_mean for p in parts]),
                      coords=np.concatenate([p.coords for p in parts]).reshape(-1, 2),
-                     offsets=offsets.astype(np.int64), bbox=bbox, bits=bits, bit_offsets=bit_offsets)
+                     offsets=offsets.astype(np.int64), bbox=bbox, bits=bits, bit_offsets=bit_offsets,
+                     class_index=_joined([p.class_index for p in parts]),
+                     class_prob=_joined([p.class_prob for p in parts]),
+                     features=_joined([p.features for p in parts]), feature_names=parts[0].feature_names,
+                     **_joined_cells(parts))
+
+
+def _joined(arrays: list) -> np.ndarray | None:
+    """The arrays concatenated, or None when any part lacks them."""
+    return None if any(a is None for a in arrays) else np.concatenate(arrays)
+
+
+def _joined_cells(parts: list[Instances]) -> dict:
+    """``cell_coords`` / ``cell_offsets`` of the parts joined ({} when a part has no cells)."""
+    if any(p.cell_coords is None or p.cell_offsets is None for p in parts):
+        return {}
+    shifts = np.cumsum([0] + [len(p.cell_coords) for p in parts[:-1]])  # type: ignore[arg-type]
+    offsets = np.concatenate([[0]] + [p.cell_offsets[1:] + s for p, s in zip(parts, shifts, strict=True)])  # type: ignore[index]
+    return {"cell_coords": np.concatenate([p.cell_coords for p in parts]).reshape(-1, 2),  # type: ignore[misc]
+            "cell_offsets": offsets.astype(np.int64)}
 
 
 def _mask_arrays(inst: Instances) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
