@@ -418,10 +418,19 @@ def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, eu
 @click.option("--overwrite", is_flag=True, help="Redo slides whose output already exists.")
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation: average the 8 flips/rotations (8x the model time; see RESULTS.md).")
+@click.option("--cells", "cells_um", type=float, default=0.0, show_default=True, metavar="UM",
+              help="Also grow each nucleus by up to UM micrometres into a cell (QuPath's cell expansion; 0 = none): "
+                   "QuPath cells with the nucleus inside.")
+@click.option("--measurements", "measure_level", type=click.Choice(["none", "basic", "all"]), default="all",
+              show_default=True, help="QuPath measurements: none, basic (shape) or all (shape and H&E stain).")
+@click.option("--parquet", is_flag=True, help="Also write <stem>_nuclei.parquet, one row per nucleus.")
+@click.option("--max-features-per-file", type=int, default=0, show_default=True, metavar="N",
+              help="Split the GeoJSON into <stem>.geojson, <stem>.part2.geojson, ... of N features (0 = one file).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, halo_px, batch_size, device, workers,
-            scheduler, gzip_output, labels_zarr, no_tissue_mask, tissue_annotation, overwrite, tta, quiet) -> None:
+            scheduler, gzip_output, labels_zarr, no_tissue_mask, tissue_annotation, overwrite, tta, cells_um,
+            measure_level, parquet, max_features_per_file, quiet) -> None:
     """Segment nuclei in whole slides: one QuPath GeoJSON of detections per slide.
 
     SLIDES are files or quoted glob patterns ("slides/*.svs"), or give --manifest. Tiles are read at the
@@ -433,6 +442,7 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
     import contextlib
 
     from pronet_wsi.inference import InferenceConfig, Predictor
+    from pronet_wsi.measurements import MeasureConfig
     from pronet_wsi.model import resolve_model_dir
     from pronet_wsi.tiling import TilingConfig
     from pronet_wsi.wsi.cohort import duplicates, expand_inputs, parse_shard, read_manifest, segment_batch, select_shard
@@ -456,6 +466,10 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
             logging.getLogger("distributed").setLevel(logging.WARNING)
     check_mpp_option(mpp)
     check_tile_memory(tile_px, batch_size)
+    if not 0 <= cells_um <= 50:
+        raise InputError(f"--cells {cells_um}: give a distance between 0 (no cells) and 50 um (QuPath's default is 5)")
+    if max_features_per_file < 0:
+        raise InputError(f"--max-features-per-file {max_features_per_file}: give 0 (one file) or a positive count")
     if halo_px is not None:
         TilingConfig(tile_px, halo_px)  # a bad pair fails before the model loads
     items = read_manifest(manifest) if manifest is not None else expand_inputs(slides)
@@ -489,7 +503,9 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
         halo = halo_px if halo_px is not None else getattr(predictor, "context_px", TilingConfig().halo_px)
         config = SegmentConfig(tiling=TilingConfig(tile_px, halo), use_tissue_mask=not no_tissue_mask,
                                batch_size=batch_size, workers=workers, gzip=gzip_output,
-                               tissue_geojson=tissue_annotation, labels_zarr=labels_zarr, overwrite=overwrite)
+                               tissue_geojson=tissue_annotation, labels_zarr=labels_zarr, overwrite=overwrite,
+                               measure=MeasureConfig(measure_level, cells_um), parquet=parquet,
+                               max_features_per_file=max_features_per_file)
         for outcome in segment_batch(todo, outdir, predictor, config, client=client,
                                      backend=backend, default_mpp=mpp, pin_gpus=local_cluster, progress=not quiet):
             path, msg = outcome.item.path, outcome.error

@@ -67,7 +67,7 @@ class NucleiTableWriter:
         """Rows for ``inst`` (the kept nuclei of one tile), ``ids`` their feature ids."""
         if not len(inst):
             return
-        polys = shapely.polygons([valid_rounded_ring(inst.polygon(i)) for i in range(len(inst))])
+        polys = np.array([shapely.Polygon(valid_rounded_ring(inst.polygon(i))) for i in range(len(inst))], object)
         cent = shapely.get_coordinates(shapely.centroid(polys))
         cols: dict = {"id": ids, "centroid_x_px": cent[:, 0], "centroid_y_px": cent[:, 1],
                       "centroid_x_um": cent[:, 0] * self.um_per_px, "centroid_y_um": cent[:, 1] * self.um_per_px}
@@ -85,7 +85,7 @@ class NucleiTableWriter:
             cols[name] = inst.features[:, inst.feature_names.index(name)] if has else np.full(len(inst), np.nan)  # type: ignore[index]
         cols["geometry"] = shapely.to_wkb(polys)
         if self.cells:
-            cells = shapely.polygons([valid_rounded_ring(inst.cell(i)) for i in range(len(inst))])
+            cells = np.array([shapely.Polygon(valid_rounded_ring(inst.cell(i))) for i in range(len(inst))], object)
             cols["cell_geometry"] = shapely.to_wkb(cells)
         self._rows.append(cols)
         self._n += len(inst)
@@ -115,6 +115,10 @@ class NucleiTableWriter:
 
     def abort(self) -> None:
         try:
+            try:
+                self._writer.close()
+            except (OSError, ValueError):  # already closed, or the disk failed
+                pass
             self._raw.close()
         finally:
             self._tmp.unlink(missing_ok=True)
