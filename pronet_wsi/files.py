@@ -221,7 +221,8 @@ class OutputPaths:
         return cls(geojson=out_dir / (stem + (".geojson.gz" if gzip_output else ".geojson")),
                    record=out_dir / f"{stem}.json", overlay=out_dir / f"{stem}_overlay.png",
                    mask=out_dir / f"{stem}_tissue.png", tissue=out_dir / f"{stem}_tissue.geojson",
-                   labels=out_dir / f"{stem}_labels.zarr", table=out_dir / f"{stem}_nuclei.parquet", parts=out_dir / f".{stem}.parts",
+                   labels=out_dir / f"{stem}_labels.zarr", table=out_dir / f"{stem}_nuclei.parquet",
+                   parts=out_dir / f".{stem}.parts",
                    lock=out_dir / f".{stem}.lock")
 
     def user_files(self) -> dict[str, str]:

@@ -156,7 +156,8 @@ class Instances:
                    class_index=np.zeros(0, np.int16) if typed else None,
                    class_prob=np.zeros(0, np.float32) if typed else None,
                    features=np.zeros((0, len(names))) if names else None, feature_names=names,
-                   cell_coords=np.zeros((0, 2)) if cells else None, cell_offsets=np.zeros(1, np.int64) if cells else None)
+                   cell_coords=np.zeros((0, 2)) if cells else None,
+                   cell_offsets=np.zeros(1, np.int64) if cells else None)
 
 
 def tile_instances(seg: Segmentation, foreground: np.ndarray, read: Box, core: Box, frame: Frame, model_mpp: float,

@@ -290,12 +290,14 @@ def _joined(arrays: list) -> np.ndarray | None:
 
 def _joined_cells(parts: list[Instances]) -> dict:
     """``cell_coords`` / ``cell_offsets`` of the parts joined ({} when a part has no cells)."""
-    if any(p.cell_coords is None or p.cell_offsets is None for p in parts):
+    rings = [(p.cell_coords, p.cell_offsets) for p in parts]
+    if any(c is None or o is None for c, o in rings):
         return {}
-    shifts = np.cumsum([0] + [len(p.cell_coords) for p in parts[:-1]])  # type: ignore[arg-type]
-    offsets = np.concatenate([[0]] + [p.cell_offsets[1:] + s for p, s in zip(parts, shifts, strict=True)])  # type: ignore[index]
-    return {"cell_coords": np.concatenate([p.cell_coords for p in parts]).reshape(-1, 2),  # type: ignore[misc]
-            "cell_offsets": offsets.astype(np.int64)}
+    coords = [np.asarray(c) for c, _ in rings]
+    offs = [np.asarray(o) for _, o in rings]
+    shifts = np.cumsum([0] + [len(c) for c in coords[:-1]])
+    offsets = np.concatenate([np.zeros(1, np.int64)] + [o[1:] + s for o, s in zip(offs, shifts, strict=True)])
+    return {"cell_coords": np.concatenate(coords).reshape(-1, 2), "cell_offsets": offsets.astype(np.int64)}
 
 
 def _mask_arrays(inst: Instances) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

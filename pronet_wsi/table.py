@@ -80,9 +80,11 @@ class NucleiTableWriter:
         for name, v in zip(BASE_MEASUREMENTS, (inst.area_um2, inst.area_px, inst.center_score, inst.foreground_mean),
                            strict=True):
             cols[name] = np.asarray(v, np.float64)
-        for k, name in enumerate(self.names):
-            has = inst.features is not None and name in inst.feature_names
-            cols[name] = inst.features[:, inst.feature_names.index(name)] if has else np.full(len(inst), np.nan)  # type: ignore[index]
+        for name in self.names:
+            if inst.features is not None and name in inst.feature_names:
+                cols[name] = inst.features[:, inst.feature_names.index(name)]
+            else:
+                cols[name] = np.full(len(inst), np.nan)
         cols["geometry"] = shapely.to_wkb(polys)
         if self.cells:
             cells = np.array([shapely.Polygon(valid_rounded_ring(inst.cell(i))) for i in range(len(inst))], object)

@@ -113,11 +113,12 @@ def check_qupath_geojson(fc: dict, shape_hw: tuple[int, int] | None = None,
     ``cells``: every feature is a QuPath cell (``objectType: "cell"``, ``geometry`` the cell, a valid
     ``nucleusGeometry`` inside it).
     """
-    from pronet_wsi.measurements import measurement_names
     import math
     import uuid
 
     import shapely
+
+    from pronet_wsi.measurements import measurement_names
 
     assert fc["type"] == "FeatureCollection" and isinstance(fc["features"], list)
     for f in fc["features"]:

@@ -196,7 +196,7 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
     if not config.parquet:
         output.pop("table")
     if len(parts) > 1:
-        output["geojson_parts"] = parts  # type: ignore[assignment]
+        output["geojson_parts"] = parts
     if overview.mask is not None:
         save_mask_png(paths.mask, overview.mask)
         if config.tissue_geojson:
