@@ -44,7 +44,8 @@ def test_tile_cells_and_their_measurements():
     assert len(inst) == 2 and inst.cell_coords is not None
     cells = [shapely.Polygon(inst.cell(i)) for i in range(2)]
     nuclei = [shapely.Polygon(inst.polygon(i)) for i in range(2)]
-    assert cells[0].intersection(cells[1]).area < 1e-9 and all(c.contains(n) for c, n in zip(cells, nuclei, strict=True))
+    assert cells[0].intersection(cells[1]).area < 1e-9
+    assert all(c.contains(n) for c, n in zip(cells, nuclei, strict=True))
     m = inst.measurements(0)
     assert m["Cell: Area"] == round(cells[0].area * 0.25, 4)
     assert m["Cytoplasm: Area"] == round((cells[0].area - nuclei[0].area) * 0.25, 4)
