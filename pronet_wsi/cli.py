@@ -112,9 +112,12 @@ def evaluate(pred_dir: Path, gt_dir: Path, output_csv: Path | None, radius_um: f
 @click.option("--window-px", default=1024, show_default=True, help="Larger images run in overlapping windows.")
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation: average the 8 flips/rotations (8x the model time; see RESULTS.md).")
+@click.option("--cells", "cells_um", type=float, default=0.0, show_default=True, metavar="UM",
+              help="Also write <stem>_cells.tif: each nucleus grown by up to UM micrometres into a cell (QuPath's "
+                   "cell expansion; label i = nucleus i), and a cell_area_um2 column.")
 @friendly_errors
 def predict(inputs: tuple[str, ...], outdir: str, model_dir: str | None, mpp: float | None, device: str,
-            window_px: int, tta: bool) -> None:
+            window_px: int, tta: bool, cells_um: float) -> None:
     """Segment nuclei in PNG/TIFF/JPEG images; write instance maps, overlays and a table of nuclei.
 
     <stem>_nuclei.csv has one row per nucleus: id (its label in <stem>.tif), x, y (its centre in the image's
@@ -129,6 +132,8 @@ def predict(inputs: tuple[str, ...], outdir: str, model_dir: str | None, mpp: fl
     from pronet_wsi.overlay import draw_contours
 
     check_mpp_option(mpp)
+    if not 0 <= cells_um <= 50:
+        raise InputError(f"--cells {cells_um}: give a distance between 0 (no cells) and 50 um (QuPath's default is 5)")
     paths = list_images(list(inputs))
     out = Path(outdir)
     targets = prediction_outputs(paths, out)
@@ -144,7 +149,14 @@ def predict(inputs: tuple[str, ...], outdir: str, model_dir: str | None, mpp: fl
         labels_path, overlay_path, table_path = targets[path]
         write_labels(labels_path, seg.labels)
         write_png(overlay_path, draw_contours(image, seg.labels))
-        write_nuclei_csv(table_path, seg, predictor.classes, mpp if mpp is not None else predictor.mpp)
+        image_mpp = mpp if mpp is not None else predictor.mpp
+        cells = None
+        if cells_um > 0:
+            from pronet_wsi.cells import expand_labels
+
+            cells = expand_labels(seg.labels, cells_um / image_mpp)
+            write_labels(labels_path.with_name(f"{path.stem}_cells.tif"), cells)
+        write_nuclei_csv(table_path, seg, predictor.classes, image_mpp, cells)
         click.echo(f"{path.name}: {seg.n} nuclei -> {labels_path}")
 
 

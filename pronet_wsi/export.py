@@ -30,22 +30,27 @@ _UUID_NAMESPACE = uuid.UUID("6f1c3c1e-5e0b-4a43-9a57-7d1f3b2c9e10")
 _CLASS_TEXT = json.dumps(NUCLEUS_CLASS, separators=(",", ":"))
 
 
-def write_nuclei_csv(path: Path, seg, classes: tuple[str, ...], mpp: float) -> None:
+def write_nuclei_csv(path: Path, seg, classes: tuple[str, ...], mpp: float, cells: np.ndarray | None = None) -> None:
     """One row per nucleus of an image's :class:`~pronet_wsi.postprocess.Segmentation`, atomically:
     ``id,x,y,class,class_probability,area_um2``; x, y the centre in the image's continuous frame (pixel
-    ``[r, c]`` centred at ``(c + 0.5, r + 0.5)``), class ``Nucleus`` with an empty probability when untyped."""
+    ``[r, c]`` centred at ``(c + 0.5, r + 0.5)``), class ``Nucleus`` with an empty probability when untyped.
+    ``cells``: the (H, W) cell labels (nucleus i grown into cell i), adding a ``cell_area_um2`` column."""
     import csv
 
     area = np.bincount(seg.labels.ravel().astype(np.int64), minlength=seg.n + 1)[1:] * mpp**2
     index, prob = seg.class_index, seg.class_prob
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["id", "x", "y", "class", "class_probability", "area_um2"])
+    writer.writerow(["id", "x", "y", "class", "class_probability", "area_um2", *(["cell_area_um2"] if cells is not None
+                                                                                   else [])])
+    cell_area = (np.bincount(cells.ravel().astype(np.int64), minlength=seg.n + 1)[1:] * mpp**2 if cells is not None
+                 else None)
     for i in range(seg.n):
         r, c = seg.centers_rc[i]
         name = classes[index[i]] if classes and index[i] >= 0 else NUCLEUS_CLASS["name"]
         p = f"{float(prob[i]):.4f}" if classes else ""
-        writer.writerow([i + 1, f"{c + 0.5:.2f}", f"{r + 0.5:.2f}", name, p, f"{area[i]:.3f}"])
+        row = [i + 1, f"{c + 0.5:.2f}", f"{r + 0.5:.2f}", name, p, f"{area[i]:.3f}"]
+        writer.writerow(row if cell_area is None else [*row, f"{cell_area[i]:.3f}"])
     atomic_bytes(path, buf.getvalue().encode("utf-8"))
 
 
