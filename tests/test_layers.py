@@ -103,7 +103,7 @@ def test_click_defaults_are_the_dataclass_defaults():
     assert seg["batch_size"] == SegmentConfig().batch_size
     assert seg["workers"] == SegmentConfig().workers
     assert seg["measure_level"] == SegmentConfig().measure.level and seg["cells_um"] == SegmentConfig().measure.cells_um
-    assert seg["parquet"] is SegmentConfig().parquet
+    assert SegmentConfig().parquet is False  # a flag: off unless given
     assert seg["max_features_per_file"] == SegmentConfig().max_features_per_file
     assert seg["device"] == pred["device"] == InferenceConfig().device
     assert pred["window_px"] == InferenceConfig().window_px
