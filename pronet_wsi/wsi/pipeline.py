@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pronet_wsi import __version__
 from pronet_wsi.errors import InputError
-from pronet_wsi.export import nucleus_uuid, save_mask_png, tissue_annotation, write_json, write_tissue_geojson
+from pronet_wsi.export import nucleus_uuid, part_path, save_mask_png, tissue_annotation, write_json, write_tissue_geojson
 from pronet_wsi.files import OutputLock, OutputPaths, slide_stem, sweep_temp
 from pronet_wsi.geometry import Frame, check_scale
 from pronet_wsi.progress import progress_bar
@@ -116,6 +116,10 @@ def prepare_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
             return skipped
         for path in (paths.geojson, paths.record, paths.overlay, paths.mask, paths.tissue, paths.table):
             sweep_temp(out_dir, path.name)  # left by a killed run of this slide (we hold its lock)
+        k = 2
+        while any(out_dir.glob(f".{part_path(paths.geojson, k).name}.*")) or part_path(paths.geojson, k).exists():
+            sweep_temp(out_dir, part_path(paths.geojson, k).name)  # parts of a split GeoJSON
+            k += 1
         return _plan(slide_path, name, paths, predictor, config, backend, mpp, run_log, lock)
     except BaseException:
         lock.release()
