@@ -28,7 +28,14 @@ from pathlib import Path
 
 from pronet_wsi import __version__
 from pronet_wsi.errors import InputError
-from pronet_wsi.export import nucleus_uuid, part_path, save_mask_png, tissue_annotation, write_json, write_tissue_geojson
+from pronet_wsi.export import (
+    nucleus_uuid,
+    part_path,
+    save_mask_png,
+    tissue_annotation,
+    write_json,
+    write_tissue_geojson,
+)
 from pronet_wsi.files import OutputLock, OutputPaths, slide_stem, sweep_temp
 from pronet_wsi.geometry import Frame, check_scale
 from pronet_wsi.progress import progress_bar
