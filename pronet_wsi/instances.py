@@ -287,15 +287,18 @@ def _measure(measure: MeasureConfig, coords: np.ndarray, offsets: np.ndarray, po
     if measure.level == "all":
         if image is None:
             raise ValueError("stain measurements need the tile image (tile_instances(image=...))")
-        hema, eosin = stain_od(image)
-        h = label_stats(hema, lab, ids)
+        where = np.nonzero((lab if cell_lab is None else cell_lab) > 0)  # only the pixels of nuclei (cells)
+        hema, eosin = stain_od(image[where])
+        nuc = lab[where]
+        h = label_stats(hema, nuc, ids)
         cols["Nucleus: Hematoxylin OD mean"] = h["mean"]
         cols["Nucleus: Hematoxylin OD std dev"] = h["std"]
         cols["Nucleus: Hematoxylin OD max"] = h["max"]
-        cols["Nucleus: Eosin OD mean"] = label_stats(eosin, lab, ids)["mean"]
+        cols["Nucleus: Eosin OD mean"] = label_stats(eosin, nuc, ids)["mean"]
         if cell_lab is not None:
-            cols["Cell: Eosin OD mean"] = label_stats(eosin, cell_lab, ids)["mean"]
-            cols["Cytoplasm: Eosin OD mean"] = label_stats(eosin, np.where(lab > 0, 0, cell_lab), ids)["mean"]
+            cell = cell_lab[where]
+            cols["Cell: Eosin OD mean"] = label_stats(eosin, cell, ids)["mean"]
+            cols["Cytoplasm: Eosin OD mean"] = label_stats(eosin, np.where(nuc > 0, 0, cell), ids)["mean"]
     return cols
 
 

@@ -160,16 +160,16 @@ def rings_to_polygons(coords: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 def stain_od(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Hematoxylin and eosin optical density of each pixel, QuPath's way.
 
-    rgb : (H, W, 3) uint8. Each channel's OD is ``-log10(max(I, 1) / 255)``; the stains' amounts come from the
+    rgb : (..., 3) uint8, e.g. (H, W, 3). Each channel's OD is ``-log10(max(I, 1) / 255)``; the stains' amounts come from the
     inverse of the matrix of QuPath's default H&E vectors and a third, residual vector orthogonal to both.
-    Returns two (H, W) float32 images.
+    Returns two float32 arrays of shape ``rgb.shape[:-1]``.
     """
     m = stain_matrix()
     inv = np.linalg.inv(m).astype(np.float32)
     od = -np.log10(np.maximum(np.asarray(rgb, np.float32), 1.0) / np.float32(BACKGROUND_RGB))
     amounts = od.reshape(-1, 3) @ inv
-    h, w = rgb.shape[:2]
-    return amounts[:, 0].reshape(h, w), amounts[:, 1].reshape(h, w)
+    shape = np.shape(rgb)[:-1]
+    return amounts[:, 0].reshape(shape), amounts[:, 1].reshape(shape)
 
 
 def stain_matrix() -> np.ndarray:
@@ -184,7 +184,7 @@ def stain_matrix() -> np.ndarray:
 def label_stats(values: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
     """Mean, std dev (sample, n - 1) and max of ``values`` over the pixels of each label in ``ids``.
 
-    values : (H, W) float; labels : (H, W) int, 0 = none; ids : (N,) labels to report. NaN where a label has no
+    values : float array; labels : int array of the same shape, 0 = none; ids : (N,) labels to report. NaN where a label has no
     pixels (std dev: fewer than two).
     """
     flat = np.asarray(labels).ravel().astype(np.int64)
