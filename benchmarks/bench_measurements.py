@@ -29,6 +29,8 @@ SETTINGS = {"none": MeasureConfig("none"), "basic": MeasureConfig("basic"), "all
 
 def tiles() -> list[tuple[np.ndarray, np.ndarray]]:
     """(rgb, labels) pairs: MoNuSeg test images and labels, or synthetic nuclei when the data is absent."""
+    from PIL import Image
+
     from pronet_wsi.images import read_image
 
     names = ["TCGA-E2-A1B5-01Z-00-DX1", "TCGA-B0-5698-01Z-00-DX1", "TCGA-21-5784-01Z-00-DX1",
@@ -37,7 +39,7 @@ def tiles() -> list[tuple[np.ndarray, np.ndarray]]:
         out = []
         for n in names:
             rgb = read_image(MONUSEG / "images" / f"{n}.tif")
-            lab = read_image(MONUSEG / "labels" / f"{n}.png")
+            lab = np.asarray(Image.open(MONUSEG / "labels" / f"{n}.png"))
             out.append((rgb, lab if lab.ndim == 2 else lab[..., 0]))
         return out
     img, lab, _ = synthetic_nuclei((1000, 1000), n_nuclei=600, seed=0)
