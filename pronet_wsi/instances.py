@@ -195,7 +195,7 @@ def tile_instances(seg: Segmentation, foreground: np.ndarray, read: Box, core: B
     objs = ndi.find_objects(labels, max_label=n)
     present = np.array([o is not None for o in objs], bool)
     cells = measure.cells_um > 0
-    ids = np.nonzero((present | False) & (cells | cand))[0] + 1  # with cells: every nucleus (neighbours count)
+    ids = np.nonzero(present & (cand | cells))[0] + 1  # with cells: every nucleus (its neighbours count)
     if not cand[ids - 1].any():
         return empty
     bbox = _bboxes(objs, ids)
