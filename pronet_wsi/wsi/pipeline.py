@@ -240,7 +240,8 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
     try:
         write_json(paths.record, record)
     except BaseException:  # no GeoJSON without its "done" record; this run wrote it, so this run removes it
-        paths.geojson.unlink(missing_ok=True)
+        for path in [*map(Path, parts), *([paths.table] if config.parquet else [])]:
+            path.unlink(missing_ok=True)
         raise
     store.remove()
     for w in warnings:
