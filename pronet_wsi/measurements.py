@@ -160,8 +160,9 @@ def rings_to_polygons(coords: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 def stain_od(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Hematoxylin and eosin optical density of each pixel, QuPath's way.
 
-    rgb : (..., 3) uint8, e.g. (H, W, 3). Each channel's OD is ``-log10(max(I, 1) / 255)``; the stains' amounts come from the
-    inverse of the matrix of QuPath's default H&E vectors and a third, residual vector orthogonal to both.
+    rgb : (..., 3) uint8, e.g. (H, W, 3). Each channel's OD is ``-log10(max(I, 1) / 255)``; the stains' amounts
+    come from the inverse of the matrix of QuPath's default H&E vectors and a third, residual vector orthogonal to
+    both.
     Returns two float32 arrays of shape ``rgb.shape[:-1]``.
     """
     m = stain_matrix()
@@ -184,8 +185,8 @@ def stain_matrix() -> np.ndarray:
 def label_stats(values: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
     """Mean, std dev (sample, n - 1) and max of ``values`` over the pixels of each label in ``ids``.
 
-    values : float array; labels : int array of the same shape, 0 = none; ids : (N,) labels to report. NaN where a label has no
-    pixels (std dev: fewer than two).
+    values : float array; labels : int array of the same shape, 0 = none; ids : (N,) labels to report. NaN where
+    a label has no pixels (std dev: fewer than two), as QuPath's RunningStatistics.
     """
     flat = np.asarray(labels).ravel().astype(np.int64)
     v = np.asarray(values, np.float64).ravel()
