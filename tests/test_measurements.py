@@ -82,3 +82,13 @@ def test_label_stats():
     assert s["mean"][:2].tolist() == [2.0, 6.0] and np.isnan(s["mean"][2])
     assert s["std"][:2] == pytest.approx([1.0, np.sqrt(2)])
     assert s["max"][:2].tolist() == [3.0, 7.0]
+
+
+def test_names_are_qupaths():
+    """As QuPath's cell detection writes them (WatershedCellDetection + ObjectMeasurements; Solidity as in
+    QuPath's shape features), prefix "Nucleus: " / "Cell: " / "Cytoplasm: "."""
+    assert M.measurement_names("all", True) == (
+        "Nucleus: Area", "Nucleus: Perimeter", "Nucleus: Circularity", "Nucleus: Max caliper", "Nucleus: Min caliper",
+        "Nucleus: Eccentricity", "Nucleus: Solidity", "Cell: Area", "Cytoplasm: Area", "Nucleus/Cell area ratio",
+        "Nucleus: Hematoxylin OD mean", "Nucleus: Hematoxylin OD std dev", "Nucleus: Hematoxylin OD max",
+        "Nucleus: Eosin OD mean", "Cell: Eosin OD mean", "Cytoplasm: Eosin OD mean")
