@@ -10,7 +10,8 @@ um^2 as QuPath shows them for a slide with a pixel size): ``Nucleus: Area``, ``N
 ``Nucleus: Circularity``, ``Nucleus: Max caliper``, ``Nucleus: Min caliper``, ``Nucleus: Eccentricity``,
 ``Nucleus: Solidity``, ``Nucleus: Hematoxylin OD mean`` / ``std dev`` / ``max``, ``Nucleus: Eosin OD mean``; with
 cells ``Cell: Area``, ``Cell: Eosin OD mean``, ``Cytoplasm: Area``, ``Cytoplasm: Eosin OD mean`` and
-``Nucleus/Cell area ratio``.
+``Nucleus/Cell area ratio``. ``Cytoplasm: Area`` (cell minus nucleus) has no QuPath counterpart and is named in
+its pattern; ``Solidity`` is from QuPath's shape features (``ObjectMeasurements.ShapeFeatures``).
 """
 
 from __future__ import annotations
