@@ -111,7 +111,7 @@ def run_child(args) -> None:
 
     predictor = Predictor(args.model, InferenceConfig(batch_size=args.batch_size))
     cfg = SegmentConfig(tiling=TilingConfig(args.tile_px, args.halo_px), batch_size=args.batch_size,
-                        workers=args.workers, overwrite=True)
+                        workers=args.workers, overwrite=True, measure=measure_config(args), parquet=args.parquet)
     t = time.perf_counter()
     res = segment_slide(args.slide, args.out, predictor, cfg)
     wall = time.perf_counter() - t
@@ -119,6 +119,12 @@ def run_child(args) -> None:
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     fwd = forward_and_postprocess(args, predictor, Path(args.slide), record["counts"]["tiles_run"])
     print(json.dumps({"wall_s": wall, "nuclei": res.n_nuclei, "record": record, "peak_rss_mb": rss_mb, **fwd}))
+
+
+def measure_config(args):
+    from pronet_wsi.measurements import MeasureConfig
+
+    return MeasureConfig(args.measurements, args.cells)
 
 
 def forward_and_postprocess(args, predictor, slide_path: Path, n_tiles: int) -> dict:
@@ -170,7 +176,8 @@ def forward_and_postprocess(args, predictor, slide_path: Path, n_tiles: int) -> 
         m = encode_maps(lab.astype(np.uint32), radius_px=8)
         t = time.perf_counter()
         seg = postprocess(m, predictor.postprocess_config)
-        inst = tile_instances(seg, m["foreground"], tile.read, tile.core, frame, predictor.mpp, 8.0)
+        inst = tile_instances(seg, m["foreground"], tile.read, tile.core, frame, predictor.mpp, 8.0, image=img,
+                              measure=measure_config(args))
         feature_bodies(inst)
         pp_ms.append((time.perf_counter() - t) * 1e3)
         nuclei.append(int(inst.in_core.sum()))
@@ -191,6 +198,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--sample", type=int, default=16, help="tiles timed for forward-only")
     parser.add_argument("--workdir", default="/tmp/pronet-wsi-bench")
+    parser.add_argument("--cells", type=float, default=0.0, help="segment --cells UM (0 = no cells)")
+    parser.add_argument("--measurements", default="all", choices=["none", "basic", "all"])
+    parser.add_argument("--parquet", action="store_true", help="also write the nuclei Parquet table")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--slide", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -217,7 +227,8 @@ def main() -> None:
                   file=sys.stderr)
         cmd = [sys.executable, __file__, "--child", "--slide", str(slide), "--out", str(workdir / f"out_{side}"),
                "--model", args.model, "--tile-px", str(args.tile_px), "--halo-px", str(args.halo_px),
-               "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--sample", str(args.sample)]
+               "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--sample", str(args.sample),
+               "--cells", str(args.cells), "--measurements", args.measurements, *(["--parquet"] * args.parquet)]
         child = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         rec = child["record"]
         rows.append({"side": side, "gpx": side * side / 1e9, "tiles": rec["counts"]["tiles_run"],

@@ -148,9 +148,12 @@ def evaluate(pred_dir: Path, gt_dir: Path, output_csv: Path | None, radius_um: f
               help="Test-time augmentation: average the 8 flips/rotations (8x the model time; see RESULTS.md).")
 @click.option("--overwrite", is_flag=True,
               help="Replace existing <stem>.tif / <stem>_overlay.png that pronet-wsi did not write (never inputs).")
+@click.option("--cells", "cells_um", type=float, default=0.0, show_default=True, metavar="UM",
+              help="Also write <stem>_cells.tif: each nucleus grown by up to UM micrometres into a cell (QuPath's "
+                   "cell expansion; label i = nucleus i), and a cell_area_um2 column.")
 @friendly_errors
 def predict(inputs: tuple[str, ...], outdir: str, model_dir: str | None, mpp: float | None, device: str,
-            window_px: int, tta: bool, overwrite: bool) -> None:
+            window_px: int, tta: bool, overwrite: bool, cells_um: float) -> None:
     """Segment nuclei in PNG/TIFF/JPEG images; write instance maps, overlays and a table of nuclei.
 
     <stem>_nuclei.csv has one row per nucleus: id (its label in <stem>.tif), x, y (its centre in the image's
@@ -167,10 +170,13 @@ def predict(inputs: tuple[str, ...], outdir: str, model_dir: str | None, mpp: fl
     from pronet_wsi.wsi.pipeline import check_writable
 
     check_mpp_option(mpp)
+    if not 0 <= cells_um <= 50:
+        raise InputError(f"--cells {cells_um}: give a distance between 0 (no cells) and 50 um (QuPath's default is 5)")
     paths = list_images(list(inputs))
     out = Path(outdir)
     targets = prediction_outputs(paths, out)
-    check_outputs([t for pair in targets.values() for t in pair], paths, overwrite)
+    cell_maps = [t[0].with_name(f"{p.stem}_cells.tif") for p, t in targets.items()] if cells_um > 0 else []
+    check_outputs([t for pair in targets.values() for t in pair] + cell_maps, paths, overwrite)
     notes: list[str] = []
     images = [(p, read_image(p, notes)) for p in paths[:1]]  # fail fast on the first file before loading the model
     predictor = Predictor(model_dir, InferenceConfig(device=device, window_px=window_px, tta=tta))
@@ -188,7 +194,14 @@ def predict(inputs: tuple[str, ...], outdir: str, model_dir: str | None, mpp: fl
         labels_path, overlay_path, table_path = targets[path]
         write_labels(labels_path, seg.labels)
         write_png(overlay_path, draw_contours(image, seg.labels))
-        write_nuclei_csv(table_path, seg, predictor.classes, mpp if mpp is not None else predictor.mpp)
+        image_mpp = mpp if mpp is not None else predictor.mpp
+        cells = None
+        if cells_um > 0:
+            from pronet_wsi.cells import expand_labels
+
+            cells = expand_labels(seg.labels, cells_um / image_mpp)
+            write_labels(labels_path.with_name(f"{path.stem}_cells.tif"), cells)
+        write_nuclei_csv(table_path, seg, predictor.classes, image_mpp, cells)
         click.echo(f"{path.name}: {seg.n} nuclei -> {labels_path}")
 
 
@@ -492,11 +505,19 @@ def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, eu
                    "write (never an input).")
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation: average the 8 flips/rotations (8x the model time; see RESULTS.md).")
+@click.option("--cells", "cells_um", type=float, default=0.0, show_default=True, metavar="UM",
+              help="Also grow each nucleus by up to UM micrometres into a cell (QuPath's cell expansion; 0 = none): "
+                   "QuPath cells with the nucleus inside.")
+@click.option("--measurements", "measure_level", type=click.Choice(["none", "basic", "all"]), default="all",
+              show_default=True, help="QuPath measurements: none, basic (shape) or all (shape and H&E stain).")
+@click.option("--parquet", is_flag=True, help="Also write <stem>_nuclei.parquet, one row per nucleus.")
+@click.option("--max-features-per-file", type=int, default=0, show_default=True, metavar="N",
+              help="Split the GeoJSON into <stem>.geojson, <stem>.part2.geojson, ... of N features (0 = one file).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, halo_px, batch_size, device, workers,
             scheduler, connect_timeout, gzip_output, labels_zarr, no_tissue_mask, tissue_annotation, overwrite, tta,
-            quiet) -> None:
+            cells_um, measure_level, parquet, max_features_per_file, quiet) -> None:
     """Segment nuclei in whole slides: one QuPath GeoJSON of detections per slide.
 
     SLIDES are files or quoted glob patterns ("slides/*.svs"), or give --manifest. Tiles are read at the
@@ -508,6 +529,7 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
     import contextlib
 
     from pronet_wsi.inference import InferenceConfig, Predictor
+    from pronet_wsi.measurements import MeasureConfig
     from pronet_wsi.model import resolve_model_dir
     from pronet_wsi.tiling import TilingConfig
     from pronet_wsi.wsi.cohort import duplicates, expand_inputs, parse_shard, read_manifest, segment_batch, select_shard
@@ -533,10 +555,16 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
     if not (connect_timeout > 0 and connect_timeout < float("inf")):
         raise InputError(f"--connect-timeout {connect_timeout}: give a number of seconds > 0")
     check_tile_memory(tile_px, batch_size)
+    if not 0 <= cells_um <= 50:
+        raise InputError(f"--cells {cells_um}: give a distance between 0 (no cells) and 50 um (QuPath's default is 5)")
+    if max_features_per_file < 0:
+        raise InputError(f"--max-features-per-file {max_features_per_file}: give 0 (one file) or a positive count")
     if halo_px is not None:
         TilingConfig(tile_px, halo_px)  # a bad pair fails before the model loads
     settings = dict(use_tissue_mask=not no_tissue_mask, batch_size=batch_size, workers=workers, gzip=gzip_output,
-                    tissue_geojson=tissue_annotation, labels_zarr=labels_zarr, overwrite=overwrite)
+                    tissue_geojson=tissue_annotation, labels_zarr=labels_zarr, overwrite=overwrite,
+                    measure=MeasureConfig(measure_level, cells_um), parquet=parquet,
+                    max_features_per_file=max_features_per_file)
     planned = SegmentConfig(tiling=TilingConfig(tile_px, halo_px if halo_px is not None else TilingConfig().halo_px),
                             **settings)  # option errors before anything is written
     items = read_manifest(manifest) if manifest is not None else expand_inputs(slides)

@@ -30,22 +30,27 @@ _UUID_NAMESPACE = uuid.UUID("6f1c3c1e-5e0b-4a43-9a57-7d1f3b2c9e10")
 _CLASS_TEXT = json.dumps(NUCLEUS_CLASS, separators=(",", ":"))
 
 
-def write_nuclei_csv(path: Path, seg, classes: tuple[str, ...], mpp: float) -> None:
+def write_nuclei_csv(path: Path, seg, classes: tuple[str, ...], mpp: float, cells: np.ndarray | None = None) -> None:
     """One row per nucleus of an image's :class:`~pronet_wsi.postprocess.Segmentation`, atomically:
     ``id,x,y,class,class_probability,area_um2``; x, y the centre in the image's continuous frame (pixel
-    ``[r, c]`` centred at ``(c + 0.5, r + 0.5)``), class ``Nucleus`` with an empty probability when untyped."""
+    ``[r, c]`` centred at ``(c + 0.5, r + 0.5)``), class ``Nucleus`` with an empty probability when untyped.
+    ``cells``: the (H, W) cell labels (nucleus i grown into cell i), adding a ``cell_area_um2`` column."""
     import csv
 
     area = np.bincount(seg.labels.ravel().astype(np.int64), minlength=seg.n + 1)[1:] * mpp**2
     index, prob = seg.class_index, seg.class_prob
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["id", "x", "y", "class", "class_probability", "area_um2"])
+    writer.writerow(["id", "x", "y", "class", "class_probability", "area_um2", *(["cell_area_um2"] if cells is not None
+                                                                                   else [])])
+    cell_area = (np.bincount(cells.ravel().astype(np.int64), minlength=seg.n + 1)[1:] * mpp**2 if cells is not None
+                 else None)
     for i in range(seg.n):
         r, c = seg.centers_rc[i]
         name = classes[index[i]] if classes and index[i] >= 0 else NUCLEUS_CLASS["name"]
         p = f"{float(prob[i]):.4f}" if classes else ""
-        writer.writerow([i + 1, f"{c + 0.5:.2f}", f"{r + 0.5:.2f}", name, p, f"{area[i]:.3f}"])
+        row = [i + 1, f"{c + 0.5:.2f}", f"{r + 0.5:.2f}", name, p, f"{area[i]:.3f}"]
+        writer.writerow(row if cell_area is None else [*row, f"{cell_area[i]:.3f}"])
     atomic_bytes(Path(path), buf.getvalue().encode("utf-8"))
     mark_owned(Path(path))
 
@@ -66,7 +71,8 @@ def feature_bodies(inst: Instances, classes: tuple[str, ...] = (),
     """Text of each nucleus's Feature after its id: ``,"geometry":{...},"properties":{...}}``.
 
     ``classes`` / ``colors``: a typed model's class names and QuPath colours; each nucleus is classified by its
-    ``class_index`` (an untyped model's nuclei are all ``Nucleus``).
+    ``class_index`` (an untyped model's nuclei are all ``Nucleus``). Instances with cells become QuPath cells:
+    ``objectType: "cell"``, ``geometry`` the cell and ``nucleusGeometry`` the nucleus, as QuPath writes them.
     """
     texts = class_texts(classes, colors) if classes else []
     out = []
@@ -74,8 +80,14 @@ def feature_bodies(inst: Instances, classes: tuple[str, ...] = (),
         m = inst.measurements(i)
         meas = ",".join(f'{json.dumps(k, ensure_ascii=False)}:{float(v)!r}' for k, v in m.items())
         cls = texts[int(inst.class_index[i])] if texts and inst.class_index is not None else _CLASS_TEXT
-        out.append(f',"geometry":{{"type":"Polygon","coordinates":{inst.geometry_json(i)}}},"properties":'
-                   f'{{"objectType":"detection","classification":{cls},"measurements":{{{meas}}}}}}}')
+        nucleus = f'{{"type":"Polygon","coordinates":{inst.geometry_json(i)}}}'
+        if inst.cell_coords is not None:  # QuPath's cell: the cell outline, and the nucleus beside it
+            geometry = (f'{{"type":"Polygon","coordinates":{inst.cell_json(i)}}},"nucleusGeometry":{nucleus}')
+            kind = "cell"
+        else:
+            geometry, kind = nucleus, "detection"
+        out.append(f',"geometry":{geometry},"properties":'
+                   f'{{"objectType":"{kind}","classification":{cls},"measurements":{{{meas}}}}}}}')
     return out
 
 
@@ -133,6 +145,66 @@ class GeoJSONWriter:
             self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> GeoJSONWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def part_path(path: Path, k: int) -> Path:
+    """The ``k``-th (1-based) file of a split GeoJSON: ``<stem>.geojson``, ``<stem>.part2.geojson``, ..."""
+    path = Path(path)
+    if k == 1:
+        return path
+    suffix = ".geojson.gz" if path.name.endswith(".geojson.gz") else ".geojson"
+    stem = path.name[: -len(suffix)] if path.name.endswith(suffix) else path.stem
+    return path.with_name(f"{stem}.part{k}{suffix}")
+
+
+class SplitGeoJSONWriter:
+    """:class:`GeoJSONWriter` over several files of at most ``max_features`` features each (0 = one file), so
+    QuPath can import a slide with millions of nuclei part by part. Every part appears only on :meth:`close`
+    (a failed run leaves none), and parts of an earlier run beyond the new last one are removed then."""
+
+    def __init__(self, path: Path, gzip_output: bool = False, max_features: int = 0) -> None:
+        self.path, self.gzip, self.max = Path(path), gzip_output, max_features
+        self.parts: list[GeoJSONWriter] = [GeoJSONWriter(self.path, gzip_output)]
+        self.count = 0
+
+    @property
+    def paths(self) -> list[Path]:
+        return [w.path for w in self.parts]
+
+    def write(self, feature: str) -> None:
+        if self.max and self.parts[-1].count >= self.max:
+            self.parts[-1]._flush()
+            self.parts.append(GeoJSONWriter(part_path(self.path, len(self.parts) + 1), self.gzip))
+        self.parts[-1].write(feature)
+        self.count += 1
+
+    def close(self) -> None:
+        try:
+            for w in self.parts:
+                w.close()
+        except BaseException:
+            self.abort()
+            raise
+        k = len(self.parts) + 1
+        while part_path(self.path, k).exists():  # a previous run split into more parts
+            part_path(self.path, k).unlink()
+            k += 1
+
+    def abort(self) -> None:
+        for w in self.parts:
+            if w._tmp.exists():
+                w.abort()
+            else:  # committed before another part failed: this run wrote it, this run removes it
+                w.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> SplitGeoJSONWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -211,6 +211,7 @@ class OutputPaths:
 
     geojson : the nuclei (``.geojson`` or ``.geojson.gz``). record : ``<stem>.json``, the run record. overlay,
     mask : the overlay and tissue-mask PNGs. tissue : the tissue annotation GeoJSON. labels : the label zarr.
+    table : the nuclei Parquet table.
     parts : the hidden per-tile store of an unfinished run. lock : the hidden per-slide lock file.
     """
 
@@ -220,6 +221,7 @@ class OutputPaths:
     mask: Path
     tissue: Path
     labels: Path
+    table: Path
     parts: Path
     lock: Path
 
@@ -232,7 +234,8 @@ class OutputPaths:
         return cls(geojson=out_dir / (stem + (".geojson.gz" if gzip_output else ".geojson")),
                    record=out_dir / f"{stem}.json", overlay=out_dir / f"{stem}_overlay.png",
                    mask=out_dir / f"{stem}_tissue.png", tissue=out_dir / f"{stem}_tissue.geojson",
-                   labels=out_dir / f"{stem}_labels.zarr", parts=out_dir / f".{stem}.parts",
+                   labels=out_dir / f"{stem}_labels.zarr", table=out_dir / f"{stem}_nuclei.parquet",
+                   parts=out_dir / f".{stem}.parts",
                    lock=out_dir / f".{stem}.lock")
 
     def user_files(self) -> dict[str, str]:

@@ -16,7 +16,9 @@ import numpy as np
 import shapely
 from scipy import ndimage as ndi
 
+from pronet_wsi.cells import expand_labels, fit_cells
 from pronet_wsi.geometry import Box, Frame, rc_to_xy
+from pronet_wsi.measurements import MeasureConfig, label_stats, shape_measurements, stain_od
 from pronet_wsi.postprocess import Segmentation
 
 SIMPLIFY_PX = 0.5
@@ -46,6 +48,9 @@ class Instances:
         processing frame and ``bits`` packed bits with ``bit_offsets`` (N + 1,) int64 (see :meth:`mask`).
     class_index : (N,) int16 class of each nucleus (index into the model's classes), None for an untyped model.
     class_prob : (N,) float32 mean probability of that class over the nucleus, None for an untyped model.
+    features : (N, K) float64 QuPath measurements named by ``feature_names`` (:mod:`pronet_wsi.measurements`),
+        NaN where undefined; None when none were made.
+    cell_coords, cell_offsets : the cells' exterior rings as ``coords`` / ``offsets`` (``--cells``), else None.
     """
 
     centers_xy: np.ndarray
@@ -62,6 +67,10 @@ class Instances:
     bit_offsets: np.ndarray | None = None
     class_index: np.ndarray | None = None
     class_prob: np.ndarray | None = None
+    features: np.ndarray | None = None
+    feature_names: tuple[str, ...] = ()
+    cell_coords: np.ndarray | None = None
+    cell_offsets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.centers_xy)
@@ -69,6 +78,11 @@ class Instances:
     def polygon(self, i: int) -> np.ndarray:
         """(K, 2) closed exterior ring of nucleus ``i``."""
         return self.coords[self.offsets[i] : self.offsets[i + 1]]
+
+    def cell(self, i: int) -> np.ndarray:
+        """(K, 2) closed exterior ring of the cell of nucleus ``i`` (instances with cells only)."""
+        assert self.cell_coords is not None and self.cell_offsets is not None, "no cells stored"
+        return self.cell_coords[self.cell_offsets[i] : self.cell_offsets[i + 1]]
 
     def mask(self, i: int) -> np.ndarray:
         """(h, w) bool mask of nucleus ``i`` inside its ``bbox`` (processing frame)."""
@@ -94,19 +108,26 @@ class Instances:
                      if len(idx) else np.zeros(0, np.int64))
             bbox, bits = self.bbox[idx], self.bits[btake]
             bit_offsets = np.concatenate([[0], np.cumsum(blens)]).astype(np.int64)
+        cells: dict = {}
+        if self.cell_coords is not None and self.cell_offsets is not None:
+            cells = dict(zip(("cell_coords", "cell_offsets"), _take_rings(self.cell_coords, self.cell_offsets, idx),
+                             strict=True))
         return Instances(self.centers_xy[idx], self.priority[idx], self.in_core[idx], self.area_px[idx],
                          self.area_um2[idx], self.center_score[idx], self.foreground_mean[idx],
                          self.coords[take].reshape(-1, 2), np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
                          bbox=bbox, bits=bits, bit_offsets=bit_offsets,
                          class_index=None if self.class_index is None else self.class_index[idx],
-                         class_prob=None if self.class_prob is None else self.class_prob[idx])
+                         class_prob=None if self.class_prob is None else self.class_prob[idx],
+                         features=None if self.features is None else self.features[idx],
+                         feature_names=self.feature_names, **cells)
 
     def geometry_json(self, i: int) -> str:
         """The GeoJSON ``coordinates`` of nucleus ``i`` (one ring, rounded to 0.01 px) as text."""
-        ring = valid_rounded_ring(self.polygon(i))
-        if np.all(ring == np.rint(ring)):
-            ring = ring.astype(np.int64)
-        return json.dumps([ring.tolist()], separators=(",", ":"))
+        return ring_json(self.polygon(i))
+
+    def cell_json(self, i: int) -> str:
+        """The GeoJSON ``coordinates`` of the cell of nucleus ``i`` as text."""
+        return ring_json(self.cell(i))
 
     def measurements(self, i: int) -> dict[str, float]:
         """QuPath-style measurement names (as its own detections write them) -> values; non-finite ones left out
@@ -117,22 +138,31 @@ class Instances:
                   MEASUREMENT_NAMES["foreground_mean"]: (float(self.foreground_mean[i]), 4)}
         if self.class_prob is not None:
             values[MEASUREMENT_NAMES["class_prob"]] = (float(self.class_prob[i]), 4)
+        if self.features is not None:
+            values.update({name: (float(v), 4) for name, v in zip(self.feature_names, self.features[i], strict=True)})
         return {k: round(v, nd) for k, (v, nd) in values.items() if math.isfinite(v)}
 
     @classmethod
-    def empty(cls, with_masks: bool = False, typed: bool = False) -> Instances:
+    def empty(cls, with_masks: bool = False, typed: bool = False, measure: MeasureConfig | None = None
+              ) -> Instances:
         z = np.zeros(0)
+        names = measure.names if measure is not None else ()
+        cells = measure is not None and measure.cells_um > 0
         return cls(np.zeros((0, 2)), z, np.zeros(0, bool), z, z, np.zeros(0, np.float32), np.zeros(0, np.float32),
                    np.zeros((0, 2)), np.zeros(1, np.int64),
                    bbox=np.zeros((0, 4), np.int64) if with_masks else None,
                    bits=np.zeros(0, np.uint8) if with_masks else None,
                    bit_offsets=np.zeros(1, np.int64) if with_masks else None,
                    class_index=np.zeros(0, np.int16) if typed else None,
-                   class_prob=np.zeros(0, np.float32) if typed else None)
+                   class_prob=np.zeros(0, np.float32) if typed else None,
+                   features=np.zeros((0, len(names))) if names else None, feature_names=names,
+                   cell_coords=np.zeros((0, 2)) if cells else None,
+                   cell_offsets=np.zeros(1, np.int64) if cells else None)
 
 
 def tile_instances(seg: Segmentation, foreground: np.ndarray, read: Box, core: Box, frame: Frame, model_mpp: float,
-                   match_radius_px: float, *, with_masks: bool = False, clip: Box | None = None) -> Instances:
+                   match_radius_px: float, *, with_masks: bool = False, clip: Box | None = None,
+                   image: np.ndarray | None = None, measure: MeasureConfig | None = None) -> Instances:
     """Candidates of one tile: instances whose centre lies in ``core`` grown by ``match_radius_px``.
 
     Parameters
@@ -145,39 +175,45 @@ def tile_instances(seg: Segmentation, foreground: np.ndarray, read: Box, core: B
     match_radius_px : candidates reach this far (processing px) beyond the core.
     with_masks : also keep each nucleus's pixel mask (for ``--labels-zarr``).
     clip : level-0 box the polygons must stay inside (the slide); default: ``frame.level0_shape``.
+    image : (H, W, 3) uint8, the tile as the model saw it (needed for stain measurements).
+    measure : the QuPath measurements and cells to make (default: none, no cells).
 
     Returns
     -------
-    :class:`Instances` sorted by centre (y, then x); nuclei whose polygon collapses are dropped.
+    :class:`Instances` sorted by centre (y, then x); nuclei whose polygon collapses are dropped. ``area_px`` is
+    the polygon's (shoelace) area, ``area_um2`` that times the level-0 pixel area.
     """
+    measure = measure or MeasureConfig(level="none")
     labels, centers_rc, center_scores = seg.labels, seg.centers_rc, seg.center_scores
     n = len(centers_rc)
     typed = seg.type_probs is not None
+    empty = Instances.empty(with_masks, typed, measure)
     if n == 0:
-        return Instances.empty(with_masks, typed)
+        return empty
     centers_p = rc_to_xy(centers_rc, (read.x0, read.y0))  # processing frame
     cand = core.expand(match_radius_px).contains_xy(centers_p)
-    ids = np.nonzero(cand)[0] + 1
-    if len(ids) == 0:
-        return Instances.empty(with_masks, typed)
     objs = ndi.find_objects(labels, max_label=n)
-    ok = np.array([objs[i - 1] is not None for i in ids], bool)
-    ids = ids[ok]
-    if len(ids) == 0:
-        return Instances.empty(with_masks, typed)
-    bbox = np.array([[objs[i - 1][0].start, objs[i - 1][1].start, objs[i - 1][0].stop, objs[i - 1][1].stop]
-                     for i in ids], np.int64)
+    present = np.array([o is not None for o in objs], bool)
+    cells = measure.cells_um > 0
+    ids = np.nonzero(present & (cand | cells))[0] + 1  # with cells: every nucleus (its neighbours count)
+    if not cand[ids - 1].any():
+        return empty
+    bbox = _bboxes(objs, ids)
     lab = np.ascontiguousarray(labels, dtype=np.int64) if labels.dtype != np.int64 else labels
-    coords, offsets = _trace_outlines(lab, ids.astype(np.int64), bbox)
-    rings = frame.to_level0(coords + np.array([read.x0, read.y0]))  # processing corners -> level 0
-    polys = _valid_polygons(rings, offsets, frame.scale != 1.0)
     if clip is None:
         clip = Box(0, 0, frame.level0_shape[1], frame.level0_shape[0])
-    polys = _clip_polygons(polys, clip)
+    polys = _outlines(lab, ids, bbox, read, frame, clip)
     alive = ~shapely.is_empty(polys)
     ids, bbox, polys = ids[alive], bbox[alive], polys[alive]
+    cell_polys = None
+    if cells:
+        cell_lab = expand_labels(lab, measure.cells_um / model_mpp)
+        raw = _outlines(cell_lab, ids, _bboxes(ndi.find_objects(cell_lab, max_label=n), ids), read, frame, clip)
+        cell_polys = fit_cells(polys, raw, frame.to_level0(centers_p[ids - 1]))
+        keep = cand[ids - 1]
+        ids, bbox, polys, cell_polys = ids[keep], bbox[keep], polys[keep], cell_polys[keep]
     if len(ids) == 0:
-        return Instances.empty(with_masks, typed)
+        return empty
     flat = lab.ravel()
     counts = np.bincount(flat, minlength=n + 1)[ids].astype(np.float64)
     fg_sum = np.bincount(flat, weights=np.asarray(foreground, np.float64).ravel(), minlength=n + 1)[ids]
@@ -186,7 +222,7 @@ def tile_instances(seg: Segmentation, foreground: np.ndarray, read: Box, core: B
     ids, bbox, polys, counts, fg_sum, c_p = ids[order], bbox[order], polys[order], counts[order], fg_sum[order], \
         c_p[order]
     ring_coords, ring_offsets = _exterior_arrays(polys)
-    extra = {}
+    extra: dict = {}
     if with_masks:
         packed = [np.packbits(lab[r0:r1, c0:c1] == i) for i, (r0, c0, r1, c1) in zip(ids, bbox, strict=True)]
         extra = {"bbox": bbox + np.array([read.y0, read.x0, read.y0, read.x0], np.int64),
@@ -195,18 +231,91 @@ def tile_instances(seg: Segmentation, foreground: np.ndarray, read: Box, core: B
     if typed:
         extra["class_index"] = seg.class_index[ids - 1].astype(np.int16)
         extra["class_prob"] = seg.class_prob[ids - 1].astype(np.float32)
+    um_per_px = model_mpp / frame.scale  # level-0 pixel size
+    if cell_polys is not None:
+        cell_polys = cell_polys[order]
+        extra["cell_coords"], extra["cell_offsets"] = _exterior_arrays(cell_polys)
+    if measure.names:
+        cols = _measure(measure, ring_coords, ring_offsets, polys, cell_polys, um_per_px, image, lab,
+                        cell_lab if cells else None, ids)
+        extra["features"] = np.stack([cols[k] for k in measure.names], 1).astype(np.float64)
+        extra["feature_names"] = measure.names
+    area_px = shapely.area(polys)
     return Instances(
         centers_xy=frame.to_level0(c_p),
         priority=read.edge_distance(c_p),
         in_core=core.contains_xy(c_p),
-        area_px=counts * frame.scale**2,
-        area_um2=counts * model_mpp**2,
+        area_px=area_px,
+        area_um2=area_px * um_per_px**2,
         center_score=np.asarray(center_scores, np.float32)[ids - 1],
         foreground_mean=(fg_sum / np.maximum(counts, 1)).astype(np.float32),
         coords=ring_coords,
         offsets=ring_offsets,
         **extra,
     )
+
+
+def _bboxes(objs: list, ids: np.ndarray) -> np.ndarray:
+    """(N, 4) int64 ``(r0, c0, r1, c1)`` of labels ``ids`` from :func:`scipy.ndimage.find_objects`."""
+    return np.array([[objs[i - 1][0].start, objs[i - 1][1].start, objs[i - 1][0].stop, objs[i - 1][1].stop]
+                     for i in ids], np.int64).reshape(-1, 4)
+
+
+def _outlines(lab: np.ndarray, ids: np.ndarray, bbox: np.ndarray, read: Box, frame: Frame, clip: Box) -> np.ndarray:
+    """(N,) valid level-0 polygons of labels ``ids`` (empty where one collapses)."""
+    if len(ids) == 0:
+        return np.zeros(0, object)
+    coords, offsets = _trace_outlines(lab, ids.astype(np.int64), bbox)
+    rings = frame.to_level0(coords + np.array([read.x0, read.y0]))  # processing corners -> level 0
+    return _clip_polygons(_valid_polygons(rings, offsets, frame.scale != 1.0), clip)
+
+
+def _measure(measure: MeasureConfig, coords: np.ndarray, offsets: np.ndarray, polys: np.ndarray,
+             cell_polys: np.ndarray | None, um_per_px: float, image: np.ndarray | None, lab: np.ndarray,
+             cell_lab: np.ndarray | None, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The columns of ``measure.names`` for the nuclei ``ids`` (see :mod:`pronet_wsi.measurements`)."""
+    cols: dict[str, np.ndarray] = {}
+    if measure.level in ("basic", "all"):
+        cols.update(shape_measurements(coords, offsets, um_per_px))
+    if cell_polys is not None:
+        cell_area = shapely.area(cell_polys) * um_per_px**2
+        nuc_area = cols["Nucleus: Area"] if cols else shapely.area(polys) * um_per_px**2
+        cols["Cell: Area"] = cell_area
+        cols["Cytoplasm: Area"] = np.maximum(cell_area - nuc_area, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cols["Nucleus/Cell area ratio"] = np.minimum(nuc_area / cell_area, 1.0)
+    if measure.level == "all":
+        if image is None:
+            raise ValueError("stain measurements need the tile image (tile_instances(image=...))")
+        where = np.nonzero((lab if cell_lab is None else cell_lab) > 0)  # only the pixels of nuclei (cells)
+        hema, eosin = stain_od(image[where])
+        nuc = lab[where]
+        h = label_stats(hema, nuc, ids)
+        cols["Nucleus: Hematoxylin OD mean"] = h["mean"]
+        cols["Nucleus: Hematoxylin OD std dev"] = h["std"]
+        cols["Nucleus: Hematoxylin OD max"] = h["max"]
+        cols["Nucleus: Eosin OD mean"] = label_stats(eosin, nuc, ids)["mean"]
+        if cell_lab is not None:
+            cell = cell_lab[where]
+            cols["Cell: Eosin OD mean"] = label_stats(eosin, cell, ids)["mean"]
+            cols["Cytoplasm: Eosin OD mean"] = label_stats(eosin, np.where(nuc > 0, 0, cell), ids)["mean"]
+    return cols
+
+
+def ring_json(ring: np.ndarray) -> str:
+    """GeoJSON Polygon ``coordinates`` text of one closed ring, valid after rounding to 0.01 px."""
+    ring = valid_rounded_ring(ring)
+    if np.all(ring == np.rint(ring)):
+        ring = ring.astype(np.int64)
+    return json.dumps([ring.tolist()], separators=(",", ":"))
+
+
+def _take_rings(coords: np.ndarray, offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rings ``idx`` of ragged ``coords`` / ``offsets``, as new ragged arrays."""
+    lens = np.diff(offsets)[idx]
+    take = (np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in idx]) if len(idx)
+            else np.zeros(0, np.int64))
+    return coords[take].reshape(-1, 2), np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
 
 
 def valid_rounded_ring(ring: np.ndarray, decimals: int = 2) -> np.ndarray:

@@ -276,7 +276,28 @@ def concat(parts: list[Instances]) -> Instances:
                      center_score=np.concatenate([p.center_score for p in parts]),
                      foreground_mean=np.concatenate([p.foreground_mean for p in parts]),
                      coords=np.concatenate([p.coords for p in parts]).reshape(-1, 2),
-                     offsets=offsets.astype(np.int64), bbox=bbox, bits=bits, bit_offsets=bit_offsets)
+                     offsets=offsets.astype(np.int64), bbox=bbox, bits=bits, bit_offsets=bit_offsets,
+                     class_index=_joined([p.class_index for p in parts]),
+                     class_prob=_joined([p.class_prob for p in parts]),
+                     features=_joined([p.features for p in parts]), feature_names=parts[0].feature_names,
+                     **_joined_cells(parts))
+
+
+def _joined(arrays: list) -> np.ndarray | None:
+    """The arrays concatenated, or None when any part lacks them."""
+    return None if any(a is None for a in arrays) else np.concatenate(arrays)
+
+
+def _joined_cells(parts: list[Instances]) -> dict:
+    """``cell_coords`` / ``cell_offsets`` of the parts joined ({} when a part has no cells)."""
+    rings = [(p.cell_coords, p.cell_offsets) for p in parts]
+    if any(c is None or o is None for c, o in rings):
+        return {}
+    coords = [np.asarray(c) for c, _ in rings]
+    offs = [np.asarray(o) for _, o in rings]
+    shifts = np.cumsum([0] + [len(c) for c in coords[:-1]])
+    offsets = np.concatenate([np.zeros(1, np.int64)] + [o[1:] + s for o, s in zip(offs, shifts, strict=True)])
+    return {"cell_coords": np.concatenate(coords).reshape(-1, 2), "cell_offsets": offsets.astype(np.int64)}
 
 
 def _mask_arrays(inst: Instances) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -101,3 +101,26 @@ def test_predict_writes_a_table_of_nuclei_matching_the_label_map(tmp_path, typed
             assert r["class"] in ("Tumor", "Stroma") and 0.5 <= float(r["class_probability"]) <= 1.0
         else:
             assert r["class"] == "Nucleus" and r["class_probability"] == ""
+
+
+def test_predict_cells_writes_a_cell_label_map(tmp_path):
+    import csv
+
+    import torch
+
+    torch.manual_seed(0)
+    net = PRONet(ModelConfig(width=0.0625, mpp=0.5))
+    with torch.no_grad():
+        net.head_center.bias.fill_(-0.5)
+        net.head_binary.bias.fill_(0.5)
+    save_model(net.eval(), tmp_path / "m")
+    img, _, _ = synthetic_nuclei((96, 96), 8)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    res = run("predict", tmp_path / "a.png", "-o", tmp_path / "out", "-m", tmp_path / "m", "--cells", 1.0)
+    assert res.exit_code == 0, res.output
+    lab = tifffile.imread(tmp_path / "out" / "a.tif")
+    cells = tifffile.imread(tmp_path / "out" / "a_cells.tif")
+    assert (cells[lab > 0] == lab[lab > 0]).all() and (cells > 0).sum() >= (lab > 0).sum()
+    rows = list(csv.DictReader((tmp_path / "out" / "a_nuclei.csv").open()))
+    assert rows and all(float(r["cell_area_um2"]) >= float(r["area_um2"]) for r in rows)
+    assert run("predict", tmp_path / "a.png", "-o", tmp_path / "o2", "-m", tmp_path / "m", "--cells", -1).exit_code == 1

@@ -122,3 +122,26 @@ def test_demo_slide_quick_start(model_dir, tmp_path):
               "--halo-px", 32, "--workers", 2)
     assert res.exit_code == 0, res.output
     assert check_slide_output(tmp_path / "out" / "demo_slide.geojson", (2048, 2048)) > 0
+
+
+def test_cells_measurements_parquet_and_parts_from_the_command_line(model_dir, tmp_path):
+    pd = pytest.importorskip("pandas")
+    slide = tmp_path / "good.tif"
+    rng = np.random.default_rng(0)
+    img = np.full((300, 300, 3), (230, 180, 210), np.uint8)
+    img[rng.random((300, 300)) < 0.05] = (80, 40, 120)
+    write_pyramid_tiff(slide, img, 0.5, tile_px=128, compression="zlib")
+    out = tmp_path / "out"
+    res = run(slide, "-o", out, "-m", model_dir, "--tile-px", 256, "--halo-px", 32, "--quiet", "--cells", 4,
+              "--measurements", "basic", "--parquet", "--max-features-per-file", 5)
+    assert res.exit_code == 0, res.output
+    parts = sorted(out.glob("good*.geojson"))
+    features = [f for p in parts for f in read_geojson(p)["features"]]
+    assert len(parts) == -(-len(features) // 5) >= 2
+    check_qupath_geojson({"type": "FeatureCollection", "features": features}, (300, 300), cells=True)
+    assert "Nucleus: Circularity" in features[0]["properties"]["measurements"]
+    assert "Nucleus: Eosin OD mean" not in features[0]["properties"]["measurements"]  # basic: shape only
+    df = pd.read_parquet(out / "good_nuclei.parquet")
+    assert df["id"].tolist() == [f["id"] for f in features]
+    res = run(slide, "-o", tmp_path / "o2", "-m", model_dir, "--cells", -2, "--quiet")
+    assert res.exit_code == 1 and "--cells -2" in res.output

@@ -7,9 +7,10 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "pronet_wsi"
 SCIENCE = ["geometry", "tiling", "tissue", "postprocess", "instances", "stitching", "metrics", "overlay",
+           "measurements", "cells",
            "training.pseudolabels", "training.targets", "training.refinement", "training.points"]
 RUN_LAYER = ["wsi.plan", "wsi.pipeline", "wsi.cluster", "wsi.cohort", "wsi.tile_store", "wsi.assemble", "wsi.tile_task",
-             "export", "slide", "files", "progress"]
+             "export", "table", "slide", "files", "progress"]
 HEAVY = ("torch", "dask", "distributed", "click", "pronet_wsi.cli")
 
 
@@ -101,6 +102,9 @@ def test_click_defaults_are_the_dataclass_defaults():
     assert TilingConfig().halo_px == ModelConfig().context_px  # Python's default is the shipped model's context
     assert seg["batch_size"] == SegmentConfig().batch_size
     assert seg["workers"] == SegmentConfig().workers
+    assert seg["measure_level"] == SegmentConfig().measure.level and seg["cells_um"] == SegmentConfig().measure.cells_um
+    assert SegmentConfig().parquet is False  # a flag: off unless given
+    assert seg["max_features_per_file"] == SegmentConfig().max_features_per_file
     assert seg["device"] == pred["device"] == InferenceConfig().device
     assert pred["window_px"] == InferenceConfig().window_px
     train = defaults("train")

@@ -3,11 +3,12 @@ import json
 import numpy as np
 import pytest
 import zarr
-from wsi_fakes import OracleModel, block_labels, write_oracle_slide
+from wsi_fakes import OracleModel, block_labels, check_qupath_geojson, write_oracle_slide
 
 from pronet_wsi.export import feature_bodies, read_geojson
 from pronet_wsi.geometry import Box, Frame
 from pronet_wsi.instances import tile_instances
+from pronet_wsi.measurements import MeasureConfig
 from pronet_wsi.postprocess import postprocess
 from pronet_wsi.slide import open_slide
 from pronet_wsi.stitching import Candidates, StitchConfig, keep_mask, mutual_matches, overlap_matches, stitch
@@ -26,9 +27,10 @@ def oracle_slide(tmp_path_factory):
         rgb = s.read_box(Box(0, 0, SHAPE[1], SHAPE[0]), SHAPE)
     seg = postprocess(model.maps(rgb), model.postprocess_config)
     whole = Box(0, 0, SHAPE[1], SHAPE[0])
-    inst = tile_instances(seg, (seg.labels > 0).astype(np.float32), whole, whole, Frame(1.0, SHAPE, SHAPE), 0.25, 8.0)
+    inst = tile_instances(seg, (seg.labels > 0).astype(np.float32), whole, whole, Frame(1.0, SHAPE, SHAPE), 0.25, 8.0,
+                          image=rgb, measure=MeasureConfig())
     untiled = [json.loads('{"type":"Feature"' + b) for b in feature_bodies(inst)]
-    return path, seg.labels, untiled
+    return path, seg.labels, untiled, (seg, rgb)
 
 
 def strip_ids(fc):
@@ -41,7 +43,7 @@ def _key(f):
 
 @pytest.mark.parametrize("tile_px,halo_px", [(256, 32), (256, 64), (384, 128), (512, 64), (1024, 128)])
 def test_tiled_equals_untiled_with_the_oracle(oracle_slide, tmp_path, tile_px, halo_px):
-    path, untiled_labels, untiled = oracle_slide
+    path, untiled_labels, untiled, _ = oracle_slide
     cfg = SegmentConfig(tiling=TilingConfig(tile_px, halo_px), use_tissue_mask=False, labels_zarr=True)
     res = segment_slide(path, tmp_path, OracleModel(), cfg)
     fc = read_geojson(res.geojson)
@@ -157,7 +159,7 @@ def test_mutual_matches_pairs_nearest_neighbours_only():
 
 
 def test_in_memory_stitch_of_two_tiles(oracle_slide):
-    path, _, untiled = oracle_slide
+    path, _, untiled, _ = oracle_slide
     model = OracleModel()
     frame = Frame(1.0, SHAPE, SHAPE)
     grid = TileGrid(SHAPE, TilingConfig(512, 64))
@@ -254,3 +256,73 @@ def test_shipped_model_tiled_matches_untiled(shipped_mosaic, tmp_path, tile_px, 
     assert report["near_seams"] > 50
     assert report["aji"] >= 0.98, report
     assert report["lost"] == 0 and report["duplicated"] == 0, report
+
+
+@pytest.mark.parametrize("tile_px,halo_px", [(256, 64), (384, 128)])
+def test_cells_tiled_equal_untiled_with_the_oracle(oracle_slide, tmp_path, tile_px, halo_px):
+    """Acceptance: cells (--cells 2 um = 8 px) tiled == untiled (every cell within 0.5 px, the nuclei and their
+    measurements identical), no two cells overlap, every nucleus in its cell, QuPath's cell rules."""
+    import shapely
+
+    path, _, _, (_, rgb) = oracle_slide
+    # untiled: one pass with the white margin a border tile reads beyond the slide, so only the seams differ
+    pad = np.pad(rgb, ((halo_px, halo_px), (halo_px, halo_px), (0, 0)), constant_values=255)
+    model = OracleModel()
+    seg = postprocess(model.maps(pad), model.postprocess_config)
+    read = Box(-halo_px, -halo_px, SHAPE[1] + halo_px, SHAPE[0] + halo_px)
+    measure = MeasureConfig(cells_um=2.0)
+    inst = tile_instances(seg, (seg.labels > 0).astype(np.float32), read, Box(0, 0, SHAPE[1], SHAPE[0]),
+                          Frame(1.0, SHAPE, SHAPE), 0.25, 8.0, image=pad, measure=measure)
+    untiled = {json.dumps(f["nucleusGeometry"]): f
+               for f in (json.loads('{"type":"Feature"' + b) for b in feature_bodies(inst))}
+    cfg = SegmentConfig(tiling=TilingConfig(tile_px, halo_px), use_tissue_mask=False, measure=measure)
+    fc = read_geojson(segment_slide(path, tmp_path, OracleModel(), cfg).geojson)
+    assert check_qupath_geojson(fc, SHAPE, cells=True) == len(untiled) > 400
+    tiled = {json.dumps(f["nucleusGeometry"]): f for f in fc["features"]}
+    assert set(tiled) == set(untiled)  # the same nuclei
+    far = []
+    for k, f in tiled.items():
+        a, b = (shapely.Polygon(g["geometry"]["coordinates"][0]) for g in (f, untiled[k]))
+        far.append(a.hausdorff_distance(b))
+    assert max(far) <= 0.5, sorted(far)[-5:]
+    cells = np.array([shapely.Polygon(f["geometry"]["coordinates"][0]) for f in fc["features"]])
+    i, j = shapely.STRtree(cells).query(cells, predicate="intersects")
+    i, j = i[i < j], j[i < j]
+    assert len(i) > 300  # cells do touch their neighbours
+    assert shapely.area(shapely.intersection(cells[i], cells[j])).max() < 0.05  # at most 0.01-px rounding
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_shipped_model_cells_tiled_match_untiled(shipped_mosaic, tmp_path):
+    """Acceptance: --cells 5 on the MoNuSeg mosaic with the shipped model: every cell of a nucleus both runs outline
+    alike lies within 0.5 px of the untiled one; no two cells overlap; QuPath's cell rules hold."""
+    import shapely
+
+    region, predictor, path, _ = shipped_mosaic
+    tile_px, halo_px = 1024, 128
+    pad = np.pad(region, ((halo_px, halo_px), (halo_px, halo_px), (0, 0)), constant_values=255)
+    maps = predictor.predict_image(pad)
+    seg = postprocess(maps, predictor.postprocess_config)
+    h, w = region.shape[:2]
+    measure = MeasureConfig(cells_um=5.0)
+    inst = tile_instances(seg, maps["foreground"], Box(-halo_px, -halo_px, w + halo_px, h + halo_px), Box(0, 0, w, h),
+                          Frame(1.0, (h, w), (h, w)), predictor.mpp, 8.0, image=pad, measure=measure)
+    untiled = {json.dumps(f["nucleusGeometry"]): f
+               for f in (json.loads('{"type":"Feature"' + b) for b in feature_bodies(inst))}
+    cfg = SegmentConfig(tiling=TilingConfig(tile_px, halo_px), use_tissue_mask=False, measure=measure)
+    fc = read_geojson(segment_slide(path, tmp_path / "out", predictor, cfg).geojson)
+    n = check_qupath_geojson(fc, (h, w), cells=True)
+    tiled = {json.dumps(f["nucleusGeometry"]): f for f in fc["features"]}
+    same = set(tiled) & set(untiled)
+    far = [shapely.Polygon(tiled[k]["geometry"]["coordinates"][0]).hausdorff_distance(
+        shapely.Polygon(untiled[k]["geometry"]["coordinates"][0])) for k in same]
+    cells = np.array([shapely.Polygon(f["geometry"]["coordinates"][0]) for f in fc["features"]])
+    i, j = shapely.STRtree(cells).query(cells, predicate="intersects")
+    i, j = i[i < j], j[i < j]
+    overlap = shapely.area(shapely.intersection(cells[i], cells[j]))
+    print(f"cells: {n} tiled, {len(untiled)} untiled, {len(same)} same nuclei, max cell distance {max(far):.3f} px, "
+          f"{len(i)} touching pairs, max overlap {overlap.max():.4f} px^2")  # RESULTS.md (pytest -s)
+    assert len(same) >= 0.99 * len(untiled)
+    assert max(far) <= 0.5
+    assert overlap.max() < 0.05

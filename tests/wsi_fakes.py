@@ -102,32 +102,38 @@ class OracleModel:
 
 
 def check_qupath_geojson(fc: dict, shape_hw: tuple[int, int] | None = None,
-                         classes: tuple[str, ...] = ("Nucleus",)) -> int:
+                         classes: tuple[str, ...] = ("Nucleus",), cells: bool = False) -> int:
     """Assert the QuPath import rules (research/peer-tools.md section 3) on a read-back FeatureCollection.
 
     One FeatureCollection; each feature has a UUID id, ``properties.objectType == "detection"`` (not at the top
     level), ``classification {name, color [r, g, b]}``, a measurements map of finite numbers, and a valid closed
     Polygon (>= 4 points, one ring, coordinates on the 0.01 grid, inside the slide when ``shape_hw`` is given).
     ``classes``: the allowed class names (a typed model's nuclei also carry ``Class probability``). Returns the
-    number of features.
+    number of features. The measurements beyond the four every nucleus has are QuPath's (``measurements.py``).
+    ``cells``: every feature is a QuPath cell (``objectType: "cell"``, ``geometry`` the cell, a valid
+    ``nucleusGeometry`` inside it).
     """
     import math
     import uuid
 
     import shapely
 
+    from pronet_wsi.measurements import measurement_names
+
     assert fc["type"] == "FeatureCollection" and isinstance(fc["features"], list)
+    pairs: list = []  # (nucleus, cell)
     for f in fc["features"]:
         assert f["type"] == "Feature" and "objectType" not in f
         uuid.UUID(f["id"])
         props = f["properties"]
-        assert props["objectType"] == "detection"
+        assert props["objectType"] == ("cell" if cells else "detection")
         cls = props["classification"]
         assert set(cls) == {"name", "color"} and cls["name"] in classes
         assert len(cls["color"]) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in cls["color"])
         meas = props["measurements"]
         typed = {"Class probability"} if classes != ("Nucleus",) else set()
-        assert set(meas) == {"Area µm^2", "Area px^2", "Center score", "Foreground probability", *typed}
+        base = {"Area µm^2", "Area px^2", "Center score", "Foreground probability", *typed}
+        assert base <= set(meas) <= base | set(measurement_names("all", cells))
         assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in meas.values())
         geom = f["geometry"]
         assert geom["type"] == "Polygon" and len(geom["coordinates"]) == 1
@@ -136,8 +142,24 @@ def check_qupath_geojson(fc: dict, shape_hw: tuple[int, int] | None = None,
         assert np.allclose(ring, np.round(ring, 2), atol=1e-9)
         poly = shapely.Polygon(ring)
         assert poly.is_valid and poly.area > 0
+        if cells:
+            nuc = f["nucleusGeometry"]
+            assert nuc["type"] == "Polygon" and len(nuc["coordinates"]) == 1
+            nucleus = shapely.Polygon(nuc["coordinates"][0])
+            assert nucleus.is_valid and nucleus.area > 0
+            pairs.append((nucleus, poly))
+        else:
+            assert "nucleusGeometry" not in f
         if shape_hw is not None:
             assert ring.min() >= 0 and (ring[:, 0] <= shape_hw[1]).all() and (ring[:, 1] <= shape_hw[0]).all()
+    if pairs:  # each nucleus inside its cell, but for 0.01 px rounding and where it overlaps another nucleus
+        nuclei = np.array([n for n, _ in pairs])
+        tree = shapely.STRtree(nuclei)
+        for k, (nucleus, cell) in enumerate(pairs):
+            outside = nucleus.difference(cell)
+            if outside.area > 0.05:
+                others = [j for j in tree.query(nucleus, predicate="intersects") if j != k]
+                assert outside.difference(shapely.union_all(nuclei[others])).area <= 0.05, k
     return len(fc["features"])
 
 

@@ -11,8 +11,9 @@ import time
 
 import numpy as np
 
-from pronet_wsi.export import GeoJSONWriter, LabelsWriter, Overlay, feature_text, nucleus_uuid
+from pronet_wsi.export import LabelsWriter, Overlay, SplitGeoJSONWriter, feature_text, nucleus_uuid
 from pronet_wsi.stitching import Candidates, Resolver
+from pronet_wsi.table import NucleiTableWriter
 from pronet_wsi.tiling import Tile, TileGrid
 from pronet_wsi.wsi.plan import SlidePlan
 from pronet_wsi.wsi.tile_store import TileStore
@@ -56,30 +57,45 @@ def write_outputs(plan: SlidePlan, store: TileStore, ids_key: str) -> dict:
                                "description": "nucleus ids; id i is the i-th feature of the GeoJSON"})
     area_um2_sum = 0.0
     class_counts = np.zeros(len(plan.model.classes), np.int64)
+    table = None
+    if config.parquet:
+        table = NucleiTableWriter(paths.table, plan.slide.mpp, config.measure.names, plan.model.classes,
+                                  cells=config.measure.cells_um > 0)
+    writer = SplitGeoJSONWriter(paths.geojson, config.gzip, config.max_features_per_file)
     try:
-        with GeoJSONWriter(paths.geojson, config.gzip) as writer:
-            for tl in tiles:
-                km = keep[tl.index]
-                texts = store.load_texts(tl.key)
-                base = gid_start[tl.index]
-                for n, i in enumerate(np.nonzero(km)[0], start=1):
-                    writer.write(feature_text(nucleus_uuid(ids_key, base + n), texts[i]))
-                kept = store.load(tl.key).select(km)
-                area_um2_sum += float(kept.area_um2.sum())
-                if kept.class_index is not None and len(class_counts):
-                    class_counts += np.bincount(kept.class_index.astype(np.int64), minlength=len(class_counts))
-                overlay.add(kept)
+        for tl in tiles:
+            km = keep[tl.index]
+            texts = store.load_texts(tl.key)
+            base = gid_start[tl.index]
+            ids = [nucleus_uuid(ids_key, base + n) for n in range(1, int(km.sum()) + 1)]
+            for fid, i in zip(ids, np.nonzero(km)[0], strict=True):
+                writer.write(feature_text(fid, texts[i]))
+            kept = store.load(tl.key).select(km)
+            if table is not None:
+                table.add(ids, kept)
+            area_um2_sum += float(kept.area_um2.sum())
+            if kept.class_index is not None and len(class_counts):
+                class_counts += np.bincount(kept.class_index.astype(np.int64), minlength=len(class_counts))
+            overlay.add(kept)
         if labels is not None:
             _paint_labels(labels, store, grid, tiles, order, keep, gid_start)
+        writer.close()
+        if table is not None:
+            table.close()
+        if labels is not None:
             labels.close()
     except BaseException:
+        writer.abort()
+        if table is not None:
+            table.abort()
         if labels is not None:
             labels.abort()
         raise
     overlay.save(paths.overlay)
     timings["export_s"] = time.perf_counter() - t
     return {"candidates": n_candidates, "nuclei": gid, "duplicates_removed": n_candidates - gid,
-            "area_um2_sum": area_um2_sum, "class_counts": class_counts.tolist()}
+            "area_um2_sum": area_um2_sum, "class_counts": class_counts.tolist(),
+            "geojson_parts": [str(p) for p in writer.paths]}
 
 
 def _paint_labels(labels: LabelsWriter, store: TileStore, grid: TileGrid, tiles: tuple[Tile, ...], order: dict,

@@ -342,6 +342,11 @@ def _record_row(name: str, rec: dict) -> dict:
     for cls, v in (classes.items() if isinstance(classes, dict) else ()):
         if isinstance(v, dict):
             per_class[f"n_{cls}"], per_class[f"{cls}_per_mm2"] = v.get("nuclei"), v.get("per_mm2")
+    table = rec.get("output", {}).get("table")
+    if table and Path(table).exists():  # --parquet: per-slide means of every measurement
+        from pronet_wsi.table import table_means
+
+        per_class.update({f"mean {k}": round(v, 6) for k, v in table_means(Path(table)).items()})
     return {**_row(name, slide, "done", "", nuclei=rec.get("counts", {}).get("nuclei"),
                    tissue_area_mm2=meas.get("tissue_area_mm2"), nuclei_per_mm2=meas.get("nuclei_per_mm2"),
                    mean_area_um2=meas.get("mean_area_um2"), wall_time_s=wall,

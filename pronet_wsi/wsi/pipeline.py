@@ -28,7 +28,14 @@ from pathlib import Path
 
 from pronet_wsi import __version__
 from pronet_wsi.errors import InputError
-from pronet_wsi.export import nucleus_uuid, save_mask_png, tissue_annotation, write_json, write_tissue_geojson
+from pronet_wsi.export import (
+    nucleus_uuid,
+    part_path,
+    save_mask_png,
+    tissue_annotation,
+    write_json,
+    write_tissue_geojson,
+)
 from pronet_wsi.files import OutputLock, OutputPaths, check_outputs, same_file, slide_stem, sweep_temp
 from pronet_wsi.geometry import Frame, check_scale
 from pronet_wsi.progress import progress_bar
@@ -157,8 +164,12 @@ def prepare_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
         if check_slide(slide_path, out_dir, config, name, inputs):  # it finished while we waited for the lock
             lock.release()
             return skipped
-        for path in (paths.geojson, paths.record, paths.overlay, paths.mask, paths.tissue):
+        for path in (paths.geojson, paths.record, paths.overlay, paths.mask, paths.tissue, paths.table):
             sweep_temp(out_dir, path.name)  # left by a killed run of this slide (we hold its lock)
+        k = 2
+        while any(out_dir.glob(f".{part_path(paths.geojson, k).name}.*")) or part_path(paths.geojson, k).exists():
+            sweep_temp(out_dir, part_path(paths.geojson, k).name)  # parts of a split GeoJSON
+            k += 1
         return _plan(slide_path, name, paths, predictor, config, backend, mpp, run_log, lock)
     except BaseException:
         lock.release()
@@ -184,6 +195,10 @@ def _plan(slide_path: Path, name: str, paths: OutputPaths, predictor: TileModel,
     if config.tiling.halo_px < context:
         warnings.append(f"--halo-px {config.tiling.halo_px} is below the model's context of {context} px; nuclei "
                         f"on tile seams may differ from an untiled run")
+    reach = config.stitch.match_radius_px + 2 * config.measure.cells_um / predictor.mpp
+    if config.measure.cells_um > 0 and config.tiling.halo_px < reach + 32:
+        warnings.append(f"--halo-px {config.tiling.halo_px} is below {reach + 32:.0f} px (match radius + twice "
+                        f"--cells + a nucleus); cells on tile seams may differ from an untiled run")
     if not tiles:
         warnings.append("no tissue found (the slide looks empty); wrote an empty FeatureCollection")
     classes: tuple[str, ...] = tuple(getattr(predictor, "classes", ()))  # test doubles may be untyped
@@ -193,7 +208,8 @@ def _plan(slide_path: Path, name: str, paths: OutputPaths, predictor: TileModel,
                    "mtime_ns": slide_path.stat().st_mtime_ns, "backend": source.backend, "mpp": source.mpp,
                    "pixel_range": source.info.get("pixel_max"), "model": model.id, "model_mpp": model.mpp,
                    "postprocess": model.postprocess, "context_px": context,
-                   "tiling": asdict(config.tiling), "stitch": asdict(config.stitch), "masks": config.labels_zarr}
+                   "tiling": asdict(config.tiling), "stitch": asdict(config.stitch), "masks": config.labels_zarr,
+                   "measure": asdict(config.measure)}
     inference = getattr(predictor, "config", None) or getattr(predictor, "inference", None)
     if getattr(inference, "tta", False):
         fingerprint["tta"] = True  # parts made with and without TTA never mix
@@ -209,7 +225,8 @@ def _plan(slide_path: Path, name: str, paths: OutputPaths, predictor: TileModel,
     job = TileJob(slide_path=str(slide_path), backend=source.backend, mpp=source.mpp, frame=frame,
                   tiling=config.tiling, match_radius_px=config.stitch.match_radius_px,
                   with_masks=config.labels_zarr, parts_root=str(paths.parts), fingerprint=fingerprint,
-                  classes=classes, class_colors=tuple(getattr(predictor, "class_colors", ())) if classes else ())
+                  classes=classes, class_colors=tuple(getattr(predictor, "class_colors", ())) if classes else (),
+                  measure=config.measure)
     batches = tuple(tuple(pending[i : i + config.batch_size]) for i in range(0, len(pending), config.batch_size))
     return SlidePlan(slide=source, paths=paths, config=config, model=model, frame=frame, grid=grid,
                      tiles=tuple(tiles), batches=batches, overview=Overview(thumb, thumb_ds, mask), job=job,
@@ -233,6 +250,12 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
     counts = write_outputs(plan, store, ids_key(plan))
     area_um2_sum = counts.pop("area_um2_sum")
     class_counts = counts.pop("class_counts")
+    parts = counts.pop("geojson_parts")
+    output = paths.user_files()
+    if not config.parquet:
+        output.pop("table")
+    if len(parts) > 1:
+        output["geojson_parts"] = parts
     if overview.mask is not None:
         save_mask_png(paths.mask, overview.mask)
         if config.tissue_geojson:
@@ -245,7 +268,7 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
     model_mpp = plan.model.mpp
     record = {"status": "done", "name": plan.slide.name,
               "slide": {**plan.slide.info, "path_resolved": str(plan.slide.path.resolve())},
-              "output": paths.user_files(),
+              "output": output,
               "model": plan.model.id, "model_mpp": model_mpp,
               "config": {"segment": _plain(config), "postprocess": plan.model.postprocess},
               "processing": {"scale_level0_per_px": plan.frame.scale, "shape_hw": list(plan.frame.shape)},
@@ -266,7 +289,8 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
     try:
         write_json(paths.record, record)
     except BaseException:  # no GeoJSON without its "done" record; this run wrote it, so this run removes it
-        paths.geojson.unlink(missing_ok=True)
+        for path in [*map(Path, parts), *([paths.table] if config.parquet else [])]:
+            path.unlink(missing_ok=True)
         raise
     store.remove()
     for w in warnings:

@@ -17,6 +17,7 @@ import numpy as np
 
 from pronet_wsi.files import OutputLock, OutputPaths
 from pronet_wsi.geometry import Frame
+from pronet_wsi.measurements import MeasureConfig
 from pronet_wsi.stitching import StitchConfig
 from pronet_wsi.tiling import Tile, TileGrid, TilingConfig
 from pronet_wsi.tissue import TissueConfig
@@ -33,6 +34,10 @@ class SegmentConfig:
     tissue_geojson : also write ``<stem>_tissue.geojson``, the tissue region as a QuPath annotation.
     overwrite : redo a slide whose output exists. overlay_max_px : long side of the overlay PNG (also the
     image the tissue mask is computed on).
+    measure : QuPath measurements per nucleus (``level``) and cells (``cells_um``, 0 = none).
+    parquet : also write ``<stem>_nuclei.parquet``, one row per nucleus.
+    max_features_per_file : split the GeoJSON into ``<stem>.geojson``, ``<stem>.part2.geojson``, ... of at most
+        this many features each (0 = one file).
     """
 
     tiling: TilingConfig = field(default_factory=TilingConfig)
@@ -46,8 +51,13 @@ class SegmentConfig:
     tissue_geojson: bool = False
     overwrite: bool = False
     overlay_max_px: int = 2048
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    parquet: bool = False
+    max_features_per_file: int = 0
 
     def __post_init__(self) -> None:
+        if self.max_features_per_file < 0:
+            raise ValueError(f"max_features_per_file={self.max_features_per_file}: must be >= 0 (0 = one file)")
         if not 1 <= self.batch_size <= 256:
             raise ValueError(f"batch_size={self.batch_size}: must be between 1 and 256")
         if self.overlay_max_px < 64:

@@ -21,6 +21,7 @@ _FIELDS = ("centers_xy", "priority", "in_core", "area_px", "area_um2", "center_s
            "coords", "offsets")
 _MASK_FIELDS = ("bbox", "bits", "bit_offsets")
 _TYPE_FIELDS = ("class_index", "class_prob")  # typed models only
+_OPTIONAL_FIELDS = ("features", "cell_coords", "cell_offsets")  # measurements, cells
 
 
 class TileStore:
@@ -80,6 +81,9 @@ class TileStore:
             arrays.update({f: getattr(inst, f) for f in _MASK_FIELDS})
         if inst.class_index is not None:
             arrays.update({f: getattr(inst, f) for f in _TYPE_FIELDS})
+        arrays.update({f: getattr(inst, f) for f in _OPTIONAL_FIELDS if getattr(inst, f) is not None})
+        if inst.features is not None:
+            arrays["feature_names"] = np.frombuffer(json.dumps(list(inst.feature_names)).encode(), np.uint8)
         arrays["text"] = np.frombuffer(blob, np.uint8)
         arrays["text_offsets"] = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
         arrays["stats"] = np.frombuffer(json.dumps(stats).encode(), np.uint8)
@@ -93,6 +97,9 @@ class TileStore:
         with np.load(self.path(key)) as z:
             extra = {f: z[f] for f in _MASK_FIELDS if masks and f in z.files}
             extra.update({f: z[f] for f in _TYPE_FIELDS if f in z.files})
+            extra.update({f: z[f] for f in _OPTIONAL_FIELDS if f in z.files})
+            if "feature_names" in z.files:
+                extra["feature_names"] = tuple(json.loads(z["feature_names"].tobytes().decode()))
             return Instances(**{f: z[f] for f in _FIELDS}, **extra)
 
     def load_candidates(self, key: str) -> tuple[np.ndarray, ...]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -19,6 +19,7 @@ import numpy as np
 from pronet_wsi.export import feature_bodies
 from pronet_wsi.geometry import Frame, rc_to_xy
 from pronet_wsi.instances import tile_instances
+from pronet_wsi.measurements import MeasureConfig
 from pronet_wsi.postprocess import PostprocessConfig, postprocess
 from pronet_wsi.slide import Slide, open_slide
 from pronet_wsi.tiling import Tile, TilingConfig
@@ -42,6 +43,7 @@ class TileJob:
     fingerprint: dict
     classes: tuple[str, ...] = ()
     class_colors: tuple[tuple[int, int, int], ...] = ()
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
 
 
 _HANDLES: dict[int, dict[tuple, Slide]] = {}  # thread id -> its open slides, oldest first
@@ -112,6 +114,7 @@ def run_batch(job: TileJob, tiles: Sequence[Tile], predictor: TileModel, on_tile
         t1 = time.perf_counter()  # after the wait for the model: waiting is neither reading nor predicting
         maps = predictor.predict_batch(images)
         t2 = time.perf_counter()
+    pixels = images if job.measure.level == "all" else None  # stain measurements need them
     del images
     store = TileStore(Path(job.parts_root))
     config = predictor.postprocess_config
@@ -122,7 +125,8 @@ def run_batch(job: TileJob, tiles: Sequence[Tile], predictor: TileModel, on_tile
         seg = postprocess(tile_maps, config)
         t4 = time.perf_counter()
         inst = tile_instances(seg, tile_maps["foreground"], tile.read, tile.core, job.frame, predictor.mpp,
-                              job.match_radius_px, with_masks=job.with_masks)
+                              job.match_radius_px, with_masks=job.with_masks,
+                              image=None if pixels is None else pixels[k], measure=job.measure)
         bodies = feature_bodies(inst, job.classes, job.class_colors)
         t5 = time.perf_counter()
         cut = _cut_at_edge(seg, tile, job.match_radius_px)

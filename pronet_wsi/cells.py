@@ -1,0 +1,80 @@
+"""Cells: each nucleus grown by up to a distance, never into another cell (QuPath's cell expansion).
+
+As QuPath's cell detection does it, on the label image at the detection resolution: every background pixel within
+the distance of a nucleus joins the nearest nucleus (Euclidean distance to its pixels), so the split between two
+growing nuclei falls halfway between their boundaries (:func:`expand_labels`). The traced outlines are then fitted
+to the nuclei's polygons (:func:`fit_cells`): each cell contains its whole nucleus, no other nucleus, and no part of
+a neighbouring cell. A cell depends only on the labels within twice the distance of its nucleus, so a tile whose
+halo covers that gives the same cells as an untiled run. Pure numpy/shapely; no files.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import shapely
+from skimage.segmentation import expand_labels as _expand
+
+
+def expand_labels(labels: np.ndarray, distance_px: float) -> np.ndarray:
+    """(H, W) labels -> the same labels grown into the background by up to ``distance_px`` (pixel centres),
+    each background pixel taking the nearest label (ties: the lower index in raster order)."""
+    return _expand(np.asarray(labels), distance=distance_px)
+
+
+def fit_cells(nuclei: np.ndarray, raw: np.ndarray, centers_xy: np.ndarray) -> np.ndarray:
+    """Make cell polygons a partition that respects the nuclei.
+
+    Parameters
+    ----------
+    nuclei, raw : (N,) shapely Polygons, nucleus outlines and the traced outlines of their expanded labels.
+    centers_xy : (N, 2) float64, the nuclei's centres (level-0 ``(x, y)``): where two cells overlap, the one whose
+        centre comes first in (y, x) order keeps the overlap, so the result does not depend on the input order.
+
+    Returns
+    -------
+    (N,) Polygons: ``raw | nucleus``, minus every other nucleus, minus the earlier overlapping cells; without holes.
+    Two cells share at most boundary. A cell holds its whole nucleus except where two nucleus outlines overlap
+    (simplified outlines of touching nuclei can, by up to half a pixel): that sliver goes to the earlier cell.
+    """
+    n = len(nuclei)
+    if n == 0:
+        return np.zeros(0, object)
+    cells = shapely.union(shapely.make_valid(raw), nuclei)
+    tree = shapely.STRtree(nuclei)
+    ci, nj = tree.query(cells, predicate="intersects")
+    other = ci != nj
+    ci, nj = ci[other], nj[other]
+    if len(ci):
+        bite = shapely.difference(nuclei[nj], nuclei[ci])
+        cells = _subtract(cells, ci, bite)
+    rank = np.empty(n, np.int64)
+    rank[np.lexsort((centers_xy[:, 0], centers_xy[:, 1]))] = np.arange(n)
+    ti, tj = shapely.STRtree(cells).query(cells, predicate="intersects")
+    later = rank[tj] < rank[ti]  # j comes before i: i gives up the overlap
+    ti, tj = ti[later], tj[later]
+    if len(ti):
+        cells = _subtract(cells, ti, cells[tj])
+    return np.array([_piece_with(c, nuc) for c, nuc in zip(cells, nuclei, strict=True)], object)
+
+
+def _subtract(cells: np.ndarray, who: np.ndarray, parts: np.ndarray) -> np.ndarray:
+    """``cells[i]`` minus the union of the ``parts`` whose ``who`` is i."""
+    out = cells.copy()
+    order = np.argsort(who, kind="stable")
+    who, parts = who[order], parts[order]
+    bounds = np.flatnonzero(np.diff(who)) + 1
+    for group, pieces in zip(np.split(who, bounds), np.split(parts, bounds), strict=True):
+        i = int(group[0])
+        out[i] = shapely.difference(out[i], shapely.union_all(pieces))
+    return out
+
+
+def _piece_with(cell, nucleus) -> shapely.Geometry:
+    """The polygon of ``cell`` that holds most of ``nucleus``, without holes (the nucleus when none does)."""
+    cell = shapely.make_valid(cell)
+    polys = [g for g in getattr(cell, "geoms", [cell]) if g.geom_type == "Polygon" and not g.is_empty]
+    polys += [p for g in getattr(cell, "geoms", []) if g.geom_type == "MultiPolygon" for p in g.geoms]
+    if not polys:
+        return nucleus
+    best = max(polys, key=lambda p: (p.intersection(nucleus).area, p.area))
+    return shapely.Polygon(best.exterior)

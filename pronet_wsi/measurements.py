@@ -1,0 +1,226 @@
+"""Per-nucleus (and per-cell) measurements named and defined as QuPath's cell detection writes them.
+
+Shape comes from the outline polygon (level-0 ``(x, y)`` px, scaled to um by the slide's pixel size), so an area is
+the polygon's own (shoelace) area, the one QuPath computes for the imported object. Stain comes from the pixels
+of the nucleus (or cell) in the tile the model saw, after colour deconvolution with QuPath's default H&E stain
+vectors. Pure functions on arrays; no files.
+
+Names (QuPath's ``WatershedCellDetection`` + ``ObjectMeasurements``; calibrated, so lengths in um and areas in
+um^2 as QuPath shows them for a slide with a pixel size): ``Nucleus: Area``, ``Nucleus: Perimeter``,
+``Nucleus: Circularity``, ``Nucleus: Max caliper``, ``Nucleus: Min caliper``, ``Nucleus: Eccentricity``,
+``Nucleus: Solidity``, ``Nucleus: Hematoxylin OD mean`` / ``std dev`` / ``max``, ``Nucleus: Eosin OD mean``; with
+cells ``Cell: Area``, ``Cell: Eosin OD mean``, ``Cytoplasm: Area``, ``Cytoplasm: Eosin OD mean`` and
+``Nucleus/Cell area ratio``. ``Cytoplasm: Area`` (cell minus nucleus) has no QuPath counterpart and is named in
+its pattern; ``Solidity`` is from QuPath's shape features (``ObjectMeasurements.ShapeFeatures``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import shapely
+
+LEVELS = ("none", "basic", "all")
+
+#: QuPath's default H&E stain vectors ("H&E default": optical density per R, G, B; background 255).
+HEMATOXYLIN_OD = (0.65111, 0.70119, 0.29049)
+EOSIN_OD = (0.2159, 0.8012, 0.5581)
+BACKGROUND_RGB = 255.0
+
+SHAPE_NAMES = ("Nucleus: Area", "Nucleus: Perimeter", "Nucleus: Circularity", "Nucleus: Max caliper",
+               "Nucleus: Min caliper", "Nucleus: Eccentricity", "Nucleus: Solidity")
+STAIN_NAMES = ("Nucleus: Hematoxylin OD mean", "Nucleus: Hematoxylin OD std dev", "Nucleus: Hematoxylin OD max",
+               "Nucleus: Eosin OD mean")
+CELL_SHAPE_NAMES = ("Cell: Area", "Cytoplasm: Area", "Nucleus/Cell area ratio")
+CELL_STAIN_NAMES = ("Cell: Eosin OD mean", "Cytoplasm: Eosin OD mean")
+
+
+def measurement_names(level: str, cells: bool) -> tuple[str, ...]:
+    """The measurement columns a run with ``level`` (``none|basic|all``) and cells on/off adds, in order."""
+    if level not in LEVELS:
+        raise ValueError(f"measurements={level!r}: must be one of {', '.join(LEVELS)}")
+    names: tuple[str, ...] = ()
+    if level in ("basic", "all"):
+        names += SHAPE_NAMES + (CELL_SHAPE_NAMES if cells else ())
+    if level == "all":
+        names += STAIN_NAMES + (CELL_STAIN_NAMES if cells else ())
+    return names
+
+
+def _ragged(coords: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Edges of closed rings: start points, end points (each ring shifted to its first vertex) and ring index."""
+    n = len(offsets) - 1
+    ring_of = np.repeat(np.arange(n), np.diff(offsets))
+    local = coords - coords[offsets[:-1]][ring_of]  # precision: moments about each ring's own first vertex
+    edge = np.ones(len(coords), bool)
+    edge[offsets[1:] - 1] = False  # the last vertex of a ring starts no edge (rings are closed)
+    idx = np.nonzero(edge)[0]
+    return local[idx], local[idx + 1], ring_of[idx]
+
+
+def polygon_moments(coords: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Area and central second moments of closed rings (Green's theorem, exact for polygons).
+
+    Returns ``area`` (N,) (unsigned) and ``mu`` (N, 3): ``(mu20, mu02, mu11)`` per unit area.
+    """
+    n = len(offsets) - 1
+    if n == 0:
+        return np.zeros(0), np.zeros((0, 3))
+    p, q, ring = _ragged(np.asarray(coords, np.float64), np.asarray(offsets, np.int64))
+    x0, y0, x1, y1 = p[:, 0], p[:, 1], q[:, 0], q[:, 1]
+    cross = x0 * y1 - x1 * y0
+
+    def total(v: np.ndarray) -> np.ndarray:
+        return np.bincount(ring, weights=v, minlength=n)
+
+    a = total(cross) / 2  # signed
+    safe = np.where(a == 0, 1.0, a)
+    cx = total((x0 + x1) * cross) / (6 * safe)
+    cy = total((y0 + y1) * cross) / (6 * safe)
+    sxx = total((x0 * x0 + x0 * x1 + x1 * x1) * cross) / (12 * safe)
+    syy = total((y0 * y0 + y0 * y1 + y1 * y1) * cross) / (12 * safe)
+    sxy = total((x0 * y1 + 2 * x0 * y0 + 2 * x1 * y1 + x1 * y0) * cross) / (24 * safe)
+    mu = np.stack([sxx - cx * cx, syy - cy * cy, sxy - cx * cy], 1)
+    return np.abs(a), mu
+
+
+def eccentricity(mu: np.ndarray) -> np.ndarray:
+    """sqrt(1 - minor^2 / major^2) of the ellipse with the same second moments (ImageJ's ellipse fit)."""
+    mu20, mu02, mu11 = mu[:, 0], mu[:, 1], mu[:, 2]
+    half = (mu20 + mu02) / 2
+    root = np.sqrt(((mu20 - mu02) / 2) ** 2 + mu11**2)
+    lam1, lam2 = half + root, np.maximum(half - root, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(lam1 > 0, np.sqrt(np.clip(1 - lam2 / lam1, 0, 1)), np.nan)
+
+
+def calipers(polys: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Max caliper (largest distance between two points of the outline) and min caliper (smallest width over all
+    directions, from rotating calipers on the convex hull) of each polygon, in the polygons' units."""
+    n = len(polys)
+    out_max, out_min = np.full(n, np.nan), np.full(n, np.nan)
+    if n == 0:
+        return out_max, out_min
+    hulls = shapely.get_exterior_ring(shapely.convex_hull(polys))
+    coords, idx = shapely.get_coordinates(hulls, return_index=True)
+    counts = np.bincount(idx, minlength=n)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    k = np.maximum(counts - 1, 0)  # distinct vertices (closed rings repeat the first)
+    for lo in range(0, n, chunk):
+        sel = np.arange(lo, min(lo + chunk, n))
+        sel = sel[k[sel] >= 2]
+        if len(sel) == 0:
+            continue
+        kmax = int(k[sel].max())
+        j = np.arange(kmax)
+        take = starts[sel, None] + np.where(j[None] < k[sel, None], j[None], 0)  # pad with the first vertex
+        v = coords[take]  # (m, kmax, 2)
+        d = np.linalg.norm(v[:, :, None] - v[:, None], axis=-1)
+        out_max[sel] = d.max((1, 2))
+        nxt = starts[sel, None] + (j[None] + 1) % np.maximum(k[sel, None], 1)
+        e = coords[nxt] - v  # edge i: vertex i -> i + 1
+        length = np.linalg.norm(e, axis=-1)
+        rel = v[:, None, :, :] - v[:, :, None, :]  # (m, edge i, vertex j, 2)
+        cross = np.abs(e[:, :, None, 0] * rel[..., 1] - e[:, :, None, 1] * rel[..., 0])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            width = cross.max(2) / length
+        width[(j[None] >= k[sel, None]) | (length == 0)] = np.inf
+        out_min[sel] = width.min(1)
+    return out_max, out_min
+
+
+def shape_measurements(coords: np.ndarray, offsets: np.ndarray, um_per_px: float) -> dict[str, np.ndarray]:
+    """The :data:`SHAPE_NAMES` of closed rings in level-0 px, lengths in um (``um_per_px``) and areas in um^2.
+
+    Circularity is ``4 pi area / perimeter^2`` (at most 1), solidity ``area / convex hull area``.
+    """
+    n = len(offsets) - 1
+    area_px, mu = polygon_moments(coords, offsets)
+    polys = rings_to_polygons(coords, offsets)
+    perim_px = shapely.length(shapely.get_exterior_ring(polys)) if n else np.zeros(0)
+    hull_area = shapely.area(shapely.convex_hull(polys)) if n else np.zeros(0)
+    cmax, cmin = calipers(polys)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        circ = np.minimum(4 * np.pi * area_px / perim_px**2, 1.0)
+        solidity = np.minimum(area_px / hull_area, 1.0)
+    values = (area_px * um_per_px**2, perim_px * um_per_px, circ, cmax * um_per_px, cmin * um_per_px,
+              eccentricity(mu), solidity)
+    return dict(zip(SHAPE_NAMES, values, strict=True))
+
+
+def rings_to_polygons(coords: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(N,) shapely Polygons from closed rings ``coords[offsets[i]:offsets[i + 1]]``."""
+    n = len(offsets) - 1
+    if n == 0:
+        return np.zeros(0, object)
+    ring_of = np.repeat(np.arange(n), np.diff(offsets))
+    return shapely.polygons(shapely.linearrings(coords, indices=ring_of))
+
+
+def stain_od(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hematoxylin and eosin optical density of each pixel, QuPath's way.
+
+    rgb : (..., 3) uint8, e.g. (H, W, 3). Each channel's OD is ``-log10(max(I, 1) / 255)``; the stains' amounts
+    come from the inverse of the matrix of QuPath's default H&E vectors and a third, residual vector orthogonal to
+    both.
+    Returns two float32 arrays of shape ``rgb.shape[:-1]``.
+    """
+    m = stain_matrix()
+    inv = np.linalg.inv(m).astype(np.float32)
+    od = -np.log10(np.maximum(np.asarray(rgb, np.float32), 1.0) / np.float32(BACKGROUND_RGB))
+    amounts = od.reshape(-1, 3) @ inv
+    shape = np.shape(rgb)[:-1]
+    return amounts[:, 0].reshape(shape), amounts[:, 1].reshape(shape)
+
+
+def stain_matrix() -> np.ndarray:
+    """(3, 3) rows: unit hematoxylin, eosin and residual OD vectors (R, G, B)."""
+    h = np.asarray(HEMATOXYLIN_OD, np.float64)
+    e = np.asarray(EOSIN_OD, np.float64)
+    h, e = h / np.linalg.norm(h), e / np.linalg.norm(e)
+    r = np.cross(h, e)
+    return np.stack([h, e, r / np.linalg.norm(r)])
+
+
+def label_stats(values: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Mean, std dev (sample, n - 1) and max of ``values`` over the pixels of each label in ``ids``.
+
+    values : float array; labels : int array of the same shape, 0 = none; ids : (N,) labels to report. NaN where
+    a label has no pixels (std dev: fewer than two), as QuPath's RunningStatistics.
+    """
+    flat = np.asarray(labels).ravel().astype(np.int64)
+    v = np.asarray(values, np.float64).ravel()
+    top = int(max(flat.max(initial=0), ids.max(initial=0))) + 1
+    count = np.bincount(flat, minlength=top)[ids].astype(np.float64)
+    s = np.bincount(flat, weights=v, minlength=top)[ids]
+    s2 = np.bincount(flat, weights=v * v, minlength=top)[ids]
+    vmax = np.full(top, -np.inf)
+    np.maximum.at(vmax, flat, v)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, s / count, np.nan)
+        var = np.where(count > 1, (s2 - count * mean**2) / (count - 1), np.nan)
+    return {"mean": mean, "std": np.sqrt(np.maximum(var, 0)), "max": np.where(count > 0, vmax[ids], np.nan)}
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """What to measure per nucleus and whether to grow cells.
+
+    level : ``none`` (only the detection's own four: areas, centre score, foreground probability), ``basic``
+        (+ shape), ``all`` (+ stain: hematoxylin / eosin OD).
+    cells_um : grow each nucleus by up to this many um into a cell (QuPath's cellExpansion); 0 = no cells.
+    """
+
+    level: str = "all"
+    cells_um: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.level not in LEVELS:
+            raise ValueError(f"measurements={self.level!r}: must be one of {', '.join(LEVELS)}")
+        if not 0.0 <= self.cells_um <= 50.0:
+            raise ValueError(f"cells_um={self.cells_um}: must be between 0 (no cells) and 50 um")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return measurement_names(self.level, self.cells_um > 0)
