@@ -95,7 +95,26 @@ def feature_text(feature_id: str, body: str) -> str:
     return f'{{"type":"Feature","id":"{feature_id}"{body}'
 
 
-class GeoJSONWriter:
+class _CommitOnSuccess:
+    """Context manager: ``close()`` (commit) when the block succeeds, ``abort()`` (remove) when it raises."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class GeoJSONWriter(_CommitOnSuccess):
     """Stream a FeatureCollection to ``path`` (gzip when ``gzip``); the file appears only on :meth:`close`.
 
     Use as a context manager: an exception inside the block removes the temporary file.
@@ -144,14 +163,6 @@ class GeoJSONWriter:
         finally:
             self._tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> GeoJSONWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def part_path(path: Path, k: int) -> Path:
@@ -164,7 +175,7 @@ def part_path(path: Path, k: int) -> Path:
     return path.with_name(f"{stem}.part{k}{suffix}")
 
 
-class SplitGeoJSONWriter:
+class SplitGeoJSONWriter(_CommitOnSuccess):
     """:class:`GeoJSONWriter` over several files of at most ``max_features`` features each (0 = one file), so
     QuPath can import a slide with millions of nuclei part by part. Every part appears only on :meth:`close`
     (a failed run leaves none), and parts of an earlier run beyond the new last one are removed then."""
@@ -204,14 +215,6 @@ class SplitGeoJSONWriter:
             else:  # committed before another part failed: this run wrote it, this run removes it
                 w.path.unlink(missing_ok=True)
 
-    def __enter__(self) -> SplitGeoJSONWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def read_geojson(path: str | os.PathLike) -> dict:

@@ -254,7 +254,8 @@ def _owned_note(path: Path) -> Path:
     return Path(path).parent / OWNED_DIR / f"{Path(path).name}.json"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
     import hashlib
 
     h = hashlib.sha256()
@@ -274,7 +275,7 @@ def mark_owned(path: Path) -> None:
     try:
         st = path.stat()
         info = {"name": path.name, "dir": path.is_dir(), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                "sha256": None if path.is_dir() else _sha256(path)}
+                "sha256": None if path.is_dir() else sha256_file(path)}
         note = _owned_note(path)
         note.parent.mkdir(exist_ok=True)
         atomic_text(note, json.dumps(info))
@@ -293,7 +294,7 @@ def is_owned(path: Path) -> bool:
             if path.is_dir():
                 return True
         elif path.is_file() and info.get("size") == st.st_size and (
-                info.get("mtime_ns") == st.st_mtime_ns or info.get("sha256") == _sha256(path)):
+                info.get("mtime_ns") == st.st_mtime_ns or info.get("sha256") == sha256_file(path)):
             return True
     except (OSError, ValueError, AttributeError):
         pass

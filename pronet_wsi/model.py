@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pronet_wsi.errors import InputError
-from pronet_wsi.files import atomic_text, atomic_write
+from pronet_wsi.files import atomic_text, atomic_write, sha256_file
 from pronet_wsi.postprocess import PostprocessConfig
 
 VGG16_STAGES = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))  # 13 conv layers in 5 stages
@@ -234,13 +234,6 @@ def save_model(model: PRONet, path: str | Path, thresholds: PostprocessConfig = 
     atomic_text(path / "thresholds.json", json.dumps(asdict(thresholds), indent=2) + "\n")
     return path
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -73,18 +73,23 @@ def test_info_runs(model_dir):
     assert res.exit_code == 0 and "torch" in res.output and "device:" in res.output
 
 
+def _calling_model(path, classes: tuple[str, ...] = ()):
+    """A tiny random model at 0.5 um/px whose head biases make it call some nuclei."""
+    import torch
+
+    torch.manual_seed(0)
+    net = PRONet(ModelConfig(width=0.0625, mpp=0.5, classes=classes))
+    with torch.no_grad():
+        net.head_center.bias.fill_(-0.5)
+        net.head_binary.bias.fill_(0.5)
+    return save_model(net.eval(), path)
+
+
 @pytest.mark.parametrize("typed", [False, True])
 def test_predict_writes_a_table_of_nuclei_matching_the_label_map(tmp_path, typed):
     import csv
 
-    import torch
-
-    torch.manual_seed(0)
-    net = PRONet(ModelConfig(width=0.0625, mpp=0.5, classes=("Tumor", "Stroma") if typed else ()))
-    with torch.no_grad():
-        net.head_center.bias.fill_(-0.5)
-        net.head_binary.bias.fill_(0.5)
-    save_model(net.eval(), tmp_path / "m")
+    _calling_model(tmp_path / "m", ("Tumor", "Stroma") if typed else ())
     img, _, _ = synthetic_nuclei((96, 96), 8)
     Image.fromarray(img).save(tmp_path / "a.png")
     res = run("predict", tmp_path / "a.png", "-o", tmp_path / "out", "-m", tmp_path / "m", "--mpp", 0.25)
@@ -106,14 +111,7 @@ def test_predict_writes_a_table_of_nuclei_matching_the_label_map(tmp_path, typed
 def test_predict_cells_writes_a_cell_label_map(tmp_path):
     import csv
 
-    import torch
-
-    torch.manual_seed(0)
-    net = PRONet(ModelConfig(width=0.0625, mpp=0.5))
-    with torch.no_grad():
-        net.head_center.bias.fill_(-0.5)
-        net.head_binary.bias.fill_(0.5)
-    save_model(net.eval(), tmp_path / "m")
+    _calling_model(tmp_path / "m")
     img, _, _ = synthetic_nuclei((96, 96), 8)
     Image.fromarray(img).save(tmp_path / "a.png")
     res = run("predict", tmp_path / "a.png", "-o", tmp_path / "out", "-m", tmp_path / "m", "--cells", 1.0)
