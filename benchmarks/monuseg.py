@@ -82,7 +82,7 @@ def run(name, shift, seed, epochs, width, lr, weight_decay, patches_per_image, m
                          warmup_epochs=1, patches_per_image=patches_per_image, seed=seed, num_threads=threads,
                          max_minutes=max_minutes, offset_start_epoch=round(epochs * 20 / 150),
                          refine_start_epoch=round(epochs * 30 / 150), val_every=max(1, epochs // 10),
-                         tune_min_areas=(10,),  # as for the recorded rows; `retune` searches the minimum area
+                         tune_min_areas_um2=(0.625,),  # as for the recorded rows; `retune` searches the minimum area
                          pseudo=PseudoLabelConfig(geodesic=geodesic), **opts)
     items = load_items(MONUSEG / "images", labels=MONUSEG / "labels", names=s["train"],
                        shift=tuple(shift) if shift[1] > 0 else None, seed=seed)

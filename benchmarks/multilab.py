@@ -77,9 +77,12 @@ def pseudo(split: str, datasets: str) -> None:
 @click.option("--patches-per-mpx", default=8, help="Patches per epoch per megapixel of training image.")
 @click.option("--predict-every", default=3, help="Epochs between full-image predictions (offset targets, E-step).")
 @click.option("--val-every", default=3)
+@click.option("--mpp", type=float, default=labs.MODEL_MPP,
+              help="The model's pixel size: images resampled to it (with --init at another, the start model is "
+                   "rescaled and fine-tuned).")
 @click.option("--resume", is_flag=True)
 def train(outdir, without, init, max_minutes, epochs, lr, threads, patches_per_mpx, predict_every, val_every,
-          resume) -> None:
+          mpp, resume) -> None:
     """Train on the train parts of every lab not left out; validate and tune on their val parts."""
     from pronet_wsi.training.loop import TrainConfig
     from pronet_wsi.training.loop import train as run_train
@@ -87,8 +90,8 @@ def train(outdir, without, init, max_minutes, epochs, lr, threads, patches_per_m
     names = [n for n in labs.LABS if n not in without]
     items, val = [], []
     for n in names:
-        items += labs.points_items(labs.load(n, "train"))
-        val += labs.load(n, "val")
+        items += labs.points_items(labs.load(n, "train", mpp))
+        val += labs.load(n, "val", mpp)
     click.echo(f"train on {names}: {len(items)} images, {sum(len(p) for _, _, p in items)} points; "
                f"{len(val)} validation images", err=True)
     start = 0 if init else None
@@ -97,7 +100,7 @@ def train(outdir, without, init, max_minutes, epochs, lr, threads, patches_per_m
                          offset_start_epoch=start if start is not None else round(epochs * 20 / 150),
                          refine_start_epoch=start if start is not None else round(epochs * 30 / 150),
                          patches_by_area=True, patches_per_image=patches_per_mpx, predict_every=predict_every,
-                         val_every=val_every)
+                         val_every=val_every, mpp=mpp)
     if resume:
         import json
 

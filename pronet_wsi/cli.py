@@ -291,8 +291,8 @@ def _names(value: str | None) -> list[str] | None:
               help="Pixel size of the --images and --val-images in um/px (e.g. 0.5 for 20x); they are resampled to "
                    "the model's (default: already at the model's).")
 @click.option("--model-mpp", type=float, default=None,
-              help="Working resolution of a model trained from scratch (default: --mpp, else 0.25; with --init the "
-                   "start model's).")
+              help="Working resolution (um/px) of the model (default: --mpp, else 0.25; with --init the start "
+                   "model's; another value rescales the start model, which the run then fine-tunes).")
 @click.option("--holdout", type=float, default=None,
               help="Without --val-images: hold back this share of the training images; their clicks score each "
                    "validated epoch and the best epoch is kept (default: the recipe's).")
@@ -349,10 +349,9 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
             from pronet_wsi.model import load_model, resolve_model_dir
 
             start = load_model(resolve_model_dir(None if init == "default" else init)).config
-            if model_mpp is not None and abs(model_mpp - start.mpp) > 1e-6:
-                raise InputError(f"--model-mpp {model_mpp:g}: the --init model works at {start.mpp:g} um/px; drop "
-                                 "--model-mpp (give the images' pixel size with --mpp)")
-            model_mpp = start.mpp
+            if model_mpp is not None:
+                check_mpp_option(model_mpp, "--model-mpp")
+            model_mpp = start.mpp if model_mpp is None else model_mpp  # another: the start model is rescaled
             width = start.width if width is None else width
         elif model_mpp is None:
             model_mpp = mpp
@@ -618,11 +617,11 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
         sys.exit(1)
 
 
-def check_mpp_option(mpp: float | None) -> None:
+def check_mpp_option(mpp: float | None, option: str = "--mpp") -> None:
     from pronet_wsi.slide import MPP_RANGE
 
     if mpp is not None and not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
-        raise InputError(f"--mpp {mpp:g}: not a microscope pixel size (between {MPP_RANGE[0]} and {MPP_RANGE[1]} "
+        raise InputError(f"{option} {mpp:g}: not a microscope pixel size (between {MPP_RANGE[0]} and {MPP_RANGE[1]} "
                          "um/px; 40x is ~0.25, 20x ~0.5)")
 
 

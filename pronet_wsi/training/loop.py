@@ -55,13 +55,15 @@ class TrainConfig:
 
     use_offsets / use_refinement switch the paper's modules off for the ablation; ``grouping`` is the
     post-processing the saved model uses. ``max_minutes`` stops early (the model is still written).
-    ``tune_min_areas``: minimum nucleus areas (px) the threshold search on the validation images tries.
+    ``tune_min_areas_um2``: minimum nucleus areas (um^2) the threshold search on the validation images tries.
     ``keep_best``: with validation images, the saved model is the validated epoch with the best AJI, not the
     last one.
     ``init``: a model folder (or "default", the shipped model) whose weights, width, mpp and normalisation the
     run starts from. ``predict_every``: epochs between the full-image predictions that give the offset targets
     and the E-step (they cost a forward pass over every training image). ``patches_by_area``: patches per image
     scale with its area (``patches_per_image`` per megapixel, at least one), so small crops are not oversampled.
+    ``min_patches``: an epoch has at least this many patches (the images cycled), so a few clicked crops still
+    give the new type head enough steps (10 CoNSeP crops gave 2 steps an epoch without it).
     ``classes``: nucleus classes of the type head (default: the classes of the training points; none = untyped).
     ``freeze_trunk``: train only the type head (the start model's nuclei stay exactly as they were).
     ``type_lr_factor``: the type head's learning rate is ``lr`` times this (a new head starts from random weights
@@ -94,11 +96,12 @@ class TrainConfig:
     max_minutes: float | None = None
     val_every: int = 5
     tune_thresholds: bool = True
-    tune_min_areas: tuple[int, ...] = (10, 20, 40, 80)
+    tune_min_areas_um2: tuple[float, ...] = (0.625, 1.25, 2.5, 5.0)  # 10-80 px at 0.25 um/px
     init: str | None = None
     keep_best: bool = True
     predict_every: int = 1
     patches_by_area: bool = True
+    min_patches: int = 1
     classes: tuple[str, ...] = ()
     freeze_trunk: bool = False
     holdout: float = 0.0
@@ -157,8 +160,10 @@ class TrainConfig:
             if key in aug:
                 aug[key] = tuple(aug[key])
         raw["augment"] = AugmentConfig(**aug)
-        if "tune_min_areas" in raw:
-            raw["tune_min_areas"] = tuple(raw["tune_min_areas"])
+        if "tune_min_areas" in raw:  # written before 2026-12-06: px at the run's mpp
+            raw["tune_min_areas_um2"] = [a * raw.get("mpp", 0.25) ** 2 for a in raw.pop("tune_min_areas")]
+        if "tune_min_areas_um2" in raw:
+            raw["tune_min_areas_um2"] = tuple(raw["tune_min_areas_um2"])
         raw["classes"] = tuple(raw.get("classes", ()))
         return cls(**raw)
 
@@ -172,7 +177,7 @@ RECIPES: dict[str, dict] = {
 # (the model already finds nuclei), the full-image predictions every 3rd epoch (they cost a forward pass over
 # every image). Used for the shipped model's second stage (models/pronet-multilab/MODEL_CARD.md).
 FINE_TUNE: dict = dict(lr=5e-4, warmup_epochs=0, offset_start_epoch=0, refine_start_epoch=0, predict_every=3,
-                       epochs=40, patches_per_image=8, val_every=3, type_lr_factor=5.0)
+                       epochs=40, patches_per_image=8, val_every=3, type_lr_factor=5.0, min_patches=64)
 # type_lr_factor 5: a new type head on a trained trunk; on CoNSeP (15 min, all clicks) the held-back clicks scored
 # 0.660 with it vs 0.630 at 1x (benchmarks/RESULTS.md, "Nucleus types").
 
@@ -251,7 +256,7 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
     (work / "train_config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
     dataset = PatchDataset(samples, config.patch_px, config.patches_per_image, mcfg.center_radius_px, mcfg.mean,
                            mcfg.std, config.augment, config.seed, by_area=config.patches_by_area,
-                           min_patches=config.batch_size)
+                           min_patches=max(config.batch_size, config.min_patches))
     log_path = work / "log.csv"
     fields = ["epoch", "minutes", "lr", "loss", "voronoi", "cluster", "center", "offset", "type", "mean_movement",
               "val_object_dice", "val_aji", "val_clicks"]
@@ -315,7 +320,8 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
         extra["kept_epoch"] = int(state["epoch"])
         log.info("keeping epoch %d (validation score %.4f)", int(state["epoch"]), float(state["aji"]))
     if val_items and config.tune_thresholds:
-        thresholds = tune_thresholds(predictor, val_items, thresholds, config.tune_min_areas)
+        areas = tuple(sorted({max(1, round(a / mcfg.mpp**2)) for a in config.tune_min_areas_um2}))
+        thresholds = tune_thresholds(predictor, val_items, thresholds, areas)
     model.eval()
     save_model(model.to("cpu").to(memory_format=torch.contiguous_format),  # type: ignore[call-overload]
                outdir, thresholds,
@@ -330,9 +336,7 @@ def start_model(config: TrainConfig, samples: list[Sample]) -> ModelBundle:
     network normalised to the training images."""
     if config.init:
         start = load_model(resolve_model_dir(None if config.init == "default" else config.init))
-        if abs(start.config.mpp - config.mpp) > 1e-6:
-            raise InputError(f"--init {config.init}: the model works at {start.config.mpp} um/px but the training "
-                             f"images are read at {config.mpp}; give --mpp {start.config.mpp} or start from scratch")
+        start = rescale_model(start, config.mpp)
         if abs(start.config.width - config.width) > 1e-9:
             raise InputError(f"--init {config.init}: the model has width {start.config.width}, not {config.width}; "
                              "drop --width (a fine-tune keeps the start model's network)")
@@ -354,6 +358,20 @@ def start_model(config: TrainConfig, samples: list[Sample]) -> ModelBundle:
     mcfg = ModelConfig(width=config.width, mpp=config.mpp, mean=mean, std=std, center_radius_px=config.radius_px,
                        classes=config.classes)
     return ModelBundle(PRONet(mcfg), mcfg, PostprocessConfig(grouping=config.grouping))
+
+
+def rescale_model(bundle: ModelBundle, mpp: float) -> ModelBundle:
+    """``bundle`` set to work at ``mpp`` um/px: the same weights, with the lengths that are in pixels (centre-map
+    radius, offset scale, minimum nucleus area) scaled so that they stay the same in um. The network then needs a
+    fine-tune at the new pixel size (``train --init M --model-mpp``); its receptive field (``context_px``) stays."""
+    f = bundle.config.mpp / mpp
+    if abs(f - 1) < 1e-6:
+        return bundle
+    mcfg = replace(bundle.config, mpp=mpp, center_radius_px=bundle.config.center_radius_px * f,
+                   offset_scale=bundle.config.offset_scale * f)
+    thresholds = replace(bundle.thresholds, min_area_px=max(1, round(bundle.thresholds.min_area_px * f * f)))
+    log.info("--init: the start model works at %g um/px; rescaled to %g um/px", bundle.config.mpp, mpp)
+    return ModelBundle(bundle.model, mcfg, thresholds)
 
 
 def restore_checkpoint(path: Path, model, opt, samples: list[Sample]) -> tuple[int, float]:

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from pronet_wsi.cli import main
 from pronet_wsi.errors import InputError
-from pronet_wsi.model import load_model
+from pronet_wsi.model import load_model, resolve_model_dir
 from pronet_wsi.training import loop
 from pronet_wsi.training.dataset import load_items, load_val_items
 from pronet_wsi.training.loop import TrainConfig, train
@@ -169,9 +169,16 @@ def test_init_round_trip_keeps_mpp_and_normalisation(tmp_path):
     with pytest.raises(InputError, match="width"):
         train(TrainConfig.recipe(init=str(first), width=0.25, epochs=1), _synthetic_items(1, 20), tmp_path / "d",
               progress=False)
-    with pytest.raises(InputError, match="um/px"):
-        train(TrainConfig.recipe(init=str(first), mpp=0.5, epochs=1), _synthetic_items(1, 20), tmp_path / "c",
-              progress=False)
+
+
+def test_init_at_another_mpp_rescales_lengths_in_pixels():
+    start = load_model(resolve_model_dir(None))
+    half = loop.rescale_model(start, 2 * start.config.mpp)
+    assert half.config.mpp == 2 * start.config.mpp and half.config.context_px == start.config.context_px
+    assert half.config.center_radius_px == start.config.center_radius_px / 2  # same radius in um
+    assert half.config.offset_scale == start.config.offset_scale / 2
+    assert half.thresholds.min_area_px == round(start.thresholds.min_area_px / 4)
+    assert loop.rescale_model(start, start.config.mpp) is start
 
 
 def test_the_best_validated_epoch_is_kept(tmp_path, monkeypatch):
