@@ -3,6 +3,7 @@
     python benchmarks/types.py prepare --out runs/types
     python benchmarks/types.py baseline --data runs/types --set consep      # and --set crchisto
     python benchmarks/types.py score --data runs/types --set consep --model runs/typed-consep
+    python benchmarks/types.py reweight --set consep --model runs/typed-consep --out runs/typed-consep-w
 
 **prepare** writes, for each set, ``OUT/<set>/<split>/images/<stem>.<ext>`` (symlinks to ../shared/data),
 ``points/<stem>.csv`` (``x,y,class``, continuous level-0 frame: pixel ``[r, c]`` has centre ``(c+0.5, r+0.5)``;
@@ -516,6 +517,37 @@ def cmd_score(args: argparse.Namespace) -> None:
     _append(RESULTS / "types_scores.csv", _rows(base, s))
 
 
+def cmd_reweight(args: argparse.Namespace) -> None:
+    """What `train` now does at its end (class weights on the held-back clicks), applied to a model trained
+    before it: the same held-back images (seed 0), the model folder copied to --out with the tuned weights."""
+    import json
+    import shutil
+
+    import torch
+
+    from pronet_wsi.inference import Predictor
+    from pronet_wsi.training.dataset import load_items, resample_items
+    from pronet_wsi.training.loop import TrainConfig, split_holdout, tune_class_weights
+
+    torch.set_num_threads(args.threads)
+    data = Path(args.data) / args.set / args.split
+    predictor = Predictor(args.model)
+    train_cfg = TrainConfig.from_json(json.loads((Path(args.model) / "train" / "train_config.json").read_text()))
+    items = resample_items(load_items(data / "images", data / "points"), _mpp(Path(args.data) / args.set, args.split)
+                           / predictor.mpp)
+    _, held = split_holdout(items, train_cfg.holdout, train_cfg.seed)
+    thresholds = tune_class_weights(predictor, held, predictor.postprocess_config,
+                                    train_cfg.holdout_radius_um / predictor.mpp)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=False)
+    for name in ("config.json", "weights.pt"):
+        shutil.copy2(Path(args.model) / name, out / name)
+    from dataclasses import asdict
+
+    (out / "thresholds.json").write_text(json.dumps(asdict(thresholds), indent=2) + "\n")
+    print(f"{out}: class weights {thresholds.class_weights} (from {len(held)} held-back images)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -530,11 +562,18 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
         if name == "score":
             p.add_argument("--model", required=True, help="model folder of a typed model")
+    p = sub.add_parser("reweight", help="tune class weights of a trained typed model on its held-back clicks")
+    p.add_argument("--data", default="runs/types")
+    p.add_argument("--set", choices=sorted(SETS), required=True)
+    p.add_argument("--split", default="train", help="the split the model trained on (train or train10)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, help="new model folder")
+    p.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     if not (labs.DATA / "consep").is_dir() or not (labs.DATA / "crchisto").is_dir():
         print(f"CoNSeP / CRCHisto not found under {labs.DATA}; this benchmark needs ../shared/data", file=sys.stderr)
         sys.exit(2)
-    {"prepare": cmd_prepare, "baseline": cmd_baseline, "score": cmd_score}[args.command](args)
+    {"prepare": cmd_prepare, "baseline": cmd_baseline, "score": cmd_score, "reweight": cmd_reweight}[args.command](args)
 
 
 if __name__ == "__main__":

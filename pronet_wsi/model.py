@@ -261,8 +261,11 @@ def load_model(path: str | Path) -> ModelBundle:
         config = ModelConfig(**raw)
         thr_file = path / "thresholds.json"
         thresholds = PostprocessConfig(**json.loads(thr_file.read_text())) if thr_file.exists() else PostprocessConfig()
+        if thresholds.class_weights and len(thresholds.class_weights) != len(config.classes):
+            raise ValueError(f"class_weights: {len(thresholds.class_weights)} values for {len(config.classes)} classes")
     except (OSError, ValueError, TypeError, KeyError) as exc:
         where = "thresholds.json" if "threshold" in str(exc) or "min_area" in str(exc) or "nms_px" in str(exc) \
+            or "class_weights" in str(exc) \
             or "grouping" in str(exc) else "config.json"
         raise InputError(f"{path / where}: broken model folder ({_first_line(exc)}); fix that field, or retrain or "
                          "reinstall the model") from exc

@@ -19,6 +19,8 @@ class PostprocessConfig:
     grouping : ``offsets`` = paper Eq. 1; ``nearest_center`` = each pixel joins its nearest centre
     (the ablation without an offset module); ``components`` = connected components of the mask
     (the Qu et al. 2019 baseline).
+    class_weights : typed models: each class's mean probability is multiplied by its weight (then renormalised)
+    before the arg-max; tuned on the held-back clicks by ``train`` (empty = 1 for every class).
     """
 
     center_threshold: float = 0.2
@@ -26,8 +28,12 @@ class PostprocessConfig:
     min_area_px: int = 10
     nms_px: int = 3
     grouping: str = "offsets"
+    class_weights: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))
+        if not all(0 < w < float("inf") for w in self.class_weights):
+            raise ValueError(f"class_weights={self.class_weights}: must be finite numbers > 0")
         if not 0.0 < self.center_threshold < 1.0:
             raise ValueError(f"center_threshold={self.center_threshold}: must be in (0, 1)")
         if not 0.0 < self.foreground_threshold < 1.0:
@@ -72,6 +78,17 @@ class Segmentation:
         if self.type_probs is None:
             return np.full(self.n, np.nan, np.float32)
         return self.type_probs.max(axis=1).astype(np.float32) if self.n else np.zeros(0, np.float32)
+
+
+def reweight_classes(probs: np.ndarray, weights: tuple[float, ...]) -> np.ndarray:
+    """(N, K) class probabilities times per-class ``weights``, renormalised (a prior shift: weights tuned on
+    held-back clicks let a rare class win where its probability is close; () leaves them as they are)."""
+    if not weights or not len(probs):
+        return probs
+    if len(weights) != probs.shape[1]:
+        raise ValueError(f"class_weights has {len(weights)} values for {probs.shape[1]} classes")
+    w = probs * np.asarray(weights, np.float32)
+    return (w / np.maximum(w.sum(axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def mean_type_probs(labels: np.ndarray, types: np.ndarray) -> np.ndarray:
@@ -186,7 +203,8 @@ def postprocess(maps: dict[str, np.ndarray], config: PostprocessConfig = Postpro
     if (~main).any():
         frag_ids = np.nonzero(~main)[0] + 1
         centers_rc[~main] = np.asarray(ndi.center_of_mass(labels > 0, labels, frag_ids), float).reshape(-1, 2)
-    type_probs = None if types is None else mean_type_probs(labels, np.asarray(types, np.float32))
+    type_probs = None if types is None else reweight_classes(mean_type_probs(labels, np.asarray(types, np.float32)),
+                                                             config.class_weights)
     return Segmentation(labels, centers_rc, scores, type_probs)
 
 

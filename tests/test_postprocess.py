@@ -110,3 +110,17 @@ def test_thresholds_reject_non_finite_values(field, value):
     """Issue 17: a thresholds.json with NaN must not run and find 0 nuclei silently."""
     with pytest.raises(ValueError, match=f"{field}="):
         PostprocessConfig(**{field: value})
+
+
+def test_class_weights_shift_the_argmax_and_are_checked():
+    from pronet_wsi.postprocess import reweight_classes
+
+    probs = np.array([[0.6, 0.4], [0.9, 0.1]], np.float32)
+    assert reweight_classes(probs, ()) is probs
+    w = reweight_classes(probs, (1.0, 2.0))
+    np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-6)
+    assert w.argmax(1).tolist() == [1, 0]
+    with pytest.raises(ValueError, match="2 classes"):
+        reweight_classes(probs, (1.0, 2.0, 3.0))
+    with pytest.raises(ValueError, match="class_weights"):
+        PostprocessConfig(class_weights=(1.0, 0.0))

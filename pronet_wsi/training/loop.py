@@ -64,6 +64,8 @@ class TrainConfig:
     scale with its area (``patches_per_image`` per megapixel, at least one), so small crops are not oversampled.
     ``min_patches``: an epoch has at least this many patches (the images cycled), so a few clicked crops still
     give the new type head enough steps (10 CoNSeP crops gave 2 steps an epoch without it).
+    ``tune_class_weights``: a typed run with held-back clicks ends by choosing per-class weights on the class
+    probabilities (``thresholds.json`` ``class_weights``) for the best mean class F1 on those clicks.
     ``classes``: nucleus classes of the type head (default: the classes of the training points; none = untyped).
     ``freeze_trunk``: train only the type head (the start model's nuclei stay exactly as they were).
     ``type_lr_factor``: the type head's learning rate is ``lr`` times this (a new head starts from random weights
@@ -102,6 +104,7 @@ class TrainConfig:
     predict_every: int = 1
     patches_by_area: bool = True
     min_patches: int = 1
+    tune_class_weights: bool = True
     classes: tuple[str, ...] = ()
     freeze_trunk: bool = False
     holdout: float = 0.0
@@ -319,6 +322,8 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
         model.load_state_dict(state["model"])
         extra["kept_epoch"] = int(state["epoch"])
         log.info("keeping epoch %d (validation score %.4f)", int(state["epoch"]), float(state["aji"]))
+    if held and mcfg.classes and config.tune_class_weights:
+        thresholds = tune_class_weights(predictor, held, thresholds, config.holdout_radius_um / mcfg.mpp)
     if val_items and config.tune_thresholds:
         areas = tuple(sorted({max(1, round(a / mcfg.mpp**2)) for a in config.tune_min_areas_um2}))
         thresholds = tune_thresholds(predictor, val_items, thresholds, areas)
@@ -528,6 +533,50 @@ def validate_clicks(predictor: Predictor, items: list, thresholds: PostprocessCo
     predictor.model.train(was_training)
     pooled = pool_scores(scores)
     return pooled.f_d if not classes else 0.5 * (pooled.f_d + pooled.mean_f1)
+
+
+def tune_class_weights(predictor: Predictor, items: list, thresholds: PostprocessConfig, radius_px: float,
+                       grid: tuple[float, ...] = tuple(np.exp(np.linspace(-1.5, 1.5, 13))),
+                       rounds: int = 2) -> PostprocessConfig:
+    """``thresholds`` with the per-class weights (coordinate ascent over ``grid``, ``rounds`` passes) that give
+    the best mean class F1 on the held-back clicks of ``items``; the class probabilities are computed once.
+    A rare class the arg-max never picks costs the whole mean its F1; a weight lets it win where it is close."""
+    from pronet_wsi.detection import pool_scores, score_typed
+    from pronet_wsi.postprocess import reweight_classes
+
+    classes = predictor.classes
+    was_training = predictor.model.training
+    predictor.model.eval()
+    base = replace(thresholds, class_weights=())
+    held = []  # (clicks xy, click classes, predicted centres xy, class probabilities) per item
+    for _, image, pts, *rest in items:
+        region = rest[0] if rest else None
+        names = rest[1] if len(rest) > 1 and rest[1] is not None else [""] * len(pts)
+        seg = postprocess(predictor.predict_image(image), base)
+        keep = np.ones(seg.n, bool)
+        if region is not None:
+            rc = np.clip(np.floor(seg.centers_rc).astype(int), 0, np.array(region.shape) - 1)
+            keep = region[rc[:, 0], rc[:, 1]]
+        held.append((pts, names, seg.centers_rc[keep, ::-1] + 0.5, seg.type_probs[keep]))
+    predictor.model.train(was_training)
+
+    def mean_f1(weights: tuple[float, ...]) -> float:
+        scores = [score_typed(pts, names, xy, [classes[i] for i in reweight_classes(p, weights).argmax(1)],
+                              radius_px, classes) if len(p) else score_typed(pts, names, xy, [], radius_px, classes)
+                  for pts, names, xy, p in held]
+        return pool_scores(scores).mean_f1
+
+    weights = [1.0] * len(classes)
+    best = start = mean_f1(tuple(weights))
+    for _ in range(rounds):
+        for k in range(len(classes)):
+            for w in grid:
+                cand = tuple(weights[:k] + [float(w)] + weights[k + 1:])
+                if (f := mean_f1(cand)) > best + 1e-6:
+                    best, weights = f, list(cand)
+    log.info("class weights %s: held-back mean class F1 %.4f -> %.4f",
+             dict(zip(classes, np.round(weights, 3).tolist(), strict=True)), start, best)
+    return replace(thresholds, class_weights=tuple(round(w, 4) for w in weights))
 
 
 def validate(predictor: Predictor, val_items: list, thresholds: PostprocessConfig):

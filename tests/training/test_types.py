@@ -13,6 +13,7 @@ import torch
 from pronet_wsi.errors import InputError
 from pronet_wsi.inference import Predictor, segment_image
 from pronet_wsi.model import ModelConfig, PRONet, class_colors, load_model, save_model
+from pronet_wsi.postprocess import PostprocessConfig, reweight_classes
 from pronet_wsi.synthetic import synthetic_typed_nuclei
 from pronet_wsi.training.dataset import item_classes, load_items, resample_items, type_target
 from pronet_wsi.training.loop import TrainConfig, start_model, train
@@ -205,6 +206,28 @@ def test_holdout_keeps_back_images_and_scores_their_clicks(tmp_path):
     log = (out / "train" / "log.csv").read_text().splitlines()
     assert log[0].endswith("val_clicks") and all(line.split(",")[-1] != "" for line in log[1:])
     assert "kept_epoch" in load_model(out).config.extra
+    assert len(load_model(out).thresholds.class_weights) == 2  # tuned on the held-back clicks
+
+
+def test_class_weights_let_a_close_rare_class_win(monkeypatch):
+    """Six nuclei: three A sure (0.9), three B that the head leans A on (0.6 / 0.4). Unweighted every nucleus is
+    A (mean class F1 0.33); the tuned weights make B win where it is close and score every click right."""
+    from types import SimpleNamespace
+
+    from pronet_wsi.postprocess import Segmentation
+    from pronet_wsi.training import loop
+
+    xy = np.array([[10.5, 10.5], [30.5, 10.5], [50.5, 10.5], [10.5, 40.5], [30.5, 40.5], [50.5, 40.5]])
+    probs = np.array([[0.9, 0.1]] * 3 + [[0.6, 0.4]] * 3, np.float32)
+    seg = Segmentation(np.zeros((64, 64), np.int32), xy[:, ::-1] - 0.5, np.ones(6, np.float32), probs)
+    monkeypatch.setattr(loop, "postprocess", lambda maps, config: seg)
+    model = torch.nn.Linear(1, 1)
+    predictor = SimpleNamespace(classes=("A", "B"), model=model, predict_image=lambda image: None)
+    items = [("s", np.zeros((64, 64, 3), np.uint8), xy, None, ["A"] * 3 + ["B"] * 3)]
+    tuned = loop.tune_class_weights(predictor, items, PostprocessConfig(), 3.0)
+    w = np.array(tuned.class_weights)
+    assert w[1] / w[0] > 1.5
+    assert (reweight_classes(probs, tuned.class_weights).argmax(1) == [0, 0, 0, 1, 1, 1]).all()
 
 
 def test_balanced_class_weights_lift_a_rare_class_softly_and_weight_the_loss():
