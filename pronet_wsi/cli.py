@@ -143,7 +143,8 @@ def evaluate(pred_dir: Path, gt_dir: Path, output_csv: Path | None, radius_um: f
 @click.option("--mpp", type=float, default=None,
               help="Images' resolution in um/px (default: the model's); resampled to the model's.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--window-px", default=1024, show_default=True, help="Larger images run in overlapping windows.")
+@click.option("--window-px", default=1024, show_default=True,
+              help="Largest model input; larger images run in the tiles segment --tile-px cuts.")
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation: average the 8 flips/rotations (8x the model time; see RESULTS.md).")
 @click.option("--overwrite", is_flag=True,
