@@ -666,9 +666,9 @@ def suggest(slides, outdir, model_dir, regions, region_um, mpp, device, overwrit
     each with the model's nuclei as points to correct (QuPath annotations; see the README's adaptation loop)."""
     from pronet_wsi.files import check_outputs
     from pronet_wsi.inference import InferenceConfig, Predictor
-    from pronet_wsi.suggest import SuggestConfig, suggest_slide
+    from pronet_wsi.suggest import SuggestConfig
     from pronet_wsi.wsi.cohort import expand_inputs
-    from pronet_wsi.wsi.pipeline import check_writable
+    from pronet_wsi.wsi.pipeline import check_writable, suggest_slide
 
     check_mpp_option(mpp)
     config = SuggestConfig(regions=regions, region_um=region_um, candidates=max(160, 4 * regions))

@@ -8,6 +8,9 @@
 4. stitch: decide which tile's view of each nucleus to keep (needs only the neighbouring tiles' centres);
 5. stream the kept nuclei to GeoJSON (and optionally a zarr label image), then the overlay and the run record.
 
+:func:`suggest_slide` wires the stages for ``suggest`` (slide, tissue, boxes read at the model's mpp, model,
+the pure scoring of :mod:`pronet_wsi.suggest`).
+
 Steps 1-2 are :func:`prepare_slide` (a :class:`SlidePlan`), steps 4-5 :func:`finish_slide`; both run where the
 caller runs. Step 3 runs on a local thread pool, or on a Dask distributed cluster
 (:mod:`pronet_wsi.wsi.cluster`, which also keeps several slides in flight at once); the tile tasks write their parts
@@ -41,6 +44,7 @@ from pronet_wsi.files import OutputLock, OutputPaths, check_outputs, same_file, 
 from pronet_wsi.geometry import Frame, check_scale
 from pronet_wsi.progress import progress_bar
 from pronet_wsi.slide import open_slide
+from pronet_wsi.suggest import SuggestConfig
 from pronet_wsi.tiling import TileGrid, select_tiles
 from pronet_wsi.tissue import tissue_mask
 from pronet_wsi.wsi.assemble import write_outputs
@@ -51,7 +55,7 @@ from pronet_wsi.wsi.tile_task import ThreadExecutor, TileJob, TileModel, close_s
 log = logging.getLogger(__name__)
 
 __all__ = ["SegmentConfig", "SlideItem", "SlidePlan", "SlideResult", "finish_slide", "prepare_slide", "run_slides",
-           "segment_slide"]
+           "segment_slide", "suggest_slide"]
 
 MAX_SLIDES_IN_FLIGHT = 32  # each holds its thumbnail and tissue mask on the client (~10 MB)
 
@@ -450,6 +454,48 @@ def run_slides(items: Iterable[ItemT], out_dir: str | os.PathLike, predictor: Ti
         bar.close()
         for sid in list(active):
             end(sid)
+
+
+def suggest_slide(slide_path: str | Path, out_path: str | Path, predictor, config: SuggestConfig = SuggestConfig(),
+                  *, backend: str = "auto", mpp: float | None = None, batch_size: int = 4) -> dict:
+    """Score candidate boxes of one slide and write ``out_path`` (QuPath GeoJSON; see :mod:`pronet_wsi.suggest`).
+
+    Open the slide, find its tissue, read each candidate box at the model's mpp, run it as it is and mirrored,
+    score it (:func:`~pronet_wsi.suggest.score_box`) and write the picks. Returns a summary dict.
+    """
+    import numpy as np
+
+    from pronet_wsi.geometry import Box
+    from pronet_wsi.suggest import candidate_centres, score_box, suggestions, write_suggestions
+
+    slide_path = Path(slide_path)
+    with open_slide(slide_path, backend, mpp) as slide:
+        check_scale(slide.mpp, predictor.mpp, f"{slide_path} ({slide.mpp_source})")
+        thumb, ds = slide.thumbnail(2048)
+        mask = tissue_mask(thumb, ds * slide.mpp)
+        side0 = config.region_um / slide.mpp  # level-0 px
+        side = int(round(config.region_um / predictor.mpp))  # model px
+        h, w = slide.shape
+        centres = candidate_centres(mask, ds, config.candidates)
+        centres = np.clip(centres, side0 / 2, [max(w - side0 / 2, side0 / 2), max(h - side0 / 2, side0 / 2)])
+        boxes = [Box(x - side0 / 2, y - side0 / 2, x + side0 / 2, y + side0 / 2) for x, y in centres]
+        scores, colours, maps_plain = [], [], []
+        for start in range(0, len(boxes), batch_size):
+            tiles = np.stack([slide.read_box(b, (side, side)) for b in boxes[start:start + batch_size]])
+            views = predictor.predict_batch(np.concatenate([tiles, tiles[:, :, ::-1]]))
+            m = len(tiles)
+            for j in range(m):
+                plain = {k: v[j] for k, v in views.items()}
+                scores.append(score_box(plain, {"foreground": views["foreground"][m + j][:, ::-1]},
+                                        predictor.postprocess_config))
+                colours.append(tiles[j].reshape(-1, 3).mean(0))
+                maps_plain.append(plain)
+    classes = tuple(getattr(predictor, "classes", ()))
+    features, summary = suggestions(slide_path.stem, boxes, scores, np.array(colours).reshape(-1, 3), maps_plain,
+                                    side, config, predictor.postprocess_config, classes,
+                                    getattr(predictor, "class_colors", ()))
+    write_suggestions(out_path, features)
+    return {"slide": str(slide_path), **summary}
 
 
 def ids_key(plan: SlidePlan) -> str:
