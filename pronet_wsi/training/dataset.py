@@ -21,7 +21,7 @@ from pronet_wsi.geometry import xy_to_index
 from pronet_wsi.images import IMAGE_SUFFIXES, read_image, read_labels
 from pronet_wsi.training import points as points_io
 from pronet_wsi.training.pseudolabels import PseudoLabelConfig, pseudo_labels_with_cells
-from pronet_wsi.training.targets import center_heatmap
+from pronet_wsi.training.targets import center_heatmap, offset_field
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,17 @@ class Sample:
             self.initial_points_xy = self.points_xy.copy()
         if self.point_classes is None:
             self.point_classes = np.full(len(self.points_xy), -1, np.int16)
-        if self.region is not None:
-            self.voronoi = np.where(self.region, self.voronoi, 2).astype(np.uint8)
-            self.cluster = np.where(self.region, self.cluster, 2).astype(np.uint8)
-            self.cells = np.where(self.region, self.cells, -1).astype(np.int32)
+
+    @classmethod
+    def in_region(cls, name: str, image: np.ndarray, points_xy: np.ndarray, voronoi: np.ndarray,
+                  cluster: np.ndarray, cells: np.ndarray, region: np.ndarray | None = None, **kw) -> Sample:
+        """A Sample whose pseudo labels are ignore (2) and cells -1 outside ``region`` (new arrays; None: as
+        given), so no loss sees the pixels where the clicks are not complete."""
+        if region is not None:
+            voronoi = np.where(region, voronoi, 2).astype(np.uint8)
+            cluster = np.where(region, cluster, 2).astype(np.uint8)
+            cells = np.where(region, cells, -1).astype(np.int32)
+        return cls(name, image, points_xy, voronoi, cluster, cells, region=region, **kw)
 
 
 def find_points_file(points_dir: Path, stem: str) -> Path | None:
@@ -243,8 +250,8 @@ def prepare_samples(items: list[tuple], config: PseudoLabelConfig, cache_dir: Pa
         names = rest[1] if len(rest) > 1 and rest[1] is not None else [""] * len(pts)
         index = {c: i for i, c in enumerate(classes)}
         point_classes = np.array([index.get(c, -1) for c in names], np.int16)
-        samples.append(Sample(name, image, pts.astype(np.float64), v, k, cells.astype(np.int32), region=region,
-                              point_classes=point_classes))
+        samples.append(Sample.in_region(name, image, pts.astype(np.float64), v, k, cells.astype(np.int32), region,
+                                        point_classes=point_classes))
     return samples
 
 
@@ -265,7 +272,7 @@ class PatchDataset(torch.utils.data.Dataset):
     def __init__(self, samples: list[Sample], patch_px: int, patches_per_image: int, radius_px: float,
                  mean: tuple[float, ...], std: tuple[float, ...], augment: AugmentConfig = AugmentConfig(),
                  seed: int = 0, by_area: bool = False, min_patches: int = 1) -> None:
-        self.samples, self.patch_px, self.ppi = samples, patch_px, patches_per_image
+        self.samples, self.patch_px = samples, patch_px
         if by_area:
             counts = [max(1, round(patches_per_image * s.image.shape[0] * s.image.shape[1] / 1e6)) for s in samples]
             index = np.repeat(np.arange(len(samples)), counts)
@@ -325,11 +332,7 @@ def make_patch(s: Sample, rng: np.random.Generator, patch_px: int, radius_px: fl
     heat = center_heatmap(pts_rc[inside], (patch_px, patch_px), radius_px)
     types = type_target(cells, cluster, voronoi, pred, s.point_classes)
     mask = pred & (cells >= 0)
-    offsets = np.zeros((2, patch_px, patch_px), np.float32)
-    rr, cc = np.nonzero(mask)
-    tgt = pts_rc[cells[rr, cc]]
-    offsets[0, rr, cc] = tgt[:, 0] - rr
-    offsets[1, rr, cc] = tgt[:, 1] - cc
+    offsets = offset_field(np.where(mask, cells + 1, 0), pts_rc)  # to the (refined) point of each pixel's cell
     return {
         "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
         "voronoi": torch.from_numpy(np.ascontiguousarray(voronoi)),

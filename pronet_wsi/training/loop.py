@@ -55,7 +55,8 @@ class TrainConfig:
 
     use_offsets / use_refinement switch the paper's modules off for the ablation; ``grouping`` is the
     post-processing the saved model uses. ``max_minutes`` stops early (the model is still written).
-    ``tune_min_areas``: minimum nucleus areas (px) the threshold search on the validation images tries.
+    ``tune_center_thresholds`` x ``tune_foreground_thresholds`` x ``tune_min_areas`` (px): the grid the threshold
+    search on the validation images tries.
     ``keep_best``: with validation images, the saved model is the validated epoch with the best AJI, not the
     last one.
     ``init``: a model folder (or "default", the shipped model) whose weights, width, mpp and normalisation the
@@ -94,6 +95,8 @@ class TrainConfig:
     max_minutes: float | None = None
     val_every: int = 5
     tune_thresholds: bool = True
+    tune_center_thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4)
+    tune_foreground_thresholds: tuple[float, ...] = (0.4, 0.5, 0.6)
     tune_min_areas: tuple[int, ...] = (10, 20, 40, 80)
     init: str | None = None
     keep_best: bool = True
@@ -157,8 +160,9 @@ class TrainConfig:
             if key in aug:
                 aug[key] = tuple(aug[key])
         raw["augment"] = AugmentConfig(**aug)
-        if "tune_min_areas" in raw:
-            raw["tune_min_areas"] = tuple(raw["tune_min_areas"])
+        for key in ("tune_center_thresholds", "tune_foreground_thresholds", "tune_min_areas"):
+            if key in raw:
+                raw[key] = tuple(raw[key])
         raw["classes"] = tuple(raw.get("classes", ()))
         return cls(**raw)
 
@@ -315,7 +319,8 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
         extra["kept_epoch"] = int(state["epoch"])
         log.info("keeping epoch %d (validation score %.4f)", int(state["epoch"]), float(state["aji"]))
     if val_items and config.tune_thresholds:
-        thresholds = tune_thresholds(predictor, val_items, thresholds, config.tune_min_areas)
+        thresholds = tune_thresholds(predictor, val_items, thresholds, config.tune_min_areas,
+                                     config.tune_center_thresholds, config.tune_foreground_thresholds)
     model.eval()
     save_model(model.to("cpu").to(memory_format=torch.contiguous_format),  # type: ignore[call-overload]
                outdir, thresholds,
@@ -523,14 +528,15 @@ def validate(predictor: Predictor, val_items: list, thresholds: PostprocessConfi
 
 
 def tune_thresholds(predictor: Predictor, val_items: list, base: PostprocessConfig,
-                    min_areas: tuple[int, ...] = (10,)) -> PostprocessConfig:
+                    min_areas: tuple[int, ...] = (10,), center_thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4),
+                    foreground_thresholds: tuple[float, ...] = (0.4, 0.5, 0.6)) -> PostprocessConfig:
     """Grid-search centre and foreground thresholds (and the minimum area, over ``min_areas`` px) for the best
-    mean AJI on the validation images; ties keep the earlier (lower) setting."""
+    mean AJI on the validation images; ties keep the earlier setting (the grids' order)."""
     predictor.model.eval()
     maps = [predictor.predict_image(im) for _, im, _ in val_items]
     best, best_aji = base, -1.0
-    for ct in (0.1, 0.2, 0.3, 0.4):
-        for ft in (0.4, 0.5, 0.6):
+    for ct in center_thresholds:
+        for ft in foreground_thresholds:
             for ma in min_areas:
                 cand = replace(base, center_threshold=ct, foreground_threshold=ft, min_area_px=ma)
                 aji = mean_scores([evaluate_image(gt, postprocess(m, cand).labels)

@@ -64,13 +64,22 @@ def _region_sample(nuclei):
     region = np.zeros(labels.shape, bool)
     region[:, :100] = True
     k = np.where(labels > 0, 1, 0).astype(np.uint8)
-    return Sample("syn", image, centers_rc[:, ::-1].copy(), k.copy(), k, labels.astype(np.int32) - 1,
-                  pred_mask=labels > 0, region=region)
+    return Sample.in_region("syn", image, centers_rc[:, ::-1].copy(), k.copy(), k, labels.astype(np.int32) - 1,
+                            region, pred_mask=labels > 0)
+
+
+def test_a_sample_keeps_the_arrays_it_is_given(nuclei):
+    image, labels, centers_rc = nuclei
+    k = np.where(labels > 0, 1, 0).astype(np.uint8)
+    cells = labels.astype(np.int32) - 1
+    s = Sample("syn", image, centers_rc[:, ::-1].copy(), k, k, cells, region=np.zeros(labels.shape, bool))
+    assert s.voronoi is k and s.cluster is k and s.cells is cells
 
 
 def test_no_loss_outside_the_region(nuclei):
     s = _region_sample(nuclei)
     assert (s.voronoi[:, 100:] == 2).all() and (s.cells[:, 100:] == -1).all()
+    assert (nuclei[1][:, 100:] > 0).any() and (s.voronoi[:, :100] == (nuclei[1][:, :100] > 0)).all()
     mean, std = np.full(3, 128.0, np.float32), np.full(3, 50.0, np.float32)
     patches = [make_patch(s, np.random.default_rng(i), 96, 6.0, AugmentConfig(), mean, std) for i in range(12)]
     for p in patches:
