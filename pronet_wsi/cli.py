@@ -324,7 +324,7 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
     """Train PROnet from point annotations (image folders + points, or QuPath points on a slide)."""
     from pathlib import Path
 
-    from pronet_wsi.training.dataset import load_items, load_slide_items, read_slide_list, resample_items
+    from pronet_wsi.training.inputs import load_items, load_slide_items, read_slide_list, resample_items
     from pronet_wsi.training.loop import CHECKPOINT, TrainConfig
     from pronet_wsi.training.loop import train as run_training
     from pronet_wsi.training.pseudolabels import PseudoLabelConfig
@@ -391,7 +391,7 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
         if not val_labels:
             raise click.UsageError("--val-images needs --val-labels (instance maps to score against)")
         from pronet_wsi.inference import resample_image, resample_labels
-        from pronet_wsi.training.dataset import load_val_items
+        from pronet_wsi.training.inputs import load_val_items
 
         val = load_val_items(val_images, val_labels, _names(val_names))
         if mpp is not None and abs(mpp / config.mpp - 1) > 1e-3:

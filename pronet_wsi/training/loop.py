@@ -27,14 +27,8 @@ from pronet_wsi.metrics import evaluate_image, mean_scores
 from pronet_wsi.model import ModelBundle, ModelConfig, PRONet, load_model, resolve_model_dir, save_model
 from pronet_wsi.postprocess import PostprocessConfig, postprocess
 from pronet_wsi.progress import progress_bar
-from pronet_wsi.training.dataset import (
-    AugmentConfig,
-    PatchDataset,
-    Sample,
-    channel_stats,
-    item_classes,
-    prepare_samples,
-)
+from pronet_wsi.training.dataset import AugmentConfig, PatchDataset, Sample, channel_stats, prepare_samples
+from pronet_wsi.training.inputs import item_classes
 from pronet_wsi.training.losses import LossConfig, balanced_class_weights, pronet_loss
 from pronet_wsi.training.pseudolabels import PseudoLabelConfig
 from pronet_wsi.training.refinement import RefineConfig, refine_points

@@ -10,7 +10,7 @@ from pronet_wsi.cli import main
 from pronet_wsi.errors import InputError
 from pronet_wsi.model import load_model
 from pronet_wsi.training import loop
-from pronet_wsi.training.dataset import load_items, load_val_items
+from pronet_wsi.training.inputs import load_items, load_val_items
 from pronet_wsi.training.loop import TrainConfig, train
 
 NAMES = ["TCGA-A7-A13E-01Z-00-DX1", "TCGA-B0-5711-01Z-00-DX1"]

@@ -9,13 +9,8 @@ import torch
 from wsi_fakes import blob_slide
 
 from pronet_wsi.errors import InputError
-from pronet_wsi.training.dataset import (
-    AugmentConfig,
-    Sample,
-    load_slide_items,
-    make_patch,
-    read_slide_list,
-)
+from pronet_wsi.training.dataset import AugmentConfig, Sample, make_patch
+from pronet_wsi.training.inputs import load_slide_items, read_slide_list
 from pronet_wsi.training.losses import LossConfig, focal_center_loss, pronet_loss
 from pronet_wsi.training.points import Region, read_regions, region_mask
 
@@ -183,7 +178,7 @@ def test_a_qupath_click_on_a_nucleus_centre_lands_on_its_centre_pixel(tmp_path):
     """QuPath's frame: pixel [20, 33] covers x 33-34, y 20-21, so a click on its centre is (33.5, 20.5)."""
     from PIL import Image
 
-    from pronet_wsi.training.dataset import load_items
+    from pronet_wsi.training.inputs import load_items
     from pronet_wsi.training.points import write_points_geojson
 
     click = np.array([[33.5, 20.5]])
