@@ -71,7 +71,7 @@ def cli() -> None:
 def run(name, shift, seed, epochs, width, lr, weight_decay, patches_per_image, max_minutes, threads, resume, tag,
         outdir):
     """Train one configuration, evaluate on the test split, append a results row."""
-    from pronet_wsi.training.dataset import load_items, load_val_items
+    from pronet_wsi.training.inputs import load_items, load_val_items
     from pronet_wsi.training.loop import TrainConfig, train
     from pronet_wsi.training.pseudolabels import PseudoLabelConfig
 
@@ -99,7 +99,7 @@ def score_test(model_dir: Path, name: str, tag: str, shift, seed: int, t0: float
     """Score a finished model once on the 14 test images; write its per-image CSV and append the results row."""
     from pronet_wsi.inference import InferenceConfig, Predictor, segment_image
     from pronet_wsi.metrics import evaluate_image, mean_scores
-    from pronet_wsi.training.dataset import load_val_items
+    from pronet_wsi.training.inputs import load_val_items
 
     extra = json.loads((model_dir / "config.json").read_text())["extra"]
     predictor = Predictor(model_dir, InferenceConfig())
@@ -134,7 +134,7 @@ def retune(model_dir, name, shift, seed, tag, min_areas):
     """
     from pronet_wsi.files import atomic_write
     from pronet_wsi.inference import InferenceConfig, Predictor
-    from pronet_wsi.training.dataset import load_val_items
+    from pronet_wsi.training.inputs import load_val_items
     from pronet_wsi.training.loop import tune_thresholds
 
     t0 = time.monotonic()

@@ -31,8 +31,9 @@ def main(model_dir, dataset, split, region_um, regions, seed) -> None:
     from pronet_wsi.inference import InferenceConfig, Predictor, segment_image
     from pronet_wsi.metrics import evaluate_image
     from pronet_wsi.slide import open_slide, write_pyramid_tiff
-    from pronet_wsi.suggest import SuggestConfig, candidate_centres, suggest_slide
+    from pronet_wsi.suggest import SuggestConfig, candidate_centres
     from pronet_wsi.tissue import tissue_mask
+    from pronet_wsi.wsi.pipeline import suggest_slide
 
     predictor = Predictor(model_dir, InferenceConfig())
     rng = np.random.default_rng(seed)

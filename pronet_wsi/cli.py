@@ -143,7 +143,8 @@ def evaluate(pred_dir: Path, gt_dir: Path, output_csv: Path | None, radius_um: f
 @click.option("--mpp", type=float, default=None,
               help="Images' resolution in um/px (default: the model's); resampled to the model's.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--window-px", default=1024, show_default=True, help="Larger images run in overlapping windows.")
+@click.option("--window-px", default=1024, show_default=True,
+              help="Largest model input; larger images run in the tiles segment --tile-px cuts.")
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation: average the 8 flips/rotations (8x the model time; see RESULTS.md).")
 @click.option("--overwrite", is_flag=True,
@@ -323,7 +324,7 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
     """Train PROnet from point annotations (image folders + points, or QuPath points on a slide)."""
     from pathlib import Path
 
-    from pronet_wsi.training.dataset import load_items, load_slide_items, read_slide_list, resample_items
+    from pronet_wsi.training.inputs import load_items, load_slide_items, read_slide_list, resample_items
     from pronet_wsi.training.loop import CHECKPOINT, TrainConfig
     from pronet_wsi.training.loop import train as run_training
     from pronet_wsi.training.pseudolabels import PseudoLabelConfig
@@ -389,7 +390,7 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
         if not val_labels:
             raise click.UsageError("--val-images needs --val-labels (instance maps to score against)")
         from pronet_wsi.inference import resample_image, resample_labels
-        from pronet_wsi.training.dataset import load_val_items
+        from pronet_wsi.training.inputs import load_val_items
 
         val = load_val_items(val_images, val_labels, _names(val_names))
         if mpp is not None and abs(mpp / config.mpp - 1) > 1e-3:
@@ -664,9 +665,9 @@ def suggest(slides, outdir, model_dir, regions, region_um, mpp, device, overwrit
     each with the model's nuclei as points to correct (QuPath annotations; see the README's adaptation loop)."""
     from pronet_wsi.files import check_outputs
     from pronet_wsi.inference import InferenceConfig, Predictor
-    from pronet_wsi.suggest import SuggestConfig, suggest_slide
+    from pronet_wsi.suggest import SuggestConfig
     from pronet_wsi.wsi.cohort import expand_inputs
-    from pronet_wsi.wsi.pipeline import check_writable
+    from pronet_wsi.wsi.pipeline import check_writable, suggest_slide
 
     check_mpp_option(mpp)
     config = SuggestConfig(regions=regions, region_um=region_um, candidates=max(160, 4 * regions))

@@ -24,11 +24,10 @@ import numpy as np
 from pronet_wsi.detection import TypedScores, pool_scores, score_typed
 from pronet_wsi.errors import InputError
 from pronet_wsi.files import atomic_write, check_report
-from pronet_wsi.images import IMAGE_SUFFIXES, read_labels
+from pronet_wsi.images import IMAGE_SUFFIXES, LABEL_SUFFIXES, read_labels
 from pronet_wsi.metrics import ImageScores, evaluate_image, mean_scores
 from pronet_wsi.training.points import read_points_classes
 
-LABEL_SUFFIXES = (".png", ".tif", ".tiff")
 #: Stem endings of side products written next to predictions, never scored.
 SKIPPED_PRED_ENDINGS = ("_overlay",)
 #: CSV columns, in order.

@@ -13,6 +13,7 @@ from pronet_wsi.errors import InputError
 from pronet_wsi.files import atomic_write, mark_owned
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+LABEL_SUFFIXES = (".png", ".tif", ".tiff")  # lossless: an instance map cannot be a JPEG
 
 
 def _read_any(path: Path) -> np.ndarray:
@@ -124,6 +125,11 @@ def read_labels(path: str | os.PathLike) -> np.ndarray:
     if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
         raise InputError(f"{path}: not an instance map (shape {arr.shape}, {arr.dtype}); expected a 2-D integer image")
     return arr.astype(np.int64)
+
+
+def find_labels(folder: Path, stem: str) -> Path | None:
+    """``folder/<stem>.png`` (or ``.tif``, ``.tiff``, in that order) when it exists: the instance map of an image."""
+    return next((p for p in (Path(folder) / f"{stem}{s}" for s in LABEL_SUFFIXES) if p.is_file()), None)
 
 
 def list_images(inputs: list[str | os.PathLike]) -> list[Path]:

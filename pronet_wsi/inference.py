@@ -1,6 +1,8 @@
-"""Running PRONet on pixels: device choice, batching, autocast, sliding windows.
+"""Running PRONet on pixels: device choice, batching, autocast, and images larger than one model input.
 
-The only torch <-> numpy boundary: everything in and out is numpy.
+The only torch <-> numpy boundary: everything in and out is numpy. An image is cut by the same tiler as a slide
+(:class:`pronet_wsi.tiling.TileGrid`, halo = the model's ``context_px``, white beyond the image's edge as beyond a
+slide's), so ``predict`` of an image and ``segment`` of the same pixels see the same tiles and maps.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from pronet_wsi.errors import InputError
+from pronet_wsi.geometry import Box
 from pronet_wsi.model import ModelBundle, load_model, resolve_model_dir
 from pronet_wsi.postprocess import PostprocessConfig, Segmentation, postprocess
+from pronet_wsi.tiling import TileGrid, TilingConfig
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -42,8 +46,8 @@ def _cpu_has_bf16() -> bool:
 class InferenceConfig:
     """How to run the network.
 
-    window_px : images larger than this run in overlapping windows of this size.
-    overlap_px : overlap between windows; the central part of each window is kept.
+    window_px : largest model input side; an image is cut into tiles of at most this size, each a core plus the
+        model's ``context_px`` on every side (the tiles ``segment --tile-px`` of the same size cuts).
     amp : mixed precision (bf16 on CPUs with AVX512-BF16, fp16 on CUDA); ``auto`` decides per device.
     tta : average the maps of the 8 flips/rotations of each tile (offsets rotated back); 8x the model time.
     """
@@ -51,17 +55,14 @@ class InferenceConfig:
     device: str = "auto"
     batch_size: int = 4
     window_px: int = 1024
-    overlap_px: int = 64
     amp: str = "auto"
     tta: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
-        if self.window_px < 64 or self.window_px % 16:
-            raise ValueError(f"window_px={self.window_px}: must be a multiple of 16 and >= 64")
-        if not 0 <= 2 * self.overlap_px < self.window_px:
-            raise ValueError(f"overlap_px={self.overlap_px}: must be >= 0 and < window_px / 2")
+        if not 64 <= self.window_px <= 16384 or self.window_px % 16:
+            raise ValueError(f"window_px={self.window_px}: must be a multiple of 16 between 64 and 16384")
         if self.amp not in ("auto", "on", "off"):
             raise ValueError(f"amp={self.amp!r}: must be auto, on or off")
 
@@ -84,6 +85,9 @@ class Predictor:
         self.mpp = bundle.config.mpp
         self.postprocess_config: PostprocessConfig = bundle.thresholds
         self.context_px = bundle.config.context_px  # the tile halo this model needs for seam-exact maps
+        if config.window_px - 2 * self.context_px < 16:
+            raise InputError(f"--window-px {config.window_px}: must be at least {2 * self.context_px + 16} for this "
+                             f"model (twice its context of {self.context_px} px plus a 16 px core)")
         self.classes: tuple[str, ...] = bundle.config.classes  # nucleus classes of a typed model; () = untyped
         self.class_colors = bundle.config.class_colors
         amp = config.amp
@@ -152,7 +156,7 @@ class Predictor:
         return {name: m / 8 for name, m in acc.items()}
 
     def predict_image(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """Maps for one image of any size, in overlapping windows when larger than ``window_px``.
+        """Maps for one image of any size, tile by tile (:func:`predict_tiled`, tiles of ``window_px``).
 
         Parameters
         ----------
@@ -163,27 +167,51 @@ class Predictor:
         ``foreground`` (H, W), ``offsets`` (2, H, W), ``centers`` (H, W), float32; ``types`` (K, H, W) for a
         typed model.
         """
-        h, w = image.shape[:2]
-        win, ov = self.config.window_px, self.config.overlap_px
-        if h <= win and w <= win:
-            return {k: v[0] for k, v in self.predict_batch(image[None]).items()}
-        out = {"foreground": np.zeros((h, w), np.float32), "offsets": np.zeros((2, h, w), np.float32),
-               "centers": np.zeros((h, w), np.float32)}
-        if self.classes:
-            out["types"] = np.zeros((len(self.classes), h, w), np.float32)
-        boxes = list(_windows(h, w, win, ov))
-        for i in range(0, len(boxes), self.config.batch_size):
-            chunk = boxes[i : i + self.config.batch_size]
-            tiles = np.stack([_crop_padded(image, r0, c0, win) for r0, c0, *_ in chunk])
-            maps = self.predict_batch(tiles)
-            for j, (r0, c0, kr0, kc0, kr1, kc1) in enumerate(chunk):
-                sl = (slice(kr0, kr1), slice(kc0, kc1))
-                loc = (slice(kr0 - r0, kr1 - r0), slice(kc0 - c0, kc1 - c0))
-                out["foreground"][sl] = maps["foreground"][j][loc]
-                out["centers"][sl] = maps["centers"][j][loc]
-                for name in ("offsets", "types") if self.classes else ("offsets",):
-                    out[name][(slice(None), *sl)] = maps[name][j][(slice(None), *loc)]
-        return out
+        return predict_tiled(self, image, TilingConfig(self.config.window_px, self.context_px),
+                             self.config.batch_size)
+
+
+def predict_tiled(model, image: np.ndarray, tiling: TilingConfig, batch_size: int = 1) -> dict[str, np.ndarray]:
+    """Maps of an (H, W, 3) uint8 image from the tiles of ``TileGrid(image.shape[:2], tiling)``.
+
+    Each tile reads its core plus ``tiling.halo_px`` on every side (white beyond the image, as
+    :meth:`pronet_wsi.slide.Slide.read_level` reads beyond a slide) and keeps its core; the cores partition the
+    image. ``segment`` with the same tiling computes exactly these maps in every core, so with a halo of at least
+    the model's ``context_px`` an image predicted here and the same pixels segmented as a slide give the same
+    nuclei. ``model`` is anything with ``predict_batch`` ((B, h, w, 3) uint8 -> maps with a batch axis).
+
+    Returns
+    -------
+    The maps of ``predict_batch`` without the batch axis, over the whole image: (H, W) or (C, H, W) float32.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    grid = TileGrid(image.shape[:2], tiling)
+    tiles = list(grid)
+    out: dict[str, np.ndarray] = {}
+    for i in range(0, len(tiles), batch_size):
+        chunk = tiles[i : i + batch_size]
+        maps = model.predict_batch(np.stack([read_tile(image, t.read) for t in chunk]))
+        for name, m in maps.items():
+            if name not in out:
+                out[name] = np.zeros((*m.shape[1:-2], *image.shape[:2]), np.float32)
+            for j, t in enumerate(chunk):
+                x0, y0, x1, y1 = (int(v) for v in t.core.as_tuple())
+                r0, c0 = y0 - int(t.read.y0), x0 - int(t.read.x0)
+                out[name][..., y0:y1, x0:x1] = m[j][..., r0 : r0 + y1 - y0, c0 : c0 + x1 - x0]
+    return out
+
+
+def read_tile(image: np.ndarray, box: Box) -> np.ndarray:
+    """The integer ``box`` (processing frame = the image's pixels) of an (H, W, 3) image; white beyond its edge."""
+    x0, y0, x1, y1 = (int(v) for v in box.as_tuple())
+    out = np.full((y1 - y0, x1 - x0, 3), 255, np.uint8)
+    h, w = image.shape[:2]
+    a0, b0, a1, b1 = max(y0, 0), max(x0, 0), min(y1, h), min(x1, w)
+    if a1 > a0 and b1 > b0:
+        out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = image[a0:a1, b0:b1]
+    return out
 
 
 def _unrotate_vectors(offsets: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
@@ -195,31 +223,6 @@ def _unrotate_vectors(offsets: torch.Tensor, k: int, flip: bool) -> torch.Tensor
     for _ in range(k):
         dy, dx = dx, -dy
     return torch.stack([dy, dx], dim=1)
-
-
-def _windows(h: int, w: int, win: int, ov: int):
-    """Windows (r0, c0) with their kept core box (kr0, kc0, kr1, kc1); the cores partition the image.
-
-    Consecutive windows overlap by at least ``2 * ov``; the core boundary is the middle of the overlap.
-    """
-
-    def axis(n: int) -> list[tuple[int, int, int]]:
-        if n <= win:
-            return [(0, 0, n)]
-        starts = sorted(set(list(range(0, n - win, win - 2 * ov)) + [n - win]))
-        cuts = [0] + [(a + win + b) // 2 for a, b in zip(starts[:-1], starts[1:], strict=True)] + [n]
-        return [(s, cuts[i], cuts[i + 1]) for i, s in enumerate(starts)]
-
-    for r0, kr0, kr1 in axis(h):
-        for c0, kc0, kc1 in axis(w):
-            yield r0, c0, kr0, kc0, kr1, kc1
-
-
-def _crop_padded(image: np.ndarray, r0: int, c0: int, win: int) -> np.ndarray:
-    crop = image[r0 : r0 + win, c0 : c0 + win]
-    if crop.shape[:2] != (win, win):
-        crop = np.pad(crop, ((0, win - crop.shape[0]), (0, win - crop.shape[1]), (0, 0)), mode="reflect")
-    return crop
 
 
 def resample_image(image: np.ndarray, scale: float) -> np.ndarray:

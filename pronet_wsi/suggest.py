@@ -10,6 +10,8 @@ as one Points annotation: correcting them (move, delete, add) is faster than cli
 With a typed model a box also scores by ``type uncertainty`` (how far its nuclei's class probabilities are
 from certain), and its nuclei are written as one Points annotation per predicted class, classified and coloured
 as the model's classes, so correcting a type is moving a point to the right class's annotation.
+
+Pure functions on maps and boxes; :func:`pronet_wsi.wsi.pipeline.suggest_slide` reads the slide and runs the model.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from pronet_wsi.files import atomic_bytes, mark_owned
-from pronet_wsi.geometry import rc_to_xy
+from pronet_wsi.geometry import Box, rc_to_xy
+from pronet_wsi.postprocess import PostprocessConfig, postprocess
 
 REGION_CLASS = {"name": "Click here", "color": [250, 200, 0]}
 POINTS_CLASS = {"name": "Nucleus", "color": [220, 50, 50]}
@@ -117,71 +120,52 @@ def _colour_groups(colours: np.ndarray, k: int, seed: int) -> np.ndarray:
     return KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(colours)
 
 
-def suggest_slide(slide_path: str | Path, out_path: str | Path, predictor, config: SuggestConfig = SuggestConfig(),
-                  *, backend: str = "auto", mpp: float | None = None, batch_size: int = 4) -> dict:
-    """Score candidate boxes of one slide and write ``out_path`` (QuPath GeoJSON). Returns a summary dict."""
-    from pronet_wsi.geometry import Box, check_scale
-    from pronet_wsi.postprocess import postprocess
-    from pronet_wsi.slide import open_slide
-    from pronet_wsi.tissue import tissue_mask
+def score_box(plain: dict[str, np.ndarray], mirrored_back: dict[str, np.ndarray],
+              postprocess_config: PostprocessConfig) -> dict[str, float]:
+    """:func:`box_unreliability`, plus ``type_uncertain`` (added to ``score``) when the maps carry ``types``."""
+    score = box_unreliability(plain, mirrored_back)
+    if "types" in plain:
+        tp = postprocess(plain, postprocess_config).type_probs
+        score["type_uncertain"] = type_uncertainty(tp if tp is not None else np.zeros((0, 1)))
+        score["score"] += score["type_uncertain"]
+    return score
 
-    slide_path = Path(slide_path)
-    with open_slide(slide_path, backend, mpp) as slide:
-        check_scale(slide.mpp, predictor.mpp, f"{slide_path} ({slide.mpp_source})")
-        thumb, ds = slide.thumbnail(2048)
-        mask = tissue_mask(thumb, ds * slide.mpp)
-        side0 = config.region_um / slide.mpp  # level-0 px
-        side = int(round(config.region_um / predictor.mpp))  # model px
-        h, w = slide.shape
-        centres = candidate_centres(mask, ds, config.candidates)
-        centres = np.clip(centres, side0 / 2, [max(w - side0 / 2, side0 / 2), max(h - side0 / 2, side0 / 2)])
-        boxes = [Box(x - side0 / 2, y - side0 / 2, x + side0 / 2, y + side0 / 2) for x, y in centres]
-        scores, colours, maps_plain = [], [], []
-        for start in range(0, len(boxes), batch_size):
-            tiles = np.stack([slide.read_box(b, (side, side)) for b in boxes[start:start + batch_size]])
-            views = predictor.predict_batch(np.concatenate([tiles, tiles[:, :, ::-1]]))
-            m = len(tiles)
-            for j in range(m):
-                plain = {k: v[j] for k, v in views.items()}
-                back = {"foreground": views["foreground"][m + j][:, ::-1]}
-                score = box_unreliability(plain, back)
-                if "types" in plain:
-                    tp = postprocess(plain, predictor.postprocess_config).type_probs
-                    score["type_uncertain"] = type_uncertainty(tp if tp is not None else np.zeros((0, 1)))
-                    score["score"] += score["type_uncertain"]
-                scores.append(score)
-                colours.append(tiles[j].reshape(-1, 3).mean(0))
-                maps_plain.append(plain)
+
+def suggestions(stem: str, boxes: list[Box], scores: list[dict], colours: np.ndarray, maps: list[dict],
+                side_px: int, config: SuggestConfig, postprocess_config: PostprocessConfig,
+                classes: tuple[str, ...] = (), class_colors=()) -> tuple[list[dict], dict]:
+    """The picked boxes as QuPath annotations, each with its model nuclei as Points; and a summary.
+
+    boxes : level-0 candidate boxes; scores, colours (N, 3) mean RGB, maps : each box's (unmirrored) maps,
+    read at ``side_px`` model px.
+    """
     if not boxes:
-        _write(out_path, [])
-        return {"slide": str(slide_path), "regions": 0, "candidates": 0}
+        return [], {"regions": 0, "candidates": 0}
+    side0 = boxes[0].width
+    centres = np.array([((b.x0 + b.x1) / 2, (b.y0 + b.y1) / 2) for b in boxes])
     total = np.array([s["score"] for s in scores])
-    groups = _colour_groups(np.array(colours), config.groups, config.seed)
+    groups = _colour_groups(np.asarray(colours), config.groups, config.seed)
     picks = choose_boxes(total, centres, groups, config.regions, config.min_gap * side0)
     features = []
     for rank, i in enumerate(picks, start=1):
         b, s = boxes[i], scores[i]
-        seg = postprocess(maps_plain[i], predictor.postprocess_config)
-        scale = side0 / side
-        pts = rc_to_xy(seg.centers_rc) * scale + [b.x0, b.y0]  # level-0 continuous, as QuPath reads them
+        seg = postprocess(maps[i], postprocess_config)
+        pts = rc_to_xy(seg.centers_rc) * (side0 / side_px) + [b.x0, b.y0]  # level-0 continuous, as QuPath reads
         worst = max(("flip_disagreement", "uncertain", "type_uncertain"), key=lambda k: s.get(k, -1.0))
         reason = {"flip_disagreement": "the mirrored view disagrees", "uncertain": "foreground is uncertain",
                   "type_uncertain": "nucleus types are uncertain"}[worst]
-        features.append(_rectangle(f"{slide_path.stem}/{rank}", b, rank, reason, s, int(groups[i])))
-        classes = tuple(getattr(predictor, "classes", ()))
+        features.append(_rectangle(f"{stem}/{rank}", b, rank, reason, s, int(groups[i])))
         if classes and len(pts):  # one classified Points annotation per predicted class
-            colors = getattr(predictor, "class_colors", ())
             for c, name in enumerate(classes):
                 sel = seg.class_index == c
                 if sel.any():
-                    cls = {"name": name, "color": list(colors[c])}
-                    features.append(_points(f"{slide_path.stem}/{rank}/points/{name}", pts[sel], rank, cls))
+                    cls = {"name": name, "color": list(class_colors[c])}
+                    features.append(_points(f"{stem}/{rank}/points/{name}", pts[sel], rank, cls))
         elif len(pts):
-            features.append(_points(f"{slide_path.stem}/{rank}/points", pts, rank))
-    _write(out_path, features)
-    return {"slide": str(slide_path), "regions": len(picks), "candidates": len(boxes),
-            "mean_score_chosen": float(total[picks].mean()) if picks else 0.0,
-            "mean_score_all": float(total.mean())}
+            features.append(_points(f"{stem}/{rank}/points", pts, rank))
+    return features, {"regions": len(picks), "candidates": len(boxes),
+                      "mean_score_chosen": float(total[picks].mean()) if picks else 0.0,
+                      "mean_score_all": float(total.mean())}
 
 
 def _rectangle(key: str, b, rank: int, reason: str, s: dict, group: int) -> dict:
@@ -208,7 +192,8 @@ def _points(key: str, pts: np.ndarray, rank: int, classification: dict | None = 
                            "classification": classification or POINTS_CLASS, "isLocked": False}}
 
 
-def _write(path: str | Path, features: list[dict]) -> None:
+def write_suggestions(path: str | Path, features: list[dict]) -> None:
+    """One QuPath FeatureCollection, written atomically."""
     text = json.dumps({"type": "FeatureCollection", "features": features}, ensure_ascii=False)
     atomic_bytes(Path(path), (text + "\n").encode())
     mark_owned(Path(path))

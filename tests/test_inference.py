@@ -1,12 +1,15 @@
 import numpy as np
 import pytest
 import torch
+from wsi_fakes import OracleModel, id_colours, write_oracle_slide
 
 from pronet_wsi.errors import InputError
+from pronet_wsi.geometry import Box
 from pronet_wsi.inference import (
     InferenceConfig,
     Predictor,
-    _windows,
+    predict_tiled,
+    read_tile,
     resample_image,
     resample_labels,
     resolve_device,
@@ -14,6 +17,7 @@ from pronet_wsi.inference import (
 )
 from pronet_wsi.model import ModelBundle, ModelConfig, PRONet
 from pronet_wsi.postprocess import PostprocessConfig
+from pronet_wsi.tiling import TilingConfig
 
 
 def tiny_bundle(seed: int = 0, mpp: float = 0.25) -> ModelBundle:
@@ -22,23 +26,105 @@ def tiny_bundle(seed: int = 0, mpp: float = 0.25) -> ModelBundle:
     return ModelBundle(m, m.config, PostprocessConfig())
 
 
-@pytest.mark.parametrize("h,w", [(300, 300), (517, 333), (96, 1000)])
-def test_window_cores_partition_the_image(h, w):
-    cover = np.zeros((h, w), int)
-    for r0, c0, kr0, kc0, kr1, kc1 in _windows(h, w, 128, 16):
-        assert r0 <= kr0 < kr1 <= r0 + 128 and c0 <= kc0 < kc1 <= c0 + 128
-        cover[kr0:kr1, kc0:kc1] += 1
-    assert (cover == 1).all()
+class _ColourModel:
+    """Maps that are the tile's own pixels: where a tile's map lands in the image shows where it was read."""
+
+    def predict_batch(self, tiles):
+        t = tiles.astype(np.float32)
+        return {"foreground": t[..., 0], "offsets": np.moveaxis(t[..., 1:], -1, 1)}
 
 
-def test_windowed_prediction_matches_whole_image_in_fp32():
+@pytest.mark.parametrize("h,w,tile_px,halo_px", [(300, 300, 128, 16), (517, 333, 160, 32), (96, 1000, 256, 96)])
+def test_predict_tiled_puts_each_core_in_its_place(h, w, tile_px, halo_px):
+    img = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    maps = predict_tiled(_ColourModel(), img, TilingConfig(tile_px, halo_px), batch_size=3)
+    assert maps["foreground"].shape == (h, w) and maps["offsets"].shape == (2, h, w)
+    np.testing.assert_array_equal(maps["foreground"], img[..., 0])
+    np.testing.assert_array_equal(maps["offsets"], np.moveaxis(img[..., 1:], -1, 0))
+
+
+def test_read_tile_is_white_beyond_the_image_as_a_slide_read():
+    img = np.zeros((10, 20, 3), np.uint8)
+    tile = read_tile(img, Box(-4, -2, 8, 14))
+    assert tile.shape == (16, 12, 3)
+    assert (tile[2:12, 4:] == 0).all() and (tile[:2] == 255).all() and (tile[12:] == 255).all()
+    assert (tile[:, :4] == 255).all()
+
+
+def test_tiled_prediction_equals_one_pass_of_a_real_network():
+    """With the model's context as halo, the tiles' cores give the maps of one pass over the whole image."""
     bundle = tiny_bundle()
+    assert bundle.config.context_px == 96
     img = np.random.default_rng(0).integers(0, 255, (300, 280, 3), dtype=np.uint8)
     whole = Predictor(bundle, InferenceConfig(amp="off", window_px=1024)).predict_image(img)
-    tiled = Predictor(bundle, InferenceConfig(amp="off", window_px=192, overlap_px=64)).predict_image(img)
+    tiled = Predictor(bundle, InferenceConfig(amp="off", window_px=256)).predict_image(img)  # 5 x 5 tiles
     assert whole["offsets"].shape == (2, 300, 280) and whole["centers"].shape == (300, 280)
-    # the receptive field reaches past the 64 px overlap, so agreement is close, not exact
-    assert np.abs(whole["foreground"] - tiled["foreground"]).mean() < 0.02
+    for k in whole:
+        np.testing.assert_allclose(tiled[k], whole[k], atol=1e-5)
+
+
+def test_window_must_hold_the_models_context():
+    with pytest.raises(InputError, match="--window-px 192: must be at least 208"):
+        Predictor(tiny_bundle(), InferenceConfig(window_px=192))
+
+
+class _ContextOracle(OracleModel):
+    """The oracle, but nucleus pixels within 8 px of white (beyond the slide) are background: maps that depend on
+    context, so a tiler that fills beyond the image otherwise than a slide read, or halos too small, differs."""
+
+    def maps(self, rgb):
+        from scipy import ndimage as ndi
+
+        maps = super().maps(rgb)
+        near_white = ndi.maximum_filter((rgb == 255).all(-1), size=17, mode="constant", cval=False)
+        maps["foreground"] = np.where(near_white, 0, maps["foreground"]).astype(np.float32)
+        return maps
+
+    def predict_image(self, image):
+        return predict_tiled(self, image, TilingConfig(1024, self.context_px), batch_size=2)
+
+
+def _disk_grid(side: int, seed: int) -> np.ndarray:
+    """(side, side) uint32 labels: jittered disks of radius 5-9 px on a 30 px grid, some touching, ids 1..N."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((side, side), np.uint32)
+    yy, xx = np.mgrid[-10:11, -10:11]
+    starts = np.arange(-5, side, 30)
+    for k, (y, x) in enumerate((y, x) for y in starts for x in starts):
+        cy, cx = y + rng.integers(0, 12), x + rng.integers(0, 12)
+        disk = (yy**2 + xx**2) <= rng.uniform(5, 9) ** 2
+        r0, c0 = max(cy - 10, 0), max(cx - 10, 0)
+        r1, c1 = min(cy + 11, side), min(cx + 11, side)
+        if r1 > r0 and c1 > c0:
+            sub = disk[r0 - cy + 10 : r1 - cy + 10, c0 - cx + 10 : c1 - cx + 10]
+            labels[r0:r1, c0:c1][sub] = k + 1
+    return labels
+
+
+def test_predict_of_a_large_image_equals_segment_of_it(tmp_path):
+    """Acceptance (issue 18.3): ``predict`` of a 3000 x 3000 image and ``segment`` of the same pixels as a slide
+    give the same nuclei, pixel for pixel (ids aside)."""
+    import zarr
+
+    from pronet_wsi.export import read_geojson
+    from pronet_wsi.wsi.pipeline import SegmentConfig, segment_slide
+
+    labels = _disk_grid(3000, seed=3)
+    path = write_oracle_slide(tmp_path / "big.tif", labels, tile_px=512)
+    rgb = id_colours(labels)
+    model = _ContextOracle()
+    predicted = segment_image(rgb, model).labels
+    cfg = SegmentConfig(tiling=TilingConfig(1024, model.context_px), use_tissue_mask=False, labels_zarr=True)
+    res = segment_slide(path, tmp_path / "out", model, cfg)
+    segmented = zarr.open_array(str(tmp_path / "out" / "big_labels.zarr"))[:]
+    n = int(predicted.max())
+    assert n == res.n_nuclei == len(read_geojson(res.geojson)["features"]) > 3000
+    assert ((predicted > 0) == (segmented > 0)).all()
+    pairs = np.unique(np.stack([predicted[predicted > 0], segmented[predicted > 0]]), axis=1)
+    assert pairs.shape[1] == n  # one segment id per predicted nucleus and vice versa
+    assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == n
+    # the context mattered: nuclei at the image's edge lost pixels near the white beyond it
+    assert (predicted > 0).sum() < (labels > 0).sum()
 
 
 def test_predict_batch_validates_input():

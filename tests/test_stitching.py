@@ -224,7 +224,7 @@ def shipped_mosaic(tmp_path_factory):
     names = ["TCGA-E2-A1B5-01Z-00-DX1", "TCGA-B0-5698-01Z-00-DX1", "TCGA-21-5784-01Z-00-DX1", "TCGA-CH-5767-01Z-00-DX1"]
     imgs = [read_image(monuseg / "images" / f"{n}.tif") for n in names]
     region = np.concatenate([np.concatenate(imgs[:2], 1), np.concatenate(imgs[2:], 1)], 0)
-    predictor = Predictor(model, InferenceConfig(window_px=2304, amp="off"))
+    predictor = Predictor(model, InferenceConfig(window_px=2560, amp="off"))  # the padded region in one tile
     path = tmp_path_factory.mktemp("mosaic") / "region.tif"
     write_pyramid_tiff(path, region, predictor.mpp, tile_px=256, levels=2, compression="zlib")
     return region, predictor, path, {}

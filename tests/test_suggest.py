@@ -9,7 +9,7 @@ from wsi_fakes import small_slide, tiny_model_dir
 
 from pronet_wsi.cli import main
 from pronet_wsi.suggest import box_unreliability, candidate_centres, choose_boxes
-from pronet_wsi.training.dataset import load_slide_items
+from pronet_wsi.training.inputs import load_slide_items
 from pronet_wsi.training.points import read_points, read_regions
 
 

@@ -27,14 +27,8 @@ from pronet_wsi.metrics import evaluate_image, mean_scores
 from pronet_wsi.model import ModelBundle, ModelConfig, PRONet, load_model, resolve_model_dir, save_model
 from pronet_wsi.postprocess import PostprocessConfig, postprocess
 from pronet_wsi.progress import progress_bar
-from pronet_wsi.training.dataset import (
-    AugmentConfig,
-    PatchDataset,
-    Sample,
-    channel_stats,
-    item_classes,
-    prepare_samples,
-)
+from pronet_wsi.training.dataset import AugmentConfig, PatchDataset, Sample, channel_stats, prepare_samples
+from pronet_wsi.training.inputs import item_classes
 from pronet_wsi.training.losses import LossConfig, balanced_class_weights, pronet_loss
 from pronet_wsi.training.pseudolabels import PseudoLabelConfig
 from pronet_wsi.training.refinement import RefineConfig, refine_points
@@ -55,7 +49,8 @@ class TrainConfig:
 
     use_offsets / use_refinement switch the paper's modules off for the ablation; ``grouping`` is the
     post-processing the saved model uses. ``max_minutes`` stops early (the model is still written).
-    ``tune_min_areas_um2``: minimum nucleus areas (um^2) the threshold search on the validation images tries.
+    ``tune_center_thresholds`` x ``tune_foreground_thresholds`` x ``tune_min_areas_um2`` (um^2): the grid the
+    threshold search on the validation images tries.
     ``keep_best``: with validation images, the saved model is the validated epoch with the best AJI, not the
     last one.
     ``init``: a model folder (or "default", the shipped model) whose weights, width, mpp and normalisation the
@@ -98,6 +93,8 @@ class TrainConfig:
     max_minutes: float | None = None
     val_every: int = 5
     tune_thresholds: bool = True
+    tune_center_thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4)
+    tune_foreground_thresholds: tuple[float, ...] = (0.4, 0.5, 0.6)
     tune_min_areas_um2: tuple[float, ...] = (0.625, 1.25, 2.5, 5.0)  # 10-80 px at 0.25 um/px
     init: str | None = None
     keep_best: bool = True
@@ -165,8 +162,9 @@ class TrainConfig:
         raw["augment"] = AugmentConfig(**aug)
         if "tune_min_areas" in raw:  # written before 2026-12-06: px at the run's mpp
             raw["tune_min_areas_um2"] = [a * raw.get("mpp", 0.25) ** 2 for a in raw.pop("tune_min_areas")]
-        if "tune_min_areas_um2" in raw:
-            raw["tune_min_areas_um2"] = tuple(raw["tune_min_areas_um2"])
+        for key in ("tune_center_thresholds", "tune_foreground_thresholds", "tune_min_areas_um2"):
+            if key in raw:
+                raw[key] = tuple(raw[key])
         raw["classes"] = tuple(raw.get("classes", ()))
         return cls(**raw)
 
@@ -326,7 +324,8 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
         thresholds = tune_class_weights(predictor, held, thresholds, config.holdout_radius_um / mcfg.mpp)
     if val_items and config.tune_thresholds:
         areas = tuple(sorted({max(1, round(a / mcfg.mpp**2)) for a in config.tune_min_areas_um2}))
-        thresholds = tune_thresholds(predictor, val_items, thresholds, areas)
+        thresholds = tune_thresholds(predictor, val_items, thresholds, areas, config.tune_center_thresholds,
+                                     config.tune_foreground_thresholds)
     model.eval()
     save_model(model.to("cpu").to(memory_format=torch.contiguous_format),  # type: ignore[call-overload]
                outdir, thresholds,
@@ -590,14 +589,15 @@ def validate(predictor: Predictor, val_items: list, thresholds: PostprocessConfi
 
 
 def tune_thresholds(predictor: Predictor, val_items: list, base: PostprocessConfig,
-                    min_areas: tuple[int, ...] = (10,)) -> PostprocessConfig:
+                    min_areas: tuple[int, ...] = (10,), center_thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4),
+                    foreground_thresholds: tuple[float, ...] = (0.4, 0.5, 0.6)) -> PostprocessConfig:
     """Grid-search centre and foreground thresholds (and the minimum area, over ``min_areas`` px) for the best
-    mean AJI on the validation images; ties keep the earlier (lower) setting."""
+    mean AJI on the validation images; ties keep the earlier setting (the grids' order)."""
     predictor.model.eval()
     maps = [predictor.predict_image(im) for _, im, _ in val_items]
     best, best_aji = base, -1.0
-    for ct in (0.1, 0.2, 0.3, 0.4):
-        for ft in (0.4, 0.5, 0.6):
+    for ct in center_thresholds:
+        for ft in foreground_thresholds:
             for ma in min_areas:
                 cand = replace(base, center_threshold=ct, foreground_threshold=ft, min_area_px=ma)
                 aji = mean_scores([evaluate_image(gt, postprocess(m, cand).labels)

@@ -10,8 +10,9 @@
   GPU with ``CUDA_VISIBLE_DEVICES``: dask-jobqueue with one GPU per job (``--gres=gpu:1``), dask-cuda's
   ``LocalCUDACluster`` / ``dask-cuda-worker`` (one worker per GPU), or ``local:N`` here, whose worker ``i`` takes
   GPU ``i mod (number of GPUs)``.
-* :func:`segment_on_client` keeps several slides in flight: the tile batches of the next slides are queued
-  while the client stitches and writes a finished one, so workers do not wait for the client.
+* :class:`DaskExecutor` runs tile batches on the workers for the one slide run of
+  :func:`pronet_wsi.wsi.pipeline.run_slides`, which keeps several slides in flight: the tile batches of the next
+  slides are queued while the client stitches and writes a finished one, so workers do not wait for the client.
 
 The client (this process) opens each slide for its thumbnail and writes the GeoJSON; the workers read tiles and
 write per-tile parts into the output folder: slides and output folder must be on a file system every worker sees.
@@ -23,20 +24,15 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Generic, TypeVar
 
 import numpy as np
 
 from pronet_wsi.errors import InputError
 from pronet_wsi.inference import InferenceConfig
 from pronet_wsi.postprocess import PostprocessConfig
-from pronet_wsi.progress import progress_bar
-from pronet_wsi.wsi.pipeline import finish_slide, prepare_slide
-from pronet_wsi.wsi.plan import SegmentConfig, SlidePlan, SlideResult
 from pronet_wsi.wsi.tile_task import run_batch
 
 log = logging.getLogger(__name__)
@@ -268,150 +264,43 @@ def remote_predictor(client, predictor, pin_gpus: bool = False):
     return client.scatter(predictor, broadcast=True, hash=False)
 
 
-# -- running slides ---------------------------------------------------------------------------------------------
-def _submit(client, plan: SlidePlan, remote) -> list:
-    return [client.submit(run_batch, plan.job, batch, remote, pure=False) for batch in plan.batches]
-
-
-def run_plan(client, plan: SlidePlan, predictor, progress=None, on_tile_done=None) -> list[dict]:
-    """Run one slide's batches on ``client``'s cluster; ``progress(stats_list)`` after each batch."""
-    from distributed import as_completed
-
-    futures = _submit(client, plan, remote_predictor(client, predictor))
-    results: list[dict] = []
-    try:
-        for fut in as_completed(futures, loop=client.loop):
-            res = fut.result()
-            results.extend(res)
-            if progress is not None:
-                progress(res)
-            for r in res:
-                if on_tile_done is not None:
-                    on_tile_done(r["key"])
-    finally:
-        client.cancel([f for f in futures if not f.done()])
-    return results
-
-
-ItemT = TypeVar("ItemT")
-
-
-@dataclass
-class _InFlight(Generic[ItemT]):
-    sid: int
-    item: ItemT
-    plan: SlidePlan
-    futures: list
-    remaining: int
-    t0: float
-    stats: list
-
-
+# -- running batches --------------------------------------------------------------------------------------------
 class DaskExecutor:
-    """Runs a slide's tile batches on the Dask cluster of ``client``:
-    ``pipeline.segment_slide(..., executor=DaskExecutor(client))``."""
+    """Runs tile batches on the Dask cluster of ``client`` (the executor interface of
+    :class:`pronet_wsi.wsi.tile_task.ThreadExecutor`): ``segment_slide(..., executor=DaskExecutor(client))`` or
+    :func:`pronet_wsi.wsi.pipeline.run_slides` for many slides. The model reaches the workers once, as a
+    :class:`ModelSpec` or scattered (:func:`remote_predictor`)."""
 
-    def __init__(self, client) -> None:
+    def __init__(self, client, pin_gpus: bool = False) -> None:
         self.client = client
+        self.pin_gpus = pin_gpus
+        self._remote: dict[int, tuple] = {}  # id(predictor) -> (predictor, what the tasks get)
+        self._on_done: dict[str, object] = {}  # future key -> the caller's on_tile_done
 
-    def __call__(self, plan: SlidePlan, predictor, progress=None, on_tile_done=None) -> list[dict]:
-        return run_plan(self.client, plan, predictor, progress, on_tile_done)
+    def submit(self, job, batch, predictor, on_tile_done=None):
+        key = id(predictor)
+        if key not in self._remote:
+            self._remote[key] = (predictor, remote_predictor(self.client, predictor, self.pin_gpus))
+        fut = self.client.submit(run_batch, job, batch, self._remote[key][1], pure=False)
+        if on_tile_done is not None:
+            self._on_done[fut.key] = on_tile_done
+        return fut
 
+    def result(self, future) -> list[dict]:
+        """The batch's stats; the caller's ``on_tile_done`` runs here, on the client, for each of its tiles."""
+        res = future.result()
+        on_tile_done = self._on_done.pop(future.key, None)
+        if on_tile_done is not None:
+            for r in res:
+                on_tile_done(r["key"])  # type: ignore[operator]
+        return res
 
-def segment_on_client(client, items: Iterable[ItemT], out_dir: str | os.PathLike, predictor,
-                      config: SegmentConfig = SegmentConfig(), *, backend: str = "auto",
-                      default_mpp: float | None = None, pin_gpus: bool = False, progress: bool = False,
-                      inputs: list[Path] | None = None) -> Iterator[tuple[ItemT, SlideResult | Exception]]:
-    """Segment many slides on a cluster; yields ``(item, SlideResult or the exception)`` as each slide ends.
+    def cancel(self, futures) -> None:
+        self.client.cancel([f for f in futures if not f.done()])
 
-    ``items`` have ``path``, ``mpp`` (None: ``default_mpp``) and ``name`` (output stem or None), e.g.
-    :class:`pronet_wsi.wsi.cohort.SlideItem`. One slide's failure (its exception is yielded) does not stop the
-    others. Slides are prepared and finished here; their tiles run on the workers, the next slides' tiles queued
-    while one is finished (at least two slides, and batches for twice the cluster's threads as it is now, at
-    most ``MAX_SLIDES_IN_FLIGHT`` slides).
-    """
-    from distributed import as_completed
+    def capacity(self) -> int:
+        return max(1, sum(self.client.nthreads().values()))  # workers of a job queue arrive over time
 
-    remote = remote_predictor(client, predictor, pin_gpus)
-    queue = list(items)
-    protected = inputs if inputs is not None else [Path(it.path) for it in queue]  # type: ignore[attr-defined]
-    active: dict[int, _InFlight[ItemT]] = {}
-    owner: dict = {}
-    ac = as_completed([], loop=client.loop)
-    bar = progress_bar(0, "tiles", "tile", enabled=progress)
-    next_id = 0
-
-    def queued() -> int:
-        return sum(s.remaining for s in active.values())
-
-    def prepare(item):
-        try:
-            plan = prepare_slide(item.path, out_dir, predictor, config, backend=backend,
-                                 mpp=item.mpp if item.mpp is not None else default_mpp, name=item.name,
-                                 inputs=protected)
-            if isinstance(plan, SlidePlan) and not plan.batches:
-                try:
-                    return finish_slide(plan, [], 0.0)
-                finally:
-                    plan.release()
-            return plan
-        except Exception as exc:  # this slide fails, the others go on
-            return exc
-
-    def admit():
-        nonlocal next_id
-        threads = max(1, sum(client.nthreads().values()))  # workers of a job queue arrive over time
-        while queue and len(active) < MAX_SLIDES_IN_FLIGHT and (len(active) < 2 or queued() < 2 * threads):
-            item = queue.pop(0)
-            plan = prepare(item)
-            if not isinstance(plan, SlidePlan):  # skipped, nothing to run, or failed
-                yield item, plan
-                continue
-            bar.total += len(plan.tiles)
-            bar.update(plan.n_resumed)
-            futures = _submit(client, plan, remote)
-            active[next_id] = _InFlight(next_id, item, plan, futures, len(futures), time.perf_counter(), [])
-            for f in futures:
-                owner[f.key] = next_id
-                ac.add(f)
-            next_id += 1
-
-    try:
-        yield from admit()
-        for fut in ac:
-            slide = active.get(owner.pop(fut.key, -1))
-            if slide is None:  # a cancelled batch of a slide that failed
-                continue
-            try:
-                res = fut.result()
-            except Exception as exc:
-                res = exc
-            if isinstance(res, Exception):
-                client.cancel([f for f in slide.futures if not f.done()])
-                slide.plan.release()
-                del active[slide.sid]
-                yield slide.item, res
-                yield from admit()
-                continue
-            slide.stats.extend(res)
-            slide.remaining -= 1
-            bar.update(len(res))
-            if slide.remaining:
-                continue
-            del active[slide.sid]
-            yield from admit()  # queue the next slides' tiles before this one's (serial) second pass
-            outcome: SlideResult | Exception
-            try:
-                outcome = finish_slide(slide.plan, slide.stats, time.perf_counter() - slide.t0)
-            except Exception as exc:
-                outcome = exc
-            finally:
-                slide.plan.release()
-            yield slide.item, outcome
-    finally:
-        bar.close()
-        for slide in active.values():
-            client.cancel(slide.futures)
-            slide.plan.release()
-
-
+    def close(self) -> None:
+        self._remote.clear()
+        self._on_done.clear()

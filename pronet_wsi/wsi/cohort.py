@@ -225,7 +225,8 @@ def segment_batch(items: Iterable[SlideItem], out_dir: str | os.PathLike, predic
                   ) -> Iterator[Outcome]:
     """Segment slides one by one (``client`` None: :func:`~pronet_wsi.wsi.pipeline.segment_slide` each, on a local
     thread pool) or all at once on the Dask cluster of ``client``
-    (:func:`pronet_wsi.wsi.cluster.segment_on_client`); yields an :class:`Outcome` as each slide ends.
+    (:func:`~pronet_wsi.wsi.pipeline.run_slides` with a :class:`~pronet_wsi.wsi.cluster.DaskExecutor`); yields an
+    :class:`Outcome` as each slide ends.
 
     A failing slide (any ``Exception``) is isolated: it gets a failure record and the batch goes on. No output
     replaces one of the slides of ``items`` (inputs are never outputs) or a file pronet-wsi did not write.
@@ -235,11 +236,12 @@ def segment_batch(items: Iterable[SlideItem], out_dir: str | os.PathLike, predic
     inputs = [Path(it.path) for it in items]
     started = time.time()
     if client is not None:
-        from pronet_wsi.wsi.cluster import segment_on_client
+        from pronet_wsi.wsi.cluster import DaskExecutor
+        from pronet_wsi.wsi.pipeline import run_slides
 
-        for item, res in segment_on_client(client, items, out_dir, predictor, config, backend=backend,
-                                           default_mpp=default_mpp, pin_gpus=pin_gpus, progress=progress,
-                                           inputs=inputs):
+        executor = DaskExecutor(client, pin_gpus)
+        for item, res in run_slides(items, out_dir, predictor, config, executor, backend=backend,
+                                    default_mpp=default_mpp, progress=progress, inputs=inputs):
             if isinstance(res, BaseException):
                 yield _failed(item, res, out_dir, config, started, inputs)
             else:

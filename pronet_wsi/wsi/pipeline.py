@@ -8,6 +8,9 @@
 4. stitch: decide which tile's view of each nucleus to keep (needs only the neighbouring tiles' centres);
 5. stream the kept nuclei to GeoJSON (and optionally a zarr label image), then the overlay and the run record.
 
+:func:`suggest_slide` wires the stages for ``suggest`` (slide, tissue, boxes read at the model's mpp, model,
+the pure scoring of :mod:`pronet_wsi.suggest`).
+
 Steps 1-2 are :func:`prepare_slide` (a :class:`SlidePlan`), steps 4-5 :func:`finish_slide`; both run where the
 caller runs. Step 3 runs on a local thread pool, or on a Dask distributed cluster
 (:mod:`pronet_wsi.wsi.cluster`, which also keeps several slides in flight at once); the tile tasks write their parts
@@ -21,10 +24,11 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import threading
 import time
-from dataclasses import asdict
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from pronet_wsi import __version__
 from pronet_wsi.errors import InputError
@@ -40,17 +44,20 @@ from pronet_wsi.files import OutputLock, OutputPaths, check_outputs, same_file, 
 from pronet_wsi.geometry import Frame, check_scale
 from pronet_wsi.progress import progress_bar
 from pronet_wsi.slide import open_slide
+from pronet_wsi.suggest import SuggestConfig
 from pronet_wsi.tiling import TileGrid, select_tiles
 from pronet_wsi.tissue import tissue_mask
 from pronet_wsi.wsi.assemble import write_outputs
 from pronet_wsi.wsi.plan import ModelInfo, Overview, RunLog, SegmentConfig, SlidePlan, SlideResult, SlideSource
 from pronet_wsi.wsi.tile_store import TileStore
-from pronet_wsi.wsi.tile_task import TileJob, TileModel, close_slides, run_batch
+from pronet_wsi.wsi.tile_task import ThreadExecutor, TileJob, TileModel, close_slides
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SegmentConfig", "SlidePlan", "SlideResult", "finish_slide", "prepare_slide", "run_tiles_threaded",
-           "segment_slide"]
+__all__ = ["SegmentConfig", "SlideItem", "SlidePlan", "SlideResult", "finish_slide", "prepare_slide", "run_slides",
+           "segment_slide", "suggest_slide"]
+
+MAX_SLIDES_IN_FLIGHT = 32  # each holds its thumbnail and tissue mask on the client (~10 MB)
 
 def check_writable(out_dir: Path) -> None:
     """Create ``out_dir`` if needed and make sure files can be written there (InputError otherwise)."""
@@ -114,29 +121,6 @@ def check_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, confi
     outs = slide_outputs(paths, config)
     check_outputs(outs, [slide_path, *inputs], config.overwrite)
     return not config.overwrite and is_finished(paths, slide_path)
-
-
-def run_tiles_threaded(plan: SlidePlan, predictor: TileModel, progress, on_tile_done) -> list[dict]:
-    """The default tile executor: a plan's batches on ``config.n_workers`` threads; ``progress(stats_list)`` after
-    each batch. Any callable with this signature can run them instead (``cluster.DaskExecutor``).
-
-    Returns (or raises) only when no batch is running any more: on an error or an interrupt the batches not yet
-    started are cancelled and the running ones finish, so nothing reads the slide or writes parts afterwards.
-    """
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
-    results: dict[int, list[dict]] = {}
-    with ThreadPoolExecutor(plan.config.n_workers, thread_name_prefix="pronet-tile") as pool:
-        futures = {pool.submit(run_batch, plan.job, batch, predictor, on_tile_done): i
-                   for i, batch in enumerate(plan.batches)}
-        try:
-            for fut in as_completed(futures):
-                results[futures[fut]] = fut.result()
-                progress(results[futures[fut]])
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-    return [r for i in sorted(results) for r in results[i]]
 
 
 # -- the driver ------------------------------------------------------------------------------------------------
@@ -304,7 +288,7 @@ def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
                   config: SegmentConfig = SegmentConfig(), *, backend: str = "auto", mpp: float | None = None,
                   name: str | None = None, progress: bool = False, on_tile_done=None, executor=None,
                   inputs: list[Path] | tuple[Path, ...] = ()) -> SlideResult:
-    """Segment one slide into ``out_dir/<stem>.geojson`` (see the module docstring).
+    """Segment one slide into ``out_dir/<stem>.geojson`` (see the module docstring): :func:`run_slides` of one.
 
     Parameters
     ----------
@@ -315,49 +299,203 @@ def segment_slide(slide_path: str | os.PathLike, out_dir: str | os.PathLike, pre
     progress : show a progress bar (only when stderr is a terminal).
     on_tile_done : called with each finished tile's key (tests use it to simulate a kill).
     inputs : files no output may replace besides the slide (the other slides of a batch).
-    executor : runs the tile batches, ``executor(plan, predictor, progress, on_tile_done) -> stats``; default
-        :func:`run_tiles_threaded`, or ``pronet_wsi.wsi.cluster.DaskExecutor(client)`` for a Dask cluster.
+    executor : runs the tile batches (default: a :class:`~pronet_wsi.wsi.tile_task.ThreadExecutor` of
+        ``config.n_workers`` threads, closed at the end), e.g. ``pronet_wsi.wsi.cluster.DaskExecutor(client)``.
 
     Raises
     ------
     InputError : unreadable slide, missing mpp, output folder not writable. Nothing but resumable per-tile
         parts is left behind by a failed run.
     """
-    plan = prepare_slide(slide_path, out_dir, predictor, config, backend=backend, mpp=mpp, name=name,
-                         inputs=inputs)
-    if isinstance(plan, SlideResult):
-        return plan
+    item = SlideItem(Path(slide_path), mpp, name)
+    own = executor is None
+    executor = executor or ThreadExecutor(config.n_workers)
     try:
-        return _run_plan(plan, predictor, progress, on_tile_done, executor)
+        for _, res in run_slides([item], out_dir, predictor, config, executor, backend=backend, progress=progress,
+                                 on_tile_done=on_tile_done, inputs=[Path(slide_path), *inputs]):
+            if isinstance(res, BaseException):
+                raise res
+            return res
     finally:
-        plan.release()
+        if own:
+            executor.close()
+        close_slides(str(slide_path))
+    raise AssertionError("run_slides yields one outcome per slide")  # pragma: no cover
 
 
-def _run_plan(plan: SlidePlan, predictor: TileModel, progress: bool, on_tile_done, executor) -> SlideResult:
-    bar = progress_bar(len(plan.tiles), plan.slide.path.name, "tile", initial=plan.n_resumed, enabled=progress)
-    core_mpx = plan.core_mpx
+@dataclass(frozen=True)
+class SlideItem:
+    """One slide to run: ``path``, ``mpp`` (None: the slide's own or the run's default) and output ``name``."""
+
+    path: Path
+    mpp: float | None = None
+    name: str | None = None
+
+
+ItemT = TypeVar("ItemT")
+
+
+@dataclass
+class _InFlight(Generic[ItemT]):
+    item: ItemT
+    plan: SlidePlan
+    futures: list
+    remaining: int
+    t0: float
+    stats: list
+
+
+def run_slides(items: Iterable[ItemT], out_dir: str | os.PathLike, predictor: TileModel, config: SegmentConfig,
+               executor, *, backend: str = "auto", default_mpp: float | None = None, progress: bool = False,
+               on_tile_done=None, inputs: list[Path] | None = None
+               ) -> Iterator[tuple[ItemT, SlideResult | Exception]]:
+    """The one slide run: prepare each slide, submit its tile batches to ``executor``, finish it when they are
+    done; yields ``(item, SlideResult or the exception)`` as each slide ends.
+
+    ``items`` have ``path``, ``mpp`` (None: ``default_mpp``) and ``name`` (output stem or None), e.g.
+    :class:`SlideItem` or :class:`pronet_wsi.wsi.cohort.SlideItem`. The executor only runs batches
+    (:class:`~pronet_wsi.wsi.tile_task.ThreadExecutor`, ``cluster.DaskExecutor``). One slide's failure (its
+    exception is yielded) does not stop the others; an interrupt cancels every batch and returns when none runs.
+    Several slides are in flight: the next slides' batches are queued while one is finished (at least two
+    slides, batches for twice the executor's capacity, at most ``MAX_SLIDES_IN_FLIGHT`` slides).
+    """
+    import queue as queue_mod
+
+    todo = list(items)
+    protected = inputs if inputs is not None else [Path(it.path) for it in todo]  # type: ignore[attr-defined]
+    active: dict[int, _InFlight[ItemT]] = {}
+    owner: dict[int, int] = {}  # id(future) -> slide
+    done: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
+    label = Path(todo[0].path).name if len(todo) == 1 else "tiles"  # type: ignore[attr-defined]
+    bar = progress_bar(0, label, "tile", enabled=progress)
     counter = {"nuclei": 0, "mpx": 0.0, "t0": time.perf_counter()}
-    lock = threading.Lock()
+    next_id = 0
 
-    def on_progress(stats: list[dict]) -> None:
-        with lock:
-            counter["nuclei"] += sum(s["in_core"] for s in stats)
-            counter["mpx"] += sum(core_mpx[s["key"]] for s in stats)
-            rate = counter["mpx"] / max(time.perf_counter() - counter["t0"], 1e-9)
-            bar.set_postfix_str(f"{counter['nuclei']:,} nuclei, {rate:.2f} Mpx/s", refresh=False)
-            bar.update(len(stats))
+    def prepare(item):
+        try:
+            plan = prepare_slide(item.path, out_dir, predictor, config, backend=backend,
+                                 mpp=item.mpp if item.mpp is not None else default_mpp, name=item.name,
+                                 inputs=protected)
+            if isinstance(plan, SlidePlan) and not plan.batches:
+                try:
+                    return finish_slide(plan, [], 0.0)
+                finally:
+                    plan.release()
+            return plan
+        except Exception as exc:  # this slide fails, the others go on
+            return exc
 
-    t = time.perf_counter()
+    def admit():
+        nonlocal next_id
+        while todo and len(active) < MAX_SLIDES_IN_FLIGHT and (
+                len(active) < 2 or sum(s.remaining for s in active.values()) < 2 * executor.capacity()):
+            item = todo.pop(0)
+            plan = prepare(item)
+            if not isinstance(plan, SlidePlan):  # skipped, nothing to run, or failed
+                yield item, plan
+                continue
+            bar.total += len(plan.tiles)
+            bar.update(plan.n_resumed)
+            futures = [executor.submit(plan.job, batch, predictor, on_tile_done) for batch in plan.batches]
+            active[next_id] = _InFlight(item, plan, futures, len(futures), time.perf_counter(), [])
+            for f in futures:
+                owner[id(f)] = next_id
+                f.add_done_callback(done.put)
+            next_id += 1
+
+    def on_progress(plan: SlidePlan, stats: list[dict]) -> None:
+        counter["nuclei"] += sum(s["in_core"] for s in stats)
+        counter["mpx"] += sum(plan.core_mpx[s["key"]] for s in stats)
+        rate = counter["mpx"] / max(time.perf_counter() - counter["t0"], 1e-9)
+        bar.set_postfix_str(f"{counter['nuclei']:,} nuclei, {rate:.2f} Mpx/s", refresh=False)
+        bar.update(len(stats))
+
+    def end(sid: int) -> None:
+        slide = active.pop(sid)
+        try:
+            executor.cancel(slide.futures)
+        finally:
+            slide.plan.release()
+
     try:
-        tile_stats: list[dict]
-        if not plan.batches:
-            tile_stats = []
-        else:
-            tile_stats = (executor or run_tiles_threaded)(plan, predictor, on_progress, on_tile_done)
+        yield from admit()
+        while active:
+            try:
+                fut = done.get(timeout=0.2)  # a timeout keeps Ctrl-C responsive
+            except queue_mod.Empty:
+                continue
+            sid = owner.pop(id(fut), -1)
+            slide = active.get(sid)
+            if slide is None or fut.cancelled():  # a cancelled batch of a slide that failed
+                continue
+            try:
+                res = executor.result(fut)
+            except Exception as exc:
+                end(sid)
+                yield slide.item, exc
+                yield from admit()
+                continue
+            slide.stats.extend(res)
+            slide.remaining -= 1
+            on_progress(slide.plan, res)
+            if slide.remaining:
+                continue
+            del active[sid]
+            yield from admit()  # queue the next slides' tiles before this one's (serial) second pass
+            outcome: SlideResult | Exception
+            try:
+                outcome = finish_slide(slide.plan, slide.stats, time.perf_counter() - slide.t0)
+            except Exception as exc:
+                outcome = exc
+            finally:
+                slide.plan.release()
+            yield slide.item, outcome
     finally:
         bar.close()
-        close_slides(plan.job.slide_path)
-    return finish_slide(plan, tile_stats, time.perf_counter() - t)
+        for sid in list(active):
+            end(sid)
+
+
+def suggest_slide(slide_path: str | Path, out_path: str | Path, predictor, config: SuggestConfig = SuggestConfig(),
+                  *, backend: str = "auto", mpp: float | None = None, batch_size: int = 4) -> dict:
+    """Score candidate boxes of one slide and write ``out_path`` (QuPath GeoJSON; see :mod:`pronet_wsi.suggest`).
+
+    Open the slide, find its tissue, read each candidate box at the model's mpp, run it as it is and mirrored,
+    score it (:func:`~pronet_wsi.suggest.score_box`) and write the picks. Returns a summary dict.
+    """
+    import numpy as np
+
+    from pronet_wsi.geometry import Box
+    from pronet_wsi.suggest import candidate_centres, score_box, suggestions, write_suggestions
+
+    slide_path = Path(slide_path)
+    with open_slide(slide_path, backend, mpp) as slide:
+        check_scale(slide.mpp, predictor.mpp, f"{slide_path} ({slide.mpp_source})")
+        thumb, ds = slide.thumbnail(2048)
+        mask = tissue_mask(thumb, ds * slide.mpp)
+        side0 = config.region_um / slide.mpp  # level-0 px
+        side = int(round(config.region_um / predictor.mpp))  # model px
+        h, w = slide.shape
+        centres = candidate_centres(mask, ds, config.candidates)
+        centres = np.clip(centres, side0 / 2, [max(w - side0 / 2, side0 / 2), max(h - side0 / 2, side0 / 2)])
+        boxes = [Box(x - side0 / 2, y - side0 / 2, x + side0 / 2, y + side0 / 2) for x, y in centres]
+        scores, colours, maps_plain = [], [], []
+        for start in range(0, len(boxes), batch_size):
+            tiles = np.stack([slide.read_box(b, (side, side)) for b in boxes[start:start + batch_size]])
+            views = predictor.predict_batch(np.concatenate([tiles, tiles[:, :, ::-1]]))
+            m = len(tiles)
+            for j in range(m):
+                plain = {k: v[j] for k, v in views.items()}
+                scores.append(score_box(plain, {"foreground": views["foreground"][m + j][:, ::-1]},
+                                        predictor.postprocess_config))
+                colours.append(tiles[j].reshape(-1, 3).mean(0))
+                maps_plain.append(plain)
+    classes = tuple(getattr(predictor, "classes", ()))
+    features, summary = suggestions(slide_path.stem, boxes, scores, np.array(colours).reshape(-1, 3), maps_plain,
+                                    side, config, predictor.postprocess_config, classes,
+                                    getattr(predictor, "class_colors", ()))
+    write_suggestions(out_path, features)
+    return {"slide": str(slide_path), **summary}
 
 
 def ids_key(plan: SlidePlan) -> str:

@@ -152,3 +152,41 @@ def _cut_at_edge(seg, tile: Tile, radius: float) -> int:
     edge[np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]).astype(np.int64)] = True
     centers_p = rc_to_xy(seg.centers_rc, (tile.read.x0, tile.read.y0))
     return int((edge[1:] & tile.core.expand(radius).contains_xy(centers_p)).sum())
+
+
+class ThreadExecutor:
+    """Runs tile batches (:func:`run_batch`) on a local pool of ``n_workers`` threads; knows nothing of slides.
+
+    The executor interface :func:`pronet_wsi.wsi.pipeline.run_slides` drives (``cluster.DaskExecutor`` is the
+    other): ``submit`` a batch -> a future with ``add_done_callback``, ``result`` of a finished one, ``cancel``
+    the ones not yet finished (returning only when none of them runs any more), ``capacity`` (batches that run
+    at once) and ``close``.
+    """
+
+    def __init__(self, n_workers: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.n_workers = n_workers
+        self._pool = ThreadPoolExecutor(n_workers, thread_name_prefix="pronet-tile")
+
+    def submit(self, job: TileJob, batch: Sequence[Tile], predictor: TileModel, on_tile_done=None):
+        return self._pool.submit(run_batch, job, batch, predictor, on_tile_done)
+
+    @staticmethod
+    def result(future) -> list[dict]:
+        return future.result()
+
+    def cancel(self, futures) -> None:
+        """Cancel the batches not started and wait for the running ones: nothing reads or writes afterwards."""
+        from concurrent.futures import wait
+
+        for f in futures:
+            f.cancel()
+        wait(futures)
+
+    def capacity(self) -> int:
+        return self.n_workers
+
+    def close(self) -> None:
+        """End the threads (their open slides are closed by :func:`close_slides`)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)

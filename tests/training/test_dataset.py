@@ -9,9 +9,9 @@ from pronet_wsi.training.dataset import (
     Sample,
     _dihedral,
     _dihedral_points,
-    load_items,
     make_patch,
 )
+from pronet_wsi.training.inputs import load_items
 
 
 def _sample(nuclei):

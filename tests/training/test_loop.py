@@ -1,4 +1,5 @@
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from pronet_wsi.cli import main
 from pronet_wsi.errors import InputError
 from pronet_wsi.model import load_model, resolve_model_dir
 from pronet_wsi.training import loop
-from pronet_wsi.training.dataset import load_items, load_val_items
+from pronet_wsi.training.inputs import load_items, load_val_items
 from pronet_wsi.training.loop import TrainConfig, train
 
 NAMES = ["TCGA-A7-A13E-01Z-00-DX1", "TCGA-B0-5711-01Z-00-DX1"]
@@ -104,6 +105,16 @@ def test_tune_thresholds_searches_the_minimum_area():
     assert loop.tune_thresholds(predictor, items, base).min_area_px == 10  # the old grid: cannot drop it
     tuned = loop.tune_thresholds(predictor, items, base, (10, 40))
     assert tuned.min_area_px == 40
+    assert (tuned.center_threshold, tuned.foreground_threshold) == (0.1, 0.4)  # ties keep the first of the grid
+    grid = loop.tune_thresholds(predictor, items, base, (40,), (0.35, 0.1), (0.55,))
+    assert (grid.center_threshold, grid.foreground_threshold) == (0.35, 0.55)
+
+
+def test_the_threshold_grid_is_a_config_value_that_round_trips():
+    cfg = loop.TrainConfig(tune_center_thresholds=(0.25,), tune_foreground_thresholds=(0.5, 0.7))
+    back = loop.TrainConfig.from_json(json.loads(json.dumps(cfg.to_json())))
+    assert back == cfg and back.tune_center_thresholds == (0.25,)
+    assert loop.TrainConfig().tune_center_thresholds == (0.1, 0.2, 0.3, 0.4)
 
 
 # -- recipes and --init (no shared data needed) -------------------------------------------------------------------

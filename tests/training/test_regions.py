@@ -9,13 +9,8 @@ import torch
 from wsi_fakes import blob_slide
 
 from pronet_wsi.errors import InputError
-from pronet_wsi.training.dataset import (
-    AugmentConfig,
-    Sample,
-    load_slide_items,
-    make_patch,
-    read_slide_list,
-)
+from pronet_wsi.training.dataset import AugmentConfig, Sample, make_patch
+from pronet_wsi.training.inputs import load_slide_items, read_slide_list
 from pronet_wsi.training.losses import LossConfig, focal_center_loss, pronet_loss
 from pronet_wsi.training.points import Region, read_regions, region_mask
 
@@ -64,13 +59,22 @@ def _region_sample(nuclei):
     region = np.zeros(labels.shape, bool)
     region[:, :100] = True
     k = np.where(labels > 0, 1, 0).astype(np.uint8)
-    return Sample("syn", image, centers_rc[:, ::-1].copy(), k.copy(), k, labels.astype(np.int32) - 1,
-                  pred_mask=labels > 0, region=region)
+    return Sample.in_region("syn", image, centers_rc[:, ::-1].copy(), k.copy(), k, labels.astype(np.int32) - 1,
+                            region, pred_mask=labels > 0)
+
+
+def test_a_sample_keeps_the_arrays_it_is_given(nuclei):
+    image, labels, centers_rc = nuclei
+    k = np.where(labels > 0, 1, 0).astype(np.uint8)
+    cells = labels.astype(np.int32) - 1
+    s = Sample("syn", image, centers_rc[:, ::-1].copy(), k, k, cells, region=np.zeros(labels.shape, bool))
+    assert s.voronoi is k and s.cluster is k and s.cells is cells
 
 
 def test_no_loss_outside_the_region(nuclei):
     s = _region_sample(nuclei)
     assert (s.voronoi[:, 100:] == 2).all() and (s.cells[:, 100:] == -1).all()
+    assert (nuclei[1][:, 100:] > 0).any() and (s.voronoi[:, :100] == (nuclei[1][:, :100] > 0)).all()
     mean, std = np.full(3, 128.0, np.float32), np.full(3, 50.0, np.float32)
     patches = [make_patch(s, np.random.default_rng(i), 96, 6.0, AugmentConfig(), mean, std) for i in range(12)]
     for p in patches:
@@ -174,7 +178,7 @@ def test_a_qupath_click_on_a_nucleus_centre_lands_on_its_centre_pixel(tmp_path):
     """QuPath's frame: pixel [20, 33] covers x 33-34, y 20-21, so a click on its centre is (33.5, 20.5)."""
     from PIL import Image
 
-    from pronet_wsi.training.dataset import load_items
+    from pronet_wsi.training.inputs import load_items
     from pronet_wsi.training.points import write_points_geojson
 
     click = np.array([[33.5, 20.5]])

@@ -15,7 +15,8 @@ from pronet_wsi.inference import Predictor, segment_image
 from pronet_wsi.model import ModelConfig, PRONet, class_colors, load_model, save_model
 from pronet_wsi.postprocess import PostprocessConfig, reweight_classes
 from pronet_wsi.synthetic import synthetic_typed_nuclei
-from pronet_wsi.training.dataset import item_classes, load_items, resample_items, type_target
+from pronet_wsi.training.dataset import type_target
+from pronet_wsi.training.inputs import item_classes, load_items, resample_items
 from pronet_wsi.training.loop import TrainConfig, start_model, train
 from pronet_wsi.training.losses import type_ce
 from pronet_wsi.training.points import centroids_from_labels, read_points_classes, read_regions, write_points_csv
