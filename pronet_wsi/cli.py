@@ -1,6 +1,8 @@
 """The `pronet-wsi` command line: the one Click module.
 
-Commands call into the package; every InputError/ValueError becomes a one-line message and exit code 1.
+Commands call into the package. Bad input (:class:`~pronet_wsi.errors.InputError`) and OS errors become a
+one-line message and exit code 1; any other exception is a bug: one line naming its type, "run with -v for the
+traceback", exit code 1, and with ``-v`` the traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import functools
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -39,14 +42,38 @@ def friendly_errors(func):
             from pronet_wsi.files import describe_os_error
 
             raise click.ClickException(describe_os_error(exc)) from exc
-        except (InputError, ValueError) as exc:
+        except InputError as exc:
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
         except KeyboardInterrupt:
-            click.echo(f"interrupted: finished work is kept; run the same command again to resume"
-                       f"{' (with --resume)' if func.__name__ == 'train' else ''}", err=True)
+            click.echo(f"interrupted{INTERRUPTED.get(func.__name__, '')}", err=True)
             sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except Exception as exc:  # not bad input: a bug, shown as one line unless -v asks for the traceback
+            if _verbose():
+                click.echo(traceback.format_exc().rstrip(), err=True)
+            raise click.ClickException(bug_message(exc, hint=not _verbose())) from exc
 
     return guarded
+
+
+INTERRUPTED = {  # what an interrupted command keeps, where it keeps anything
+    "segment": ": finished tiles are kept; run the same command again to resume",
+    "train": ": the last checkpoint is kept; run the same command with --resume to continue",
+}
+
+
+def bug_message(exc: BaseException, hint: bool = True) -> str:
+    """One line for an unexpected exception (a bug, not bad input): its type and first message line."""
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return (f"internal error {type(exc).__name__}{': ' + first if first else ''}"
+            + (" (run with -v for the traceback)" if hint else ""))
+
+
+def _verbose() -> bool:
+    """True when the command line asked for ``-v`` (debug logging and tracebacks)."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.find_root().params.get("verbose"))
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -225,6 +252,7 @@ def prediction_outputs(paths: list[Path], out: Path) -> dict[Path, tuple[Path, P
 
 
 @main.command()
+@friendly_errors
 def info() -> None:
     """Print versions, the compute device and the default model."""
     import platform

@@ -57,13 +57,13 @@ class InferenceConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
+            raise InputError(f"batch_size={self.batch_size}: must be >= 1")
         if self.window_px < 64 or self.window_px % 16:
-            raise ValueError(f"window_px={self.window_px}: must be a multiple of 16 and >= 64")
+            raise InputError(f"window_px={self.window_px}: must be a multiple of 16 and >= 64")
         if not 0 <= 2 * self.overlap_px < self.window_px:
-            raise ValueError(f"overlap_px={self.overlap_px}: must be >= 0 and < window_px / 2")
+            raise InputError(f"overlap_px={self.overlap_px}: must be >= 0 and < window_px / 2")
         if self.amp not in ("auto", "on", "off"):
-            raise ValueError(f"amp={self.amp!r}: must be auto, on or off")
+            raise InputError(f"amp={self.amp!r}: must be auto, on or off")
 
 
 class Predictor:

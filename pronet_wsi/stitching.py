@@ -23,6 +23,7 @@ import numpy as np
 import shapely
 from scipy.spatial import cKDTree
 
+from pronet_wsi.errors import InputError
 from pronet_wsi.instances import Instances
 
 
@@ -40,9 +41,9 @@ class StitchConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.match_radius_px <= 64.0:
-            raise ValueError(f"match_radius_px={self.match_radius_px}: must be in (0, 64]")
+            raise InputError(f"match_radius_px={self.match_radius_px}: must be in (0, 64]")
         if not 0.0 < self.min_overlap <= 1.0:
-            raise ValueError(f"min_overlap={self.min_overlap}: must be in (0, 1]")
+            raise InputError(f"min_overlap={self.min_overlap}: must be in (0, 1]")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pronet_wsi.errors import InputError
 from pronet_wsi.geometry import Box, Frame
 from pronet_wsi.tissue import mask_fraction
 
@@ -34,11 +35,11 @@ class TilingConfig:
 
     def __post_init__(self) -> None:
         if not 32 <= self.tile_px <= 16384:
-            raise ValueError(f"tile_px={self.tile_px}: must be between 32 and 16384")
+            raise InputError(f"tile_px={self.tile_px}: must be between 32 and 16384")
         if self.halo_px < 0:
-            raise ValueError(f"halo_px={self.halo_px}: must be >= 0")
+            raise InputError(f"halo_px={self.halo_px}: must be >= 0")
         if self.core_px < 16:
-            raise ValueError(f"tile_px={self.tile_px}, halo_px={self.halo_px}: the core (tile - 2 * halo = "
+            raise InputError(f"tile_px={self.tile_px}, halo_px={self.halo_px}: the core (tile - 2 * halo = "
                              f"{self.core_px}) must be >= 16 px; use a larger --tile-px or a smaller --halo-px")
 
     @property

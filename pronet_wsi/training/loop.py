@@ -111,13 +111,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise ValueError(f"epochs={self.epochs}: must be >= 1")
+            raise InputError(f"epochs={self.epochs}: must be >= 1")
         if self.max_minutes is not None and not (0 < self.max_minutes < float("inf")):
-            raise ValueError(f"max_minutes={self.max_minutes}: must be a number of minutes > 0 (--max-minutes)")
+            raise InputError(f"max_minutes={self.max_minutes}: must be a number of minutes > 0 (--max-minutes)")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
+            raise InputError(f"batch_size={self.batch_size}: must be >= 1")
         if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"schedule={self.schedule!r}: must be constant or cosine")
+            raise InputError(f"schedule={self.schedule!r}: must be constant or cosine")
         if self.offset_start_epoch is None:
             object.__setattr__(self, "offset_start_epoch", round(self.epochs * 20 / 150))
         if self.refine_start_epoch is None:
@@ -125,11 +125,11 @@ class TrainConfig:
         if not self.use_offsets and self.grouping == "offsets":  # an untrained offset head must not group
             object.__setattr__(self, "grouping", "nearest_center")
         if self.predict_every < 1:
-            raise ValueError(f"predict_every={self.predict_every}: must be >= 1")
+            raise InputError(f"predict_every={self.predict_every}: must be >= 1")
         if self.patch_px < 64 or self.patch_px % 16:
-            raise ValueError(f"patch_px={self.patch_px}: must be a multiple of 16 and >= 64")
+            raise InputError(f"patch_px={self.patch_px}: must be a multiple of 16 and >= 64")
         if not 0.0 <= self.holdout < 1.0:
-            raise ValueError(f"holdout={self.holdout}: must be in [0, 1)")
+            raise InputError(f"holdout={self.holdout}: must be in [0, 1)")
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -208,15 +208,18 @@ class Outcome:
 
 
 def error_message(exc: BaseException) -> str:
-    """A one-line message for an exception (its type named unless it is bad input or an OS error)."""
+    """A one-line message for an exception: bad input (InputError) and OS errors as they are; anything else is a
+    bug, named by its type with the hint to rerun with -v for the traceback (logged at debug level)."""
     if isinstance(exc, OSError) and exc.strerror:
         from pronet_wsi.files import describe_os_error
 
         return describe_os_error(exc)
     msg = str(exc).splitlines()[0] if str(exc) else ""
-    if not isinstance(exc, (InputError, OSError, ValueError)) or not msg:
-        msg = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
-    return msg
+    if isinstance(exc, (InputError, OSError)) and msg:
+        return msg
+    if isinstance(exc, (InputError, OSError)):
+        return type(exc).__name__
+    return f"internal error {type(exc).__name__}{': ' + msg if msg else ''} (run with -v for the traceback)"
 
 
 def segment_batch(items: Iterable[SlideItem], out_dir: str | os.PathLike, predictor,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pronet_wsi.errors import InputError
 from pronet_wsi.files import OutputLock, OutputPaths
 from pronet_wsi.geometry import Frame
 from pronet_wsi.measurements import MeasureConfig
@@ -57,15 +58,15 @@ class SegmentConfig:
 
     def __post_init__(self) -> None:
         if self.max_features_per_file < 0:
-            raise ValueError(f"max_features_per_file={self.max_features_per_file}: must be >= 0 (0 = one file)")
+            raise InputError(f"max_features_per_file={self.max_features_per_file}: must be >= 0 (0 = one file)")
         if not 1 <= self.batch_size <= 256:
-            raise ValueError(f"batch_size={self.batch_size}: must be between 1 and 256")
+            raise InputError(f"batch_size={self.batch_size}: must be between 1 and 256")
         if self.overlay_max_px < 64:
-            raise ValueError(f"overlay_max_px={self.overlay_max_px}: must be >= 64")
+            raise InputError(f"overlay_max_px={self.overlay_max_px}: must be >= 64")
         if not 0 <= self.workers <= 256:
-            raise ValueError(f"workers={self.workers}: must be between 0 (auto) and 256")
+            raise InputError(f"workers={self.workers}: must be between 0 (auto) and 256")
         if self.tiling.halo_px < 2 * self.stitch.match_radius_px:
-            raise ValueError(f"halo_px={self.tiling.halo_px}: must be at least twice the match radius "
+            raise InputError(f"halo_px={self.tiling.halo_px}: must be at least twice the match radius "
                              f"({self.stitch.match_radius_px} px) so both tiles see a nucleus on their seam")
 
     @property
