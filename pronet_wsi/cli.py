@@ -277,6 +277,41 @@ def info() -> None:
         click.echo(f"default model: {found} (width {b.config.width}, mpp {b.config.mpp})")
 
 
+def recipe_default(key: str) -> str:
+    """``(default: the recipe's: cpu X, paper Y; with --init Z)`` for a TrainConfig field, from the recipes
+    themselves (one owner of each value)."""
+    from pronet_wsi.training.loop import FINE_TUNE, RECIPES, TrainConfig
+
+    base = {f: getattr(TrainConfig, f) for f in ("width", "epochs", "batch_size", "lr", "weight_decay", "schedule",
+                                                  "patch_px", "patches_per_image")}
+    parts = [f"{name} {RECIPES[name].get(key, base[key]):g}" if not isinstance(base[key], str)
+             else f"{name} {RECIPES[name].get(key, base[key])}" for name in RECIPES]
+    text = "(default: the --recipe's: " + ", ".join(parts)
+    if key in FINE_TUNE:
+        text += f"; with --init {FINE_TUNE[key]:g}"
+    elif key == "width":
+        text += "; with --init the start model's"
+    return text + ")."
+
+
+# train options that a --resume run takes from its saved settings, so giving them would be ignored
+RESUME_FIXED = ("recipe", "init", "width", "batch_size", "lr", "weight_decay", "schedule", "patch_px",
+                "patches_per_image", "model_mpp", "holdout", "type_lr_factor", "freeze_trunk", "euclidean",
+                "no_offsets", "no_refine", "seed", "device")
+
+
+def check_resume_options(ctx: click.Context) -> None:
+    """A UsageError naming the options a ``--resume`` run would ignore (it continues with the saved settings)."""
+    from click.core import ParameterSource
+
+    given = [p for p in ctx.command.params if p.name in RESUME_FIXED
+             and ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)]
+    if given:
+        names = ", ".join(max(p.opts, key=len) for p in given)
+        raise click.UsageError(f"--resume continues with the run's saved settings and would ignore {names}; drop "
+                               "them (only --epochs and --max-minutes may change) or train into a new -o")
+
+
 def _names(value: str | None) -> list[str] | None:
     return [n.strip() for n in value.split(",") if n.strip()] if value else None
 
@@ -291,8 +326,9 @@ def _names(value: str | None) -> list[str] | None:
 @click.option("--names", help="Comma-separated image stems to use (default: all).")
 @click.option("--shift", nargs=2, type=float, default=None, help="Shift label-derived points by MIN MAX px.")
 @click.option("--slide", type=click.Path(path_type=str), multiple=True,
-              help="Train from whole-slide images (repeatable, one --points each) ...")
-@click.option("--slide-mpp", type=float, default=None, help="... whose mpp is this when the file has none.")
+              help="Train from whole-slide images (repeatable, one --points each; --mpp gives their pixel size "
+                   "when the file has none).")
+@click.option("--slide-mpp", type=float, default=None, hidden=True, expose_value=True)
 @click.option("--regions", type=click.Path(path_type=str), multiple=True,
               help="GeoJSON of the areas whose nuclei are all clicked, one per --slide (default: the rectangle / "
                    "polygon annotations exported with the points).")
@@ -307,20 +343,28 @@ def _names(value: str | None) -> list[str] | None:
 @click.option("--init", default=None, metavar="default|MODEL_DIR",
               help="Start from a model folder's weights, width, mpp and normalisation (default = the shipped "
                    "model) with the fine-tune settings (lr 5e-4, offsets and refinement from the start).")
-@click.option("--width", type=float, default=None, help="Channel multiplier (1.0 = paper VGG16) [recipe].")
-@click.option("--epochs", type=int, default=None, help="[recipe]")
-@click.option("--batch-size", type=int, default=None, help="[recipe]")
-@click.option("--lr", type=float, default=None, help="[recipe]")
-@click.option("--weight-decay", type=float, default=None, help="[recipe]")
-@click.option("--schedule", type=click.Choice(["constant", "cosine"]), default=None, help="[recipe]")
-@click.option("--patch-px", type=int, default=None, help="[recipe]")
-@click.option("--patches-per-image", type=int, default=None, help="Patches per epoch per megapixel [recipe].")
+@click.option("--width", type=float, default=None,
+              help="Channel multiplier of the VGG16 encoder (1.0 = the paper's) " + recipe_default("width"))
+@click.option("--epochs", type=int, default=None,
+              help="Passes over the training patches " + recipe_default("epochs") + "; with --resume: train on to "
+                   "this many (the schedule stretches).")
+@click.option("--batch-size", type=int, default=None, help="Patches per optimiser step " + recipe_default("batch_size"))
+@click.option("--lr", type=float, default=None, help="Adam learning rate " + recipe_default("lr"))
+@click.option("--weight-decay", type=float, default=None, help="Adam weight decay " + recipe_default("weight_decay"))
+@click.option("--schedule", type=click.Choice(["constant", "cosine"]), default=None,
+              help="Learning rate after the warm-up: constant or a cosine down to 2% " + recipe_default("schedule"))
+@click.option("--patch-px", type=int, default=None,
+              help="Side of the square training patches, px at the model's mpp, a multiple of 16 "
+                   + recipe_default("patch_px"))
+@click.option("--patches-per-image", type=int, default=None,
+              help="Patches per epoch per megapixel of image " + recipe_default("patches_per_image"))
 @click.option("--mpp", type=float, default=None,
-              help="Pixel size of the --images and --val-images in um/px (e.g. 0.5 for 20x); they are resampled to "
-                   "the model's (default: already at the model's).")
+              help="Pixel size of the inputs in um/px (e.g. 0.5 for 20x): of the --images and --val-images (they are "
+                   "resampled to the model's; default: already at the model's), or of each --slide whose file has "
+                   "none.")
 @click.option("--model-mpp", type=float, default=None,
-              help="Working resolution of a model trained from scratch (default: --mpp, else 0.25; with --init the "
-                   "start model's).")
+              help="Working resolution of a model trained from scratch (default: --images' --mpp, else 0.25; with "
+                   "--init the start model's).")
 @click.option("--holdout", type=float, default=None,
               help="Without --val-images: hold back this share of the training images; their clicks score each "
                    "validated epoch and the best epoch is kept (default: the recipe's).")
@@ -332,9 +376,13 @@ def _names(value: str | None) -> list[str] | None:
 @click.option("--no-offsets", is_flag=True, help="No offset module: centre map + binary only (ablation).")
 @click.option("--no-refine", is_flag=True, help="No EM point refinement (ablation).")
 @click.option("--max-minutes", type=float, default=None, help="Stop after this wall time (model still written).")
-@click.option("--seed", type=int, default=None, help="[0]")
-@click.option("--device", default=None, help="auto, cpu or cuda[:N] [auto].")
-@click.option("--resume", is_flag=True, help="Continue the run in MODEL_DIR from its last checkpoint.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the patch sampling, augmentation, shifts and weights (default: 0); a run is "
+                   "reproducible on one machine.")
+@click.option("--device", default=None, help="auto, cpu or cuda[:N] (default: auto, a GPU when there is one).")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in -o from its last checkpoint with its saved settings: give the same inputs; "
+                   "only --epochs and --max-minutes may change.")
 @click.option("--drop-outside", is_flag=True, help="Drop points outside their image instead of failing.")
 @click.option("--drop-unmatched", is_flag=True,
               help="Train on the images that have a points file, with a warning listing images without points and "
@@ -357,12 +405,18 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
     from pronet_wsi.training.pseudolabels import PseudoLabelConfig
     from pronet_wsi.wsi.pipeline import check_writable
 
+    if slide_mpp is not None:
+        raise click.UsageError("--slide-mpp is now --mpp (the inputs' pixel size, slides included); the model's "
+                               "working resolution is --model-mpp")
     if max_minutes is not None and not 0 < max_minutes < float("inf"):
         raise InputError(f"--max-minutes {max_minutes}: give a number of minutes > 0")
+    check_mpp_option(mpp)
     model_files = [n for n in ("config.json", "weights.pt", "thresholds.json") if (Path(outdir) / n).exists()]
     if not resume and model_files and not (Path(outdir) / "train" / CHECKPOINT).exists():
         raise InputError(f"-o {outdir}: holds {model_files[0]} of a model this run did not train; choose a new -o "
                          "(a model folder is never overwritten)")
+    if resume:
+        check_resume_options(click.get_current_context())
     if resume and (Path(outdir) / "train" / "train_config.json").exists():
         import dataclasses
         import json
@@ -382,7 +436,7 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
                                  "--model-mpp (give the images' pixel size with --mpp)")
             model_mpp = start.mpp
             width = start.width if width is None else width
-        elif model_mpp is None:
+        elif model_mpp is None and not (slide or slide_list):  # images at --mpp: the model works there too
             model_mpp = mpp
         config = TrainConfig.recipe(
             recipe, init=init, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
@@ -396,8 +450,9 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
             raise click.UsageError("give --slide with --points, or --slide-list, and no --images/--labels")
         if slide and (len(points) != len(slide) or (regions and len(regions) != len(slide))):
             raise click.UsageError("give one --points POINTS.geojson (and one --regions, if any) per --slide")
-        rows = read_slide_list(slide_list) if slide_list else [
-            (sl, pts, slide_mpp, regions[i] if regions else None)
+        rows = [(sl, pts, mpp if sl_mpp is None else sl_mpp, reg)  # a row's own mpp wins
+                for sl, pts, sl_mpp, reg in read_slide_list(slide_list)] if slide_list else [
+            (sl, pts, mpp, regions[i] if regions else None)
             for i, (sl, pts) in enumerate(zip(slide, points, strict=True))]
         items = [it for sl, pts, sl_mpp, reg in rows
                  for it in load_slide_items(sl, pts, config.mpp, slide_mpp=sl_mpp, region_px=4 * config.patch_px,
@@ -408,10 +463,9 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
         if len(points) > 1:
             raise click.UsageError("--images takes one --points folder")
         items = load_items(images, points[0] if points else None, labels, names=_names(names),
-                           shift=tuple(shift) if shift else None, seed=seed, drop_outside=drop_outside,
+                           shift=tuple(shift) if shift else None, seed=config.seed, drop_outside=drop_outside,
                            drop_unmatched=drop_unmatched)
         if mpp is not None:
-            check_mpp_option(mpp)
             items = resample_items(items, mpp / config.mpp)
     val = None
     if val_images:
@@ -682,13 +736,16 @@ def check_tile_memory(tile_px: int, batch_size: int, bytes_per_px: int = 600) ->
               help="Folder for <stem>_suggest.geojson (import it into QuPath over the slide).")
 @click.option("-m", "--model", "model_dir", default=None, type=click.Path(path_type=str),
               help="Model folder (default: the shipped model).")
-@click.option("--regions", type=int, default=20, show_default=True, help="Boxes to propose per slide.")
-@click.option("--region-um", type=float, default=100.0, show_default=True, help="Box side in um.")
+@click.option("--boxes", type=int, default=20, show_default=True, help="Boxes to propose per slide.")
+@click.option("--box-um", type=float, default=100.0, show_default=True,
+              help="Side of each box in um (10 to 2000).")
+@click.option("--regions", "old_regions", default=None, hidden=True)
+@click.option("--region-um", "old_region_um", default=None, hidden=True)
 @click.option("--mpp", type=float, default=None, help="Slide pixel size in um (when the file has none).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs that pronet-wsi did not write.")
 @friendly_errors
-def suggest(slides, outdir, model_dir, regions, region_um, mpp, device, overwrite) -> None:
+def suggest(slides, outdir, model_dir, boxes, box_um, old_regions, old_region_um, mpp, device, overwrite) -> None:
     """Propose where to click: boxes where the model is least reliable, spread over the tissue and its types,
     each with the model's nuclei as points to correct (QuPath annotations; see the README's adaptation loop)."""
     from pronet_wsi.files import check_outputs
@@ -697,8 +754,15 @@ def suggest(slides, outdir, model_dir, regions, region_um, mpp, device, overwrit
     from pronet_wsi.wsi.cohort import expand_inputs
     from pronet_wsi.wsi.pipeline import check_writable
 
+    if old_regions is not None or old_region_um is not None:
+        raise click.UsageError("suggest --regions and --region-um are now --boxes (how many) and --box-um (their "
+                               "side); --regions is train's GeoJSON of clicked areas")
     check_mpp_option(mpp)
-    config = SuggestConfig(regions=regions, region_um=region_um, candidates=max(160, 4 * regions))
+    if boxes < 1:
+        raise InputError(f"--boxes {boxes}: give at least 1 box to propose")
+    if not 10 <= box_um <= 2000:
+        raise InputError(f"--box-um {box_um:g}: give a box side between 10 and 2000 um")
+    config = SuggestConfig(regions=boxes, region_um=box_um, candidates=max(160, 4 * boxes))
     items = expand_inputs(slides)
     check_outputs([outdir / f"{item.stem}_suggest.geojson" for item in items], [it.path for it in items], overwrite)
     check_writable(outdir)

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from pronet_wsi.cli import main
 from pronet_wsi.errors import InputError
 from pronet_wsi.model import load_model
+from pronet_wsi.synthetic import synthetic_nuclei
 from pronet_wsi.training import loop
 from pronet_wsi.training.dataset import load_items, load_val_items
 from pronet_wsi.training.loop import TrainConfig, train
@@ -48,8 +49,51 @@ def test_two_epochs_write_a_model_predict_loads(items, monuseg_dir, tmp_path):
     assert (tmp_path / "pred" / f"{NAMES[0]}.tif").exists()
 
 
+@pytest.fixture
+def synthetic_items():
+    """Two 192 px images of synthetic nuclei with their centres as points (continuous x, y frame)."""
+    out = []
+    for i in range(2):
+        image, _, centers_rc = synthetic_nuclei((192, 192), 14, seed=i)
+        out.append((f"syn{i}", image, centers_rc[:, ::-1].astype(np.float64) + 0.5))
+    return out
+
+
 @pytest.mark.data
 def test_resume_after_kill_continues_exactly(items, tmp_path, monkeypatch):
+    _check_exact_resume(items, tmp_path, monkeypatch)
+
+
+def test_resume_after_kill_continues_exactly_on_synthetic_nuclei(synthetic_items, tmp_path, monkeypatch):
+    _check_exact_resume(synthetic_items, tmp_path, monkeypatch)
+
+
+def test_first_epochs_run_without_offsets_and_refinement(synthetic_items, tmp_path, monkeypatch):
+    """Epochs before offset_start_epoch train binary + centre only and predict nothing; offsets come next, the
+    E-step only from refine_start_epoch (paper: 20 and 30 of 150)."""
+    calls = []
+    real_predict, real_m_step = loop.predict_and_refine, loop.m_step_epoch
+
+    def predict_spy(predictor, samples, refine):
+        calls.append(("predict", refine is not None))
+        return real_predict(predictor, samples, refine)
+
+    def m_step_spy(predictor, opt, loader, loss, use_offsets, freeze_trunk=False):
+        calls.append(("m_step", use_offsets))
+        return real_m_step(predictor, opt, loader, loss, use_offsets, freeze_trunk)
+
+    monkeypatch.setattr(loop, "predict_and_refine", predict_spy)
+    monkeypatch.setattr(loop, "m_step_epoch", m_step_spy)
+    out = train(_config(epochs=3, offset_start_epoch=1, refine_start_epoch=2), synthetic_items, tmp_path / "m",
+                progress=False)
+    assert calls == [("m_step", False),  # epoch 0: no prediction, no offset loss
+                     ("predict", False), ("m_step", True),  # epoch 1: offset targets, no E-step
+                     ("predict", True), ("m_step", True)]  # epoch 2: E-step
+    rows = list(csv.DictReader(open(out / "train" / "log.csv")))
+    assert rows[0]["mean_movement"] == rows[1]["mean_movement"] == "nan" and rows[2]["mean_movement"] != "nan"
+
+
+def _check_exact_resume(items, tmp_path, monkeypatch):
     ref = train(_config(), items, tmp_path / "ref", progress=False)
     real_save = loop._save_checkpoint
 
