@@ -427,17 +427,8 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
         if epochs is not None:  # continue to more epochs (the schedule stretches to the new length)
             config = dataclasses.replace(config, epochs=epochs)
     else:
-        if init is not None:  # the start model's resolution and width, unless given (then they must agree)
-            from pronet_wsi.model import load_model, resolve_model_dir
-
-            start = load_model(resolve_model_dir(None if init == "default" else init)).config
-            if model_mpp is not None and abs(model_mpp - start.mpp) > 1e-6:
-                raise InputError(f"--model-mpp {model_mpp:g}: the --init model works at {start.mpp:g} um/px; drop "
-                                 "--model-mpp (give the images' pixel size with --mpp)")
-            model_mpp = start.mpp
-            width = start.width if width is None else width
-        elif model_mpp is None and not (slide or slide_list):  # images at --mpp: the model works there too
-            model_mpp = mpp
+        if init is None and model_mpp is None and not (slide or slide_list):  # images at --mpp: the model too
+            model_mpp = mpp  # (with --init the recipe takes the start model's mpp and width)
         config = TrainConfig.recipe(
             recipe, init=init, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             schedule=schedule, patch_px=patch_px, patches_per_image=patches_per_image, width=width, mpp=model_mpp,
@@ -566,7 +557,8 @@ def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, eu
 @click.option("--tile-px", type=int, default=2048, show_default=True,
               help="Largest model input tile side (px at model mpp); the grid splits the slide evenly.")
 @click.option("--halo-px", type=int, default=None,
-              help="Context on each side of a tile core [the model's context_px: 96 for the shipped model].")
+              help="Context on each side of a tile core (default: the model's context_px, 96 px for the shipped "
+                   "model: its maps do not change beyond it).")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Tiles per model call.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--workers", type=int, default=0, show_default=True,
@@ -669,7 +661,7 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
     inputs = [Path(it.path) for it in items] + ([Path(manifest)] if manifest is not None else [])
     for item in todo:  # outputs in the way (inputs, files pronet-wsi did not write): one line, nothing written
         check_slide(item.path, outdir, planned, item.stem, inputs)
-    inference = InferenceConfig(device=device, batch_size=batch_size, tta=tta)
+    inference = InferenceConfig(device=device, tta=tta)  # tiles per call: SegmentConfig.batch_size
     with contextlib.ExitStack() as stack:
         client = None
         predictor: TileModel | None = None
@@ -680,7 +672,8 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
             client = stack.enter_context(open_client(scheduler, timeout_s=connect_timeout))
         elif todo:
             predictor = Predictor(resolve_model_dir(model_dir), inference)
-        halo = halo_px if halo_px is not None else getattr(predictor, "context_px", TilingConfig().halo_px)
+        halo = halo_px if halo_px is not None else predictor.context_px if predictor is not None else \
+            TilingConfig().halo_px
         config = SegmentConfig(tiling=TilingConfig(tile_px, halo), **settings)
         for outcome in segment_batch(todo, outdir, predictor, config, client=client,
                                      backend=backend, default_mpp=mpp, pin_gpus=local_cluster, progress=not quiet):
@@ -701,9 +694,9 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
 
 
 def check_mpp_option(mpp: float | None) -> None:
-    from pronet_wsi.slide import MPP_RANGE
+    from pronet_wsi.slide import MPP_RANGE, plausible_mpp
 
-    if mpp is not None and not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+    if mpp is not None and not plausible_mpp(mpp):
         raise InputError(f"--mpp {mpp:g}: not a microscope pixel size (between {MPP_RANGE[0]} and {MPP_RANGE[1]} "
                          "um/px; 40x is ~0.25, 20x ~0.5)")
 

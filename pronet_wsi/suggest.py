@@ -140,7 +140,8 @@ def suggest_slide(slide_path: str | Path, out_path: str | Path, predictor, confi
         scores, colours, maps_plain = [], [], []
         for start in range(0, len(boxes), batch_size):
             tiles = np.stack([slide.read_box(b, (side, side)) for b in boxes[start:start + batch_size]])
-            views = predictor.predict_batch(np.concatenate([tiles, tiles[:, :, ::-1]]))
+            plain_maps, mirrored = predictor.predict_batch(tiles), predictor.predict_batch(tiles[:, :, ::-1].copy())
+            views = {k: np.concatenate([plain_maps[k], mirrored[k]]) for k in plain_maps}
             m = len(tiles)
             for j in range(m):
                 plain = {k: v[j] for k, v in views.items()}

@@ -121,3 +121,21 @@ def test_bounds_from_properties_for_both_backends():
         assert (b.x0, b.y0, b.x1, b.y1) == (100, 50, 400, 250)
         b = _bounds({}, prefix, (1000, 800))
         assert (b.x0, b.y0, b.x1, b.y1) == (0, 0, 1000, 800)
+
+
+@pytest.mark.parametrize("mpp", [0.05, 2.0, 84.7])
+def test_one_mpp_bound_for_options_manifests_and_files(mpp, tmp_path):
+    """--mpp, a manifest's mpp column and open_slide(mpp=) refuse the same values (plausible_mpp)."""
+    from pronet_wsi.cli import check_mpp_option
+    from pronet_wsi.slide import plausible_mpp
+    from pronet_wsi.wsi.cohort import read_manifest
+
+    assert not plausible_mpp(mpp)
+    with pytest.raises(InputError, match="--mpp"):
+        check_mpp_option(mpp)
+    (tmp_path / "m.csv").write_text(f"path,mpp\na.tif,{mpp}\n")
+    with pytest.raises(InputError, match="not a pixel size"):
+        read_manifest(tmp_path / "m.csv")
+    (tmp_path / "a.tif").write_bytes(b"")
+    with pytest.raises(InputError, match="--mpp"):
+        open_slide(tmp_path / "a.tif", mpp=mpp)

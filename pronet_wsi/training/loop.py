@@ -66,6 +66,8 @@ class TrainConfig:
     ``freeze_trunk``: train only the type head (the start model's nuclei stay exactly as they were).
     ``type_lr_factor``: the type head's learning rate is ``lr`` times this (a new head starts from random weights
     while the trunk is already trained).
+    ``radius_px``: the centre heatmap's radius of a new model (a model started from ``init`` keeps its own;
+    ``mpp`` and ``width`` left None take the start model's, see :meth:`recipe`).
     ``holdout``: without validation images, this share of the training images (at least one) is held back and
     its clicks score every validated epoch (detection F1 within ``holdout_radius_um``, averaged with the mean
     class F1 for a typed model); the best epoch is kept. 0 trains on every image and keeps the last epoch.
@@ -81,7 +83,7 @@ class TrainConfig:
     patches_per_image: int = 16
     width: float = 0.25
     mpp: float = 0.25
-    radius_px: float = 8.0
+    radius_px: float = ModelConfig.center_radius_px  # one owner: the model's; with init, the start model's
     offset_start_epoch: int | None = None
     refine_start_epoch: int | None = None
     use_offsets: bool = True
@@ -137,12 +139,17 @@ class TrainConfig:
     @classmethod
     def recipe(cls, name: str = "cpu", **overrides) -> TrainConfig:
         """The named recipe (:data:`RECIPES`), with :data:`FINE_TUNE` when ``init`` is given, then ``overrides``
-        (None values are ignored, so CLI options left unset keep the recipe's value)."""
+        (None values are ignored, so CLI options left unset keep the recipe's value). With ``init``, ``mpp``,
+        ``width`` and ``radius_px`` are the start model's (:func:`start_model` refuses an ``mpp`` or ``width``
+        override that differs)."""
         if name not in RECIPES:
             raise InputError(f"--recipe {name}: unknown; choose one of {', '.join(RECIPES)}")
         values = dict(RECIPES[name])
         if overrides.get("init"):
             values.update(FINE_TUNE)
+            start = load_model(resolve_model_dir(None if overrides["init"] == "default" else overrides["init"])).config
+            check_start(start, overrides["init"], overrides.get("mpp"), overrides.get("width"))
+            values.update(mpp=start.mpp, width=start.width, radius_px=start.center_radius_px)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -330,12 +337,7 @@ def start_model(config: TrainConfig, samples: list[Sample]) -> ModelBundle:
     network normalised to the training images."""
     if config.init:
         start = load_model(resolve_model_dir(None if config.init == "default" else config.init))
-        if abs(start.config.mpp - config.mpp) > 1e-6:
-            raise InputError(f"--init {config.init}: the model works at {start.config.mpp} um/px but the training "
-                             f"images are read at {config.mpp}; give --mpp {start.config.mpp} or start from scratch")
-        if abs(start.config.width - config.width) > 1e-9:
-            raise InputError(f"--init {config.init}: the model has width {start.config.width}, not {config.width}; "
-                             "drop --width (a fine-tune keeps the start model's network)")
+        check_start(start.config, config.init, config.mpp, config.width)
         same = start.config.classes == config.classes
         mcfg = replace(start.config, extra={}, classes=config.classes,
                        class_colors=start.config.class_colors if same else ())
@@ -354,6 +356,17 @@ def start_model(config: TrainConfig, samples: list[Sample]) -> ModelBundle:
     mcfg = ModelConfig(width=config.width, mpp=config.mpp, mean=mean, std=std, center_radius_px=config.radius_px,
                        classes=config.classes)
     return ModelBundle(PRONet(mcfg), mcfg, PostprocessConfig(grouping=config.grouping))
+
+
+def check_start(start: ModelConfig, init: str, mpp: float | None, width: float | None) -> None:
+    """An InputError when a run from ``init`` asks for another working resolution or width than the start
+    model's (None: not asked)."""
+    if mpp is not None and abs(start.mpp - mpp) > 1e-6:
+        raise InputError(f"--model-mpp {mpp:g}: the --init model works at {start.mpp:g} um/px; drop --model-mpp "
+                         "(give the images' pixel size with --mpp) or start from scratch")
+    if width is not None and abs(start.width - width) > 1e-9:
+        raise InputError(f"--init {init}: the model has width {start.width}, not {width}; drop --width (a fine-tune "
+                         "keeps the start model's network)")
 
 
 def restore_checkpoint(path: Path, model, opt, samples: list[Sample]) -> tuple[int, float]:

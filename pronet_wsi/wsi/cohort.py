@@ -27,7 +27,7 @@ from pathlib import Path
 from pronet_wsi.errors import InputError
 from pronet_wsi.export import write_json
 from pronet_wsi.files import LockHeld, OutputPaths, atomic_bytes, check_outputs, check_report, slide_stem
-from pronet_wsi.slide import MPP_RANGE
+from pronet_wsi.slide import MPP_RANGE, plausible_mpp
 from pronet_wsi.wsi.pipeline import segment_slide
 from pronet_wsi.wsi.plan import SegmentConfig, SlideResult
 
@@ -137,7 +137,7 @@ def _item(cells: list[str], columns: dict[str, int], root: Path, where: str) -> 
             mpp = float(cell("mpp"))
         except ValueError:
             mpp = float("nan")
-        if not MPP_RANGE[0] < mpp < MPP_RANGE[1]:
+        if not plausible_mpp(mpp):
             raise InputError(f"{where}: mpp {cell('mpp')!r} is not a pixel size in um between {MPP_RANGE[0]} and "
                              f"{MPP_RANGE[1]}; leave it empty to use the slide's own")
     name = cell("output") or None

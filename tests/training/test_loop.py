@@ -243,3 +243,16 @@ def test_the_best_validated_epoch_is_kept(tmp_path, monkeypatch):
     import json
 
     assert json.loads((out / "config.json").read_text())["extra"]["kept_epoch"] == 0
+
+
+def test_one_owner_for_the_radius_mpp_and_width_of_an_init_run():
+    from pronet_wsi.model import ModelConfig, resolve_model_dir
+
+    assert TrainConfig().radius_px == ModelConfig().center_radius_px
+    start = load_model(resolve_model_dir(None)).config
+    tuned = TrainConfig.recipe("cpu", init="default")
+    assert (tuned.mpp, tuned.width, tuned.radius_px) == (start.mpp, start.width, start.center_radius_px)
+    with pytest.raises(InputError, match=f"--model-mpp 0.5: the --init model works at {start.mpp:g}"):
+        TrainConfig.recipe("cpu", init="default", mpp=0.5)  # before any image is read
+    with pytest.raises(InputError, match="drop --width"):
+        TrainConfig.recipe("cpu", init="default", width=1.0)
