@@ -90,7 +90,8 @@ def is_finished(paths: OutputPaths, slide_path: Path | None = None) -> bool:
 
 
 def slide_outputs(paths: OutputPaths, config: SegmentConfig) -> list[Path]:
-    """The files a run of ``config`` writes for one slide (GeoJSON, record, overlay and the optional ones)."""
+    """The files a run of ``config`` writes for one slide (GeoJSON, record, overlay and the optional ones); the
+    run record lists these and no others."""
     outs = [paths.geojson, paths.record, paths.overlay]
     if config.use_tissue_mask:
         outs.append(paths.mask)
@@ -98,6 +99,8 @@ def slide_outputs(paths: OutputPaths, config: SegmentConfig) -> list[Path]:
             outs.append(paths.tissue)
     if config.labels_zarr:
         outs.append(paths.labels)
+    if config.parquet:
+        outs.append(paths.table)
     return outs
 
 
@@ -251,9 +254,8 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
     area_um2_sum = counts.pop("area_um2_sum")
     class_counts = counts.pop("class_counts")
     parts = counts.pop("geojson_parts")
-    output = paths.user_files()
-    if not config.parquet:
-        output.pop("table")
+    written = {str(p) for p in slide_outputs(paths, config)}
+    output = {k: v for k, v in paths.user_files().items() if v in written}
     if len(parts) > 1:
         output["geojson_parts"] = parts
     if overview.mask is not None:

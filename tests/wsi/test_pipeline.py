@@ -52,6 +52,8 @@ def test_outputs_and_run_record(reference, slide):
     assert sorted(p.name for p in out.iterdir()) == [".pronet-wsi-outputs", "slide.geojson", "slide.json",
                                                       "slide_overlay.png"]  # + the notes of what pronet-wsi wrote
     assert "slide" in res.summary() and "Mpx/s" in res.summary()
+    assert record["output"] == {"geojson": str(out / "slide.geojson"), "record": str(out / "slide.json"),
+                                "overlay": str(out / "slide_overlay.png")}  # only what was written (issue 18)
 
 
 class Killed(Exception):
@@ -161,6 +163,9 @@ def test_gzip_labels_and_tissue_mask_outputs(slide, reference, tmp_path):
     labels = zarr.open_array(str(tmp_path / "slide_labels.zarr"))
     assert labels.shape == (600, 700) and labels[:].max() == len(fc["features"])
     assert (tmp_path / "slide_tissue.png").exists()
+    output = json.loads((tmp_path / "slide.json").read_text())["output"]
+    assert sorted(output) == ["geojson", "labels", "mask", "overlay", "record"]  # no tissue GeoJSON, no table
+    assert all(os.path.exists(v) for v in output.values())
     # label i is feature i: its pixels lie inside feature i's polygon
     lab = labels[:]
     for i in (1, len(fc["features"]) // 2, len(fc["features"])):
