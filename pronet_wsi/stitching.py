@@ -11,7 +11,7 @@ core it is that tile's alone (the cores partition the slide), and just outside i
 elsewhere or not at all, so dropping it would lose it.
 
 With identical predictions in the overlap (an oracle model) the result is exactly the untiled one. Pure
-functions on arrays; the streaming driver lives in :mod:`pronet_wsi.wsi.pipeline`.
+functions on arrays; the streaming driver lives in :mod:`pronet_wsi.wsi.assemble`.
 """
 
 from __future__ import annotations

@@ -26,8 +26,15 @@ from pronet_wsi.tissue import mask_fraction
 class TilingConfig:
     """tile_px : largest model input side in processing px; halo_px : context on each side (core <= tile - 2 halo).
 
-    2048 / 96: the shipped model's maps are identical beyond 96 px of context (its ``context_px``), and a 2240
-    px read keeps 1.22x the core's pixels (1024 / 128 computed 1.78x).
+    2048 / 96: the shipped model's maps are identical beyond 96 px of context (its ``context_px``), and the model
+    computes 1.22x the core's pixels (a 16384 px side: reads of 2016 px for cores of 1824); 1024 / 128 computed
+    1.80x:
+
+    >>> for config in (TilingConfig(2048, 96), TilingConfig(1024, 128)):
+    ...     grid = TileGrid((16384, 16384), config)
+    ...     print(grid.grid_shape, grid.core_hw, grid.read_hw, round((grid.read_hw[0] / grid.core_hw[0]) ** 2, 2))
+    (9, 9) (1824, 1824) (2016, 2016) 1.22
+    (22, 22) (752, 752) (1008, 1008) 1.8
     """
 
     tile_px: int = 2048

@@ -5,7 +5,8 @@
 3. run the tiles as tasks, one batch each: read -> model (one batch at a time, behind a lock) ->
    post-process -> candidates -> per-tile part on disk. Several tasks run at once, so reading and
    post-processing overlap with the model; finished tiles are skipped on a rerun;
-4. stitch: decide which tile's view of each nucleus to keep (needs only the neighbouring tiles' centres);
+4. stitch: decide which tile's view of each nucleus to keep (needs only the neighbouring tiles' centres and
+   outlines);
 5. stream the kept nuclei to GeoJSON (and optionally a zarr label image), then the overlay and the run record.
 
 Steps 1-2 are :func:`prepare_slide` (a :class:`SlidePlan`), steps 4-5 :func:`finish_slide`; both run where the
@@ -13,7 +14,8 @@ caller runs. Step 3 runs on a local thread pool, or on a Dask distributed cluste
 (:mod:`pronet_wsi.wsi.cluster`, which also keeps several slides in flight at once); the tile tasks write their parts
 to the output folder, so on a cluster it must be on a file system the workers share.
 
-Memory is bounded by the tasks in flight and a window of three tile rows of centres; nothing slide-sized.
+Memory is bounded by the tasks in flight and a window of five tile rows of centres and outlines
+(:mod:`pronet_wsi.wsi.assemble`); nothing slide-sized.
 """
 
 from __future__ import annotations

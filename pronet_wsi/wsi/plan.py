@@ -29,7 +29,8 @@ from pronet_wsi.wsi.tile_task import TileJob
 class SegmentConfig:
     """Settings of a whole-slide run (besides the model).
 
-    batch_size : tiles per model call (a 2048 px tile is ~5 Mpx; raise it on a large GPU).
+    batch_size : tiles per model call, the one owner of that number for a slide (a default tile is 4.2 Mpx,
+        see below; raise it on a large GPU).
     workers : tile threads (0 = CPU count + 1, at most 9).
     use_tissue_mask : skip glass. gzip : write ``.geojson.gz``. labels_zarr : also write the label image.
     tissue_geojson : also write ``<stem>_tissue.geojson``, the tissue region as a QuPath annotation.
@@ -39,6 +40,10 @@ class SegmentConfig:
     parquet : also write ``<stem>_nuclei.parquet``, one row per nucleus.
     max_features_per_file : split the GeoJSON into ``<stem>.geojson``, ``<stem>.part2.geojson``, ... of at most
         this many features each (0 = one file).
+
+    >>> config = SegmentConfig()
+    >>> config.batch_size, config.tiling.tile_px, round(config.tiling.tile_px ** 2 / 1e6, 1)  # Mpx per tile
+    (1, 2048, 4.2)
     """
 
     tiling: TilingConfig = field(default_factory=TilingConfig)

@@ -256,3 +256,18 @@ def test_one_owner_for_the_radius_mpp_and_width_of_an_init_run():
         TrainConfig.recipe("cpu", init="default", mpp=0.5)  # before any image is read
     with pytest.raises(InputError, match="drop --width"):
         TrainConfig.recipe("cpu", init="default", width=1.0)
+
+
+def test_the_readme_states_the_fine_tune_settings():
+    from pathlib import Path
+
+    from pronet_wsi.training.loop import FINE_TUNE
+
+    text = " ".join((Path(__file__).parents[2] / "README.md").read_text().split())
+    import re
+
+    assert float(re.search(r"settings: lr (\S+) without warm-up", text).group(1)) == FINE_TUNE["lr"]
+    assert f"{FINE_TUNE['epochs']} epochs of {FINE_TUNE['patches_per_image']} patches per megapixel" in text
+    assert f"every {FINE_TUNE['predict_every']}rd epoch, validation every {FINE_TUNE['val_every']}rd epoch" in text
+    assert f"learning rate {FINE_TUNE['type_lr_factor']:g}x" in text
+    assert FINE_TUNE["offset_start_epoch"] == FINE_TUNE["refine_start_epoch"] == 0  # "from the first epoch"
