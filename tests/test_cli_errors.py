@@ -4,7 +4,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from wsi_fakes import small_slide, tiny_model_dir
+from wsi_fakes import cli_run, small_slide, tiny_model_dir
 
 import pronet_wsi.evaluation
 import pronet_wsi.wsi.cohort
@@ -93,3 +93,23 @@ def test_interrupt_promises_resume_only_where_it_exists(folders, monkeypatch):
     from pronet_wsi.cli import INTERRUPTED
 
     assert "run the same command again to resume" in INTERRUPTED["segment"] and "--resume" in INTERRUPTED["train"]
+
+
+def test_bad_inputs_one_line_each(tmp_path, model_05, image_png):
+    slide = small_slide(tmp_path / "s.tif", side=256, mpp=0.5)
+    (tmp_path / "empty.svs").write_bytes(b"")
+    cases = [
+        ["segment", slide, "-o", tmp_path / "o", "-m", model_05, "--tile-px", 16384, "--batch-size", 64],
+        ["segment", slide, "-o", tmp_path / "o", "-m", tmp_path / "nope"],
+        ["segment", tmp_path / "missing.svs", "-o", tmp_path / "o", "-m", model_05, "--quiet"],
+        ["predict", image_png, "-o", tmp_path / "o", "-m", model_05, "--mpp", 300],
+        ["predict", image_png, "-o", tmp_path / "o", "-m", model_05, "--mpp", 0.01],
+        ["predict", tmp_path / "missing.png", "-o", tmp_path / "o", "-m", model_05],
+        ["train", "--images", tmp_path / "none", "--labels", tmp_path, "-o", tmp_path / "m"],
+    ]
+    for args in cases:
+        res = cli_run(*args)
+        assert res.exit_code not in (0, None), args
+        assert "Traceback" not in res.output, args
+        lines = [ln for ln in res.output.splitlines() if ln.strip() and not ln.startswith("1 of")]
+        assert len(lines) == 1, (args, res.output)

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from wsi_fakes import cli_run, one_line_error
 
 from pronet_wsi.errors import InputError
 from pronet_wsi.geometry import Box
@@ -139,3 +140,16 @@ def test_one_mpp_bound_for_options_manifests_and_files(mpp, tmp_path):
     (tmp_path / "a.tif").write_bytes(b"")
     with pytest.raises(InputError, match="--mpp"):
         open_slide(tmp_path / "a.tif", mpp=mpp)
+
+
+def test_dpi_tiff_asks_for_mpp(tmp_path, model_05):
+    img = np.full((256, 256, 3), 200, np.uint8)
+    p = tmp_path / "scan.tif"
+    tifffile.imwrite(p, img, resolution=(300, 300), resolutionunit="INCH", photometric="rgb")
+    res = cli_run("segment", p, "-o", tmp_path / "out", "-m", model_05, "--quiet")
+    assert res.exit_code == 1 and "--mpp" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out" / "scan.geojson").exists()
+    line = one_line_error(cli_run("segment", p, "-o", tmp_path / "out", "-m", model_05, "--mpp", 50))
+    assert "--mpp" in line
+    res = cli_run("segment", p, "-o", tmp_path / "out", "-m", model_05, "--mpp", 0.06, "--quiet")
+    assert res.exit_code == 1 and "too far from the model" in res.output

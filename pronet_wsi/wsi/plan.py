@@ -107,8 +107,8 @@ class Overview:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Which model made the nuclei: ``id`` (folder and weights stamp), its ``mpp``, post-processing settings and,
-    for a typed model, its nucleus ``classes``."""
+    """Which model made the nuclei: ``id`` (by content: weights sha256, network, thresholds), its ``mpp``,
+    post-processing settings and, for a typed model, its nucleus ``classes``."""
 
     id: str
     mpp: float

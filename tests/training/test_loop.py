@@ -1,13 +1,17 @@
 import csv
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
+from wsi_fakes import cli_run, one_line_error
 
 from pronet_wsi.cli import main
 from pronet_wsi.errors import InputError
-from pronet_wsi.model import load_model
+from pronet_wsi.model import ModelConfig, load_model
 from pronet_wsi.synthetic import synthetic_nuclei
 from pronet_wsi.training import loop
 from pronet_wsi.training.dataset import load_items, load_val_items
@@ -168,7 +172,6 @@ def test_recipe_defaults_are_the_dataclass_defaults(tmp_path, monkeypatch):
         return outdir
 
     monkeypatch.setattr(loop, "train", fake_train)
-    from PIL import Image
 
     from pronet_wsi.synthetic import synthetic_nuclei
     from pronet_wsi.training.points import write_points_csv
@@ -240,13 +243,12 @@ def test_the_best_validated_epoch_is_kept(tmp_path, monkeypatch):
     last = loop.load_checkpoint(out / "train" / "checkpoint.pt")["model"]
     assert all(torch.equal(saved[k], best["model"][k]) for k in saved)
     assert any(not torch.equal(saved[k], last[k]) for k in saved)
-    import json
 
     assert json.loads((out / "config.json").read_text())["extra"]["kept_epoch"] == 0
 
 
 def test_one_owner_for_the_radius_mpp_and_width_of_an_init_run():
-    from pronet_wsi.model import ModelConfig, resolve_model_dir
+    from pronet_wsi.model import resolve_model_dir
 
     assert TrainConfig().radius_px == ModelConfig().center_radius_px
     start = load_model(resolve_model_dir(None)).config
@@ -259,7 +261,6 @@ def test_one_owner_for_the_radius_mpp_and_width_of_an_init_run():
 
 
 def test_the_readme_states_the_fine_tune_settings():
-    from pathlib import Path
 
     from pronet_wsi.training.loop import FINE_TUNE
 
@@ -271,3 +272,13 @@ def test_the_readme_states_the_fine_tune_settings():
     assert f"every {FINE_TUNE['predict_every']}rd epoch, validation every {FINE_TUNE['val_every']}rd epoch" in text
     assert f"learning rate {FINE_TUNE['type_lr_factor']:g}x" in text
     assert FINE_TUNE["offset_start_epoch"] == FINE_TUNE["refine_start_epoch"] == 0  # "from the first epoch"
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated"])
+def test_bad_checkpoint_is_one_line_error(tmp_path, image_png, content):
+    mdir = tmp_path / "run"
+    (mdir / "train").mkdir(parents=True)
+    (mdir / "train" / "checkpoint.pt").write_bytes(content)
+    line = one_line_error(cli_run("train", "--images", image_png.parent, "--labels", image_png.parent, "-o", mdir,
+                              "--resume", "--quiet"))
+    assert "checkpoint" in line

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from wsi_fakes import cli_run, one_line_error
 
 from pronet_wsi.cli import main
 from pronet_wsi.model import load_model
@@ -110,3 +111,14 @@ def test_shift_without_seed_uses_the_run_seed(tmp_path):
     res = run("train", "--images", tmp_path / "imgs", "--labels", tmp_path / "labels", "--shift", "1", "2", *TINY,
               "-o", tmp_path / "m")
     assert res.exit_code == 0, res.output  # was a TypeError (None + int) without --seed
+
+
+def test_train_points_outside_suggests_a_real_option(tmp_path):
+    img, _, _ = synthetic_nuclei((64, 64), 4)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    (tmp_path / "a.csv").write_text("x,y\n10,10\n30,30\n500,20\n")
+    line = one_line_error(cli_run("train", "--images", tmp_path, "--points", tmp_path, "-o", tmp_path / "m",
+                              "--epochs", 1, "--quiet"))
+    assert "--drop-outside" in line and "a.csv" in line
+    res = CliRunner().invoke(main, ["train", "--help"])
+    assert "--drop-outside" in res.output
