@@ -16,12 +16,13 @@ from pathlib import Path
 
 import click
 
-from pronet_wsi.errors import InputError
+from pronet_wsi.errors import InputError, bug_message
 
 
 def friendly_errors(func):
-    """Turn bad-input and OS exceptions into one-line ClickExceptions (no traceback); an output folder this
-    command created and left empty is removed when it fails."""
+    """Turn bad-input and OS exceptions into one-line ClickExceptions (no traceback), and any other exception (a
+    bug) into one line naming its type with the -v hint (``-v``: the traceback too); an output folder this command
+    created and left empty is removed when it fails."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -59,15 +60,8 @@ def friendly_errors(func):
 
 INTERRUPTED = {  # what an interrupted command keeps, where it keeps anything
     "segment": ": finished tiles are kept; run the same command again to resume",
-    "train": ": the last checkpoint is kept; run the same command with --resume to continue",
+    "train": ": finished epochs are kept; run the same command with --resume to continue",
 }
-
-
-def bug_message(exc: BaseException, hint: bool = True) -> str:
-    """One line for an unexpected exception (a bug, not bad input): its type and first message line."""
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    return (f"internal error {type(exc).__name__}{': ' + first if first else ''}"
-            + (" (run with -v for the traceback)" if hint else ""))
 
 
 def _verbose() -> bool:
@@ -294,20 +288,33 @@ def recipe_default(key: str) -> str:
     return text + ")."
 
 
-# train options that a --resume run takes from its saved settings, so giving them would be ignored
-RESUME_FIXED = ("recipe", "init", "width", "batch_size", "lr", "weight_decay", "schedule", "patch_px",
-                "patches_per_image", "model_mpp", "holdout", "type_lr_factor", "freeze_trunk", "euclidean",
-                "no_offsets", "no_refine", "seed", "device")
+# train options a --resume run takes from its saved settings: option -> (TrainConfig field, value it sets)
+RESUME_FIXED = {"width": "width", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay",
+                "schedule": "schedule", "patch_px": "patch_px", "patches_per_image": "patches_per_image",
+                "model_mpp": "mpp", "holdout": "holdout", "type_lr_factor": "type_lr_factor", "seed": "seed",
+                "device": "device", "init": "init"}
 
 
-def check_resume_options(ctx: click.Context) -> None:
-    """A UsageError naming the options a ``--resume`` run would ignore (it continues with the saved settings)."""
+def check_resume_options(ctx: click.Context, saved) -> None:
+    """A UsageError naming the options a ``--resume`` run would ignore: those given with a value other than the
+    saved run's (``saved``, its TrainConfig). The same command line again (the same values) is accepted."""
     from click.core import ParameterSource
 
-    given = [p for p in ctx.command.params if p.name in RESUME_FIXED
-             and ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)]
-    if given:
-        names = ", ".join(max(p.opts, key=len) for p in given)
+    from pronet_wsi.training.loop import RECIPES
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+
+    p = ctx.params
+    differs = [n for n, field in RESUME_FIXED.items() if given(n) and p[n] != getattr(saved, field)]
+    differs += [n for n, on in (("freeze_trunk", saved.freeze_trunk), ("euclidean", not saved.pseudo.geodesic),
+                                ("no_offsets", not saved.use_offsets), ("no_refine", not saved.use_refinement))
+                if given(n) and p[n] and not on]
+    if given("recipe") and any(getattr(saved, k) != v for k, v in RECIPES[p["recipe"]].items()
+                               if k not in RESUME_FIXED.values() and not saved.init):
+        differs.append("recipe")
+    if differs:
+        names = ", ".join("--" + n.replace("_", "-") for n in differs)
         raise click.UsageError(f"--resume continues with the run's saved settings and would ignore {names}; drop "
                                "them (only --epochs and --max-minutes may change) or train into a new -o")
 
@@ -415,13 +422,12 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
     if not resume and model_files and not (Path(outdir) / "train" / CHECKPOINT).exists():
         raise InputError(f"-o {outdir}: holds {model_files[0]} of a model this run did not train; choose a new -o "
                          "(a model folder is never overwritten)")
-    if resume:
-        check_resume_options(click.get_current_context())
     if resume and (Path(outdir) / "train" / "train_config.json").exists():
         import dataclasses
         import json
 
         config = TrainConfig.from_json(json.loads((Path(outdir) / "train" / "train_config.json").read_text()))
+        check_resume_options(click.get_current_context(), config)
         if max_minutes is not None:
             config = dataclasses.replace(config, max_minutes=max_minutes)
         if epochs is not None:  # continue to more epochs (the schedule stretches to the new length)

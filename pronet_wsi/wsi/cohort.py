@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pronet_wsi.errors import InputError
+from pronet_wsi.errors import InputError, bug_message
 from pronet_wsi.export import write_json
 from pronet_wsi.files import LockHeld, OutputPaths, atomic_bytes, check_outputs, check_report, slide_stem
 from pronet_wsi.slide import MPP_RANGE, plausible_mpp
@@ -215,11 +215,9 @@ def error_message(exc: BaseException) -> str:
 
         return describe_os_error(exc)
     msg = str(exc).splitlines()[0] if str(exc) else ""
-    if isinstance(exc, (InputError, OSError)) and msg:
-        return msg
     if isinstance(exc, (InputError, OSError)):
-        return type(exc).__name__
-    return f"internal error {type(exc).__name__}{': ' + msg if msg else ''} (run with -v for the traceback)"
+        return msg or type(exc).__name__
+    return bug_message(exc)
 
 
 def segment_batch(items: Iterable[SlideItem], out_dir: str | os.PathLike, predictor,
