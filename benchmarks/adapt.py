@@ -1,7 +1,7 @@
 """New-lab adaptation from a few clicks (issue 12): fine-tune a model that never saw lab X vs train from scratch.
 
-    python benchmarks/adapt.py --lab consep --clicks 200 --init runs/v1-model --minutes 10 -o runs/adapt-c200-init
-    python benchmarks/adapt.py --lab consep --clicks 200 --minutes 10 -o runs/adapt-c200-scratch
+    python -m benchmarks.adapt --lab consep --clicks 200 --init runs/v1-model --minutes 10 -o runs/adapt-c200-init
+    python -m benchmarks.adapt --lab consep --clicks 200 --minutes 10 -o runs/adapt-c200-scratch
 
 Clicks are the centroids of every nucleus in whole training images of lab X, images drawn in a fixed order
 until about --clicks points; the model is scored once on X's test split (benchmarks/labs.py) and a row is
@@ -10,15 +10,14 @@ appended to benchmarks/results/adapt.csv. The start model's own score is the row
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import click
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import labs  # noqa: E402
+from benchmarks import labs
+from benchmarks.record import banner
 
 RESULTS = labs.ROOT / "benchmarks" / "results" / "adapt.csv"
 
@@ -34,11 +33,18 @@ RESULTS = labs.ROOT / "benchmarks" / "results" / "adapt.csv"
 @click.option("--no-refine", is_flag=True, help="No EM point refinement (recipe sweep).")
 @click.option("--tag", default=None, help="Name of the run in the results table (default: the start model's).")
 @click.option("-o", "--outdir", required=True, type=click.Path(path_type=Path))
-def main(lab, clicks, init, minutes, threads, seed, lr, no_refine, tag, outdir) -> None:
+@click.option("--smoke", is_flag=True,
+              help="One image per split cropped to 256 px, 20 clicks, the start model scored (no training), the "
+                   "row written to a temporary folder (does it run?).")
+def main(lab, clicks, init, minutes, threads, seed, lr, no_refine, tag, outdir, smoke) -> None:
     from pronet_wsi.inference import InferenceConfig, Predictor, segment_image
     from pronet_wsi.metrics import evaluate_image, mean_scores
     from pronet_wsi.training.loop import TrainConfig, train
 
+    if smoke:
+        labs.smoke()
+        clicks, minutes = 20, 0.0
+    click.echo(banner(seed))
     items = labs.points_items(labs.load(lab, "train"))
     order = np.random.default_rng(seed).permutation(len(items))
     chosen, n = [], 0
@@ -66,7 +72,7 @@ def main(lab, clicks, init, minutes, threads, seed, lr, no_refine, tag, outdir) 
            "minutes": round(train_min, 1), "aji": round(m.aji, 4), "object_dice": round(m.object_dice, 4),
            "pq": round(m.pq, 4)}
     click.echo(row)
-    labs.append_csv(RESULTS, row)
+    labs.append_csv(RESULTS, row, seed)
 
 
 if __name__ == "__main__":

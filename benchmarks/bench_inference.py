@@ -1,6 +1,6 @@
 """Inference speed of a model folder on this machine, in Mpx/s (forward only, and forward + post-processing).
 
-    python benchmarks/bench_inference.py [-m models/pronet-multilab] [--size 1024] [--repeats 5] [--type-head K]
+    python -m benchmarks.bench_inference [-m models/pronet-multilab] [--size 1024] [--repeats 5] [--type-head K]
 
 Runs the shipped model (default) on random-free real-looking input (a synthetic H&E tile) in fp32 and with
 autocast (bf16 on CPUs that have it), batch 1 and 4; prints a table. Goal for the shipped model: >= 1 Mpx/s
@@ -17,6 +17,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from benchmarks.record import banner
 from pronet_wsi.inference import InferenceConfig, Predictor
 from pronet_wsi.model import ModelBundle, PRONet, load_model, resolve_model_dir
 from pronet_wsi.postprocess import postprocess
@@ -29,7 +30,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--type-head", type=int, default=0, help="also time a K-class type head on the same weights")
+    ap.add_argument("--smoke", action="store_true", help="128 px, one repeat (does it run?)")
     args = ap.parse_args()
+    if args.smoke:
+        args.size, args.repeats = 128, 1
+    print(banner(seed=0))
     model_dir = resolve_model_dir(args.model)
     if args.type_head:
         compare_type_head(model_dir, args.type_head, args.size, args.repeats)

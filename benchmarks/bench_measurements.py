@@ -1,6 +1,6 @@
 """Cost of QuPath measurements and cells per nucleus: ``tile_instances`` + GeoJSON text with each setting.
 
-    python benchmarks/bench_measurements.py              # MoNuSeg images + their labels (if present), else synthetic
+    python -m benchmarks.bench_measurements              # MoNuSeg images + their labels (if present), else synthetic
 
 On real H&E tiles (MoNuSeg 1000x1000 test images, 0.25 um/px, with their ground-truth nuclei as the labels, so the
 density is real) it times one tile's candidates -> polygons -> measurements -> GeoJSON feature text, one thread,
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.record import banner
 from pronet_wsi.export import feature_bodies
 from pronet_wsi.geometry import Box, Frame
 from pronet_wsi.instances import tile_instances
@@ -56,8 +57,19 @@ def segmentation(labels: np.ndarray) -> Segmentation:
     return Segmentation(lab, centers, np.ones(n, np.float32))
 
 
+def smoke_tiles() -> list[tuple[np.ndarray, np.ndarray]]:
+    rgb, labels, _ = synthetic_nuclei((192, 192), n_nuclei=20, seed=0)
+    return [(rgb, labels)]
+
+
 def main() -> None:
-    data = [(rgb, segmentation(lab)) for rgb, lab in tiles()]
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="one small synthetic tile (does it run?)")
+    args = parser.parse_args()
+    print(banner(seed=0))
+    data = [(rgb, segmentation(lab)) for rgb, lab in (smoke_tiles() if args.smoke else tiles())]
     print(f"{len(data)} tiles of {data[0][1].labels.shape[0]}x{data[0][1].labels.shape[1]} px, "
           f"{sum(s.n for _, s in data)} nuclei")
     print("| setting | ms / tile | us / nucleus | extra over none, us / nucleus |")

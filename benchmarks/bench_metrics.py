@@ -4,7 +4,7 @@ Cases: a 1000x1000 synthetic image with ~1000 small nuclei scored against a pert
 5 % of objects dropped, some pairs merged), and every MoNuSeg label scored against a copy shifted by 2 px
 (skipped with a message when ../shared/data is absent).
 
-    /work/venv/bin/python benchmarks/bench_metrics.py [--repeats 5]
+    python -m benchmarks.bench_metrics [--repeats 5]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.record import banner
 from pronet_wsi.images import read_labels
 from pronet_wsi.metrics import evaluate_image, overlap_table
 from pronet_wsi.synthetic import synthetic_nuclei
@@ -46,17 +47,21 @@ def best_and_median(fn, repeats: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="a 250 px synthetic case, one repeat (does it run?)")
     args = parser.parse_args()
+    side = 250 if args.smoke else 1000
+    args.repeats = 1 if args.smoke else args.repeats
+    print(banner(seed=0))
 
     rows = []
-    _, labels, _ = synthetic_nuclei((1000, 1000), n_nuclei=1000, radius_px=(4.0, 7.0), seed=0)
+    _, labels, _ = synthetic_nuclei((side, side), n_nuclei=side, radius_px=(4.0, 7.0), seed=0)
     pred = perturb(labels)
     s = evaluate_image(labels, pred)
     table_best, _ = best_and_median(lambda: overlap_table(labels, pred), args.repeats)
     best, med = best_and_median(lambda: evaluate_image(labels, pred), args.repeats)
-    rows.append(("synthetic 1000x1000", 1, s.n_gt, s.n_pred, table_best, best, med, med, s.aji))
+    rows.append((f"synthetic {side}x{side}", 1, s.n_gt, s.n_pred, table_best, best, med, med, s.aji))
 
-    if MONUSEG_LABELS.exists():
+    if MONUSEG_LABELS.exists() and not args.smoke:
         per_image = []
         for path in sorted(MONUSEG_LABELS.glob("*.png")):
             gt = read_labels(path)

@@ -15,8 +15,8 @@ all pixels (both k-means runs in one OpenMP thread). Two variants:
 Needs ../shared/data (MoNuSeg) and GeodisTK (CPPFLAGS=-DNPY_IN_ARRAY=NPY_ARRAY_IN_ARRAY pip install
 --no-build-isolation GeodisTK==0.1.7).
 
-    /work/venv/bin/python benchmarks/bench_pseudolabels.py [--image TCGA-HE-7130-01Z-00-DX1] [--subset 8]
-    /work/venv/bin/python benchmarks/bench_pseudolabels.py --sweep   # quality of V and K against lam
+    python -m benchmarks.bench_pseudolabels [--image TCGA-HE-7130-01Z-00-DX1] [--subset 8]
+    python -m benchmarks.bench_pseudolabels --sweep   # quality of V and K against lam
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.record import banner, smoke_skip
 from pronet_wsi.geometry import xy_to_index
 from pronet_wsi.images import read_image, read_labels
 from pronet_wsi.training.points import centroids_from_labels
@@ -46,10 +47,13 @@ SWEEP_IMAGES = ["TCGA-18-5592-01Z-00-DX1", "TCGA-38-6178-01Z-00-DX1", "TCGA-A7-A
                 "TCGA-B0-5711-01Z-00-DX1"]  # training split, one per organ
 
 
+CROP: int | None = None  # --smoke: the top-left CROP x CROP px only
+
+
 def load(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    labels = read_labels(MONUSEG / "labels" / f"{name}.png")
+    labels = read_labels(MONUSEG / "labels" / f"{name}.png")[:CROP, :CROP]
     points_xy = xy_to_index(centroids_from_labels(labels)[0])  # the array frame pseudo_labels works in
-    return read_image(MONUSEG / "images" / f"{name}.tif"), points_xy, labels
+    return read_image(MONUSEG / "images" / f"{name}.tif")[:CROP, :CROP], points_xy, labels
 
 
 def best_of(fn, repeats: int) -> tuple[float, object]:
@@ -178,9 +182,16 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=8, help="points timed for the uncropped extrapolation")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sweep", action="store_true", help="print quality against lam instead of timings")
+    parser.add_argument("--smoke", action="store_true", help="a 160 px crop, 2 points, one repeat (does it run?)")
     args = parser.parse_args()
     if not MONUSEG.exists():
+        if args.smoke:
+            smoke_skip(f"{MONUSEG} is absent")
         sys.exit(f"skipped: {MONUSEG} is absent")
+    print(banner(seed=0))
+    if args.smoke:
+        global CROP
+        CROP, args.subset, args.repeats = 160, 2, 1
     if args.sweep:
         sweep([0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0], [32])
         sweep([0.8], [2])
@@ -188,6 +199,8 @@ def main() -> None:
     try:
         import GeodisTK  # noqa: F401
     except ImportError:
+        if args.smoke:
+            smoke_skip("GeodisTK is not installed")
         sys.exit("skipped: GeodisTK is not installed (see the module docstring)")
     speed(args.image, args.subset, args.repeats)
 

@@ -5,7 +5,7 @@ Every tile sees each nucleus whose centre lies in its core grown by the match ra
 the centre (up to ``--jitter`` px) and of the outline, as two tiles' predictions differ at a seam. Prints the
 time per tile and checks that every nucleus is kept exactly once.
 
-    python benchmarks/bench_stitch.py --side 16384
+    python -m benchmarks.bench_stitch --side 16384
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import time
 import click
 import numpy as np
 
+from benchmarks.record import banner
 from pronet_wsi.stitching import Candidates, Resolver
 from pronet_wsi.tiling import TileGrid, TilingConfig
 
@@ -37,8 +38,13 @@ def tile_candidates(order: int, core, centres: np.ndarray, reach: float, jitter:
 @click.option("--side", default=16384)
 @click.option("--tile-px", default=1024)
 @click.option("--jitter", default=3.0, help="Per-tile jitter of each centre (px).")
-def main(side: int, tile_px: int, jitter: float) -> None:
-    rng = np.random.default_rng(0)
+@click.option("--seed", default=0)
+@click.option("--smoke", is_flag=True, help="A 2048 px region in 512 px tiles (does it run?).")
+def main(side: int, tile_px: int, jitter: float, seed: int, smoke: bool) -> None:
+    if smoke:
+        side, tile_px = 2048, 512
+    click.echo(banner(seed))
+    rng = np.random.default_rng(seed)
     g = np.arange(15, side - 15, 30, dtype=float)  # 30 px: not a divisor of the core size, seams cut nuclei
     centres = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2) + rng.uniform(-8, 8, (len(g) ** 2, 2))
     grid = TileGrid((side, side), TilingConfig(tile_px, 128))

@@ -4,7 +4,7 @@ Hematoxylin channel by colour deconvolution (skimage.color.rgb2hed), Gaussian sm
 small-object and small-hole removal, then a distance-transform watershed seeded at the distance peaks.
 No training, no points. Parameters were chosen once on a few MoNuSeg *training* images, never on the test set.
 
-    /work/venv/bin/python benchmarks/classical.py [--results benchmarks/results/monuseg.csv] [--no-record]
+    python -m benchmarks.classical [--results benchmarks/results/monuseg.csv] [--no-record]
 
 Prints a per-image and mean table and records one row ``config = classical`` in the results CSV (an existing
 ``classical`` row is replaced, other rows are kept; the file is created with the standard header if absent).
@@ -28,6 +28,7 @@ from skimage.filters import gaussian, threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 from skimage.segmentation import watershed
 
+from benchmarks.record import RUN_COLUMNS, banner, run_info
 from pronet_wsi.files import atomic_write
 from pronet_wsi.images import read_image, read_labels
 from pronet_wsi.metrics import ImageScores, evaluate_image, mean_scores
@@ -96,8 +97,10 @@ def record(path: Path, mean: ImageScores) -> None:
     missing = [c for c in ("config", "object_dice", "aji", "pixel_dice", "pq") if c not in header]
     if missing:
         raise SystemExit(f"{path}: header lacks {', '.join(missing)}; cannot record the classical row")
-    new = {"config": "classical", "shift": "", "seed": "", "train_minutes": 0, "epochs": 0,
-           **{m: f"{getattr(mean, m):.4f}" for m in ("object_dice", "aji", "pixel_dice", "pq")}}
+    new = {"config": "classical", "shift": "", "train_minutes": 0, "epochs": 0,
+           **{m: f"{getattr(mean, m):.4f}" for m in ("object_dice", "aji", "pixel_dice", "pq")},
+           **run_info(seed=None)}  # commit, seed (none: nothing random), machine
+    header += [c for c in RUN_COLUMNS if c not in header]
     rows.append(new)
 
     def write(tmp: Path) -> None:
@@ -113,18 +116,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=RESULTS_CSV, help="results CSV to record the row in")
     parser.add_argument("--no-record", action="store_true", help="print the table only")
+    parser.add_argument("--smoke", action="store_true", help="one test image cropped to 256 px, not recorded")
     args = parser.parse_args()
     if not SPLIT_CSV.exists():
         print(f"MoNuSeg not found at {MONUSEG} (../shared/data is absent); nothing to do.")
         return
+    print(banner(seed=None))
+    crop = 256 if args.smoke else None
 
     config = ClassicalConfig()
     print(f"classical pipeline, {asdict(config)}")
     print("| image | organ | object_dice | aji | pixel_dice | pq | n_gt | n_pred | seconds |")
     print("|---|---|---|---|---|---|---|---|---|")
     scores, seconds = [], []
-    for row in monuseg_test_rows():
-        rgb, gt = read_image(MONUSEG / row["image"]), read_labels(MONUSEG / row["label"])
+    for row in monuseg_test_rows()[: 1 if args.smoke else None]:
+        rgb, gt = read_image(MONUSEG / row["image"])[:crop, :crop], read_labels(MONUSEG / row["label"])[:crop, :crop]
         t0 = time.perf_counter()
         pred = segment_classical(rgb, config)
         seconds.append(time.perf_counter() - t0)
@@ -133,6 +139,8 @@ def main() -> None:
         print(f"| {row['name']} | {row['organ']} | {s.object_dice:.4f} | {s.aji:.4f} | {s.pixel_dice:.4f} | "
               f"{s.pq:.4f} | {s.n_gt} | {s.n_pred} | {seconds[-1]:.2f} |")
     mean = mean_scores(scores)
+    if args.smoke:
+        return
     print(f"| **mean (14)** | | **{mean.object_dice:.4f}** | **{mean.aji:.4f}** | **{mean.pixel_dice:.4f}** | "
           f"**{mean.pq:.4f}** | {mean.n_gt} | {mean.n_pred} | {np.mean(seconds):.2f} |")
     print(f"segmentation time: {np.sum(seconds):.1f} s for 14 images ({np.mean(seconds):.2f} s per 1000x1000 image)")

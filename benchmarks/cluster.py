@@ -1,7 +1,7 @@
 """Cluster overhead: a cohort of generated slides, threaded in one process vs a 2-worker loopback LocalCluster.
 
-    python benchmarks/cluster.py                          # 4 slides of 4096^2 px, shipped model (else random 0.25)
-    python benchmarks/cluster.py --side 2048 --width 0.25 # smaller slides, a random width-0.25 PRONet
+    python -m benchmarks.cluster                          # 4 slides of 4096^2 px, shipped model (else random 0.25)
+    python -m benchmarks.cluster --side 2048 --width 0.25 # smaller slides, a random width-0.25 PRONet
 
 Both paths go through the same cohort API (:func:`pronet_wsi.wsi.cohort.segment_batch`, what ``pronet-wsi segment``
 runs), one after the other in this process, on the same slides (generated once into --workdir with
@@ -24,12 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks.record import ROOT, banner
 
 
 def run_threaded(items, out: Path, model: Path, cfg) -> dict:
@@ -78,10 +76,17 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--workdir", default=str(ROOT / "benchmarks" / "results" / "cluster"))
+    p.add_argument("--smoke", action="store_true",
+                   help="one 1024 px slide, a random width-1/16 network, 544 px tiles, one worker (does it run?)")
     args = p.parse_args()
+    if args.smoke:
+        import tempfile
 
-    from wsi import make_slide, model_dir
+        args.slides, args.side, args.width, args.workers, args.threads_per_worker = 1, 1024, 0.0625, 1, 1
+        args.tile_px, args.halo_px, args.batch_size = 544, 16, 1
+        args.workdir = tempfile.mkdtemp(prefix="pronet-wsi-smoke-")
 
+    from benchmarks.wsi import make_slide, model_dir
     from pronet_wsi.tiling import TilingConfig
     from pronet_wsi.wsi.cohort import SlideItem
     from pronet_wsi.wsi.pipeline import SegmentConfig
@@ -116,6 +121,7 @@ def main() -> None:
     mpx = sum(r["mpx_processed"] for r in records)
     nuclei = sum(r["counts"]["nuclei"] for r in records)
     same = best["threaded"]["geojson"] == best["cluster"]["geojson"]
+    print(banner(seed=0))
     print(f"{args.slides} slides of {args.side}^2 px, {tiles} tissue tiles, {mpx:.1f} Mpx at the model's mpp, "
           f"{nuclei:,} nuclei; model {model}; tile {args.tile_px}, halo {args.halo_px}, batch {args.batch_size}")
     print()

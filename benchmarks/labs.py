@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.record import ROOT, append_row, smoke_skip
+
 DATA = ROOT.parent / "shared" / "data"
 MODEL_MPP = 0.25
+SMOKE_PX: int | None = None  # set by smoke(): load() gives the first image of a split, cropped to this side
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,15 @@ CONSEP_VAL_TILES = (24, 25, 26, 27)
 
 def available() -> bool:
     return all((DATA / d).is_dir() for d in ("monuseg", "nuinsseg", "glioma_emory", "consep"))
+
+
+def smoke(side: int = 256) -> None:
+    """A script's ``--smoke``: every split is its first image cropped to ``side`` px, and result rows go to a
+    temporary folder; without ../shared/data the run ends here, cleanly."""
+    global SMOKE_PX
+    if not available():
+        smoke_skip(f"datasets not found under {DATA}")
+    SMOKE_PX = side
 
 
 def _pairs(name: str) -> list[tuple[Path, Path]]:
@@ -82,12 +93,14 @@ def load(name: str, split: str, mpp: float = MODEL_MPP) -> list[tuple[str, np.nd
 
     lab = LABS[name]
     out = []
-    for img_path, lab_path in lab.files(split):
+    for img_path, lab_path in lab.files(split)[: 1 if SMOKE_PX else None]:
         image, labels = read_image(img_path), read_labels(lab_path).astype(np.uint32)
         scale = lab.mpp / mpp
         if abs(scale - 1) > 1e-3:
             image = resample_image(image, scale)
             labels = resample_labels(labels, image.shape[:2])
+        if SMOKE_PX:
+            image, labels = image[:SMOKE_PX, :SMOKE_PX], labels[:SMOKE_PX, :SMOKE_PX]
         out.append((img_path.stem, image, labels))
     return out
 
@@ -104,14 +117,11 @@ def points_items(items: list[tuple[str, np.ndarray, np.ndarray]]) -> list[tuple[
     return out
 
 
-def append_csv(path: Path, row: dict) -> None:
-    """Append ``row`` to a results CSV (header written when the file is new)."""
-    import csv
+def append_csv(path: Path, row: dict, seed: int | None) -> None:
+    """Append ``row`` with commit, seed and machine to a results CSV (:func:`benchmarks.record.append_row`); a
+    smoke run writes to a temporary folder instead of ``benchmarks/results``."""
+    if SMOKE_PX:
+        import tempfile
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
+        path = Path(tempfile.mkdtemp(prefix="pronet-wsi-smoke-")) / path.name
+    append_row(path, row, seed)

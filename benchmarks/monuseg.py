@@ -1,8 +1,8 @@
 """Train and evaluate one PROnet configuration on MoNuSeg end to end; render the paper's tables.
 
-    python benchmarks/monuseg.py run --config full --shift 0 0 --epochs 60 -o runs/full-s0
-    python benchmarks/monuseg.py retune models/pronet-monuseg --tag resumed88   # thresholds incl. min area
-    python benchmarks/monuseg.py table
+    python -m benchmarks.monuseg run --config full --shift 0 0 --epochs 60 -o runs/full-s0
+    python -m benchmarks.monuseg retune models/pronet-monuseg --tag resumed88   # thresholds incl. min area
+    python -m benchmarks.monuseg table
 
 `run` trains on Qu et al.'s 12 training images (points = GT centroids, optionally shifted), validates and tunes
 thresholds on the 4 validation images, evaluates once on the 14 test images, and appends a row to
@@ -20,6 +20,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import click
+import numpy as np
+
+from benchmarks import record
+from benchmarks.record import banner, smoke_skip
 
 ROOT = Path(__file__).resolve().parents[1]
 MONUSEG = ROOT.parent / "shared" / "data" / "monuseg"
@@ -47,11 +51,24 @@ def split() -> dict[str, list[str]]:
     return {k: [n.split("_", 1)[1].rsplit(".", 1)[0] for n in v] for k, v in raw.items()}
 
 
+SMOKE_PX: int | None = None  # --smoke: one image per split, cropped to this side
+
+
 @click.group()
-def cli() -> None:
+@click.option("--smoke", is_flag=True, help="One image per split cropped to 256 px, one epoch of a width-1/16 "
+                                            "network; the row goes to a temporary folder (does it run?).")
+def cli(smoke: bool) -> None:
+    global RESULTS, SMOKE_PX
     if not MONUSEG.exists():
+        if smoke:
+            smoke_skip(f"{MONUSEG} is absent")
         click.echo(f"MoNuSeg not found at {MONUSEG}; this benchmark needs ../shared/data", err=True)
         sys.exit(2)
+    if smoke:
+        import tempfile
+
+        SMOKE_PX, RESULTS = 256, Path(tempfile.mkdtemp(prefix="pronet-wsi-smoke-")) / RESULTS.name
+    click.echo(banner(seed=None), err=True)
 
 
 @cli.command()
@@ -76,6 +93,8 @@ def run(name, shift, seed, epochs, width, lr, weight_decay, patches_per_image, m
     from pronet_wsi.training.pseudolabels import PseudoLabelConfig
 
     s = split()
+    if SMOKE_PX:
+        epochs, width, s = 1, 0.0625, {k: v[:1] for k, v in s.items()}
     opts = dict(CONFIGS[name])
     geodesic = opts.pop("geodesic", True)
     config = TrainConfig(epochs=epochs, width=width, lr=lr, weight_decay=weight_decay, schedule="cosine",
@@ -87,6 +106,8 @@ def run(name, shift, seed, epochs, width, lr, weight_decay, patches_per_image, m
     items = load_items(MONUSEG / "images", labels=MONUSEG / "labels", names=s["train"],
                        shift=tuple(shift) if shift[1] > 0 else None, seed=seed)
     val = load_val_items(MONUSEG / "images", MONUSEG / "labels", s["val"])
+    if SMOKE_PX:
+        items, val = [_crop_item(it) for it in items], [_crop_item(it) for it in val]
     t0 = time.monotonic()
     if resume and (outdir / "train" / "train_config.json").exists():
         config = TrainConfig.from_json(json.loads((outdir / "train" / "train_config.json").read_text()))
@@ -103,7 +124,8 @@ def score_test(model_dir: Path, name: str, tag: str, shift, seed: int, t0: float
 
     extra = json.loads((model_dir / "config.json").read_text())["extra"]
     predictor = Predictor(model_dir, InferenceConfig())
-    test = load_val_items(MONUSEG / "images", MONUSEG / "labels", split()["test"])
+    test = [_crop_item(it) for it in load_val_items(MONUSEG / "images", MONUSEG / "labels",
+                                                    split()["test"][: 1 if SMOKE_PX else None])]
     scores = [evaluate_image(gt, segment_image(im, predictor).labels) for _, im, gt in test]
     m = mean_scores(scores)
     row = {"config": f"{name}@{tag}" if tag else name, "shift": f"{shift[0]}-{shift[1]}", "seed": seed,
@@ -149,13 +171,21 @@ def retune(model_dir, name, shift, seed, tag, min_areas):
 
 
 def append_row(row: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    new = not RESULTS.exists()
-    with open(RESULTS, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    record.append_row(RESULTS, {k: row[k] for k in FIELDS}, seed=row["seed"])
+
+
+def _crop_item(item: tuple) -> tuple:
+    """--smoke: an item (name, image, points or labels, ...) cropped to SMOKE_PX (points outside dropped)."""
+    if not SMOKE_PX:
+        return item
+    name, image, third, *rest = item
+    if third.ndim == 2 and third.shape[1] == 2 and third.shape[:1] != image.shape[:1]:  # points (N, 2) x, y
+        keep = (third < SMOKE_PX).all(1)
+        rest = [r[keep] if isinstance(r, np.ndarray) and len(r) == len(third) else
+                ([c for c, k in zip(r, keep, strict=True) if k] if isinstance(r, list) and len(r) == len(third)
+                 else r) for r in rest]
+        return (name, image[:SMOKE_PX, :SMOKE_PX], third[keep], *rest)
+    return (name, image[:SMOKE_PX, :SMOKE_PX], third[:SMOKE_PX, :SMOKE_PX], *rest)
 
 
 @cli.command()

@@ -1,9 +1,9 @@
 """Train and score models on the four labs in ../shared/data (MoNuSeg, NuInsSeg, Emory GBM40, CoNSeP).
 
-    python benchmarks/multilab.py pseudo                      # pseudo-label fg recall/precision per dataset
-    python benchmarks/multilab.py train -o runs/multilab --init default --max-minutes 60
-    python benchmarks/multilab.py train -o runs/no-consep --without consep ...   # leave one lab out
-    python benchmarks/multilab.py score models/pronet-multilab --split test --tag shipped-v1
+    python -m benchmarks.multilab pseudo                      # pseudo-label fg recall/precision per dataset
+    python -m benchmarks.multilab train -o runs/multilab --init default --max-minutes 60
+    python -m benchmarks.multilab train -o runs/no-consep --without consep ...   # leave one lab out
+    python -m benchmarks.multilab score models/pronet-multilab --split test --tag shipped-v1
 
 Splits and pixel sizes: benchmarks/labs.py. Training uses points (label centroids) only; validation (threshold
 tuning, checkpoint choice) uses the val parts of the labs it trains on; `score --split test` is run once per
@@ -20,18 +20,23 @@ from pathlib import Path
 import click
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import labs  # noqa: E402
+from benchmarks import labs
+from benchmarks.record import banner
 
 RESULTS = labs.ROOT / "benchmarks" / "results" / "multilab.csv"
 FIELDS = ["model", "dataset", "split", "images", "object_dice", "aji", "pixel_dice", "pq", "mpp_in", "tta"]
 
 
 @click.group()
-def cli() -> None:
+@click.option("--smoke", is_flag=True, help="Every split: its first image cropped to 256 px; rows to a temporary "
+                                            "folder (does it run?).")
+def cli(smoke: bool) -> None:
+    if smoke:
+        labs.smoke()  # ends cleanly without ../shared/data
     if not labs.available():
         click.echo(f"datasets not found under {labs.DATA}; this benchmark needs ../shared/data", err=True)
         sys.exit(2)
+    click.echo(banner(seed=None), err=True)
 
 
 @cli.command()
@@ -43,10 +48,11 @@ def pseudo(split: str, datasets: str) -> None:
     from pronet_wsi.training.points import centroids_from_labels
     from pronet_wsi.training.pseudolabels import FOREGROUND, PseudoLabelConfig, pseudo_labels
 
+    holes = PseudoLabelConfig.fill_holes_px  # every row names what it sets, whatever the defaults become
     configs = {"before (rgb k-means)": PseudoLabelConfig(hematoxylin=False, fill_holes_px=0),
-               "holes only": PseudoLabelConfig(hematoxylin=False),
-               "hematoxylin only": PseudoLabelConfig(fill_holes_px=0),
-               "after (+hematoxylin, holes)": PseudoLabelConfig()}
+               f"holes only ({holes} px)": PseudoLabelConfig(hematoxylin=False, fill_holes_px=holes),
+               "hematoxylin only": PseudoLabelConfig(hematoxylin=True, fill_holes_px=0),
+               f"+hematoxylin, holes ({holes} px)": PseudoLabelConfig(hematoxylin=True, fill_holes_px=holes)}
     click.echo("| dataset | pseudo labels | V fg recall | V fg precision | K fg recall | K fg precision | K ignore % |")
     click.echo("|---|---|---|---|---|---|---|")
     for name in datasets.split(","):
@@ -147,15 +153,14 @@ def score(model_dir, split, tag, datasets, mpp_in, tta, no_record) -> None:
                "pq": round(m.pq, 4), "mpp_in": mpp_in or "", "tta": int(tta)}
         click.echo(row)
         if not no_record:
-            labs.append_csv(RESULTS, {k: row[k] for k in FIELDS})
+            labs.append_csv(RESULTS, {k: row[k] for k in FIELDS}, seed=None)
 
 
 @cli.command()
 @click.option("--split", default="test", type=click.Choice(["val", "test"]))
 def classical(split: str) -> None:
     """The hematoxylin / Otsu / watershed baseline (benchmarks/classical.py) on each dataset's split."""
-    from classical import ClassicalConfig, segment_classical
-
+    from benchmarks.classical import ClassicalConfig, segment_classical
     from pronet_wsi.metrics import evaluate_image, mean_scores
 
     for name in labs.LABS:
@@ -165,7 +170,7 @@ def classical(split: str) -> None:
                "object_dice": round(m.object_dice, 4), "aji": round(m.aji, 4), "pixel_dice": round(m.pixel_dice, 4),
                "pq": round(m.pq, 4), "mpp_in": "", "tta": 0}
         click.echo(row)
-        labs.append_csv(RESULTS, {k: row[k] for k in FIELDS})
+        labs.append_csv(RESULTS, {k: row[k] for k in FIELDS}, seed=None)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Do `suggest` boxes find where the model is wrong? AJI inside suggested boxes vs inside random tissue boxes.
 
-    python benchmarks/suggest_eval.py -m models/pronet-multilab --dataset emory --split test
+    python -m benchmarks.suggest_eval -m models/pronet-multilab --dataset emory --split test
 
 Each image of the split is written as a small pyramidal TIFF at the model's mpp and run through
 `suggest_slide` (boxes of --region-um); the model's full-image segmentation is then scored against the
@@ -9,15 +9,14 @@ ground truth inside each suggested box and inside as many boxes drawn at random 
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
 import click
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import labs  # noqa: E402
+from benchmarks import labs
+from benchmarks.record import banner
 
 
 @click.command()
@@ -27,7 +26,8 @@ import labs  # noqa: E402
 @click.option("--region-um", default=40.0)
 @click.option("--regions", default=2, help="Suggested boxes per image.")
 @click.option("--seed", default=0)
-def main(model_dir, dataset, split, region_um, regions, seed) -> None:
+@click.option("--smoke", is_flag=True, help="One image cropped to 256 px, one 20 um box (does it run?).")
+def main(model_dir, dataset, split, region_um, regions, seed, smoke) -> None:
     from pronet_wsi.inference import InferenceConfig, Predictor, segment_image
     from pronet_wsi.metrics import evaluate_image
     from pronet_wsi.slide import open_slide, write_pyramid_tiff
@@ -35,6 +35,10 @@ def main(model_dir, dataset, split, region_um, regions, seed) -> None:
     from pronet_wsi.tissue import tissue_mask
     from pronet_wsi.wsi.pipeline import suggest_slide
 
+    if smoke:
+        labs.smoke()
+        regions, region_um = 1, 20.0
+    click.echo(banner(seed))
     predictor = Predictor(model_dir, InferenceConfig())
     rng = np.random.default_rng(seed)
     config = SuggestConfig(regions=regions, region_um=region_um, candidates=max(16, 4 * regions), groups=1,

@@ -1,9 +1,9 @@
 """Nucleus types (issue 21): data preparation, today's QuPath-style baseline, and scoring a typed model.
 
-    python benchmarks/types.py prepare --out runs/types
-    python benchmarks/types.py baseline --data runs/types --set consep      # and --set crchisto
-    python benchmarks/types.py score --data runs/types --set consep --model runs/typed-consep
-    python benchmarks/types.py reweight --set consep --model runs/typed-consep --out runs/typed-consep-w
+    python -m benchmarks.types prepare --out runs/types
+    python -m benchmarks.types baseline --data runs/types --set consep      # and --set crchisto
+    python -m benchmarks.types score --data runs/types --set consep --model runs/typed-consep
+    python -m benchmarks.types reweight --set consep --model runs/typed-consep --out runs/typed-consep-w
 
 **prepare** writes, for each set, ``OUT/<set>/<split>/images/<stem>.<ext>`` (symlinks to ../shared/data),
 ``points/<stem>.csv`` (``x,y,class``, continuous level-0 frame: pixel ``[r, c]`` has centre ``(c+0.5, r+0.5)``;
@@ -44,9 +44,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -55,8 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import labs  # noqa: E402
+from benchmarks import labs
+from benchmarks.record import banner, smoke_skip
 
 RESULTS = labs.ROOT / "benchmarks" / "results"
 SEED = 0
@@ -245,7 +242,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def _split_files(data: Path, split: str) -> list[tuple[str, Path, Path]]:
     folder = data / split
     if not (folder / "images").is_dir():
-        raise SystemExit(f"{folder}/images not found; run `python benchmarks/types.py prepare --out {data.parent}`")
+        raise SystemExit(f"{folder}/images not found; run `python -m benchmarks.types prepare --out {data.parent}`")
     return [(p.stem, p, folder / "points" / f"{p.stem}.csv") for p in sorted((folder / "images").iterdir())]
 
 
@@ -347,29 +344,6 @@ def _score(pred: list[tuple[np.ndarray, list[str]]], gt: list[tuple[np.ndarray, 
                        for (p_xy, p_cls), (g_xy, g_cls) in zip(pred, gt, strict=True))
 
 
-def _machine() -> str:
-    proc = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                proc = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.machine()} {proc} x{os.cpu_count()}".strip()
-
-
-def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=labs.ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=labs.ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _report(title: str, s) -> None:
     names = s.classes
     width = max(12, *(len(n) for n in names))
@@ -398,8 +372,7 @@ def _rows(base: dict, s) -> list[dict]:
 
 
 def _meta() -> dict:
-    return {"date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M"), "commit": _commit(), "seed": SEED,
-            "machine": _machine()}
+    return {"date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M")}  # commit, seed, machine: labs.append_csv
 
 
 # --- baseline ---
@@ -465,7 +438,7 @@ def cmd_baseline(args: argparse.Namespace) -> None:
 
 def _append(path: Path, rows: list[dict]) -> None:
     for row in rows:
-        labs.append_csv(path, row)
+        labs.append_csv(path, row, SEED)
     print(f"\nappended {len(rows)} rows to {path.relative_to(labs.ROOT)}")
 
 
@@ -551,7 +524,9 @@ def cmd_reweight(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--smoke", action="store_true",
+                        help="prepare only, into a temporary folder (does it run?); skipped without the data")
+    sub = parser.add_subparsers(dest="command", required=False)
     p = sub.add_parser("prepare", help="write the split folders (symlinked images + x,y,class points)")
     p.add_argument("--out", default="runs/types")
     for name, helptext in (("baseline", "shipped model + per-nucleus measurements + gradient boosting"),
@@ -570,6 +545,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="new model folder")
     p.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.smoke and not ((labs.DATA / "consep").is_dir() and (labs.DATA / "crchisto").is_dir()):
+        smoke_skip(f"CoNSeP / CRCHisto not found under {labs.DATA}")
+    if args.smoke:
+        import tempfile
+
+        print(banner(SEED))
+        args.command, args.out = "prepare", tempfile.mkdtemp(prefix="pronet-wsi-smoke-")
+    elif args.command is None:
+        parser.error("give a command: prepare, baseline or score")
     if not (labs.DATA / "consep").is_dir() or not (labs.DATA / "crchisto").is_dir():
         print(f"CoNSeP / CRCHisto not found under {labs.DATA}; this benchmark needs ../shared/data", file=sys.stderr)
         sys.exit(2)

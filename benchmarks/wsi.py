@@ -1,8 +1,8 @@
 """Whole-slide segmentation benchmark: end-to-end time vs. model-forward-only time, Mpx/s, peak RSS.
 
-    python benchmarks/wsi.py                               # 0.27 Gpx and 1.07 Gpx slides, shipped model or width 0.25
-    python benchmarks/wsi.py --sizes 16384 --width 0.25    # one size, a random width-0.25 PRONet
-    python benchmarks/wsi.py --sizes 16384 --full-tissue   # tissue everywhere: the tiling's own overhead
+    python -m benchmarks.wsi                               # 0.27 Gpx and 1.07 Gpx slides, shipped model or width 0.25
+    python -m benchmarks.wsi --sizes 16384 --width 0.25    # one size, a random width-0.25 PRONet
+    python -m benchmarks.wsi --sizes 16384 --full-tissue   # tissue everywhere: the tiling's own overhead
 
 Tile, halo and batch default to the package's (``TilingConfig``, ``SegmentConfig``). "e2e / core forward" compares
 the whole run with the model's forward on the tiles' cores alone (the same tiles cropped to their cores, timed the
@@ -36,17 +36,23 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.record import ROOT, banner
+
 BLOCK = 1024
 
 
 def make_slide(path: Path, side: int, seed: int = 0, n_blocks: int = 4, full_tissue: bool = False) -> Path:
     """A ``side`` x ``side`` 0.25 um/px pyramidal JPEG TIFF mosaic of synthetic tissue blocks (in an ellipse on
     glass, or everywhere with ``full_tissue``)."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    from make_demo_slide import demo_image
+    import importlib.util
 
     from pronet_wsi.slide import _halve, write_pyramid_tiff
+
+    spec = importlib.util.spec_from_file_location("make_demo_slide", ROOT / "examples" / "make_demo_slide.py")
+    assert spec is not None and spec.loader is not None
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)  # the demo slide's synthetic tissue, from the example script itself
+    demo_image = demo.demo_image
 
     blocks = [demo_image(BLOCK, seed=seed + k, glass=False) for k in range(n_blocks)]
     glass = np.full((BLOCK, BLOCK, 3), (244, 242, 245), np.uint8)
@@ -201,10 +207,17 @@ def main() -> None:
     parser.add_argument("--cells", type=float, default=0.0, help="segment --cells UM (0 = no cells)")
     parser.add_argument("--measurements", default="all", choices=["none", "basic", "all"])
     parser.add_argument("--parquet", action="store_true", help="also write the nuclei Parquet table")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one 1024 px slide, a random width-1/16 network, 544 px tiles (does it run?)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--slide", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        import tempfile
+
+        args.sizes, args.width, args.sample, args.tile_px, args.halo_px = [1024], 0.0625, 1, 544, 16
+        args.workdir = tempfile.mkdtemp(prefix="pronet-wsi-smoke-")
     from pronet_wsi.tiling import TilingConfig
     from pronet_wsi.wsi.pipeline import SegmentConfig
 
@@ -225,11 +238,13 @@ def main() -> None:
             make_slide(slide, side, full_tissue=args.full_tissue)
             print(f"wrote {slide} ({slide.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.0f} s",
                   file=sys.stderr)
-        cmd = [sys.executable, __file__, "--child", "--slide", str(slide), "--out", str(workdir / f"out_{side}"),
+        cmd = [sys.executable, "-m", "benchmarks.wsi", "--child", "--slide", str(slide),
+               "--out", str(workdir / f"out_{side}"),
                "--model", args.model, "--tile-px", str(args.tile_px), "--halo-px", str(args.halo_px),
                "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--sample", str(args.sample),
                "--cells", str(args.cells), "--measurements", args.measurements, *(["--parquet"] * args.parquet)]
-        child = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        child = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                          cwd=ROOT).stdout.splitlines()[-1])
         rec = child["record"]
         rows.append({"side": side, "gpx": side * side / 1e9, "tiles": rec["counts"]["tiles_run"],
                      "mpx": rec["mpx_processed"], "nuclei": child["nuclei"], "e2e_s": child["wall_s"],
@@ -240,6 +255,7 @@ def main() -> None:
                      "mpx_s": rec["mpx_processed"] / child["wall_s"], "rss_mb": child["peak_rss_mb"],
                      "timings": rec["timings_s"]})
         print(json.dumps(rows[-1]), file=sys.stderr)
+    print(banner(seed=0))
     print(f"model: {args.model}; tile {args.tile_px}, halo {args.halo_px}, batch {args.batch_size}, "
           f"workers {args.workers or 'auto'}; {os.cpu_count()} CPUs")
     print("| slide | Gpx | tissue tiles (read px) | tissue Mpx | core Mpx | model input Mpx | input / tissue | "

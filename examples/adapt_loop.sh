@@ -14,7 +14,7 @@ mkdir -p "$work"
 $py "$here/make_demo_slide.py" "$work/slide.tif" --seed 3 --truth "$work/truth.geojson"
 
 pronet-wsi segment "$work/slide.tif" -o "$work/before"
-pronet-wsi suggest "$work/slide.tif" -o "$work/suggest" --regions 6 --region-um 64
+pronet-wsi suggest "$work/slide.tif" -o "$work/suggest" --boxes 6 --box-um 64
 
 # QuPath step (README steps 2-4): import suggest/slide_suggest.geojson, click every nucleus in each box, export.
 # Here: each box's pre-filled points are replaced by the true centres inside it; the boxes stay (complete regions).

@@ -1,6 +1,8 @@
 """The `pronet-wsi` command line: the one Click module.
 
-Commands call into the package; every InputError/ValueError becomes a one-line message and exit code 1.
+Commands call into the package. Bad input (:class:`~pronet_wsi.errors.InputError`) and OS errors become a
+one-line message and exit code 1; any other exception is a bug: one line naming its type, "run with -v for the
+traceback", exit code 1, and with ``-v`` the traceback.
 """
 
 from __future__ import annotations
@@ -9,16 +11,18 @@ import functools
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import click
 
-from pronet_wsi.errors import InputError
+from pronet_wsi.errors import InputError, bug_message
 
 
 def friendly_errors(func):
-    """Turn bad-input and OS exceptions into one-line ClickExceptions (no traceback); an output folder this
-    command created and left empty is removed when it fails."""
+    """Turn bad-input and OS exceptions into one-line ClickExceptions (no traceback), and any other exception (a
+    bug) into one line naming its type with the -v hint (``-v``: the traceback too); an output folder this command
+    created and left empty is removed when it fails."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -39,14 +43,31 @@ def friendly_errors(func):
             from pronet_wsi.files import describe_os_error
 
             raise click.ClickException(describe_os_error(exc)) from exc
-        except (InputError, ValueError) as exc:
+        except InputError as exc:
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
         except KeyboardInterrupt:
-            click.echo(f"interrupted: finished work is kept; run the same command again to resume"
-                       f"{' (with --resume)' if func.__name__ == 'train' else ''}", err=True)
+            click.echo(f"interrupted{INTERRUPTED.get(func.__name__, '')}", err=True)
             sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except Exception as exc:  # not bad input: a bug, shown as one line unless -v asks for the traceback
+            if _verbose():
+                click.echo(traceback.format_exc().rstrip(), err=True)
+            raise click.ClickException(bug_message(exc, hint=not _verbose())) from exc
 
     return guarded
+
+
+INTERRUPTED = {  # what an interrupted command keeps, where it keeps anything
+    "segment": ": finished tiles are kept; run the same command again to resume",
+    "train": ": finished epochs are kept; run the same command with --resume to continue",
+}
+
+
+def _verbose() -> bool:
+    """True when the command line asked for ``-v`` (debug logging and tracebacks)."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.find_root().params.get("verbose"))
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -226,6 +247,7 @@ def prediction_outputs(paths: list[Path], out: Path) -> dict[Path, tuple[Path, P
 
 
 @main.command()
+@friendly_errors
 def info() -> None:
     """Print versions, the compute device and the default model."""
     import platform
@@ -250,6 +272,54 @@ def info() -> None:
         click.echo(f"default model: {found} (width {b.config.width}, mpp {b.config.mpp})")
 
 
+def recipe_default(key: str) -> str:
+    """``(default: the recipe's: cpu X, paper Y; with --init Z)`` for a TrainConfig field, from the recipes
+    themselves (one owner of each value)."""
+    from pronet_wsi.training.loop import FINE_TUNE, RECIPES, TrainConfig
+
+    base = {f: getattr(TrainConfig, f) for f in ("width", "epochs", "batch_size", "lr", "weight_decay", "schedule",
+                                                  "patch_px", "patches_per_image")}
+    parts = [f"{name} {RECIPES[name].get(key, base[key]):g}" if not isinstance(base[key], str)
+             else f"{name} {RECIPES[name].get(key, base[key])}" for name in RECIPES]
+    text = "(default: the --recipe's: " + ", ".join(parts)
+    if key in FINE_TUNE:
+        text += f"; with --init {FINE_TUNE[key]:g}"
+    elif key == "width":
+        text += "; with --init the start model's"
+    return text + ")."
+
+
+# train options a --resume run takes from its saved settings: option -> (TrainConfig field, value it sets)
+RESUME_FIXED = {"width": "width", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay",
+                "schedule": "schedule", "patch_px": "patch_px", "patches_per_image": "patches_per_image",
+                "model_mpp": "mpp", "holdout": "holdout", "type_lr_factor": "type_lr_factor", "seed": "seed",
+                "device": "device", "init": "init"}
+
+
+def check_resume_options(ctx: click.Context, saved) -> None:
+    """A UsageError naming the options a ``--resume`` run would ignore: those given with a value other than the
+    saved run's (``saved``, its TrainConfig). The same command line again (the same values) is accepted."""
+    from click.core import ParameterSource
+
+    from pronet_wsi.training.loop import RECIPES
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+
+    p = ctx.params
+    differs = [n for n, field in RESUME_FIXED.items() if given(n) and p[n] != getattr(saved, field)]
+    differs += [n for n, on in (("freeze_trunk", saved.freeze_trunk), ("euclidean", not saved.pseudo.geodesic),
+                                ("no_offsets", not saved.use_offsets), ("no_refine", not saved.use_refinement))
+                if given(n) and p[n] and not on]
+    if given("recipe") and any(getattr(saved, k) != v for k, v in RECIPES[p["recipe"]].items()
+                               if k not in RESUME_FIXED.values() and not saved.init):
+        differs.append("recipe")
+    if differs:
+        names = ", ".join("--" + n.replace("_", "-") for n in differs)
+        raise click.UsageError(f"--resume continues with the run's saved settings and would ignore {names}; drop "
+                               "them (only --epochs and --max-minutes may change) or train into a new -o")
+
+
 def _names(value: str | None) -> list[str] | None:
     return [n.strip() for n in value.split(",") if n.strip()] if value else None
 
@@ -264,8 +334,9 @@ def _names(value: str | None) -> list[str] | None:
 @click.option("--names", help="Comma-separated image stems to use (default: all).")
 @click.option("--shift", nargs=2, type=float, default=None, help="Shift label-derived points by MIN MAX px.")
 @click.option("--slide", type=click.Path(path_type=str), multiple=True,
-              help="Train from whole-slide images (repeatable, one --points each) ...")
-@click.option("--slide-mpp", type=float, default=None, help="... whose mpp is this when the file has none.")
+              help="Train from whole-slide images (repeatable, one --points each; --mpp gives their pixel size "
+                   "when the file has none).")
+@click.option("--slide-mpp", type=float, default=None, hidden=True, expose_value=True)
 @click.option("--regions", type=click.Path(path_type=str), multiple=True,
               help="GeoJSON of the areas whose nuclei are all clicked, one per --slide (default: the rectangle / "
                    "polygon annotations exported with the points).")
@@ -280,17 +351,25 @@ def _names(value: str | None) -> list[str] | None:
 @click.option("--init", default=None, metavar="default|MODEL_DIR",
               help="Start from a model folder's weights, width, mpp and normalisation (default = the shipped "
                    "model) with the fine-tune settings (lr 5e-4, offsets and refinement from the start).")
-@click.option("--width", type=float, default=None, help="Channel multiplier (1.0 = paper VGG16) [recipe].")
-@click.option("--epochs", type=int, default=None, help="[recipe]")
-@click.option("--batch-size", type=int, default=None, help="[recipe]")
-@click.option("--lr", type=float, default=None, help="[recipe]")
-@click.option("--weight-decay", type=float, default=None, help="[recipe]")
-@click.option("--schedule", type=click.Choice(["constant", "cosine"]), default=None, help="[recipe]")
-@click.option("--patch-px", type=int, default=None, help="[recipe]")
-@click.option("--patches-per-image", type=int, default=None, help="Patches per epoch per megapixel [recipe].")
+@click.option("--width", type=float, default=None,
+              help="Channel multiplier of the VGG16 encoder (1.0 = the paper's) " + recipe_default("width"))
+@click.option("--epochs", type=int, default=None,
+              help="Passes over the training patches " + recipe_default("epochs") + "; with --resume: train on to "
+                   "this many (the schedule stretches).")
+@click.option("--batch-size", type=int, default=None, help="Patches per optimiser step " + recipe_default("batch_size"))
+@click.option("--lr", type=float, default=None, help="Adam learning rate " + recipe_default("lr"))
+@click.option("--weight-decay", type=float, default=None, help="Adam weight decay " + recipe_default("weight_decay"))
+@click.option("--schedule", type=click.Choice(["constant", "cosine"]), default=None,
+              help="Learning rate after the warm-up: constant or a cosine down to 2% " + recipe_default("schedule"))
+@click.option("--patch-px", type=int, default=None,
+              help="Side of the square training patches, px at the model's mpp, a multiple of 16 "
+                   + recipe_default("patch_px"))
+@click.option("--patches-per-image", type=int, default=None,
+              help="Patches per epoch per megapixel of image " + recipe_default("patches_per_image"))
 @click.option("--mpp", type=float, default=None,
-              help="Pixel size of the --images and --val-images in um/px (e.g. 0.5 for 20x); they are resampled to "
-                   "the model's (default: already at the model's).")
+              help="Pixel size of the inputs in um/px (e.g. 0.5 for 20x): of the --images and --val-images (they are "
+                   "resampled to the model's; default: already at the model's), or of each --slide whose file has "
+                   "none.")
 @click.option("--model-mpp", type=float, default=None,
               help="Working resolution (um/px) of the model (default: --mpp, else 0.25; with --init the start "
                    "model's; another value rescales the start model, which the run then fine-tunes).")
@@ -305,9 +384,13 @@ def _names(value: str | None) -> list[str] | None:
 @click.option("--no-offsets", is_flag=True, help="No offset module: centre map + binary only (ablation).")
 @click.option("--no-refine", is_flag=True, help="No EM point refinement (ablation).")
 @click.option("--max-minutes", type=float, default=None, help="Stop after this wall time (model still written).")
-@click.option("--seed", type=int, default=None, help="[0]")
-@click.option("--device", default=None, help="auto, cpu or cuda[:N] [auto].")
-@click.option("--resume", is_flag=True, help="Continue the run in MODEL_DIR from its last checkpoint.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the patch sampling, augmentation, shifts and weights (default: 0); a run is "
+                   "reproducible on one machine.")
+@click.option("--device", default=None, help="auto, cpu or cuda[:N] (default: auto, a GPU when there is one).")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in -o from its last checkpoint with its saved settings: give the same inputs; "
+                   "only --epochs and --max-minutes may change.")
 @click.option("--drop-outside", is_flag=True, help="Drop points outside their image instead of failing.")
 @click.option("--drop-unmatched", is_flag=True,
               help="Train on the images that have a points file, with a warning listing images without points and "
@@ -330,8 +413,12 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
     from pronet_wsi.training.pseudolabels import PseudoLabelConfig
     from pronet_wsi.wsi.pipeline import check_writable
 
+    if slide_mpp is not None:
+        raise click.UsageError("--slide-mpp is now --mpp (the inputs' pixel size, slides included); the model's "
+                               "working resolution is --model-mpp")
     if max_minutes is not None and not 0 < max_minutes < float("inf"):
         raise InputError(f"--max-minutes {max_minutes}: give a number of minutes > 0")
+    check_mpp_option(mpp)
     model_files = [n for n in ("config.json", "weights.pt", "thresholds.json") if (Path(outdir) / n).exists()]
     if not resume and model_files and not (Path(outdir) / "train" / CHECKPOINT).exists():
         raise InputError(f"-o {outdir}: holds {model_files[0]} of a model this run did not train; choose a new -o "
@@ -341,21 +428,14 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
         import json
 
         config = TrainConfig.from_json(json.loads((Path(outdir) / "train" / "train_config.json").read_text()))
+        check_resume_options(click.get_current_context(), config)
         if max_minutes is not None:
             config = dataclasses.replace(config, max_minutes=max_minutes)
         if epochs is not None:  # continue to more epochs (the schedule stretches to the new length)
             config = dataclasses.replace(config, epochs=epochs)
     else:
-        if init is not None:  # the start model's resolution and width, unless given (then they must agree)
-            from pronet_wsi.model import load_model, resolve_model_dir
-
-            start = load_model(resolve_model_dir(None if init == "default" else init)).config
-            if model_mpp is not None:
-                check_mpp_option(model_mpp, "--model-mpp")
-            model_mpp = start.mpp if model_mpp is None else model_mpp  # another: the start model is rescaled
-            width = start.width if width is None else width
-        elif model_mpp is None:
-            model_mpp = mpp
+        if init is None and model_mpp is None and not (slide or slide_list):  # images at --mpp: the model too
+            model_mpp = mpp  # (with --init the recipe takes the start model's, or --model-mpp)
         config = TrainConfig.recipe(
             recipe, init=init, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             schedule=schedule, patch_px=patch_px, patches_per_image=patches_per_image, width=width, mpp=model_mpp,
@@ -368,8 +448,9 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
             raise click.UsageError("give --slide with --points, or --slide-list, and no --images/--labels")
         if slide and (len(points) != len(slide) or (regions and len(regions) != len(slide))):
             raise click.UsageError("give one --points POINTS.geojson (and one --regions, if any) per --slide")
-        rows = read_slide_list(slide_list) if slide_list else [
-            (sl, pts, slide_mpp, regions[i] if regions else None)
+        rows = [(sl, pts, mpp if sl_mpp is None else sl_mpp, reg)  # a row's own mpp wins
+                for sl, pts, sl_mpp, reg in read_slide_list(slide_list)] if slide_list else [
+            (sl, pts, mpp, regions[i] if regions else None)
             for i, (sl, pts) in enumerate(zip(slide, points, strict=True))]
         items = [it for sl, pts, sl_mpp, reg in rows
                  for it in load_slide_items(sl, pts, config.mpp, slide_mpp=sl_mpp, region_px=4 * config.patch_px,
@@ -380,10 +461,9 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
         if len(points) > 1:
             raise click.UsageError("--images takes one --points folder")
         items = load_items(images, points[0] if points else None, labels, names=_names(names),
-                           shift=tuple(shift) if shift else None, seed=seed, drop_outside=drop_outside,
+                           shift=tuple(shift) if shift else None, seed=config.seed, drop_outside=drop_outside,
                            drop_unmatched=drop_unmatched)
         if mpp is not None:
-            check_mpp_option(mpp)
             items = resample_items(items, mpp / config.mpp)
     val = None
     if val_images:
@@ -484,7 +564,8 @@ def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, eu
 @click.option("--tile-px", type=int, default=2048, show_default=True,
               help="Largest model input tile side (px at model mpp); the grid splits the slide evenly.")
 @click.option("--halo-px", type=int, default=None,
-              help="Context on each side of a tile core [the model's context_px: 96 for the shipped model].")
+              help="Context on each side of a tile core (default: the model's context_px, 96 px for the shipped "
+                   "model: its maps do not change beyond it).")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Tiles per model call.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--workers", type=int, default=0, show_default=True,
@@ -587,7 +668,7 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
     inputs = [Path(it.path) for it in items] + ([Path(manifest)] if manifest is not None else [])
     for item in todo:  # outputs in the way (inputs, files pronet-wsi did not write): one line, nothing written
         check_slide(item.path, outdir, planned, item.stem, inputs)
-    inference = InferenceConfig(device=device, batch_size=batch_size, tta=tta)
+    inference = InferenceConfig(device=device, tta=tta)  # tiles per call: SegmentConfig.batch_size
     with contextlib.ExitStack() as stack:
         client = None
         predictor: TileModel | None = None
@@ -598,7 +679,8 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
             client = stack.enter_context(open_client(scheduler, timeout_s=connect_timeout))
         elif todo:
             predictor = Predictor(resolve_model_dir(model_dir), inference)
-        halo = halo_px if halo_px is not None else getattr(predictor, "context_px", TilingConfig().halo_px)
+        halo = halo_px if halo_px is not None else predictor.context_px if predictor is not None else \
+            TilingConfig().halo_px
         config = SegmentConfig(tiling=TilingConfig(tile_px, halo), **settings)
         for outcome in segment_batch(todo, outdir, predictor, config, client=client,
                                      backend=backend, default_mpp=mpp, pin_gpus=local_cluster, progress=not quiet):
@@ -619,9 +701,9 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
 
 
 def check_mpp_option(mpp: float | None, option: str = "--mpp") -> None:
-    from pronet_wsi.slide import MPP_RANGE
+    from pronet_wsi.slide import MPP_RANGE, plausible_mpp
 
-    if mpp is not None and not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+    if mpp is not None and not plausible_mpp(mpp):
         raise InputError(f"{option} {mpp:g}: not a microscope pixel size (between {MPP_RANGE[0]} and {MPP_RANGE[1]} "
                          "um/px; 40x is ~0.25, 20x ~0.5)")
 
@@ -654,13 +736,16 @@ def check_tile_memory(tile_px: int, batch_size: int, bytes_per_px: int = 600) ->
               help="Folder for <stem>_suggest.geojson (import it into QuPath over the slide).")
 @click.option("-m", "--model", "model_dir", default=None, type=click.Path(path_type=str),
               help="Model folder (default: the shipped model).")
-@click.option("--regions", type=int, default=20, show_default=True, help="Boxes to propose per slide.")
-@click.option("--region-um", type=float, default=100.0, show_default=True, help="Box side in um.")
+@click.option("--boxes", type=int, default=20, show_default=True, help="Boxes to propose per slide.")
+@click.option("--box-um", type=float, default=100.0, show_default=True,
+              help="Side of each box in um (10 to 2000).")
+@click.option("--regions", "old_regions", default=None, hidden=True)
+@click.option("--region-um", "old_region_um", default=None, hidden=True)
 @click.option("--mpp", type=float, default=None, help="Slide pixel size in um (when the file has none).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs that pronet-wsi did not write.")
 @friendly_errors
-def suggest(slides, outdir, model_dir, regions, region_um, mpp, device, overwrite) -> None:
+def suggest(slides, outdir, model_dir, boxes, box_um, old_regions, old_region_um, mpp, device, overwrite) -> None:
     """Propose where to click: boxes where the model is least reliable, spread over the tissue and its types,
     each with the model's nuclei as points to correct (QuPath annotations; see the README's adaptation loop)."""
     from pronet_wsi.files import check_outputs
@@ -669,8 +754,15 @@ def suggest(slides, outdir, model_dir, regions, region_um, mpp, device, overwrit
     from pronet_wsi.wsi.cohort import expand_inputs
     from pronet_wsi.wsi.pipeline import check_writable, suggest_slide
 
+    if old_regions is not None or old_region_um is not None:
+        raise click.UsageError("suggest --regions and --region-um are now --boxes (how many) and --box-um (their "
+                               "side); --regions is train's GeoJSON of clicked areas")
     check_mpp_option(mpp)
-    config = SuggestConfig(regions=regions, region_um=region_um, candidates=max(160, 4 * regions))
+    if boxes < 1:
+        raise InputError(f"--boxes {boxes}: give at least 1 box to propose")
+    if not 10 <= box_um <= 2000:
+        raise InputError(f"--box-um {box_um:g}: give a box side between 10 and 2000 um")
+    config = SuggestConfig(regions=boxes, region_um=box_um, candidates=max(160, 4 * boxes))
     items = expand_inputs(slides)
     check_outputs([outdir / f"{item.stem}_suggest.geojson" for item in items], [it.path for it in items], overwrite)
     check_writable(outdir)

@@ -1,7 +1,7 @@
 """Safe file writing on shared storage: atomic replace with fsync, umask-honouring modes, per-output locks,
 and where a slide's outputs go (:class:`OutputPaths`).
 
-Every output of the package goes through :func:`atomic_write` (or :func:`open_atomic` for streams), so a file
+Every output of the package goes through :func:`atomic_write` (or :func:`open_atomic_stream` for streams), so a file
 that exists is complete, and a crash leaves at most a ``.<name>.*.tmp`` file that :func:`sweep_temp` removes.
 """
 

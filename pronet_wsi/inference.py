@@ -46,6 +46,8 @@ def _cpu_has_bf16() -> bool:
 class InferenceConfig:
     """How to run the network.
 
+    batch_size : windows of an image per model call in :meth:`Predictor.predict_image` (a slide's tiles per call
+        are ``SegmentConfig.batch_size``; :meth:`Predictor.predict_batch` runs the tiles it is given as one call).
     window_px : largest model input side; an image is cut into tiles of at most this size, each a core plus the
         model's ``context_px`` on every side (the tiles ``segment --tile-px`` of the same size cuts).
     amp : mixed precision (bf16 on CPUs with AVX512-BF16, fp16 on CUDA); ``auto`` decides per device.
@@ -60,11 +62,11 @@ class InferenceConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
+            raise InputError(f"batch_size={self.batch_size}: must be >= 1")
         if not 64 <= self.window_px <= 16384 or self.window_px % 16:
-            raise ValueError(f"window_px={self.window_px}: must be a multiple of 16 between 64 and 16384")
+            raise InputError(f"window_px={self.window_px}: must be a multiple of 16 between 64 and 16384")
         if self.amp not in ("auto", "on", "off"):
-            raise ValueError(f"amp={self.amp!r}: must be auto, on or off")
+            raise InputError(f"amp={self.amp!r}: must be auto, on or off")
 
 
 class Predictor:
@@ -102,7 +104,7 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_batch(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
-        """Maps for a batch of equal-sized tiles.
+        """Maps for a batch of equal-sized tiles, in one model call.
 
         Parameters
         ----------
@@ -117,15 +119,12 @@ class Predictor:
         tiles = np.asarray(tiles)
         if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
             raise ValueError(f"tiles must be (B, H, W, 3) uint8, got {tiles.shape} {tiles.dtype}")
-        outs: list[dict[str, np.ndarray]] = []
-        for start in range(0, len(tiles), self.config.batch_size):
-            x = torch.tensor(tiles[start : start + self.config.batch_size]).to(self.device)
-            x = x.permute(0, 3, 1, 2).float().div_(255.0)
-            x = ((x - self._mean) / self._std).contiguous(
-                memory_format=torch.channels_last if self.device.type == "cpu" else torch.contiguous_format)
-            maps = self._maps_tta(x) if self.config.tta else self._maps(x)
-            outs.append({k: v.cpu().numpy() for k, v in maps.items()})
-        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        x = torch.tensor(tiles).to(self.device)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        x = ((x - self._mean) / self._std).contiguous(
+            memory_format=torch.channels_last if self.device.type == "cpu" else torch.contiguous_format)
+        maps = self._maps_tta(x) if self.config.tta else self._maps(x)
+        return {k: v.cpu().numpy() for k, v in maps.items()}
 
     def _maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Probabilities and offsets (float32) for a normalised (B, 3, H, W) batch."""

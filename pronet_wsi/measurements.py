@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import shapely
 
+from pronet_wsi.errors import InputError
+
 LEVELS = ("none", "basic", "all")
 
 #: QuPath's default H&E stain vectors ("H&E default": optical density per R, G, B; background 255).
@@ -217,9 +219,9 @@ class MeasureConfig:
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
-            raise ValueError(f"measurements={self.level!r}: must be one of {', '.join(LEVELS)}")
+            raise InputError(f"measurements={self.level!r}: must be one of {', '.join(LEVELS)}")
         if not 0.0 <= self.cells_um <= 50.0:
-            raise ValueError(f"cells_um={self.cells_um}: must be between 0 (no cells) and 50 um")
+            raise InputError(f"cells_um={self.cells_um}: must be between 0 (no cells) and 50 um")
 
     @property
     def names(self) -> tuple[str, ...]:

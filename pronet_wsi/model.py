@@ -61,31 +61,31 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.architecture != ARCHITECTURE:
-            raise ValueError(f"architecture={self.architecture!r}: only {ARCHITECTURE!r} is known")
+            raise InputError(f"architecture={self.architecture!r}: only {ARCHITECTURE!r} is known")
         if not 0.05 <= self.width <= 2.0:
-            raise ValueError(f"width={self.width}: must be in [0.05, 2.0]")
+            raise InputError(f"width={self.width}: must be in [0.05, 2.0]")
         if not math.isfinite(self.mpp) or self.mpp <= 0:
-            raise ValueError(f"mpp={self.mpp}: must be > 0")
+            raise InputError(f"mpp={self.mpp}: must be > 0")
         for name in ("mean", "std"):
             values = getattr(self, name)
             if len(values) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-                raise ValueError(f"{name}={list(values)}: must be 3 finite numbers (R, G, B)")
+                raise InputError(f"{name}={list(values)}: must be 3 finite numbers (R, G, B)")
         if not all(0.0 <= v <= 1.0 for v in self.mean):
-            raise ValueError(f"mean={list(self.mean)}: must be in [0, 1] (inputs are scaled to [0, 1])")
+            raise InputError(f"mean={list(self.mean)}: must be in [0, 1] (inputs are scaled to [0, 1])")
         if not all(v > 0 for v in self.std):
-            raise ValueError(f"std={list(self.std)}: must be > 0")
+            raise InputError(f"std={list(self.std)}: must be > 0")
         if not math.isfinite(self.offset_scale) or self.offset_scale <= 0:
-            raise ValueError(f"offset_scale={self.offset_scale}: must be a finite number > 0")
+            raise InputError(f"offset_scale={self.offset_scale}: must be a finite number > 0")
         if not math.isfinite(self.center_radius_px) or self.center_radius_px <= 0:
-            raise ValueError(f"center_radius_px={self.center_radius_px}: must be > 0")
+            raise InputError(f"center_radius_px={self.center_radius_px}: must be > 0")
         if not isinstance(self.context_px, int) or isinstance(self.context_px, bool) or self.context_px < 0:
-            raise ValueError(f"context_px={self.context_px}: must be an integer >= 0")
+            raise InputError(f"context_px={self.context_px}: must be an integer >= 0")
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         if len(set(self.classes)) != len(self.classes) or any(not c for c in self.classes):
-            raise ValueError(f"classes={list(self.classes)}: names must be unique and non-empty")
+            raise InputError(f"classes={list(self.classes)}: names must be unique and non-empty")
         colors = tuple(tuple(int(v) for v in c) for c in self.class_colors) or class_colors(self.classes)
         if len(colors) != len(self.classes) or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in colors):
-            raise ValueError(f"class_colors={self.class_colors}: need one (r, g, b) in 0-255 per class")
+            raise InputError(f"class_colors={self.class_colors}: need one (r, g, b) in 0-255 per class")
         object.__setattr__(self, "class_colors", colors)
 
 

@@ -9,6 +9,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
+from pronet_wsi.errors import InputError
+
 GROUPINGS = ("offsets", "nearest_center", "components")
 
 
@@ -33,17 +35,17 @@ class PostprocessConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))
         if not all(0 < w < float("inf") for w in self.class_weights):
-            raise ValueError(f"class_weights={self.class_weights}: must be finite numbers > 0")
+            raise InputError(f"class_weights={self.class_weights}: must be finite numbers > 0")
         if not 0.0 < self.center_threshold < 1.0:
-            raise ValueError(f"center_threshold={self.center_threshold}: must be in (0, 1)")
+            raise InputError(f"center_threshold={self.center_threshold}: must be in (0, 1)")
         if not 0.0 < self.foreground_threshold < 1.0:
-            raise ValueError(f"foreground_threshold={self.foreground_threshold}: must be in (0, 1)")
+            raise InputError(f"foreground_threshold={self.foreground_threshold}: must be in (0, 1)")
         if not self.min_area_px >= 0 or self.min_area_px == float("inf"):  # NaN fails the first test
-            raise ValueError(f"min_area_px={self.min_area_px}: must be a number >= 0")
+            raise InputError(f"min_area_px={self.min_area_px}: must be a number >= 0")
         if self.grouping not in GROUPINGS:
-            raise ValueError(f"grouping={self.grouping!r}: must be one of {', '.join(GROUPINGS)}")
+            raise InputError(f"grouping={self.grouping!r}: must be one of {', '.join(GROUPINGS)}")
         if not self.nms_px >= 1 or not float(self.nms_px).is_integer() or self.nms_px % 2 == 0:
-            raise ValueError(f"nms_px={self.nms_px}: must be an odd integer >= 1")
+            raise InputError(f"nms_px={self.nms_px}: must be an odd integer >= 1")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,15 @@ PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MPP_RANGE = (0.05, 2.0)  # plausible microscope pixel sizes (um); outside it a file's value is a dpi default
 
 
+def plausible_mpp(mpp: float) -> bool:
+    """True for a microscope pixel size: strictly inside :data:`MPP_RANGE` (the one test of it everywhere).
+
+    >>> plausible_mpp(0.25), plausible_mpp(0.5), plausible_mpp(2.0), plausible_mpp(84.7), plausible_mpp(float("nan"))
+    (True, True, False, False, False)
+    """
+    return bool(MPP_RANGE[0] < mpp < MPP_RANGE[1])
+
+
 class Slide:
     """An open slide. Use :func:`open_slide`; close with :meth:`close` or a ``with`` block.
 
@@ -203,7 +212,7 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", mpp: float | None
         raise InputError(f"{path}: file not found; check the path")
     if not path.is_file():
         raise InputError(f"{path}: not a file; give a slide file")
-    if mpp is not None and not MPP_RANGE[0] < mpp < MPP_RANGE[1]:
+    if mpp is not None and not plausible_mpp(mpp):
         raise InputError(f"--mpp {mpp}: must be a pixel size in um between {MPP_RANGE[0]} and {MPP_RANGE[1]}")
     _check_not_truncated(path)
     errors: list[str] = []
@@ -237,7 +246,7 @@ def _resolve_mpp(slide: Slide, override: float | None) -> Slide:
         slide.close()
         raise InputError(f"{slide.path}: the slide records no pixel size (mpp); pass --mpp UM_PER_PX "
                          f"(e.g. --mpp 0.25 for a 40x scan, 0.5 for 20x)")
-    if not MPP_RANGE[0] < slide.mpp < MPP_RANGE[1]:
+    if not plausible_mpp(slide.mpp):
         slide.close()
         raise InputError(f"{slide.path}: the file says {slide.mpp:g} um/px, not a microscope pixel size (a dpi "
                          "default?); pass the true one with --mpp (e.g. 0.25 for 40x, 0.5 for 20x)")

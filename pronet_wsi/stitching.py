@@ -11,7 +11,7 @@ core it is that tile's alone (the cores partition the slide), and just outside i
 elsewhere or not at all, so dropping it would lose it.
 
 With identical predictions in the overlap (an oracle model) the result is exactly the untiled one. Pure
-functions on arrays; the streaming driver lives in :mod:`pronet_wsi.wsi.pipeline`.
+functions on arrays; the streaming driver lives in :mod:`pronet_wsi.wsi.assemble`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 import shapely
 from scipy.spatial import cKDTree
 
+from pronet_wsi.errors import InputError
 from pronet_wsi.instances import Instances
 
 
@@ -40,9 +41,9 @@ class StitchConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.match_radius_px <= 64.0:
-            raise ValueError(f"match_radius_px={self.match_radius_px}: must be in (0, 64]")
+            raise InputError(f"match_radius_px={self.match_radius_px}: must be in (0, 64]")
         if not 0.0 < self.min_overlap <= 1.0:
-            raise ValueError(f"min_overlap={self.min_overlap}: must be in (0, 1]")
+            raise InputError(f"min_overlap={self.min_overlap}: must be in (0, 1]")
 
 
 @dataclass(frozen=True)

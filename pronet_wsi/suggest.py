@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pronet_wsi.errors import InputError
 from pronet_wsi.files import atomic_bytes, mark_owned
 from pronet_wsi.geometry import Box, rc_to_xy
 from pronet_wsi.postprocess import PostprocessConfig, postprocess
@@ -46,10 +47,10 @@ class SuggestConfig:
 
     def __post_init__(self) -> None:
         if self.regions < 1 or self.candidates < self.regions:
-            raise ValueError(f"regions={self.regions}, candidates={self.candidates}: need 1 <= regions <= "
+            raise InputError(f"regions={self.regions}, candidates={self.candidates}: need 1 <= regions <= "
                              "candidates")
         if not 10 <= self.region_um <= 2000:
-            raise ValueError(f"region_um={self.region_um}: must be between 10 and 2000 um")
+            raise InputError(f"region_um={self.region_um}: must be between 10 and 2000 um")
 
 
 def box_unreliability(plain: dict[str, np.ndarray], mirrored: dict[str, np.ndarray]) -> dict[str, float]:

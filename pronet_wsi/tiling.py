@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pronet_wsi.errors import InputError
 from pronet_wsi.geometry import Box, Frame
 from pronet_wsi.tissue import mask_fraction
 
@@ -25,8 +26,15 @@ from pronet_wsi.tissue import mask_fraction
 class TilingConfig:
     """tile_px : largest model input side in processing px; halo_px : context on each side (core <= tile - 2 halo).
 
-    2048 / 96: the shipped model's maps are identical beyond 96 px of context (its ``context_px``), and a 2240
-    px read keeps 1.22x the core's pixels (1024 / 128 computed 1.78x).
+    2048 / 96: the shipped model's maps are identical beyond 96 px of context (its ``context_px``), and the model
+    computes 1.22x the core's pixels (a 16384 px side: reads of 2016 px for cores of 1824); 1024 / 128 computed
+    1.80x:
+
+    >>> for config in (TilingConfig(2048, 96), TilingConfig(1024, 128)):
+    ...     grid = TileGrid((16384, 16384), config)
+    ...     print(grid.grid_shape, grid.core_hw, grid.read_hw, round((grid.read_hw[0] / grid.core_hw[0]) ** 2, 2))
+    (9, 9) (1824, 1824) (2016, 2016) 1.22
+    (22, 22) (752, 752) (1008, 1008) 1.8
     """
 
     tile_px: int = 2048
@@ -34,11 +42,11 @@ class TilingConfig:
 
     def __post_init__(self) -> None:
         if not 32 <= self.tile_px <= 16384:
-            raise ValueError(f"tile_px={self.tile_px}: must be between 32 and 16384")
+            raise InputError(f"tile_px={self.tile_px}: must be between 32 and 16384")
         if self.halo_px < 0:
-            raise ValueError(f"halo_px={self.halo_px}: must be >= 0")
+            raise InputError(f"halo_px={self.halo_px}: must be >= 0")
         if self.core_px < 16:
-            raise ValueError(f"tile_px={self.tile_px}, halo_px={self.halo_px}: the core (tile - 2 * halo = "
+            raise InputError(f"tile_px={self.tile_px}, halo_px={self.halo_px}: the core (tile - 2 * halo = "
                              f"{self.core_px}) must be >= 16 px; use a larger --tile-px or a smaller --halo-px")
 
     @property

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from pronet_wsi.errors import InputError
+
 
 @dataclass(frozen=True)
 class TissueConfig:
@@ -28,9 +30,9 @@ class TissueConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_saturation < 1.0:
-            raise ValueError(f"min_saturation={self.min_saturation}: must be in [0, 1)")
+            raise InputError(f"min_saturation={self.min_saturation}: must be in [0, 1)")
         if self.min_region_um2 < 0 or self.dilate_um < 0:
-            raise ValueError("min_region_um2 and dilate_um must be >= 0")
+            raise InputError("min_region_um2 and dilate_um must be >= 0")
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:

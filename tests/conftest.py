@@ -35,3 +35,22 @@ def slides_dir() -> Path:
 def nuclei() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image uint8 HxWx3, labels uint32 HxW, centers_rc Nx2) on a 256x256 synthetic tile."""
     return synthetic_nuclei((256, 256), n_nuclei=40, seed=1)
+
+
+@pytest.fixture(scope="session")
+def model_05(tmp_path_factory) -> Path:
+    """A tiny random PRONet model folder at 0.5 um/px (wsi_fakes.tiny_model_dir), shared by the session."""
+    from wsi_fakes import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("model_05"), mpp=0.5)
+
+
+@pytest.fixture
+def image_png(tmp_path) -> Path:
+    """A 96 px PNG of synthetic nuclei, alone in its folder."""
+    from PIL import Image
+
+    img, _, _ = synthetic_nuclei((96, 96), 8)
+    p = tmp_path / "a.png"
+    Image.fromarray(img).save(p)
+    return p

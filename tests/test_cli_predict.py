@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
 import tifffile
+import torch
 from click.testing import CliRunner
 from PIL import Image
+from wsi_fakes import cli_run, one_line_error
 
 from pronet_wsi.cli import main
 from pronet_wsi.model import ModelConfig, PRONet, save_model
@@ -75,7 +77,6 @@ def test_info_runs(model_dir):
 
 def _calling_model(path, classes: tuple[str, ...] = ()):
     """A tiny random model at 0.5 um/px whose head biases make it call some nuclei."""
-    import torch
 
     torch.manual_seed(0)
     net = PRONet(ModelConfig(width=0.0625, mpp=0.5, classes=classes))
@@ -122,3 +123,17 @@ def test_predict_cells_writes_a_cell_label_map(tmp_path):
     rows = list(csv.DictReader((tmp_path / "out" / "a_nuclei.csv").open()))
     assert rows and all(float(r["cell_area_um2"]) >= float(r["area_um2"]) for r in rows)
     assert run("predict", tmp_path / "a.png", "-o", tmp_path / "o2", "-m", tmp_path / "m", "--cells", -1).exit_code == 1
+
+
+def test_predict_refuses_to_overwrite_input(tmp_path, model_05):
+    img, _, _ = synthetic_nuclei((64, 64), 4)
+    tifffile.imwrite(tmp_path / "a.tif", img)
+    before = (tmp_path / "a.tif").read_bytes()
+    Image.fromarray(img).save(tmp_path / "b.png")
+    line = one_line_error(cli_run("predict", tmp_path / "a.tif", "-o", tmp_path, "-m", model_05))
+    assert "would overwrite the input" in line
+    assert (tmp_path / "a.tif").read_bytes() == before
+    Image.fromarray(img).save(tmp_path / "a.png")
+    line = one_line_error(cli_run("predict", tmp_path / "a.tif", tmp_path / "a.png", "-o", tmp_path / "o",
+                              "-m", model_05))
+    assert "both write" in line and not (tmp_path / "o").exists()

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import geojson
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import shapely
 import torch
 from click.testing import CliRunner
-from wsi_fakes import check_qupath_geojson
+from wsi_fakes import check_qupath_geojson, cli_run, small_slide
 
 from pronet_wsi.cli import main
 from pronet_wsi.export import read_geojson
@@ -112,7 +113,6 @@ def test_white_slide_gzip_labels_and_overwrite(model_dir, tmp_path):
 
 
 def test_demo_slide_quick_start(model_dir, tmp_path):
-    from pathlib import Path
 
     demo = Path(__file__).resolve().parents[1] / "examples" / "demo_slide.tif"
     if not demo.exists():
@@ -145,3 +145,17 @@ def test_cells_measurements_parquet_and_parts_from_the_command_line(model_dir, t
     assert df["id"].tolist() == [f["id"] for f in features]
     res = run(slide, "-o", tmp_path / "o2", "-m", model_dir, "--cells", -2, "--quiet")
     assert res.exit_code == 1 and "--cells -2" in res.output
+
+
+def test_tissue_annotation_option(tmp_path, model_05):
+    import shapely
+
+    slide = small_slide(tmp_path / "s.tif", side=512, mpp=0.5)
+    res = cli_run("segment", slide, "-o", tmp_path / "out", "-m", model_05, "--tile-px", 256, "--halo-px", 32,
+              "--quiet", "--tissue-annotation")
+    assert res.exit_code == 0, res.output
+    fc = json.loads((tmp_path / "out" / "s_tissue.geojson").read_text())
+    (f,) = fc["features"]
+    assert f["properties"]["objectType"] == "annotation"
+    geom = shapely.geometry.shape(f["geometry"])
+    assert geom.is_valid and geom.area > 0.5 * 512 * 512

@@ -97,14 +97,33 @@ def test_labels_writer_chunks(tmp_path):
 
 
 def test_overlay_draws_outlines(inst, tmp_path):
-    thumb = np.full((50, 50, 3), 255, np.uint8)
-    ov = Overlay(thumb, 2.0, mask=np.pad(np.ones((20, 20), bool), 15))
-    ov.add(inst)
-    ov.save(tmp_path / "o.png")
+    """Outline pixels (blue) lie on the nuclei's rings and every nucleus gets some; the tissue border is green."""
     from PIL import Image
 
+    ds = 1.0  # the instances span 100 level-0 px: a 100 px thumbnail
+    thumb = np.full((100, 100, 3), 255, np.uint8)
+    mask = np.pad(np.ones((80, 80), bool), 10)
+    bare = Overlay(thumb, ds, mask=mask)
+    bare.save(tmp_path / "bare.png")
+    ov = Overlay(thumb, ds, mask=mask)
+    ov.add(inst)
+    ov.save(tmp_path / "o.png")
+    blue = (20, 20, 220)
+    before = np.asarray(Image.open(tmp_path / "bare.png"))
     arr = np.asarray(Image.open(tmp_path / "o.png"))
-    assert arr.shape == (50, 50, 3) and (arr != 255).any()
+    outline = (arr == blue).all(-1)
+    assert arr.shape == (100, 100, 3) and not (before == blue).all(-1).any() and outline.sum() > 5 * len(inst)
+    assert (before == (0, 160, 0)).all(-1).any()  # the tissue border alone
+    rows, cols = np.nonzero(outline)
+    on_ring = np.zeros(len(rows), bool)
+    for i in range(len(inst)):
+        ring = inst.polygon(i) / ds  # (x, y) thumbnail px
+        x0, y0 = ring.min(0) - 1.5
+        x1, y1 = ring.max(0) + 1.5
+        inside = (cols + 0.5 >= x0) & (cols + 0.5 <= x1) & (rows + 0.5 >= y0) & (rows + 0.5 <= y1)
+        assert inside.any(), f"nucleus {i} has no outline pixel"
+        on_ring |= inside
+    assert on_ring.all()  # nothing drawn away from the nuclei
 
 
 def test_tissue_annotation_is_a_valid_qupath_annotation():

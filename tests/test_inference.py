@@ -199,3 +199,17 @@ def test_tta_averages_views_of_a_real_network(nuclei):
     np.testing.assert_allclose(flipped["foreground"][:, ::-1], tta["foreground"], atol=1e-4)
     np.testing.assert_allclose(flipped["offsets"][0][:, ::-1], tta["offsets"][0], atol=1e-3)
     np.testing.assert_allclose(-flipped["offsets"][1][:, ::-1], tta["offsets"][1], atol=1e-3)
+
+
+def test_predict_batch_is_one_model_call_whatever_the_window_batch(monkeypatch):
+    """Tiles per call have one owner: the caller (SegmentConfig.batch_size for a slide); InferenceConfig.batch_size
+    only groups predict_image's windows."""
+    predictor = Predictor(tiny_bundle(), InferenceConfig(device="cpu", batch_size=1))
+    calls = []
+    real = predictor._maps
+    monkeypatch.setattr(predictor, "_maps", lambda x: calls.append(x.shape[0]) or real(x))
+    tiles = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    maps = predictor.predict_batch(tiles)
+    assert calls == [3] and maps["foreground"].shape == (3, 64, 64)
+    single = predictor.predict_batch(tiles[1:2])
+    np.testing.assert_allclose(single["foreground"][0], maps["foreground"][1], atol=1e-5)

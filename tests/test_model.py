@@ -1,12 +1,17 @@
 import json
+import os
+import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from wsi_fakes import cli_run, one_line_error
 
 from pronet_wsi.errors import InputError
 from pronet_wsi.model import VGG16_STAGES, ModelConfig, PRONet, load_model, save_model
 from pronet_wsi.postprocess import PostprocessConfig
+from pronet_wsi.training.loop import load_checkpoint
 
 
 @pytest.mark.parametrize("hw", [(250, 250), (333, 517), (64, 48)])
@@ -95,3 +100,70 @@ def test_model_identity_is_by_content(tmp_path):
     assert model_identity(d) == model_identity(copy)
     (copy / "thresholds.json").write_text((copy / "thresholds.json").read_text().replace("0.2", "0.3"))
     assert model_identity(d) != model_identity(copy)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = Path(os.environ.get("TMPDIR", "/tmp")) / f"pronet-pwned-{os.getpid()}"
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "weights"])
+def test_crafted_pickle_never_runs(tmp_path, where, image_png):
+    MARKER.unlink(missing_ok=True)
+    mdir = save_model(PRONet(ModelConfig(width=0.0625)), tmp_path / "m")
+    if where == "checkpoint":
+        (mdir / "train").mkdir()
+        with open(mdir / "train" / "checkpoint.pt", "wb") as f:
+            pickle.dump({"model": _Evil()}, f)
+        with pytest.raises(InputError, match="unreadable checkpoint"):
+            load_checkpoint(mdir / "train" / "checkpoint.pt")
+        res = cli_run("train", "--images", image_png.parent, "--points", image_png.parent, "-o", mdir, "--resume")
+    else:
+        cfg = json.loads((mdir / "config.json").read_text())
+        cfg.pop("weights_sha256")  # an old-style folder without a checksum still never unpickles code
+        (mdir / "config.json").write_text(json.dumps(cfg))
+        torch.save({"x": _Evil()}, mdir / "weights.pt")
+        res = cli_run("predict", image_png, "-o", tmp_path / "out", "-m", mdir)
+    one_line_error(res)
+    assert not MARKER.exists()
+
+
+def test_damaged_weights_fail_checksum(tmp_path, image_png):
+    mdir = save_model(PRONet(ModelConfig(width=0.0625)), tmp_path / "m")
+    data = bytearray((mdir / "weights.pt").read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 1000] = bytes(1000)
+    (mdir / "weights.pt").write_bytes(bytes(data))
+    line = one_line_error(cli_run("predict", image_png, "-o", tmp_path / "out", "-m", mdir))
+    assert "checksum" in line and "weights.pt" in line
+
+
+def _variants(tmp_path: Path) -> dict[str, Path]:
+    base = save_model(PRONet(ModelConfig(width=0.0625)), tmp_path / "base")
+    out = {}
+    for name in ("width", "pickled", "empty"):
+        d = tmp_path / name
+        d.mkdir()
+        cfg = json.loads((base / "config.json").read_text())
+        cfg.pop("weights_sha256")
+        if name == "width":
+            cfg["width"] = 0.125
+            (d / "weights.pt").write_bytes((base / "weights.pt").read_bytes())
+        elif name == "pickled":
+            torch.save(PRONet(ModelConfig(width=0.0625)), d / "weights.pt")  # a whole pickled module
+        else:
+            (d / "weights.pt").write_bytes(b"")
+        (d / "config.json").write_text(json.dumps(cfg))
+        out[name] = d
+    return out
+
+
+def test_bad_model_folders_are_one_line_errors(tmp_path, image_png):
+    for name, d in _variants(tmp_path).items():
+        with pytest.raises(InputError):
+            load_model(d)
+        line = one_line_error(cli_run("predict", image_png, "-o", tmp_path / "out", "-m", d))
+        assert "weights.pt" in line, (name, line)

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from wsi_fakes import cli_run, one_line_error
 
 from pronet_wsi.errors import InputError
 from pronet_wsi.geometry import Box
@@ -121,3 +122,34 @@ def test_bounds_from_properties_for_both_backends():
         assert (b.x0, b.y0, b.x1, b.y1) == (100, 50, 400, 250)
         b = _bounds({}, prefix, (1000, 800))
         assert (b.x0, b.y0, b.x1, b.y1) == (0, 0, 1000, 800)
+
+
+@pytest.mark.parametrize("mpp", [0.05, 2.0, 84.7])
+def test_one_mpp_bound_for_options_manifests_and_files(mpp, tmp_path):
+    """--mpp, a manifest's mpp column and open_slide(mpp=) refuse the same values (plausible_mpp)."""
+    from pronet_wsi.cli import check_mpp_option
+    from pronet_wsi.slide import plausible_mpp
+    from pronet_wsi.wsi.cohort import read_manifest
+
+    assert not plausible_mpp(mpp)
+    with pytest.raises(InputError, match="--mpp"):
+        check_mpp_option(mpp)
+    (tmp_path / "m.csv").write_text(f"path,mpp\na.tif,{mpp}\n")
+    with pytest.raises(InputError, match="not a pixel size"):
+        read_manifest(tmp_path / "m.csv")
+    (tmp_path / "a.tif").write_bytes(b"")
+    with pytest.raises(InputError, match="--mpp"):
+        open_slide(tmp_path / "a.tif", mpp=mpp)
+
+
+def test_dpi_tiff_asks_for_mpp(tmp_path, model_05):
+    img = np.full((256, 256, 3), 200, np.uint8)
+    p = tmp_path / "scan.tif"
+    tifffile.imwrite(p, img, resolution=(300, 300), resolutionunit="INCH", photometric="rgb")
+    res = cli_run("segment", p, "-o", tmp_path / "out", "-m", model_05, "--quiet")
+    assert res.exit_code == 1 and "--mpp" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out" / "scan.geojson").exists()
+    line = one_line_error(cli_run("segment", p, "-o", tmp_path / "out", "-m", model_05, "--mpp", 50))
+    assert "--mpp" in line
+    res = cli_run("segment", p, "-o", tmp_path / "out", "-m", model_05, "--mpp", 0.06, "--quiet")
+    assert res.exit_code == 1 and "too far from the model" in res.output

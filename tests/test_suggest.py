@@ -44,7 +44,7 @@ def test_suggest_cli_writes_qupath_annotations_train_can_read(tmp_path):
     model = tiny_model_dir(tmp_path / "m", mpp=0.5)
     slide = small_slide(tmp_path / "s.tif", side=1024, mpp=0.5)
     res = CliRunner().invoke(main, ["suggest", str(slide), "-o", str(tmp_path / "out"), "-m", str(model),
-                                    "--regions", "5", "--region-um", "64"])
+                                    "--boxes", "5", "--box-um", "64"])
     assert res.exit_code == 0, res.output
     fc = json.loads((tmp_path / "out" / "s_suggest.geojson").read_text())
     boxes = [f for f in fc["features"] if f["geometry"]["type"] == "Polygon"]
@@ -94,7 +94,7 @@ def test_suggest_with_a_typed_model_writes_one_classified_points_annotation_per_
     save_model(net.eval(), tmp_path / "t")
     slide = small_slide(tmp_path / "s.tif", side=512, mpp=0.5)
     res = CliRunner().invoke(main, ["suggest", str(slide), "-o", str(tmp_path / "out"), "-m", str(tmp_path / "t"),
-                                    "--regions", "3", "--region-um", "64"])
+                                    "--boxes", "3", "--box-um", "64"])
     assert res.exit_code == 0, res.output
     fc = json.loads((tmp_path / "out" / "s_suggest.geojson").read_text())
     boxes = [f for f in fc["features"] if f["geometry"]["type"] == "Polygon"]
@@ -104,3 +104,12 @@ def test_suggest_with_a_typed_model_writes_one_classified_points_annotation_per_
     assert names and names <= {"Tumor", "Immune cells"}
     _, classes = read_points_classes(tmp_path / "out" / "s_suggest.geojson")
     assert set(classes) == names  # the typed points read back with their classes, for `train`
+
+
+def test_old_box_options_name_the_new_ones(tmp_path):
+    res = CliRunner().invoke(main, ["suggest", str(tmp_path / "s.tif"), "-o", str(tmp_path / "out"),
+                                    "--regions", "5"])
+    assert res.exit_code == 2 and "--boxes" in res.output and "--box-um" in res.output
+    res = CliRunner().invoke(main, ["suggest", str(tmp_path / "s.tif"), "-o", str(tmp_path / "out"),
+                                    "--boxes", "0"])
+    assert res.exit_code == 1 and "--boxes 0" in res.output

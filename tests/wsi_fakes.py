@@ -237,3 +237,22 @@ def small_slide(path: Path, seed: int = 0, side: int = 384, mpp: float = 0.5) ->
     img[rng.random((side, side)) < 0.05] = (80, 40, 120)
     write_pyramid_tiff(path, img, mpp, tile_px=128, compression="zlib")
     return path
+
+
+def cli_run(*args):
+    """``pronet-wsi ARGS`` in-process (arguments str()-ed); the click Result."""
+    from click.testing import CliRunner
+
+    from pronet_wsi.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(res) -> str:
+    """The CLI failed with exactly one non-empty line of output and no traceback; returns that line."""
+    assert res.exit_code not in (0, None), res.output
+    assert not isinstance(res.exception, Exception) or isinstance(res.exception, SystemExit), repr(res.exception)
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.output
+    assert "Traceback" not in res.output
+    return lines[0]

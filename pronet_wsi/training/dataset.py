@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
+from pronet_wsi.errors import InputError
 from pronet_wsi.geometry import xy_to_index
 from pronet_wsi.training.pseudolabels import PseudoLabelConfig, pseudo_labels_with_cells
 from pronet_wsi.training.targets import center_heatmap, offset_field
@@ -44,13 +45,13 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         lo, hi = self.scale_range
         if not 0.25 <= lo <= hi <= 4.0:
-            raise ValueError(f"scale_range={self.scale_range}: need 0.25 <= min <= max <= 4")
+            raise InputError(f"scale_range={self.scale_range}: need 0.25 <= min <= max <= 4")
         if not 0.0 <= self.lowres_prob <= 1.0:
-            raise ValueError(f"lowres_prob={self.lowres_prob}: must be in [0, 1]")
+            raise InputError(f"lowres_prob={self.lowres_prob}: must be in [0, 1]")
         if not 1.0 <= self.lowres_range[0] <= self.lowres_range[1] <= 8.0:
-            raise ValueError(f"lowres_range={self.lowres_range}: need 1 <= min <= max <= 8")
+            raise InputError(f"lowres_range={self.lowres_range}: need 1 <= min <= max <= 8")
         if not (0.0 <= self.hed_scale < 1.0 and self.hed_shift >= 0.0):
-            raise ValueError(f"hed_scale={self.hed_scale}, hed_shift={self.hed_shift}: need 0 <= scale < 1, shift >= 0")
+            raise InputError(f"hed_scale={self.hed_scale}, hed_shift={self.hed_shift}: need 0 <= scale < 1, shift >= 0")
 
 
 @dataclass

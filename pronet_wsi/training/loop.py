@@ -65,6 +65,8 @@ class TrainConfig:
     ``freeze_trunk``: train only the type head (the start model's nuclei stay exactly as they were).
     ``type_lr_factor``: the type head's learning rate is ``lr`` times this (a new head starts from random weights
     while the trunk is already trained).
+    ``radius_px``: the centre heatmap's radius of a new model (a model started from ``init`` keeps its own;
+    ``mpp`` and ``width`` left None take the start model's, see :meth:`recipe`).
     ``holdout``: without validation images, this share of the training images (at least one) is held back and
     its clicks score every validated epoch (detection F1 within ``holdout_radius_um``, averaged with the mean
     class F1 for a typed model); the best epoch is kept. 0 trains on every image and keeps the last epoch.
@@ -80,7 +82,7 @@ class TrainConfig:
     patches_per_image: int = 16
     width: float = 0.25
     mpp: float = 0.25
-    radius_px: float = 8.0
+    radius_px: float = ModelConfig.center_radius_px  # one owner: the model's; with init, the start model's
     offset_start_epoch: int | None = None
     refine_start_epoch: int | None = None
     use_offsets: bool = True
@@ -114,13 +116,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise ValueError(f"epochs={self.epochs}: must be >= 1")
+            raise InputError(f"epochs={self.epochs}: must be >= 1")
         if self.max_minutes is not None and not (0 < self.max_minutes < float("inf")):
-            raise ValueError(f"max_minutes={self.max_minutes}: must be a number of minutes > 0 (--max-minutes)")
+            raise InputError(f"max_minutes={self.max_minutes}: must be a number of minutes > 0 (--max-minutes)")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
+            raise InputError(f"batch_size={self.batch_size}: must be >= 1")
         if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"schedule={self.schedule!r}: must be constant or cosine")
+            raise InputError(f"schedule={self.schedule!r}: must be constant or cosine")
         if self.offset_start_epoch is None:
             object.__setattr__(self, "offset_start_epoch", round(self.epochs * 20 / 150))
         if self.refine_start_epoch is None:
@@ -128,11 +130,11 @@ class TrainConfig:
         if not self.use_offsets and self.grouping == "offsets":  # an untrained offset head must not group
             object.__setattr__(self, "grouping", "nearest_center")
         if self.predict_every < 1:
-            raise ValueError(f"predict_every={self.predict_every}: must be >= 1")
+            raise InputError(f"predict_every={self.predict_every}: must be >= 1")
         if self.patch_px < 64 or self.patch_px % 16:
-            raise ValueError(f"patch_px={self.patch_px}: must be a multiple of 16 and >= 64")
+            raise InputError(f"patch_px={self.patch_px}: must be a multiple of 16 and >= 64")
         if not 0.0 <= self.holdout < 1.0:
-            raise ValueError(f"holdout={self.holdout}: must be in [0, 1)")
+            raise InputError(f"holdout={self.holdout}: must be in [0, 1)")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -140,12 +142,18 @@ class TrainConfig:
     @classmethod
     def recipe(cls, name: str = "cpu", **overrides) -> TrainConfig:
         """The named recipe (:data:`RECIPES`), with :data:`FINE_TUNE` when ``init`` is given, then ``overrides``
-        (None values are ignored, so CLI options left unset keep the recipe's value)."""
+        (None values are ignored, so CLI options left unset keep the recipe's value). With ``init``, ``mpp``,
+        ``width`` and ``radius_px`` are the start model's (a ``width`` override that differs is refused; another
+        ``mpp`` rescales the start model, :func:`rescale_model`)."""
         if name not in RECIPES:
             raise InputError(f"--recipe {name}: unknown; choose one of {', '.join(RECIPES)}")
         values = dict(RECIPES[name])
         if overrides.get("init"):
             values.update(FINE_TUNE)
+            start = load_model(resolve_model_dir(None if overrides["init"] == "default" else overrides["init"])).config
+            check_start(start, overrides["init"], overrides.get("width"))
+            mpp = overrides.get("mpp") or start.mpp  # another mpp: the start model is rescaled (rescale_model)
+            values.update(mpp=mpp, width=start.width, radius_px=start.center_radius_px * start.mpp / mpp)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -341,9 +349,7 @@ def start_model(config: TrainConfig, samples: list[Sample]) -> ModelBundle:
     if config.init:
         start = load_model(resolve_model_dir(None if config.init == "default" else config.init))
         start = rescale_model(start, config.mpp)
-        if abs(start.config.width - config.width) > 1e-9:
-            raise InputError(f"--init {config.init}: the model has width {start.config.width}, not {config.width}; "
-                             "drop --width (a fine-tune keeps the start model's network)")
+        check_start(start.config, config.init, config.width)
         same = start.config.classes == config.classes
         mcfg = replace(start.config, extra={}, classes=config.classes,
                        class_colors=start.config.class_colors if same else ())
@@ -376,6 +382,14 @@ def rescale_model(bundle: ModelBundle, mpp: float) -> ModelBundle:
     thresholds = replace(bundle.thresholds, min_area_px=max(1, round(bundle.thresholds.min_area_px * f * f)))
     log.info("--init: the start model works at %g um/px; rescaled to %g um/px", bundle.config.mpp, mpp)
     return ModelBundle(bundle.model, mcfg, thresholds)
+
+
+def check_start(start: ModelConfig, init: str, width: float | None) -> None:
+    """An InputError when a run from ``init`` asks for another width than the start model's (None: not asked);
+    another working resolution is fine (:func:`rescale_model`)."""
+    if width is not None and abs(start.width - width) > 1e-9:
+        raise InputError(f"--init {init}: the model has width {start.width}, not {width}; drop --width (a fine-tune "
+                         "keeps the start model's network)")
 
 
 def restore_checkpoint(path: Path, model, opt, samples: list[Sample]) -> tuple[int, float]:
@@ -556,7 +570,8 @@ def tune_class_weights(predictor: Predictor, items: list, thresholds: Postproces
         if region is not None:
             rc = np.clip(np.floor(seg.centers_rc).astype(int), 0, np.array(region.shape) - 1)
             keep = region[rc[:, 0], rc[:, 1]]
-        held.append((pts, names, seg.centers_rc[keep, ::-1] + 0.5, seg.type_probs[keep]))
+        probs = seg.type_probs if seg.type_probs is not None else np.zeros((seg.n, len(classes)), np.float32)
+        held.append((pts, names, seg.centers_rc[keep, ::-1] + 0.5, probs[keep]))
     predictor.model.train(was_training)
 
     def mean_f1(weights: tuple[float, ...]) -> float:

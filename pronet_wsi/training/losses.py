@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pronet_wsi.errors import InputError
+
 IGNORE = 2
 
 
@@ -31,10 +33,10 @@ class LossConfig:
     def __post_init__(self) -> None:
         for name in ("lambda_b", "lambda_o", "lambda_c", "alpha", "beta", "lambda_t"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+                raise InputError(f"{name}={getattr(self, name)}: must be >= 0")
         object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))
         if any(not w > 0 for w in self.class_weights):
-            raise ValueError(f"class_weights={self.class_weights}: must be > 0")
+            raise InputError(f"class_weights={self.class_weights}: must be > 0")
 
 
 def balanced_class_weights(counts: list[int]) -> tuple[float, ...]:

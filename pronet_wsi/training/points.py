@@ -236,7 +236,8 @@ class Region:
     """An area whose nuclei are all clicked (a QuPath rectangle or polygon annotation).
 
     ``exterior`` and each of ``holes`` are (K, 2) float64 rings in QuPath's continuous level-0 (x, y) frame
-    (a pixel's centre at +0.5), unlike ``points_xy``. ``name`` says which feature it came from, for messages.
+    (a pixel's centre at +0.5), the same frame as ``points_xy``. ``name`` says which feature it came from, for
+    messages.
     """
 
     name: str

@@ -43,6 +43,8 @@ import numba
 import numpy as np
 from scipy import ndimage as ndi
 
+from pronet_wsi.errors import InputError
+
 BACKGROUND, FOREGROUND, IGNORE = 0, 1, 2
 UNREACHED = np.float32(1.0e10)  # distance of pixels no point reaches (GeodisTK's initial value)
 
@@ -77,17 +79,17 @@ class PseudoLabelConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"lam={self.lam}: must be in [0, 1] (0 = Euclidean, 1 = colour only)")
+            raise InputError(f"lam={self.lam}: must be in [0, 1] (0 = Euclidean, 1 = colour only)")
         if int(self.iterations) != self.iterations or self.iterations < 1:
-            raise ValueError(f"iterations={self.iterations}: must be an integer >= 1")
+            raise InputError(f"iterations={self.iterations}: must be an integer >= 1")
         if not self.d_star > 0:
-            raise ValueError(f"d_star={self.d_star}: must be > 0 (paper: 70 MoNuSeg, 90 CPM17)")
+            raise InputError(f"d_star={self.d_star}: must be > 0 (paper: 70 MoNuSeg, 90 CPM17)")
         if not 0 <= self.point_radius_px <= 20:
-            raise ValueError(f"point_radius_px={self.point_radius_px}: must be in [0, 20]")
+            raise InputError(f"point_radius_px={self.point_radius_px}: must be in [0, 20]")
         if self.kmeans_samples < 100:
-            raise ValueError(f"kmeans_samples={self.kmeans_samples}: must be >= 100")
+            raise InputError(f"kmeans_samples={self.kmeans_samples}: must be >= 100")
         if self.fill_holes_px < 0:
-            raise ValueError(f"fill_holes_px={self.fill_holes_px}: must be >= 0 (0 = off)")
+            raise InputError(f"fill_holes_px={self.fill_holes_px}: must be >= 0 (0 = off)")
 
 
 def pseudo_labels(image: np.ndarray, points_xy: np.ndarray,

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pronet_wsi.errors import InputError
+
 
 @dataclass(frozen=True)
 class RefineConfig:
@@ -21,9 +23,9 @@ class RefineConfig:
 
     def __post_init__(self) -> None:
         if self.delta_px <= 0:
-            raise ValueError(f"delta_px={self.delta_px}: must be > 0")
+            raise InputError(f"delta_px={self.delta_px}: must be > 0")
         if self.sigma_px < 0:
-            raise ValueError(f"sigma_px={self.sigma_px}: must be >= 0")
+            raise InputError(f"sigma_px={self.sigma_px}: must be >= 0")
 
 
 def refine_points(points_xy: np.ndarray, cells: np.ndarray, foreground: np.ndarray, offsets: np.ndarray,

@@ -24,10 +24,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pronet_wsi.errors import InputError
+from pronet_wsi.errors import InputError, bug_message
 from pronet_wsi.export import write_json
 from pronet_wsi.files import LockHeld, OutputPaths, atomic_bytes, check_outputs, check_report, slide_stem
-from pronet_wsi.slide import MPP_RANGE
+from pronet_wsi.slide import MPP_RANGE, plausible_mpp
 from pronet_wsi.wsi.pipeline import segment_slide
 from pronet_wsi.wsi.plan import SegmentConfig, SlideResult
 
@@ -137,7 +137,7 @@ def _item(cells: list[str], columns: dict[str, int], root: Path, where: str) -> 
             mpp = float(cell("mpp"))
         except ValueError:
             mpp = float("nan")
-        if not MPP_RANGE[0] < mpp < MPP_RANGE[1]:
+        if not plausible_mpp(mpp):
             raise InputError(f"{where}: mpp {cell('mpp')!r} is not a pixel size in um between {MPP_RANGE[0]} and "
                              f"{MPP_RANGE[1]}; leave it empty to use the slide's own")
     name = cell("output") or None
@@ -208,15 +208,16 @@ class Outcome:
 
 
 def error_message(exc: BaseException) -> str:
-    """A one-line message for an exception (its type named unless it is bad input or an OS error)."""
+    """A one-line message for an exception: bad input (InputError) and OS errors as they are; anything else is a
+    bug, named by its type with the hint to rerun with -v for the traceback (logged at debug level)."""
     if isinstance(exc, OSError) and exc.strerror:
         from pronet_wsi.files import describe_os_error
 
         return describe_os_error(exc)
     msg = str(exc).splitlines()[0] if str(exc) else ""
-    if not isinstance(exc, (InputError, OSError, ValueError)) or not msg:
-        msg = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
-    return msg
+    if isinstance(exc, (InputError, OSError)):
+        return msg or type(exc).__name__
+    return bug_message(exc)
 
 
 def segment_batch(items: Iterable[SlideItem], out_dir: str | os.PathLike, predictor,

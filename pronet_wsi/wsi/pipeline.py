@@ -5,7 +5,8 @@
 3. run the tiles as tasks, one batch each: read -> model (one batch at a time, behind a lock) ->
    post-process -> candidates -> per-tile part on disk. Several tasks run at once, so reading and
    post-processing overlap with the model; finished tiles are skipped on a rerun;
-4. stitch: decide which tile's view of each nucleus to keep (needs only the neighbouring tiles' centres);
+4. stitch: decide which tile's view of each nucleus to keep (needs only the neighbouring tiles' centres and
+   outlines);
 5. stream the kept nuclei to GeoJSON (and optionally a zarr label image), then the overlay and the run record.
 
 :func:`suggest_slide` wires the stages for ``suggest`` (slide, tissue, boxes read at the model's mpp, model,
@@ -16,7 +17,8 @@ caller runs. Step 3 runs on a local thread pool, or on a Dask distributed cluste
 (:mod:`pronet_wsi.wsi.cluster`, which also keeps several slides in flight at once); the tile tasks write their parts
 to the output folder, so on a cluster it must be on a file system the workers share.
 
-Memory is bounded by the tasks in flight and a window of three tile rows of centres; nothing slide-sized.
+Memory is bounded by the tasks in flight and a window of five tile rows of centres and outlines
+(:mod:`pronet_wsi.wsi.assemble`); nothing slide-sized.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def is_finished(paths: OutputPaths, slide_path: Path | None = None) -> bool:
 
 
 def slide_outputs(paths: OutputPaths, config: SegmentConfig) -> list[Path]:
-    """The files a run of ``config`` writes for one slide (GeoJSON, record, overlay and the optional ones)."""
+    """The files a run of ``config`` writes for one slide (GeoJSON, record, overlay and the optional ones); the
+    run record lists these and no others."""
     outs = [paths.geojson, paths.record, paths.overlay]
     if config.use_tissue_mask:
         outs.append(paths.mask)
@@ -105,6 +108,8 @@ def slide_outputs(paths: OutputPaths, config: SegmentConfig) -> list[Path]:
             outs.append(paths.tissue)
     if config.labels_zarr:
         outs.append(paths.labels)
+    if config.parquet:
+        outs.append(paths.table)
     return outs
 
 
@@ -235,9 +240,8 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
     area_um2_sum = counts.pop("area_um2_sum")
     class_counts = counts.pop("class_counts")
     parts = counts.pop("geojson_parts")
-    output = paths.user_files()
-    if not config.parquet:
-        output.pop("table")
+    written = {str(p) for p in slide_outputs(paths, config)}
+    output = {k: v for k, v in paths.user_files().items() if v in written}
     if len(parts) > 1:
         output["geojson_parts"] = parts
     if overview.mask is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pronet_wsi.errors import InputError
 from pronet_wsi.files import OutputLock, OutputPaths
 from pronet_wsi.geometry import Frame
 from pronet_wsi.measurements import MeasureConfig
@@ -28,7 +29,8 @@ from pronet_wsi.wsi.tile_task import TileJob
 class SegmentConfig:
     """Settings of a whole-slide run (besides the model).
 
-    batch_size : tiles per model call (a 2048 px tile is ~5 Mpx; raise it on a large GPU).
+    batch_size : tiles per model call, the one owner of that number for a slide (a default tile is 4.2 Mpx,
+        see below; raise it on a large GPU).
     workers : tile threads (0 = CPU count + 1, at most 9).
     use_tissue_mask : skip glass. gzip : write ``.geojson.gz``. labels_zarr : also write the label image.
     tissue_geojson : also write ``<stem>_tissue.geojson``, the tissue region as a QuPath annotation.
@@ -38,6 +40,10 @@ class SegmentConfig:
     parquet : also write ``<stem>_nuclei.parquet``, one row per nucleus.
     max_features_per_file : split the GeoJSON into ``<stem>.geojson``, ``<stem>.part2.geojson``, ... of at most
         this many features each (0 = one file).
+
+    >>> config = SegmentConfig()
+    >>> config.batch_size, config.tiling.tile_px, round(config.tiling.tile_px ** 2 / 1e6, 1)  # Mpx per tile
+    (1, 2048, 4.2)
     """
 
     tiling: TilingConfig = field(default_factory=TilingConfig)
@@ -57,15 +63,15 @@ class SegmentConfig:
 
     def __post_init__(self) -> None:
         if self.max_features_per_file < 0:
-            raise ValueError(f"max_features_per_file={self.max_features_per_file}: must be >= 0 (0 = one file)")
+            raise InputError(f"max_features_per_file={self.max_features_per_file}: must be >= 0 (0 = one file)")
         if not 1 <= self.batch_size <= 256:
-            raise ValueError(f"batch_size={self.batch_size}: must be between 1 and 256")
+            raise InputError(f"batch_size={self.batch_size}: must be between 1 and 256")
         if self.overlay_max_px < 64:
-            raise ValueError(f"overlay_max_px={self.overlay_max_px}: must be >= 64")
+            raise InputError(f"overlay_max_px={self.overlay_max_px}: must be >= 64")
         if not 0 <= self.workers <= 256:
-            raise ValueError(f"workers={self.workers}: must be between 0 (auto) and 256")
+            raise InputError(f"workers={self.workers}: must be between 0 (auto) and 256")
         if self.tiling.halo_px < 2 * self.stitch.match_radius_px:
-            raise ValueError(f"halo_px={self.tiling.halo_px}: must be at least twice the match radius "
+            raise InputError(f"halo_px={self.tiling.halo_px}: must be at least twice the match radius "
                              f"({self.stitch.match_radius_px} px) so both tiles see a nucleus on their seam")
 
     @property
@@ -101,8 +107,8 @@ class Overview:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Which model made the nuclei: ``id`` (folder and weights stamp), its ``mpp``, post-processing settings and,
-    for a typed model, its nucleus ``classes``."""
+    """Which model made the nuclei: ``id`` (by content: weights sha256, network, thresholds), its ``mpp``,
+    post-processing settings and, for a typed model, its nucleus ``classes``."""
 
     id: str
     mpp: float

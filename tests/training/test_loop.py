@@ -1,14 +1,18 @@
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
+from wsi_fakes import cli_run, one_line_error
 
 from pronet_wsi.cli import main
 from pronet_wsi.errors import InputError
-from pronet_wsi.model import load_model, resolve_model_dir
+from pronet_wsi.model import ModelConfig, load_model, resolve_model_dir
+from pronet_wsi.synthetic import synthetic_nuclei
 from pronet_wsi.training import loop
 from pronet_wsi.training.inputs import load_items, load_val_items
 from pronet_wsi.training.loop import TrainConfig, train
@@ -49,8 +53,51 @@ def test_two_epochs_write_a_model_predict_loads(items, monuseg_dir, tmp_path):
     assert (tmp_path / "pred" / f"{NAMES[0]}.tif").exists()
 
 
+@pytest.fixture
+def synthetic_items():
+    """Two 192 px images of synthetic nuclei with their centres as points (continuous x, y frame)."""
+    out = []
+    for i in range(2):
+        image, _, centers_rc = synthetic_nuclei((192, 192), 14, seed=i)
+        out.append((f"syn{i}", image, centers_rc[:, ::-1].astype(np.float64) + 0.5))
+    return out
+
+
 @pytest.mark.data
 def test_resume_after_kill_continues_exactly(items, tmp_path, monkeypatch):
+    _check_exact_resume(items, tmp_path, monkeypatch)
+
+
+def test_resume_after_kill_continues_exactly_on_synthetic_nuclei(synthetic_items, tmp_path, monkeypatch):
+    _check_exact_resume(synthetic_items, tmp_path, monkeypatch)
+
+
+def test_first_epochs_run_without_offsets_and_refinement(synthetic_items, tmp_path, monkeypatch):
+    """Epochs before offset_start_epoch train binary + centre only and predict nothing; offsets come next, the
+    E-step only from refine_start_epoch (paper: 20 and 30 of 150)."""
+    calls = []
+    real_predict, real_m_step = loop.predict_and_refine, loop.m_step_epoch
+
+    def predict_spy(predictor, samples, refine):
+        calls.append(("predict", refine is not None))
+        return real_predict(predictor, samples, refine)
+
+    def m_step_spy(predictor, opt, loader, loss, use_offsets, freeze_trunk=False):
+        calls.append(("m_step", use_offsets))
+        return real_m_step(predictor, opt, loader, loss, use_offsets, freeze_trunk)
+
+    monkeypatch.setattr(loop, "predict_and_refine", predict_spy)
+    monkeypatch.setattr(loop, "m_step_epoch", m_step_spy)
+    out = train(_config(epochs=3, offset_start_epoch=1, refine_start_epoch=2), synthetic_items, tmp_path / "m",
+                progress=False)
+    assert calls == [("m_step", False),  # epoch 0: no prediction, no offset loss
+                     ("predict", False), ("m_step", True),  # epoch 1: offset targets, no E-step
+                     ("predict", True), ("m_step", True)]  # epoch 2: E-step
+    rows = list(csv.DictReader(open(out / "train" / "log.csv")))
+    assert rows[0]["mean_movement"] == rows[1]["mean_movement"] == "nan" and rows[2]["mean_movement"] != "nan"
+
+
+def _check_exact_resume(items, tmp_path, monkeypatch):
     ref = train(_config(), items, tmp_path / "ref", progress=False)
     real_save = loop._save_checkpoint
 
@@ -135,7 +182,6 @@ def test_recipe_defaults_are_the_dataclass_defaults(tmp_path, monkeypatch):
         return outdir
 
     monkeypatch.setattr(loop, "train", fake_train)
-    from PIL import Image
 
     from pronet_wsi.synthetic import synthetic_nuclei
     from pronet_wsi.training.points import write_points_csv
@@ -214,6 +260,42 @@ def test_the_best_validated_epoch_is_kept(tmp_path, monkeypatch):
     last = loop.load_checkpoint(out / "train" / "checkpoint.pt")["model"]
     assert all(torch.equal(saved[k], best["model"][k]) for k in saved)
     assert any(not torch.equal(saved[k], last[k]) for k in saved)
-    import json
 
     assert json.loads((out / "config.json").read_text())["extra"]["kept_epoch"] == 0
+
+
+def test_one_owner_for_the_radius_mpp_and_width_of_an_init_run():
+    from pronet_wsi.model import resolve_model_dir
+
+    assert TrainConfig().radius_px == ModelConfig().center_radius_px
+    start = load_model(resolve_model_dir(None)).config
+    tuned = TrainConfig.recipe("cpu", init="default")
+    assert (tuned.mpp, tuned.width, tuned.radius_px) == (start.mpp, start.width, start.center_radius_px)
+    with pytest.raises(InputError, match=f"--model-mpp 0.5: the --init model works at {start.mpp:g}"):
+        TrainConfig.recipe("cpu", init="default", mpp=0.5)  # before any image is read
+    with pytest.raises(InputError, match="drop --width"):
+        TrainConfig.recipe("cpu", init="default", width=1.0)
+
+
+def test_the_readme_states_the_fine_tune_settings():
+
+    from pronet_wsi.training.loop import FINE_TUNE
+
+    text = " ".join((Path(__file__).parents[2] / "README.md").read_text().split())
+    import re
+
+    assert float(re.search(r"settings: lr (\S+) without warm-up", text).group(1)) == FINE_TUNE["lr"]
+    assert f"{FINE_TUNE['epochs']} epochs of {FINE_TUNE['patches_per_image']} patches per megapixel" in text
+    assert f"every {FINE_TUNE['predict_every']}rd epoch, validation every {FINE_TUNE['val_every']}rd epoch" in text
+    assert f"learning rate {FINE_TUNE['type_lr_factor']:g}x" in text
+    assert FINE_TUNE["offset_start_epoch"] == FINE_TUNE["refine_start_epoch"] == 0  # "from the first epoch"
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated"])
+def test_bad_checkpoint_is_one_line_error(tmp_path, image_png, content):
+    mdir = tmp_path / "run"
+    (mdir / "train").mkdir(parents=True)
+    (mdir / "train" / "checkpoint.pt").write_bytes(content)
+    line = one_line_error(cli_run("train", "--images", image_png.parent, "--labels", image_png.parent, "-o", mdir,
+                              "--resume", "--quiet"))
+    assert "checkpoint" in line

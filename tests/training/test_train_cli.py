@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from wsi_fakes import cli_run, one_line_error
 
 from pronet_wsi.cli import main
 from pronet_wsi.model import load_model
@@ -71,3 +72,53 @@ def test_image_without_points_is_skipped_and_outside_points_are_an_error(folder)
     res = run("train", "--images", folder / "imgs", "--points", folder / "pts", *TINY, "-o", folder / "m3",
               "--drop-unmatched")
     assert res.exit_code != 0 and "im0.csv:3: bad row" in res.output
+
+
+def test_old_slide_mpp_names_the_new_option(folder):
+    res = run("train", "--slide", folder / "s.svs", "--points", folder / "p.geojson", "--slide-mpp", "0.5",
+              "-o", folder / "m")
+    assert res.exit_code == 2 and "--slide-mpp is now --mpp" in res.output and "--model-mpp" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_resume_refuses_the_options_it_would_ignore(folder):
+    res = run("train", "--images", folder / "imgs", "--points", folder / "pts", *TINY, "-o", folder / "m")
+    assert res.exit_code == 0, res.output
+    res = run("train", "--images", folder / "imgs", "--points", folder / "pts", "--resume", "--lr", "1e-4",
+              "--width", "0.125", "--batch-size", "2", "-o", folder / "m")
+    assert res.exit_code == 2 and "would ignore --width, --lr;" in res.output and "--epochs" in res.output
+    before = (folder / "m" / "weights.pt").read_bytes()
+    res = run("train", "--images", folder / "imgs", "--points", folder / "pts", "--resume", *TINY[:-3],  # as before
+              "--epochs", "2", "--quiet", "-o", folder / "m")
+    assert res.exit_code == 0, res.output
+    assert (folder / "m" / "weights.pt").read_bytes() != before  # one more epoch trained
+
+
+def test_train_help_explains_each_default():
+    text = CliRunner().invoke(main, ["train", "--help"], terminal_width=200).output
+    assert "[recipe]" not in text and "[0]" not in text
+    assert "cpu 120, paper 150; with --init 40" in text  # --epochs, from RECIPES and FINE_TUNE
+    assert "cpu 0.001, paper 0.0001; with --init 0.0005" in text  # --lr
+    assert "--slide-mpp" not in text
+
+
+def test_shift_without_seed_uses_the_run_seed(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "labels").mkdir()
+    image, labels, _ = synthetic_nuclei((128, 128), 12, seed=0)
+    Image.fromarray(image).save(tmp_path / "imgs" / "a.png")
+    Image.fromarray(labels.astype(np.uint16)).save(tmp_path / "labels" / "a.png")
+    res = run("train", "--images", tmp_path / "imgs", "--labels", tmp_path / "labels", "--shift", "1", "2", *TINY,
+              "-o", tmp_path / "m")
+    assert res.exit_code == 0, res.output  # was a TypeError (None + int) without --seed
+
+
+def test_train_points_outside_suggests_a_real_option(tmp_path):
+    img, _, _ = synthetic_nuclei((64, 64), 4)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    (tmp_path / "a.csv").write_text("x,y\n10,10\n30,30\n500,20\n")
+    line = one_line_error(cli_run("train", "--images", tmp_path, "--points", tmp_path, "-o", tmp_path / "m",
+                              "--epochs", 1, "--quiet"))
+    assert "--drop-outside" in line and "a.csv" in line
+    res = CliRunner().invoke(main, ["train", "--help"])
+    assert "--drop-outside" in res.output

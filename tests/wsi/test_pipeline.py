@@ -5,17 +5,24 @@ import time
 import numpy as np
 import pytest
 import shapely
+import torch
+from PIL import Image
 from wsi_fakes import (
     DarkBlobModel,
     OracleModel,
     blob_slide,
     block_labels,
     check_qupath_geojson,
+    cli_run,
+    small_slide,
+    tiny_model_dir,
     write_oracle_slide,
 )
 
 from pronet_wsi.errors import InputError
 from pronet_wsi.export import read_geojson
+from pronet_wsi.inference import InferenceConfig, Predictor
+from pronet_wsi.model import ModelConfig, PRONet
 from pronet_wsi.slide import write_pyramid_tiff
 from pronet_wsi.tiling import TilingConfig
 from pronet_wsi.wsi.pipeline import SegmentConfig, segment_slide
@@ -52,6 +59,8 @@ def test_outputs_and_run_record(reference, slide):
     assert sorted(p.name for p in out.iterdir()) == [".pronet-wsi-outputs", "slide.geojson", "slide.json",
                                                       "slide_overlay.png"]  # + the notes of what pronet-wsi wrote
     assert "slide" in res.summary() and "Mpx/s" in res.summary()
+    assert record["output"] == {"geojson": str(out / "slide.geojson"), "record": str(out / "slide.json"),
+                                "overlay": str(out / "slide_overlay.png")}  # only what was written (issue 18)
 
 
 class Killed(Exception):
@@ -161,6 +170,9 @@ def test_gzip_labels_and_tissue_mask_outputs(slide, reference, tmp_path):
     labels = zarr.open_array(str(tmp_path / "slide_labels.zarr"))
     assert labels.shape == (600, 700) and labels[:].max() == len(fc["features"])
     assert (tmp_path / "slide_tissue.png").exists()
+    output = json.loads((tmp_path / "slide.json").read_text())["output"]
+    assert sorted(output) == ["geojson", "labels", "mask", "overlay", "record"]  # no tissue GeoJSON, no table
+    assert all(os.path.exists(v) for v in output.values())
     # label i is feature i: its pixels lie inside feature i's polygon
     lab = labels[:]
     for i in (1, len(fc["features"]) // 2, len(fc["features"])):
@@ -212,7 +224,6 @@ def test_resampled_slides_land_in_level0_coordinates(tmp_path, model_mpp):
 
 
 def test_slide_mpp_override_and_missing_mpp(tmp_path):
-    from PIL import Image
 
     _, labels = block_labels((300, 300), seed=1)
     from wsi_fakes import id_colours
@@ -228,10 +239,9 @@ def test_slide_mpp_override_and_missing_mpp(tmp_path):
 def test_a_real_network_gives_the_same_nuclei_whatever_the_batching(slide, tmp_path):
     """Same batch size: the same bytes. Another batch size: some CPUs (fp32 on AVX2) pick convolution kernels
     by batch size, so the last float bit of a few map pixels may differ; the nuclei must still agree."""
-    import torch
 
     from pronet_wsi.inference import InferenceConfig, Predictor
-    from pronet_wsi.model import ModelBundle, ModelConfig, PRONet
+    from pronet_wsi.model import ModelBundle
     from pronet_wsi.postprocess import PostprocessConfig
 
     torch.manual_seed(0)
@@ -291,7 +301,6 @@ def test_an_untyped_model_writes_nucleus_and_no_class_columns(reference):
 # -- issue 17 row 5: a resume continues only the same run ---------------------------------------------------------
 def _killed_run(slide_path, out, model_dir, n_tiles: int = 3):
     """Segment with a real model folder and stop after ``n_tiles`` tiles (a simulated kill)."""
-    from pronet_wsi.inference import InferenceConfig, Predictor
 
     seen = []
 
@@ -311,7 +320,7 @@ RESUME_CFG = SegmentConfig(tiling=TilingConfig(256, 32), workers=1)
 def test_changed_thresholds_start_over_with_a_reason(tmp_path):
     import shutil
 
-    from wsi_fakes import small_slide, tiny_model_dir
+    from wsi_fakes import small_slide
 
     from pronet_wsi.inference import InferenceConfig, Predictor
 
@@ -334,7 +343,7 @@ def test_changed_thresholds_start_over_with_a_reason(tmp_path):
 def test_a_copied_model_folder_resumes_with_the_same_ids(tmp_path):
     import shutil
 
-    from wsi_fakes import small_slide, tiny_model_dir
+    from wsi_fakes import small_slide
 
     from pronet_wsi.inference import InferenceConfig, Predictor
 
@@ -346,3 +355,23 @@ def test_a_copied_model_folder_resumes_with_the_same_ids(tmp_path):
     assert res.n_tiles_resumed == done and not any("started over" in w for w in res.warnings)
     segment_slide(slide_path, tmp_path / "fresh", Predictor(model, InferenceConfig()), RESUME_CFG)
     assert (tmp_path / "out" / "s.geojson").read_bytes() == (tmp_path / "fresh" / "s.geojson").read_bytes()
+
+
+def test_feature_ids_follow_model_and_settings(tmp_path, model_05):
+    """Same slide, model and settings: the same ids (QuPath merges reruns); another model: new ids."""
+    import shutil
+
+    slide = small_slide(tmp_path / "s.tif", side=512, mpp=0.5)
+    other = tmp_path / "other"
+    shutil.copytree(model_05, other)
+    thr = json.loads((other / "thresholds.json").read_text())
+    thr["center_threshold"] = 0.31
+    (other / "thresholds.json").write_text(json.dumps(thr))
+    ids = []
+    for i, m in enumerate((model_05, model_05, other)):
+        out = tmp_path / f"o{i}"
+        res = cli_run("segment", slide, "-o", out, "-m", m, "--tile-px", 256, "--halo-px", 32, "--quiet")
+        assert res.exit_code == 0, res.output
+        ids.append([f["id"] for f in json.loads((out / "s.geojson").read_text())["features"]])
+    assert ids[0] and ids[0] == ids[1]
+    assert not set(ids[0]) & set(ids[2])
