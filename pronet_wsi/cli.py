@@ -225,6 +225,7 @@ def prediction_outputs(paths: list[Path], out: Path) -> dict[Path, tuple[Path, P
 
 
 @main.command()
+@friendly_errors
 def info() -> None:
     """Print versions, the compute device and the default model."""
     import platform
@@ -241,12 +242,34 @@ def info() -> None:
         click.echo(f"device: cuda ({torch.cuda.get_device_name(0)})")
     else:
         click.echo(f"device: cpu ({torch.get_num_threads()} threads)")
+    click.echo(runtime_line())
     found = default_model_dir()
     if found is None:
         click.echo("default model: none installed (pass -m MODEL_DIR)")
     else:
         b = load_model(found)
         click.echo(f"default model: {found} (width {b.config.width}, mpp {b.config.mpp})")
+
+
+def runtime_line() -> str:
+    """Which engine runs the forward by default here, and at what precision (what ``segment`` will use)."""
+    from pronet_wsi.inference import _cpu_has_bf16, resolve_device
+    from pronet_wsi.runtime import ENV_VAR, choose_runtime
+
+    device = resolve_device("auto")
+    runtime = choose_runtime("auto", device)
+    if runtime == "openvino":
+        import openvino
+
+        name = f"openvino {openvino.__version__.split('-')[0]}"
+    else:
+        import torch
+
+        name = f"torch {torch.__version__}"
+    precision = "fp16" if device.type == "cuda" else "bf16" if _cpu_has_bf16() else "fp32"
+    hint = "" if runtime == "openvino" or device.type == "cuda" else \
+        ' (pip install "pronet-wsi[fast]" for the OpenVINO forward)'
+    return f"runtime: {name}, {precision} (env {ENV_VAR}=torch|openvino forces one){hint}"
 
 
 def _names(value: str | None) -> list[str] | None:

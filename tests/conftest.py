@@ -14,6 +14,13 @@ MONUSEG = SHARED_DATA / "monuseg"
 SLIDES = SHARED_DATA / "slides"
 
 
+@pytest.fixture(autouse=True)
+def _torch_runtime(monkeypatch):
+    """Tests run the PyTorch forward unless they ask for another runtime (tests/test_runtime.py does): the
+    OpenVINO conversion costs seconds per Predictor, and numbers compared across tests stay PyTorch's."""
+    monkeypatch.setenv("PRONET_WSI_RUNTIME", "torch")
+
+
 def require_shared(path: Path = SHARED_DATA) -> Path:
     """Skip the calling test when ../shared/data (or a file under it) is absent."""
     if not path.exists():
