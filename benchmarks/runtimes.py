@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also torch.compile (minutes to compile)")
-    parser.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
+    parser.add_argument("--runtimes", nargs="+", default=["torch", "onnx", "openvino"],
+                        choices=["torch", "onnx", "openvino"], help="which to time (torch fp32 NCHW is the reference)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT / "examples"))
@@ -68,8 +69,6 @@ def main() -> None:
     ref: dict[str, np.ndarray] = {}
 
     def add(name, fn, setup_s=0.0):
-        if args.only and name not in args.only and not (name == "torch NCHW fp32"):
-            return
         s, out = timed(fn, x, args.repeats)
         if not ref:
             ref.update(out)
@@ -80,9 +79,10 @@ def main() -> None:
     add("torch NCHW fp32", torch_fn(net))
     cl = MapsNet(bundle.model.eval().to(memory_format=torch.channels_last), bundle.config.mean,
                  bundle.config.std).eval()
-    add("torch channels_last fp32", torch_fn(cl))
-    add("torch channels_last bf16", torch_fn(cl, bf16=True))
-    if args.compile and (not args.only or "torch.compile fp32" in args.only):
+    if "torch" in args.runtimes:
+        add("torch channels_last fp32", torch_fn(cl))
+        add("torch channels_last bf16", torch_fn(cl, bf16=True))
+    if args.compile:
         t = time.perf_counter()
         comp = torch.compile(cl)
         torch_fn(comp)(x)
@@ -91,7 +91,7 @@ def main() -> None:
         import onnxruntime as ort
     except ImportError:
         ort = None
-    if ort is not None and (not args.only or "onnxruntime fp32" in args.only):
+    if ort is not None and "onnx" in args.runtimes:
         t = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "pronet.onnx"
@@ -103,7 +103,7 @@ def main() -> None:
             sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         add(f"onnxruntime {ort.__version__} fp32",
             lambda t: dict(zip(names, sess.run(None, {"tiles": t}), strict=True)), time.perf_counter() - t)
-    if openvino_available():
+    if openvino_available() and "openvino" in args.runtimes:
         import openvino as ov
 
         for bf16 in (False, True):
