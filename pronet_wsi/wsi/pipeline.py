@@ -216,6 +216,8 @@ def _plan(slide_path: Path, name: str, paths: OutputPaths, predictor: TileModel,
     inference = getattr(predictor, "config", None) or getattr(predictor, "inference", None)
     if getattr(inference, "tta", False):
         fingerprint["tta"] = True  # parts made with and without TTA never mix
+    if getattr(predictor, "runtime", "torch") != "torch":
+        fingerprint["runtime"] = predictor.runtime  # type: ignore[attr-defined]  # nor with other runtimes' maps
     if config.overwrite:
         TileStore(paths.parts).remove()
     store = TileStore(paths.parts, fingerprint)
