@@ -128,12 +128,16 @@ def train(outdir, without, init, max_minutes, epochs, lr, threads, patches_per_m
               help="Feed the images at this pixel size (resampled) and score against full-resolution labels.")
 @click.option("--tta", is_flag=True)
 @click.option("--no-record", is_flag=True, help="Print only (e.g. for validation-time choices).")
-def score(model_dir, split, tag, datasets, mpp_in, tta, no_record) -> None:
+@click.option("--runtime", default="auto", type=click.Choice(["auto", "torch", "openvino"]),
+              help="The forward's engine (pronet_wsi/runtime.py).")
+@click.option("--amp", default="auto", type=click.Choice(["auto", "on", "off"]), help="off = fp32, on = bf16 on CPU.")
+def score(model_dir, split, tag, datasets, mpp_in, tta, no_record, runtime, amp) -> None:
     """Score a model folder on each dataset's ``split``; append rows to the results CSV."""
     from pronet_wsi.inference import InferenceConfig, Predictor, resample_image, segment_image
     from pronet_wsi.metrics import evaluate_image, mean_scores
 
-    predictor = Predictor(model_dir, InferenceConfig(tta=tta) if tta else InferenceConfig())
+    predictor = Predictor(model_dir, InferenceConfig(tta=tta, runtime=runtime, amp=amp))
+    click.echo(f"runtime {predictor.runtime}, autocast {predictor.autocast_dtype}", err=True)
     for name in datasets.split(","):
         items = labs.load(name, split)
         scores = []

@@ -3,6 +3,11 @@
     python -m benchmarks.wsi                               # 0.27 Gpx and 1.07 Gpx slides, shipped model or width 0.25
     python -m benchmarks.wsi --sizes 16384 --width 0.25    # one size, a random width-0.25 PRONet
     python -m benchmarks.wsi --sizes 16384 --full-tissue   # tissue everywhere: the tiling's own overhead
+    python -m benchmarks.wsi --sizes 8192 --compare --sample 0   # today's path vs the new one, same run
+
+``--compare`` runs each slide twice: "today" (PyTorch forward, tiles not cut to the tissue) and "new" (``--runtime``,
+default auto = OpenVINO when installed, tiles cut to the tissue) and prints seconds per mm² of tissue with the
+stage breakdown. ``--runtime`` / ``--no-crop-glass`` pick one path without ``--compare``.
 
 Tile, halo and batch default to the package's (``TilingConfig``, ``SegmentConfig``). "e2e / core forward" compares
 the whole run with the model's forward on the tiles' cores alone (the same tiles cropped to their cores, timed the
@@ -115,16 +120,23 @@ def run_child(args) -> None:
     from pronet_wsi.tiling import TilingConfig
     from pronet_wsi.wsi.pipeline import SegmentConfig, segment_slide
 
-    predictor = Predictor(args.model, InferenceConfig(batch_size=args.batch_size))
+    t = time.perf_counter()
+    predictor = Predictor(args.model, InferenceConfig(batch_size=args.batch_size, runtime=args.runtime,
+                                                      threads=args.threads))
+    setup_s = time.perf_counter() - t
     cfg = SegmentConfig(tiling=TilingConfig(args.tile_px, args.halo_px), batch_size=args.batch_size,
-                        workers=args.workers, overwrite=True, measure=measure_config(args), parquet=args.parquet)
+                        workers=args.workers, overwrite=True, measure=measure_config(args), parquet=args.parquet,
+                        crop_glass=not args.no_crop_glass)
     t = time.perf_counter()
     res = segment_slide(args.slide, args.out, predictor, cfg)
     wall = time.perf_counter() - t
     record = json.loads((Path(args.out) / (Path(args.slide).stem + ".json")).read_text())
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    fwd = forward_and_postprocess(args, predictor, Path(args.slide), record["counts"]["tiles_run"])
-    print(json.dumps({"wall_s": wall, "nuclei": res.n_nuclei, "record": record, "peak_rss_mb": rss_mb, **fwd}))
+    fwd = forward_and_postprocess(args, predictor, Path(args.slide), record["counts"]["tiles_run"]) if args.sample \
+        else {"forward_s": float("nan"), "core_forward_s": float("nan"), "read_hw": [0, 0],
+              "pp_ms_per_tile": float("nan"), "pp_nuclei_per_tile": float("nan")}
+    print(json.dumps({"wall_s": wall, "setup_s": setup_s, "runtime": predictor.runtime, "nuclei": res.n_nuclei,
+                      "record": record, "peak_rss_mb": rss_mb, **fwd}))
 
 
 def measure_config(args):
@@ -209,6 +221,12 @@ def main() -> None:
     parser.add_argument("--parquet", action="store_true", help="also write the nuclei Parquet table")
     parser.add_argument("--smoke", action="store_true",
                         help="one 1024 px slide, a random width-1/16 network, 544 px tiles (does it run?)")
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"],
+                        help="the forward's engine (the new path's with --compare)")
+    parser.add_argument("--threads", type=int, default=0, help="OpenVINO threads (0 = all cores)")
+    parser.add_argument("--no-crop-glass", action="store_true", help="tiles not cut to the tissue")
+    parser.add_argument("--compare", action="store_true",
+                        help="each slide twice: today's path (torch, no crop) and the new one (--runtime, crop)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--slide", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -231,22 +249,27 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     args.model = str(model_dir(args, workdir))
     rows = []
-    for side in args.sizes:
+    paths = [("today", "torch", True), ("new", args.runtime, False)] if args.compare else \
+        [(args.runtime, args.runtime, args.no_crop_glass)]
+    for side, (label, runtime, no_crop) in [(s, p) for s in args.sizes for p in paths]:
         slide = workdir / f"synthetic_{side}{'_full' if args.full_tissue else ''}.tif"
         if not slide.exists():
             t = time.perf_counter()
             make_slide(slide, side, full_tissue=args.full_tissue)
             print(f"wrote {slide} ({slide.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.0f} s",
                   file=sys.stderr)
-        cmd = [sys.executable, "-m", "benchmarks.wsi", "--child", "--slide", str(slide),
-               "--out", str(workdir / f"out_{side}"),
+        out = workdir / f"out_{side}_{label}"
+        cmd = [sys.executable, "-m", "benchmarks.wsi", "--child", "--slide", str(slide), "--out", str(out),
                "--model", args.model, "--tile-px", str(args.tile_px), "--halo-px", str(args.halo_px),
                "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--sample", str(args.sample),
-               "--cells", str(args.cells), "--measurements", args.measurements, *(["--parquet"] * args.parquet)]
+               "--cells", str(args.cells), "--measurements", args.measurements, *(["--parquet"] * args.parquet),
+               "--runtime", runtime, "--threads", str(args.threads), *(["--no-crop-glass"] * no_crop)]
         child = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
                                           cwd=ROOT).stdout.splitlines()[-1])
         rec = child["record"]
-        rows.append({"side": side, "gpx": side * side / 1e9, "tiles": rec["counts"]["tiles_run"],
+        rows.append({"path": f"{label} ({child['runtime']}, {'whole tiles' if no_crop else 'cut to tissue'})",
+                     "setup_s": child["setup_s"], "tissue_mm2": rec["measurements"]["tissue_area_mm2"],
+                     "side": side, "gpx": side * side / 1e9, "tiles": rec["counts"]["tiles_run"],
                      "mpx": rec["mpx_processed"], "nuclei": child["nuclei"], "e2e_s": child["wall_s"],
                      "forward_s": child["forward_s"], "core_forward_s": child["core_forward_s"],
                      "input_mpx": rec["model_input_mpx"], "tissue_mpx": rec["tissue_mpx"],
@@ -258,19 +281,33 @@ def main() -> None:
     print(banner(seed=0))
     print(f"model: {args.model}; tile {args.tile_px}, halo {args.halo_px}, batch {args.batch_size}, "
           f"workers {args.workers or 'auto'}; {os.cpu_count()} CPUs")
-    print("| slide | Gpx | tissue tiles (read px) | tissue Mpx | core Mpx | model input Mpx | input / tissue | "
+    print("| slide | path | Gpx | tissue tiles (read px) | tissue Mpx | core Mpx | model input Mpx | input / tissue | "
           "nuclei | end-to-end s | forward-only s | forward on cores s | e2e / forward | e2e / core forward | "
           "Mpx/s | peak RSS MB | post-proc ms/tile (realistic maps, nuclei/tile) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['side']}x{r['side']} | {r['gpx']:.2f} | {r['tiles']} ({r['read_hw'][0]}x{r['read_hw'][1]}) | "
+        print(f"| {r['side']}x{r['side']} | {r['path']} | {r['gpx']:.2f} | "
+              f"{r['tiles']} ({r['read_hw'][0]}x{r['read_hw'][1]}) | "
               f"{r['tissue_mpx']:.0f} | {r['mpx']:.0f} | {r['input_mpx']:.0f} | "
               f"{r['input_mpx'] / r['tissue_mpx']:.2f} | "
               f"{r['nuclei']:,} | {r['e2e_s']:.0f} | {r['forward_s']:.0f} | {r['core_forward_s']:.0f} | "
               f"{r['ratio']:.2f} | {r['e2e_s'] / r['core_forward_s']:.2f} | {r['mpx_s']:.2f} | {r['rss_mb']:.0f} | "
               f"{r['pp_ms_per_tile']:.0f} ({r['pp_nuclei_per_tile']:.0f}) |")
     for r in rows:
-        print(f"stage sums {r['side']}: " + ", ".join(f"{k} {v}" for k, v in r["timings"].items()))
+        print(f"stage sums {r['side']} {r['path']}: " + ", ".join(f"{k} {v}" for k, v in r["timings"].items()))
+    print()
+    print("| slide | path | tissue mm² | model input / tissue | model setup s | end-to-end s | s per mm² | "
+          "tiles wall s (summed over threads: read / predict / post-process + polygons) | stitch + export s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t = r["timings"]
+        pp = t.get("sum_postprocess_s", 0) + t.get("sum_polygons_s", 0)
+        tiles = f"{t.get('sum_read_s', 0):.0f} / {t.get('sum_predict_s', 0):.0f} / {pp:.0f}"
+        tail = t.get("stitch_s", 0) + t.get("export_s", 0)
+        print(f"| {r['side']}x{r['side']} | {r['path']} | {r['tissue_mm2']:.2f} | "
+              f"{r['input_mpx'] / r['tissue_mpx']:.2f} | {r['setup_s']:.1f} | {r['e2e_s']:.0f} | "
+              f"{(r['e2e_s'] + r['setup_s']) / r['tissue_mm2']:.1f} | {t.get('tiles_wall_s', 0):.0f} ({tiles}) | "
+              f"{tail:.0f} |")
 
 
 if __name__ == "__main__":

@@ -264,6 +264,7 @@ def info() -> None:
         click.echo(f"device: cuda ({torch.cuda.get_device_name(0)})")
     else:
         click.echo(f"device: cpu ({torch.get_num_threads()} threads)")
+    click.echo(runtime_line())
     found = default_model_dir()
     if found is None:
         click.echo("default model: none installed (pass -m MODEL_DIR)")
@@ -318,6 +319,27 @@ def check_resume_options(ctx: click.Context, saved) -> None:
         names = ", ".join("--" + n.replace("_", "-") for n in differs)
         raise click.UsageError(f"--resume continues with the run's saved settings and would ignore {names}; drop "
                                "them (only --epochs and --max-minutes may change) or train into a new -o")
+
+
+def runtime_line() -> str:
+    """Which engine runs the forward by default here, and at what precision (what ``segment`` will use)."""
+    from pronet_wsi.inference import _cpu_has_bf16, resolve_device
+    from pronet_wsi.runtime import ENV_VAR, choose_runtime
+
+    device = resolve_device("auto")
+    runtime = choose_runtime("auto", device)
+    if runtime == "openvino":
+        import openvino
+
+        name = f"openvino {openvino.__version__.split('-')[0]}"
+    else:
+        import torch
+
+        name = f"torch {torch.__version__}"
+    precision = "fp16" if device.type == "cuda" else "bf16" if _cpu_has_bf16() else "fp32"
+    hint = "" if runtime == "openvino" or device.type == "cuda" else \
+        ' (pip install "pronet-wsi[fast]" for the OpenVINO forward)'
+    return f"runtime: {name}, {precision} (env {ENV_VAR}=torch|openvino forces one){hint}"
 
 
 def _names(value: str | None) -> list[str] | None:

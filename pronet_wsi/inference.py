@@ -18,6 +18,7 @@ from pronet_wsi.errors import InputError
 from pronet_wsi.geometry import Box
 from pronet_wsi.model import ModelBundle, load_model, resolve_model_dir
 from pronet_wsi.postprocess import PostprocessConfig, Segmentation, postprocess
+from pronet_wsi.runtime import RUNTIMES, OpenVINOForward, choose_runtime
 from pronet_wsi.tiling import TileGrid, TilingConfig
 
 
@@ -52,6 +53,9 @@ class InferenceConfig:
         model's ``context_px`` on every side (the tiles ``segment --tile-px`` of the same size cuts).
     amp : mixed precision (bf16 on CPUs with AVX512-BF16, fp16 on CUDA); ``auto`` decides per device.
     tta : average the maps of the 8 flips/rotations of each tile (offsets rotated back); 8x the model time.
+    runtime : the CPU forward's engine: ``auto`` (OpenVINO when installed, else PyTorch; env
+        ``PRONET_WSI_RUNTIME`` overrides), ``torch`` or ``openvino`` (see :mod:`pronet_wsi.runtime`).
+    threads : CPU threads of the OpenVINO forward (0 = all cores); PyTorch uses ``torch.get_num_threads()``.
     """
 
     device: str = "auto"
@@ -59,8 +63,14 @@ class InferenceConfig:
     window_px: int = 1024
     amp: str = "auto"
     tta: bool = False
+    runtime: str = "auto"
+    threads: int = 0
 
     def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime={self.runtime!r}: must be one of {', '.join(RUNTIMES)}")
+        if self.threads < 0:
+            raise ValueError(f"threads={self.threads}: must be >= 0 (0 = all cores)")
         if self.batch_size < 1:
             raise InputError(f"batch_size={self.batch_size}: must be >= 1")
         if not 64 <= self.window_px <= 16384 or self.window_px % 16:
@@ -101,6 +111,13 @@ class Predictor:
         mean = torch.tensor(bundle.config.mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(bundle.config.std, dtype=torch.float32).view(1, 3, 1, 1)
         self._mean, self._std = mean.to(self.device), std.to(self.device)
+        # TTA stays on PyTorch (it transforms tensors between forwards); so does CUDA
+        self.runtime = "torch" if config.tta else choose_runtime(config.runtime, self.device)
+        self._fast: OpenVINOForward | None = None
+        if self.runtime == "openvino":
+            names = ("foreground", "offsets", "centers", *(("types",) if self.classes else ()))
+            self._fast = OpenVINOForward(bundle.model, bundle.config.mean, bundle.config.std, names,
+                                         bf16=self.autocast_dtype is not None, threads=config.threads)
 
     @torch.inference_mode()
     def predict_batch(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
@@ -119,6 +136,8 @@ class Predictor:
         tiles = np.asarray(tiles)
         if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
             raise ValueError(f"tiles must be (B, H, W, 3) uint8, got {tiles.shape} {tiles.dtype}")
+        if self._fast is not None:
+            return self._fast(tiles)
         x = torch.tensor(tiles).to(self.device)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         x = ((x - self._mean) / self._std).contiguous(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,20 @@ from pronet_wsi.synthetic import synthetic_nuclei
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MONUSEG = SHARED_DATA / "monuseg"
 SLIDES = SHARED_DATA / "slides"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_runtime():
+    """Tests run the PyTorch forward unless they ask for another runtime (tests/test_runtime.py does): the
+    OpenVINO conversion costs seconds per Predictor, and numbers compared across tests stay PyTorch's. Session-wide
+    and before any other fixture, so Dask worker processes that module fixtures start inherit it too."""
+    old = os.environ.get("PRONET_WSI_RUNTIME")
+    os.environ["PRONET_WSI_RUNTIME"] = "torch"
+    yield
+    if old is None:
+        os.environ.pop("PRONET_WSI_RUNTIME", None)
+    else:
+        os.environ["PRONET_WSI_RUNTIME"] = old
 
 
 def require_shared(path: Path = SHARED_DATA) -> Path:

@@ -22,6 +22,7 @@ def smoke_commands(tmp: Path) -> dict[str, list[str]]:
         "bench_postprocess": ["--smoke"],
         "bench_stitch": ["--smoke"],
         "bench_pseudolabels": ["--smoke"],
+        "runtimes": ["--smoke"],
         "classical": ["--smoke"],
         "suggest_eval": ["--smoke"],
         "adapt": ["--lab", "consep", "--smoke", "-o", str(tmp / "adapt")],

@@ -248,7 +248,8 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
 
     samples = prepare_samples(train_items, config.pseudo, work / "cache", config.classes)  # V, K, cells (2.1)
     bundle = start_model(config, samples)
-    predictor = Predictor(bundle, InferenceConfig(device=config.device, amp=config.amp))
+    # runtime torch: validation must see the weights as they train, not a graph converted at the start
+    predictor = Predictor(bundle, InferenceConfig(device=config.device, amp=config.amp, runtime="torch"))
     model, mcfg, thresholds = predictor.model, bundle.config, bundle.thresholds
     groups: list[dict] = [{"params": model.trunk_parameters(), "lr_factor": 1.0}]
     if model.head_type is not None:

@@ -44,6 +44,7 @@ from pronet_wsi.export import (
 )
 from pronet_wsi.files import OutputLock, OutputPaths, check_outputs, same_file, slide_stem, sweep_temp
 from pronet_wsi.geometry import Frame, check_scale
+from pronet_wsi.glass import crop_to_tissue
 from pronet_wsi.progress import progress_bar
 from pronet_wsi.slide import open_slide
 from pronet_wsi.suggest import SuggestConfig
@@ -177,6 +178,8 @@ def _plan(slide_path: Path, name: str, paths: OutputPaths, predictor: TileModel,
         mask = tissue_mask(thumb, thumb_ds * slide.mpp, config.tissue) if config.use_tissue_mask else None
         grid = TileGrid(frame.shape, config.tiling)
         tiles = select_tiles(grid, frame, mask, thumb_ds)
+        if mask is not None and config.crop_glass:
+            tiles = crop_to_tissue(tiles, frame, mask, thumb_ds, config.tiling.halo_px)
         timings["tissue_s"] = time.perf_counter() - t
         source = SlideSource(slide_path, name, slide.mpp, slide.backend, slide.info())
         warnings.extend(slide.notes)  # e.g. 12-bit data read by its real range
@@ -198,10 +201,12 @@ def _plan(slide_path: Path, name: str, paths: OutputPaths, predictor: TileModel,
                    "pixel_range": source.info.get("pixel_max"), "model": model.id, "model_mpp": model.mpp,
                    "postprocess": model.postprocess, "context_px": context,
                    "tiling": asdict(config.tiling), "stitch": asdict(config.stitch), "masks": config.labels_zarr,
-                   "measure": asdict(config.measure)}
+                   "measure": asdict(config.measure), "crop_glass": config.crop_glass}
     inference = getattr(predictor, "config", None) or getattr(predictor, "inference", None)
     if getattr(inference, "tta", False):
         fingerprint["tta"] = True  # parts made with and without TTA never mix
+    if getattr(predictor, "runtime", "torch") != "torch":
+        fingerprint["runtime"] = predictor.runtime  # type: ignore[attr-defined]  # nor with other runtimes' maps
     if config.overwrite:
         TileStore(paths.parts).remove()
     store = TileStore(paths.parts, fingerprint)

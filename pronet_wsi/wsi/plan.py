@@ -40,6 +40,8 @@ class SegmentConfig:
     parquet : also write ``<stem>_nuclei.parquet``, one row per nucleus.
     max_features_per_file : split the GeoJSON into ``<stem>.geojson``, ``<stem>.part2.geojson``, ... of at most
         this many features each (0 = one file).
+    crop_glass : tiles at the tissue's edge read only the tissue's bounding box plus the halo (with the tissue
+        mask; same nuclei, fewer model pixels; see :mod:`pronet_wsi.glass`).
 
     >>> config = SegmentConfig()
     >>> config.batch_size, config.tiling.tile_px, round(config.tiling.tile_px ** 2 / 1e6, 1)  # Mpx per tile
@@ -60,6 +62,7 @@ class SegmentConfig:
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     parquet: bool = False
     max_features_per_file: int = 0
+    crop_glass: bool = True
 
     def __post_init__(self) -> None:
         if self.max_features_per_file < 0:

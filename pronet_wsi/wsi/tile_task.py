@@ -108,11 +108,11 @@ def run_batch(job: TileJob, tiles: Sequence[Tile], predictor: TileModel, on_tile
     """Read, predict, post-process and save a batch of tiles; returns one stats dict per tile."""
     slide = _thread_slide(job)
     t0 = time.perf_counter()
-    images = np.stack([slide.read_box(job.frame.box_to_level0(t.read), t.read.shape) for t in tiles])
+    images = [slide.read_box(job.frame.box_to_level0(t.read), t.read.shape) for t in tiles]
     t_read = time.perf_counter()
     with _MODEL_LOCK:
         t1 = time.perf_counter()  # after the wait for the model: waiting is neither reading nor predicting
-        maps = predictor.predict_batch(images)
+        maps = _predict_by_shape(predictor, images)
         t2 = time.perf_counter()
     pixels = images if job.measure.level == "all" else None  # stain measurements need them
     del images
@@ -121,7 +121,7 @@ def run_batch(job: TileJob, tiles: Sequence[Tile], predictor: TileModel, on_tile
     out = []
     for k, tile in enumerate(tiles):
         t3 = time.perf_counter()
-        tile_maps = {name: m[k] for name, m in maps.items()}
+        tile_maps = maps[k]
         seg = postprocess(tile_maps, config)
         t4 = time.perf_counter()
         inst = tile_instances(seg, tile_maps["foreground"], tile.read, tile.core, job.frame, predictor.mpp,
@@ -140,6 +140,17 @@ def run_batch(job: TileJob, tiles: Sequence[Tile], predictor: TileModel, on_tile
         out.append({"key": tile.key, **stats})
         if on_tile_done is not None:
             on_tile_done(tile.key)
+    return out
+
+
+def _predict_by_shape(predictor: TileModel, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Maps per image; images of one shape share a model call (tiles cropped to tissue differ in shape)."""
+    out: list[dict[str, np.ndarray]] = [{} for _ in images]
+    for shape in dict.fromkeys(im.shape for im in images):
+        idx = [i for i, im in enumerate(images) if im.shape == shape]
+        maps = predictor.predict_batch(np.stack([images[i] for i in idx]))
+        for j, i in enumerate(idx):
+            out[i] = {name: m[j] for name, m in maps.items()}
     return out
 
 

@@ -1,0 +1,132 @@
+"""Which engine runs the network's forward on a CPU: PyTorch, or OpenVINO when the ``fast`` extra is installed.
+
+OpenVINO runs the same weights 2-3x faster than PyTorch eager on a CPU (benchmarks/RESULTS.md, "runtimes"). The
+graph is converted from the loaded PyTorch model in memory when a :class:`~pronet_wsi.inference.Predictor` starts
+(a few seconds, measured) instead of being shipped or cached on disk: nothing to checksum, nothing to keep in
+step with the weights, no cache folder two concurrent runs could race on. CUDA always stays PyTorch.
+
+``runtime="auto"`` picks OpenVINO on a CPU when it is importable, else PyTorch; the environment variable
+``PRONET_WSI_RUNTIME`` (``torch`` or ``openvino``) overrides ``auto`` without touching any command line.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from pronet_wsi.errors import InputError
+
+RUNTIMES = ("auto", "torch", "openvino")
+ENV_VAR = "PRONET_WSI_RUNTIME"
+
+
+def openvino_available() -> bool:
+    """Whether the optional ``openvino`` package (``pip install "pronet-wsi[fast]"``) imports."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_runtime(requested: str, device: torch.device) -> str:
+    """``torch`` or ``openvino`` for a requested runtime (``auto``, ``torch``, ``openvino``) on ``device``.
+
+    ``auto`` reads ``PRONET_WSI_RUNTIME`` first, then takes OpenVINO on a CPU when installed. Asking for OpenVINO
+    on CUDA or without the package is an error naming the fix.
+    """
+    if requested == "auto":
+        env = os.environ.get(ENV_VAR, "").strip().lower()
+        if env and env not in RUNTIMES:
+            raise InputError(f"{ENV_VAR}={env!r}: unknown runtime; use torch, openvino or auto (or unset it)")
+        requested = env or "auto"
+    if requested not in RUNTIMES:
+        raise InputError(f"--runtime {requested!r}: unknown runtime; use auto, torch or openvino")
+    if requested == "auto":
+        return "openvino" if device.type == "cpu" and openvino_available() else "torch"
+    if requested == "openvino":
+        if device.type != "cpu":
+            raise InputError(f"--runtime openvino runs on the CPU only; use --device cpu or --runtime torch "
+                             f"(device {device})")
+        if not openvino_available():
+            raise InputError('--runtime openvino: OpenVINO is not installed; pip install "pronet-wsi[fast]" '
+                             "or use --runtime torch")
+    return requested
+
+
+class MapsNet(nn.Module):
+    """The network plus its input normalisation and output activations, as one exportable graph.
+
+    tiles : (B, H, W, 3) uint8 RGB with H and W multiples of 16 -> ``foreground`` (B, H, W), ``offsets``
+    (B, 2, H, W), ``centers`` (B, H, W) float32 (and ``types`` (B, K, H, W) for a typed model), as a tuple in
+    that order; the same arithmetic as ``Predictor._maps``.
+    """
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.mean = nn.Parameter(torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), requires_grad=False)
+        self.std = nn.Parameter(torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), requires_grad=False)
+
+    def forward(self, tiles: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = tiles.permute(0, 3, 1, 2).float() / 255.0
+        raw = self.model((x - self.mean) / self.std)
+        out = [torch.sigmoid(raw["foreground"])[:, 0], raw["offsets"], torch.sigmoid(raw["centers"])[:, 0]]
+        if "types" in raw:
+            out.append(torch.softmax(raw["types"], dim=1))
+        return tuple(out)
+
+
+def pad_to_16(tiles: np.ndarray) -> np.ndarray:
+    """(B, H, W, 3) padded at the bottom/right to multiples of 16 exactly as ``PRONet.forward`` pads its input
+    (reflect, or edge when the image is too small to reflect): normalisation is per pixel, so padding before it
+    gives the same tensor."""
+    h, w = tiles.shape[1:3]
+    ph, pw = (-h) % 16, (-w) % 16
+    if not (ph or pw):
+        return tiles
+    pads = ((0, 0), (0, ph), (0, pw), (0, 0))
+    return np.pad(tiles, pads, mode="reflect") if h > ph and w > pw else np.pad(tiles, pads, mode="edge")
+
+
+class OpenVINOForward:
+    """A PRONet compiled by OpenVINO for the CPU: (B, H, W, 3) uint8 tiles -> the maps of ``Predictor``.
+
+    bf16 : run in bfloat16 (OpenVINO's inference precision hint), as PyTorch's bf16 autocast does.
+    threads : CPU threads for one inference (0 = OpenVINO's choice, all cores).
+    """
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], names: tuple[str, ...],
+                 bf16: bool, threads: int = 0) -> None:
+        import openvino as ov
+
+        net = MapsNet(model, mean, std).eval()
+        example = torch.zeros((1, 64, 64, 3), dtype=torch.uint8)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracing warnings: the padding branch is constant, inputs are padded
+            graph = ov.convert_model(net, example_input=example, input=[ov.PartialShape([-1, -1, -1, 3])])
+        config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
+                                     "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = ov.Core().compile_model(graph, "CPU", config)
+        self.names = names
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)  # f32 or bf16
+        self._request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()  # one request, reused: one inference at a time
+
+    def __call__(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
+        """Maps for (B, H, W, 3) uint8 tiles of any size (padded to a multiple of 16 and cropped back)."""
+        h, w = tiles.shape[1:3]
+        x = np.ascontiguousarray(pad_to_16(tiles))
+        with self._lock:
+            result = self._request.infer([x])
+            # copies: the request reuses its output buffers
+            return {name: np.array(value[..., :h, :w], dtype=np.float32, copy=True)
+                    for name, value in zip(self.names, result.to_tuple(), strict=True)}

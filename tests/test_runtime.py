@@ -1,0 +1,159 @@
+"""The forward's runtime: choice rules, and OpenVINO giving PyTorch's maps and nuclei (skipped without it)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pronet_wsi.errors import InputError
+from pronet_wsi.export import read_geojson
+from pronet_wsi.inference import InferenceConfig, Predictor
+from pronet_wsi.model import ModelBundle, ModelConfig, PRONet, default_model_dir, load_model
+from pronet_wsi.postprocess import PostprocessConfig
+from pronet_wsi.runtime import ENV_VAR, choose_runtime, openvino_available, pad_to_16
+
+CPU = torch.device("cpu")
+needs_openvino = pytest.mark.skipif(not openvino_available(), reason='OpenVINO not installed ("pronet-wsi[fast]")')
+
+
+def test_choice_auto_env_and_errors(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert choose_runtime("auto", CPU) == ("openvino" if openvino_available() else "torch")
+    assert choose_runtime("auto", torch.device("cuda")) == "torch"  # CUDA stays PyTorch
+    assert choose_runtime("torch", CPU) == "torch"
+    monkeypatch.setenv(ENV_VAR, "torch")
+    assert choose_runtime("auto", CPU) == "torch"
+    monkeypatch.setenv(ENV_VAR, "tensorflow")
+    with pytest.raises(InputError, match=ENV_VAR):
+        choose_runtime("auto", CPU)
+    with pytest.raises(InputError, match="CPU only"):
+        choose_runtime("openvino", torch.device("cuda"))
+    monkeypatch.setattr("pronet_wsi.runtime.openvino_available", lambda: False)
+    with pytest.raises(InputError, match=r"pronet-wsi\[fast\]"):
+        choose_runtime("openvino", CPU)
+    with pytest.raises(ValueError, match="runtime"):
+        InferenceConfig(runtime="onnx")
+
+
+def test_pad_to_16_is_the_models_padding():
+    """Padding the uint8 tiles before normalising gives the tensor PRONet.forward pads itself."""
+    rng = np.random.default_rng(0)
+    for h, w in ((37, 50), (9, 70), (64, 48)):
+        tiles = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+        x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float()
+        ph, pw = (-h) % 16, (-w) % 16
+        mode = "reflect" if h > ph and w > pw else "replicate"
+        ref = torch.nn.functional.pad(x, (0, pw, 0, ph), mode=mode) if ph or pw else x
+        got = torch.from_numpy(pad_to_16(tiles)).permute(0, 3, 1, 2).float()
+        assert torch.equal(got, ref)
+
+
+def _tiny_bundle(classes: tuple[str, ...] = ()) -> ModelBundle:
+    torch.manual_seed(0)
+    cfg = ModelConfig(width=0.125, mpp=0.25, classes=classes)
+    return ModelBundle(PRONet(cfg).eval(), cfg, PostprocessConfig())
+
+
+@needs_openvino
+@pytest.mark.parametrize("classes", [(), ("Tumor", "Immune cells")])
+def test_openvino_maps_equal_torch_fp32(classes):
+    bundle = _tiny_bundle(classes)
+    rng = np.random.default_rng(1)
+    tiles = rng.integers(0, 256, (3, 70, 90, 3), dtype=np.uint8)  # odd size: padded and cropped back
+    ref = Predictor(bundle, InferenceConfig(device="cpu", amp="off", runtime="torch", batch_size=2))
+    fast = Predictor(bundle, InferenceConfig(device="cpu", amp="off", runtime="openvino", batch_size=2))
+    assert (ref.runtime, fast.runtime) == ("torch", "openvino")
+    a, b = ref.predict_batch(tiles), fast.predict_batch(tiles)
+    assert a.keys() == b.keys() == {"foreground", "offsets", "centers", *(["types"] if classes else [])}
+    for k in a:
+        assert a[k].shape == b[k].shape and b[k].dtype == np.float32
+        np.testing.assert_allclose(b[k], a[k], atol=1e-4, err_msg=k)
+
+
+@needs_openvino
+def test_openvino_same_nuclei_on_demo_slide(tmp_path):
+    """The shipped model on the demo slide: the same nuclei from both runtimes (fp32, seam-exact tiling)."""
+    from pronet_wsi.tiling import TilingConfig
+    from pronet_wsi.wsi.pipeline import SegmentConfig, segment_slide
+
+    demo = Path(__file__).resolve().parents[1] / "examples" / "demo_slide.tif"
+    model = default_model_dir()
+    if not demo.exists() or model is None:
+        pytest.skip("examples/demo_slide.tif or the shipped model is absent")
+    shutil.copy(demo, tmp_path / demo.name)  # the run writes nothing beside the input, but never risk it
+    demo = tmp_path / demo.name
+    bundle = load_model(model)
+    cfg = SegmentConfig(tiling=TilingConfig(512, bundle.config.context_px), batch_size=2)
+    centroids = {}
+    for runtime in ("torch", "openvino"):
+        predictor = Predictor(bundle, InferenceConfig(device="cpu", amp="off", runtime=runtime, batch_size=2))
+        res = segment_slide(demo, tmp_path / runtime, predictor, cfg)
+        feats = read_geojson(res.geojson)["features"]
+        centroids[runtime] = np.array([np.mean(f["geometry"]["coordinates"][0], axis=0) for f in feats])
+    a, b = centroids["torch"], centroids["openvino"]
+    assert len(a) > 100
+    assert abs(len(a) - len(b)) <= 0.005 * len(a)
+    d = np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1)).min(axis=1)
+    assert (d < 1.0).mean() >= 0.99, f"{(d >= 1.0).sum()} of {len(a)} nuclei moved by >= 1 px"
+
+
+def test_info_says_which_runtime_runs(monkeypatch):
+    from click.testing import CliRunner
+
+    from pronet_wsi.cli import main
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    res = CliRunner().invoke(main, ["info"])
+    assert res.exit_code == 0, res.output
+    assert ("runtime: openvino" if openvino_available() else "runtime: torch") in res.output
+    monkeypatch.setenv(ENV_VAR, "torch")
+    assert "runtime: torch" in CliRunner().invoke(main, ["info"]).output
+    monkeypatch.setenv(ENV_VAR, "nope")
+    res = CliRunner().invoke(main, ["info"])
+    assert res.exit_code == 1 and res.output.strip().splitlines()[-1].startswith(f"Error: {ENV_VAR}='nope'")
+
+
+@needs_openvino
+@pytest.mark.slow
+@pytest.mark.data
+def test_openvino_tiled_matches_untiled_shipped_model(tmp_path):
+    """The seam acceptance of tests/test_stitching.py on the OpenVINO path, at its default precision (bf16 where
+    the CPU has it) with tiles cut to the tissue: nothing lost or doubled at seams."""
+    import zarr
+    from conftest import MONUSEG, require_shared
+    from test_stitching import seam_report
+
+    from pronet_wsi.images import read_image
+    from pronet_wsi.postprocess import postprocess
+    from pronet_wsi.slide import write_pyramid_tiff
+    from pronet_wsi.tiling import TileGrid, TilingConfig
+    from pronet_wsi.wsi.pipeline import SegmentConfig, segment_slide
+
+    monuseg = require_shared(MONUSEG)
+    if default_model_dir() is None:
+        pytest.skip("no shipped model in models/")
+    names = ["TCGA-E2-A1B5-01Z-00-DX1", "TCGA-B0-5698-01Z-00-DX1", "TCGA-21-5784-01Z-00-DX1", "TCGA-CH-5767-01Z-00-DX1"]
+    imgs = [read_image(monuseg / "images" / f"{n}.tif") for n in names]
+    region = np.concatenate([np.concatenate(imgs[:2], 1), np.concatenate(imgs[2:], 1)], 0)
+    predictor = Predictor(None, InferenceConfig(window_px=2304, runtime="openvino"))
+    path = tmp_path / "region.tif"
+    write_pyramid_tiff(path, region, predictor.mpp, tile_px=256, levels=2, compression="zlib")
+    halo = 96
+    maps = predictor.predict_image(np.pad(region, ((halo, halo), (halo, halo), (0, 0)), constant_values=255))
+    core = (slice(halo, halo + region.shape[0]), slice(halo, halo + region.shape[1]))
+    maps = {k: v[(slice(None), *core)] if v.ndim == 3 else v[core] for k, v in maps.items()}
+    untiled = postprocess(maps, predictor.postprocess_config).labels
+    cfg = SegmentConfig(tiling=TilingConfig(1024, halo), labels_zarr=True)
+    res = segment_slide(path, tmp_path / "out", predictor, cfg)
+    tiled = zarr.open_array(str(tmp_path / "out" / "region_labels.zarr"))[:]
+    grid = TileGrid(region.shape[:2], cfg.tiling)
+    report = seam_report(untiled, tiled, read_geojson(res.geojson)["features"], sorted({t.core.x0 for t in grid} - {0}),
+                         sorted({t.core.y0 for t in grid} - {0}))
+    print(f"openvino {predictor._fast.precision if predictor._fast else ''} tile 1024 halo 96: {report}")
+    assert report["near_seams"] > 50
+    assert report["aji"] >= 0.98, report
+    assert report["lost"] == 0 and report["duplicated"] == 0, report
