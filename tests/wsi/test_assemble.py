@@ -10,8 +10,9 @@ from wsi_fakes import OracleModel, block_labels, write_oracle_slide
 from pronet_wsi.export import nucleus_uuid, read_geojson
 from pronet_wsi.tiling import TilingConfig
 from pronet_wsi.wsi.assemble import write_outputs
-from pronet_wsi.wsi.pipeline import SegmentConfig, prepare_slide, run_tiles_threaded
+from pronet_wsi.wsi.pipeline import SegmentConfig, prepare_slide
 from pronet_wsi.wsi.tile_store import TileStore
+from pronet_wsi.wsi.tile_task import run_batch
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,8 @@ def _assemble(slide_path, out, tiling: TilingConfig) -> tuple[dict, dict, object
     model = OracleModel()
     plan = prepare_slide(slide_path, out, model, config)
     try:
-        run_tiles_threaded(plan, model, lambda stats: None, None)
+        for batch in plan.batches:
+            run_batch(plan.job, batch, model)
         counts = write_outputs(plan, TileStore(plan.paths.parts), "the-key")
     finally:
         plan.release()
