@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import record
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -119,6 +121,7 @@ def main() -> None:
             fwd = OpenVINOForward(bundle.model.eval(), bundle.config.mean, bundle.config.std, names, bf16,
                                   threads=args.threads)
             add(f"openvino {ov.__version__.split('-')[0]} {fwd.precision}", fwd, time.perf_counter() - t)
+    print(record.banner())
     print(f"one {args.batch}x{args.side}x{args.side} input, {args.threads} threads, median of {args.repeats}; "
           f"torch {torch.__version__}")
     print("| runtime | s | Mpx/s | max abs diff vs torch fp32 | setup s |")

@@ -271,8 +271,8 @@ def test_one_owner_for_the_radius_mpp_and_width_of_an_init_run():
     start = load_model(resolve_model_dir(None)).config
     tuned = TrainConfig.recipe("cpu", init="default")
     assert (tuned.mpp, tuned.width, tuned.radius_px) == (start.mpp, start.width, start.center_radius_px)
-    with pytest.raises(InputError, match=f"--model-mpp 0.5: the --init model works at {start.mpp:g}"):
-        TrainConfig.recipe("cpu", init="default", mpp=0.5)  # before any image is read
+    half = TrainConfig.recipe("cpu", init="default", mpp=2 * start.mpp)  # another mpp: the start model rescaled
+    assert (half.mpp, half.radius_px) == (2 * start.mpp, start.center_radius_px / 2)
     with pytest.raises(InputError, match="drop --width"):
         TrainConfig.recipe("cpu", init="default", width=1.0)
 
