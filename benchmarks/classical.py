@@ -28,7 +28,7 @@ from skimage.filters import gaussian, threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 from skimage.segmentation import watershed
 
-from benchmarks.record import RUN_COLUMNS, banner, run_info
+from benchmarks.record import RUN_COLUMNS, banner, run_info, smoke_skip
 from pronet_wsi.files import atomic_write
 from pronet_wsi.images import read_image, read_labels
 from pronet_wsi.metrics import ImageScores, evaluate_image, mean_scores
@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="one test image cropped to 256 px, not recorded")
     args = parser.parse_args()
     if not SPLIT_CSV.exists():
+        if args.smoke:
+            smoke_skip(f"MoNuSeg not found at {MONUSEG} (../shared/data is absent)")
         print(f"MoNuSeg not found at {MONUSEG} (../shared/data is absent); nothing to do.")
         return
     print(banner(seed=None))
