@@ -202,7 +202,7 @@ def test_holdout_keeps_back_images_and_scores_their_clicks(tmp_path):
     score = validate_clicks(predictor, held, predictor.postprocess_config, 12.0)
     assert 0.0 <= score <= 1.0
     cfg = TrainConfig(epochs=2, width=0.0625, patch_px=64, patches_per_image=50, batch_size=2, holdout=0.25,
-                      val_every=1, tune_thresholds=False, num_threads=1)
+                      val_every=1, tune_thresholds=False, num_threads=1, class_weight_min_clicks=1)
     out = train(cfg, items, tmp_path / "t", progress=False)
     log = (out / "train" / "log.csv").read_text().splitlines()
     assert log[0].endswith("val_clicks") and all(line.split(",")[-1] != "" for line in log[1:])
