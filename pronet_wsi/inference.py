@@ -1,8 +1,9 @@
 """Running PRONet on pixels: device choice, batching, autocast, and images larger than one model input.
 
 The only torch <-> numpy boundary: everything in and out is numpy. An image is cut by the same tiler as a slide
-(:class:`pronet_wsi.tiling.TileGrid`, halo = the model's ``context_px``, white beyond the image's edge as beyond a
-slide's), so ``predict`` of an image and ``segment`` of the same pixels see the same tiles and maps.
+(:class:`pronet_wsi.tiling.TileGrid`, halo = the model's ``context_px``; beyond the image's edge its mirror, where a
+slide reads white), so ``predict`` of an image and ``segment`` of the same pixels see the same tiles and maps
+except within the context of the image's edge.
 """
 
 from __future__ import annotations
@@ -192,11 +193,11 @@ class Predictor:
 def predict_tiled(model, image: np.ndarray, tiling: TilingConfig, batch_size: int = 1) -> dict[str, np.ndarray]:
     """Maps of an (H, W, 3) uint8 image from the tiles of ``TileGrid(image.shape[:2], tiling)``.
 
-    Each tile reads its core plus ``tiling.halo_px`` on every side (white beyond the image, as
-    :meth:`pronet_wsi.slide.Slide.read_level` reads beyond a slide) and keeps its core; the cores partition the
+    Each tile reads its core plus ``tiling.halo_px`` on every side (the image's mirror
+    beyond its edge, :func:`read_tile`) and keeps its core; the cores partition the
     image. ``segment`` with the same tiling computes exactly these maps in every core, so with a halo of at least
     the model's ``context_px`` an image predicted here and the same pixels segmented as a slide give the same
-    nuclei. ``model`` is anything with ``predict_batch`` ((B, h, w, 3) uint8 -> maps with a batch axis).
+    nuclei beyond that context of the image's edge. ``model`` is anything with ``predict_batch`` ((B, h, w, 3) uint8 -> maps with a batch axis).
 
     Returns
     -------
