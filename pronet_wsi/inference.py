@@ -197,7 +197,8 @@ def predict_tiled(model, image: np.ndarray, tiling: TilingConfig, batch_size: in
     beyond its edge, :func:`read_tile`) and keeps its core; the cores partition the
     image. ``segment`` with the same tiling computes exactly these maps in every core, so with a halo of at least
     the model's ``context_px`` an image predicted here and the same pixels segmented as a slide give the same
-    nuclei beyond that context of the image's edge. ``model`` is anything with ``predict_batch`` ((B, h, w, 3) uint8 -> maps with a batch axis).
+    nuclei beyond that context of the image's edge. ``model`` is anything with ``predict_batch`` ((B, h, w, 3)
+    uint8 -> maps with a batch axis).
 
     Returns
     -------
