@@ -168,6 +168,9 @@ def evaluate(pred_dir: Path, gt_dir: Path, output_csv: Path | None, radius_um: f
               help="Largest model input; larger images run in the tiles segment --tile-px cuts.")
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation: average the 8 flips/rotations (8x the model time; see RESULTS.md).")
+@click.option("--beyond-edge", type=click.Choice(["mirror", "white"]), default="mirror", show_default=True,
+              help="What the network sees beyond an image's edge: its mirror (an image is a crop of tissue) or "
+                   "white (glass, as segment beyond a slide: the nuclei then equal segment's of the same pixels).")
 @click.option("--overwrite", is_flag=True,
               help="Replace existing <stem>.tif / <stem>_overlay.png that pronet-wsi did not write (never inputs).")
 @click.option("--cells", "cells_um", type=float, default=0.0, show_default=True, metavar="UM",
@@ -175,7 +178,7 @@ def evaluate(pred_dir: Path, gt_dir: Path, output_csv: Path | None, radius_um: f
                    "cell expansion; label i = nucleus i), and a cell_area_um2 column.")
 @friendly_errors
 def predict(inputs: tuple[str, ...], outdir: str, model_dir: str | None, mpp: float | None, device: str,
-            window_px: int, tta: bool, overwrite: bool, cells_um: float) -> None:
+            window_px: int, tta: bool, beyond_edge: str, overwrite: bool, cells_um: float) -> None:
     """Segment nuclei in PNG/TIFF/JPEG images; write instance maps, overlays and a table of nuclei.
 
     <stem>_nuclei.csv has one row per nucleus: id (its label in <stem>.tif), x, y (its centre in the image's
@@ -201,7 +204,8 @@ def predict(inputs: tuple[str, ...], outdir: str, model_dir: str | None, mpp: fl
     check_outputs([t for pair in targets.values() for t in pair] + cell_maps, paths, overwrite)
     notes: list[str] = []
     images = [(p, read_image(p, notes)) for p in paths[:1]]  # fail fast on the first file before loading the model
-    predictor = Predictor(model_dir, InferenceConfig(device=device, window_px=window_px, tta=tta))
+    predictor = Predictor(model_dir, InferenceConfig(device=device, window_px=window_px, tta=tta,
+                                                     beyond_edge=beyond_edge))
     if mpp is not None:
         from pronet_wsi.geometry import check_scale
 
@@ -399,7 +403,8 @@ def _names(value: str | None) -> list[str] | None:
               help="Without --val-images: hold back this share of the training images; their clicks score each "
                    "validated epoch and the best epoch is kept (default: the recipe's).")
 @click.option("--type-lr-factor", type=float, default=None,
-              help="The type head's learning rate is --lr times this (default: the recipe's).")
+              help="The type head's learning rate is --lr times this (default: the recipe's; with --init 5 from "
+                   "5,000 classed clicks on, else 1).")
 @click.option("--freeze-trunk", is_flag=True,
               help="With classed points and --init: train only the type head (the start model's nuclei unchanged).")
 @click.option("--euclidean", is_flag=True, help="Euclidean instead of geodesic pseudo labels (ablation).")

@@ -48,6 +48,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from pronet_wsi.geometry import as_points_xy
+
 #: HoVer-Net's matching radius, 12 px at 0.25 um/px.
 DEFAULT_RADIUS_UM = 3.0
 
@@ -57,17 +59,6 @@ def _ratio(num: float, den: float, nothing: bool) -> float:
     if den > 0:
         return float(num) / float(den)
     return 1.0 if nothing else 0.0
-
-
-def _as_xy(points: np.ndarray, name: str) -> np.ndarray:
-    pts = np.asarray(points, np.float64)
-    if pts.size == 0:
-        return pts.reshape(0, 2)
-    if pts.ndim != 2 or pts.shape[1] != 2:
-        raise ValueError(f"{name} has shape {pts.shape}; expected (N, 2) (x, y)")
-    if not np.isfinite(pts).all():
-        raise ValueError(f"{name} holds NaN or infinite coordinates")
-    return pts
 
 
 def match_points(gt_xy: np.ndarray, pred_xy: np.ndarray, radius_px: float,
@@ -91,7 +82,7 @@ def match_points(gt_xy: np.ndarray, pred_xy: np.ndarray, radius_px: float,
     """
     if not (np.isfinite(radius_px) and radius_px > 0):
         raise ValueError(f"radius_px={radius_px}: must be a finite number > 0")
-    gt, pred = _as_xy(gt_xy, "gt_xy"), _as_xy(pred_xy, "pred_xy")
+    gt, pred = as_points_xy(gt_xy, "gt_xy"), as_points_xy(pred_xy, "pred_xy")
     empty = np.zeros((0, 2), np.int64)
     if len(gt) == 0 or len(pred) == 0:
         return empty
@@ -283,7 +274,7 @@ def score_typed(gt_xy: np.ndarray, gt_cls: Sequence[str] | np.ndarray, pred_xy: 
     names = [str(c) for c in classes]
     if any(not c for c in names) or len(set(names)) != len(names):
         raise ValueError(f"classes={names!r}: give distinct, non-empty class names")
-    gt, pred = _as_xy(gt_xy, "gt_xy"), _as_xy(pred_xy, "pred_xy")
+    gt, pred = as_points_xy(gt_xy, "gt_xy"), as_points_xy(pred_xy, "pred_xy")
     gcls, pcls = _as_classes(gt_cls, len(gt), "gt_cls"), _as_classes(pred_cls, len(pred), "pred_cls")
     pairs = match_points(gt, pred, radius_px, hovernet_pairing)
     g_un = np.ones(len(gt), bool)

@@ -177,3 +177,16 @@ def check_scale(mpp: float, model_mpp: float, source: str) -> None:
     if not model_mpp / 8 <= mpp <= model_mpp * 4:
         raise InputError(f"{source}: {mpp:g} um/px is too far from the model's {model_mpp:g} um/px (more than 4x "
                          "coarser or 8x finer); give the true pixel size with --mpp (40x is ~0.25, 20x ~0.5)")
+
+
+def as_points_xy(points: np.ndarray, name: str = "points_xy") -> np.ndarray:
+    """``points`` as an (N, 2) float64 array of (x, y); a ValueError naming ``name`` for another shape or a NaN /
+    infinite coordinate (a caller's bug, not the user's file: readers check files first)."""
+    pts = np.asarray(points, np.float64)
+    if pts.size == 0:
+        return pts.reshape(0, 2)
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise ValueError(f"{name} has shape {pts.shape}; expected (N, 2) (x, y)")
+    if not np.isfinite(pts).all():
+        raise ValueError(f"{name} holds NaN or infinite coordinates")
+    return pts

@@ -1,9 +1,10 @@
 """Running PRONet on pixels: device choice, batching, autocast, and images larger than one model input.
 
 The only torch <-> numpy boundary: everything in and out is numpy. An image is cut by the same tiler as a slide
-(:class:`pronet_wsi.tiling.TileGrid`, halo = the model's ``context_px``; beyond the image's edge its mirror, where a
-slide reads white), so ``predict`` of an image and ``segment`` of the same pixels see the same tiles and maps
-except within the context of the image's edge.
+(:class:`pronet_wsi.tiling.TileGrid`, halo = the model's ``context_px``). Beyond the image's edge a tile reads the
+image's mirror by default (an image is a crop of tissue) or white (``InferenceConfig.beyond_edge``: what a slide
+read gives beyond the slide, glass), so ``predict`` of an image and ``segment`` of the same pixels give the same
+maps everywhere with ``white``, and beyond the model's context of the image's edge with ``mirror``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pronet_wsi.model import ModelBundle, load_model, resolve_model_dir
 from pronet_wsi.postprocess import PostprocessConfig, Segmentation, postprocess
 from pronet_wsi.runtime import RUNTIMES, OpenVINOForward, choose_runtime
 from pronet_wsi.tiling import TileGrid, TilingConfig
+
+BEYOND_EDGE = ("mirror", "white")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -57,6 +60,9 @@ class InferenceConfig:
     runtime : the CPU forward's engine: ``auto`` (OpenVINO when installed, else PyTorch; env
         ``PRONET_WSI_RUNTIME`` overrides), ``torch`` or ``openvino`` (see :mod:`pronet_wsi.runtime`).
     threads : CPU threads of the OpenVINO forward (0 = all cores); PyTorch uses ``torch.get_num_threads()``.
+    beyond_edge : what an image tile reads beyond the image's edge: ``mirror`` (the default: an image is a crop
+        of tissue, and white there cost the shipped model 0.08 validation AJI on NuInsSeg's small images) or
+        ``white`` (glass, as ``segment`` reads beyond a slide's edge: then ``predict`` equals ``segment`` exactly).
     """
 
     device: str = "auto"
@@ -66,8 +72,11 @@ class InferenceConfig:
     tta: bool = False
     runtime: str = "auto"
     threads: int = 0
+    beyond_edge: str = "mirror"
 
     def __post_init__(self) -> None:
+        if self.beyond_edge not in BEYOND_EDGE:
+            raise InputError(f"beyond_edge={self.beyond_edge!r}: must be one of {', '.join(BEYOND_EDGE)}")
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime={self.runtime!r}: must be one of {', '.join(RUNTIMES)}")
         if self.threads < 0:
@@ -187,17 +196,18 @@ class Predictor:
         typed model.
         """
         return predict_tiled(self, image, TilingConfig(self.config.window_px, self.context_px),
-                             self.config.batch_size)
+                             self.config.batch_size, self.config.beyond_edge)
 
 
-def predict_tiled(model, image: np.ndarray, tiling: TilingConfig, batch_size: int = 1) -> dict[str, np.ndarray]:
+def predict_tiled(model, image: np.ndarray, tiling: TilingConfig, batch_size: int = 1,
+                  beyond_edge: str = "mirror") -> dict[str, np.ndarray]:
     """Maps of an (H, W, 3) uint8 image from the tiles of ``TileGrid(image.shape[:2], tiling)``.
 
-    Each tile reads its core plus ``tiling.halo_px`` on every side (the image's mirror
-    beyond its edge, :func:`read_tile`) and keeps its core; the cores partition the
-    image. ``segment`` with the same tiling computes exactly these maps in every core, so with a halo of at least
-    the model's ``context_px`` an image predicted here and the same pixels segmented as a slide give the same
-    nuclei beyond that context of the image's edge. ``model`` is anything with ``predict_batch`` ((B, h, w, 3)
+    Each tile reads its core plus ``tiling.halo_px`` on every side (beyond the image's edge as ``beyond_edge``
+    says, :func:`read_tile`) and keeps its core; the cores partition the image. ``segment`` with the same tiling
+    computes exactly these maps in every core, so with a halo of at least the model's ``context_px`` an image
+    predicted here and the same pixels segmented as a slide give the same nuclei: everywhere with ``white``,
+    beyond that context of the image's edge with ``mirror``. ``model`` is anything with ``predict_batch`` ((B, h, w, 3)
     uint8 -> maps with a batch axis).
 
     Returns
@@ -212,7 +222,7 @@ def predict_tiled(model, image: np.ndarray, tiling: TilingConfig, batch_size: in
     out: dict[str, np.ndarray] = {}
     for i in range(0, len(tiles), batch_size):
         chunk = tiles[i : i + batch_size]
-        maps = model.predict_batch(np.stack([read_tile(image, t.read) for t in chunk]))
+        maps = model.predict_batch(np.stack([read_tile(image, t.read, beyond_edge) for t in chunk]))
         for name, m in maps.items():
             if name not in out:
                 out[name] = np.zeros((*m.shape[1:-2], *image.shape[:2]), np.float32)
@@ -223,13 +233,18 @@ def predict_tiled(model, image: np.ndarray, tiling: TilingConfig, batch_size: in
     return out
 
 
-def read_tile(image: np.ndarray, box: Box) -> np.ndarray:
+def read_tile(image: np.ndarray, box: Box, beyond_edge: str = "mirror") -> np.ndarray:
     """The integer ``box`` (processing frame = the image's pixels) of an (H, W, 3) image; beyond its edge the
-    image's mirror (reflect about the edge pixel), as the network saw crops in training. An image is a crop of
-    tissue: white there (what ``segment`` reads beyond a slide, which is glass) cost the shipped model 0.08
-    validation AJI on NuInsSeg's small images."""
+    image's mirror (reflect about the edge pixel, as the network saw crops in training) or ``white`` (255, what
+    a slide read gives beyond the slide)."""
     x0, y0, x1, y1 = (int(v) for v in box.as_tuple())
     h, w = image.shape[:2]
+    if beyond_edge == "white":
+        out = np.full((y1 - y0, x1 - x0, *image.shape[2:]), 255, image.dtype)
+        r0, c0, r1, c1 = max(y0, 0), max(x0, 0), min(y1, h), min(x1, w)
+        if r1 > r0 and c1 > c0:
+            out[r0 - y0 : r1 - y0, c0 - x0 : c1 - x0] = image[r0:r1, c0:c1]
+        return out
     rows, cols = _mirror_index(np.arange(y0, y1), h), _mirror_index(np.arange(x0, x1), w)
     return image[rows[:, None], cols[None, :]]
 

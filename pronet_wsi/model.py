@@ -10,6 +10,7 @@ decoder's full-resolution features.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -228,7 +229,9 @@ def save_model(model: PRONet, path: str | Path, thresholds: PostprocessConfig = 
     if extra:
         cfg["extra"] = {**cfg.get("extra", {}), **extra}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path / WEIGHTS_FILE, lambda tmp: torch.save(state, tmp))
+    buf = io.BytesIO()  # not torch.save(tmp): the archive would be named after the random temporary file, so the
+    torch.save(state, buf)  # same weights would get another sha256 (the model's identity) on every save
+    atomic_write(path / WEIGHTS_FILE, lambda tmp: tmp.write_bytes(buf.getvalue()))
     cfg["weights_sha256"] = sha256_file(path / WEIGHTS_FILE)
     atomic_text(path / "config.json", json.dumps(cfg, indent=2) + "\n")
     atomic_text(path / "thresholds.json", json.dumps(asdict(thresholds), indent=2) + "\n")

@@ -109,6 +109,26 @@ def test_predict_writes_a_table_of_nuclei_matching_the_label_map(tmp_path, typed
             assert r["class"] == "Nucleus" and r["class_probability"] == ""
 
 
+def test_predict_beyond_edge_white_reads_glass_beyond_the_image(tmp_path, monkeypatch):
+    """``--beyond-edge white`` makes the tiles read white beyond the image's edge (what ``segment`` reads beyond a
+    slide); the default reads the image's mirror."""
+    import pronet_wsi.inference as inference
+
+    seen: list[np.ndarray] = []
+    read = inference.read_tile
+    monkeypatch.setattr(inference, "read_tile", lambda im, box, edge="mirror": seen.append(read(im, box, edge))
+                        or seen[-1])
+    _calling_model(tmp_path / "m")
+    img, _, _ = synthetic_nuclei((96, 96), 8)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    for edge in ("mirror", "white"):
+        res = run("predict", tmp_path / "a.png", "-o", tmp_path / edge, "-m", tmp_path / "m", "--beyond-edge", edge)
+        assert res.exit_code == 0, res.output
+    mirror, white = seen  # one tile each: the 96 px image and the model's context around it
+    assert white.shape == mirror.shape and white.shape[0] > 96
+    assert (white == 255).all(-1).mean() > 0.5 and (mirror == 255).all(-1).mean() < 0.1
+
+
 def test_predict_cells_writes_a_cell_label_map(tmp_path):
     import csv
 

@@ -51,6 +51,11 @@ def test_read_tile_mirrors_the_image_beyond_its_edge():
     np.testing.assert_array_equal(tile[:2, 4:], img[2:0:-1, :8])  # reflect about the edge pixel
     np.testing.assert_array_equal(tile[12:, 4:], img[8:4:-1, :8])
     np.testing.assert_array_equal(tile[2:12, :4], img[:, 4:0:-1])
+    white = read_tile(img, Box(-4, -2, 8, 14), "white")
+    np.testing.assert_array_equal(white[2:12, 4:], img[:, :8])
+    assert (white[:2] == 255).all() and (white[12:] == 255).all() and (white[:, :4] == 255).all()
+    with pytest.raises(InputError, match="beyond_edge"):
+        InferenceConfig(beyond_edge="zero")
 
 
 def test_tiled_prediction_equals_one_pass_of_a_real_network():
@@ -82,8 +87,10 @@ class _ContextOracle(OracleModel):
         maps["foreground"] = np.where(near_white, 0, maps["foreground"]).astype(np.float32)
         return maps
 
+    beyond_edge = "mirror"
+
     def predict_image(self, image):
-        return predict_tiled(self, image, TilingConfig(1024, self.context_px), batch_size=2)
+        return predict_tiled(self, image, TilingConfig(1024, self.context_px), 2, self.beyond_edge)
 
 
 def _disk_grid(side: int, seed: int) -> np.ndarray:
@@ -105,8 +112,8 @@ def _disk_grid(side: int, seed: int) -> np.ndarray:
 
 def test_predict_of_a_large_image_equals_segment_of_it(tmp_path):
     """Acceptance (issue 18.3): ``predict`` of a 3000 x 3000 image and ``segment`` of the same pixels as a slide
-    give the same nuclei, pixel for pixel (ids aside), except within the model's context of the image's edge,
-    where ``predict`` sees the image's mirror (a crop of tissue) and ``segment`` white (glass beyond a slide)."""
+    give the same nuclei, pixel for pixel (ids aside): everywhere when predict reads white beyond the image's edge
+    (as segment beyond a slide), and beyond the model's context of the edge with the default mirror."""
     import zarr
 
     from pronet_wsi.export import read_geojson
@@ -116,20 +123,27 @@ def test_predict_of_a_large_image_equals_segment_of_it(tmp_path):
     path = write_oracle_slide(tmp_path / "big.tif", labels, tile_px=512)
     rgb = id_colours(labels)
     model = _ContextOracle()
-    predicted = segment_image(rgb, model).labels
     cfg = SegmentConfig(tiling=TilingConfig(1024, model.context_px), use_tissue_mask=False, labels_zarr=True)
     res = segment_slide(path, tmp_path / "out", model, cfg)
     segmented = zarr.open_array(str(tmp_path / "out" / "big_labels.zarr"))[:]
     assert res.n_nuclei == len(read_geojson(res.geojson)["features"]) > 3000
+    model.beyond_edge = "white"
+    _assert_same_nuclei(segment_image(rgb, model).labels, segmented, n_min=3000)
+    model.beyond_edge = "mirror"
+    mirrored = segment_image(rgb, model).labels
     m = model.context_px + 32  # beyond the edge band the two see the same pixels
-    predicted, segmented = predicted[m:-m, m:-m], segmented[m:-m, m:-m]
-    assert ((predicted > 0) == (segmented > 0)).all()
-    pairs = np.unique(np.stack([predicted[predicted > 0], segmented[predicted > 0]]), axis=1)
-    n = len(np.unique(predicted[predicted > 0]))
-    assert n > 2500 and pairs.shape[1] == n  # one segment id per predicted nucleus and vice versa
+    _assert_same_nuclei(mirrored[m:-m, m:-m], segmented[m:-m, m:-m], n_min=2500)
+    # the context mattered: nuclei at the image's edge lost pixels near the white beyond it, not in the mirror
+    assert (segmented > 0).sum() < (mirrored > 0).sum() <= (labels > 0).sum()
+
+
+def _assert_same_nuclei(a: np.ndarray, b: np.ndarray, n_min: int) -> None:
+    """The same foreground and a one-to-one map between the ids of ``a`` and ``b``, with at least ``n_min``."""
+    assert ((a > 0) == (b > 0)).all()
+    pairs = np.unique(np.stack([a[a > 0], b[a > 0]]), axis=1)
+    n = len(np.unique(a[a > 0]))
+    assert n >= n_min and pairs.shape[1] == n
     assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == n
-    # the context mattered: nuclei at the image's edge lost pixels near the white beyond it
-    assert (predicted > 0).sum() < (labels > 0).sum()
 
 
 def test_predict_batch_validates_input():

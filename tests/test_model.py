@@ -63,6 +63,13 @@ def test_save_load_round_trip(tmp_path):
     assert json.loads((tmp_path / "m" / "config.json").read_text())["width"] == 0.1
 
 
+def test_the_same_weights_saved_twice_have_the_same_sha256(tmp_path):
+    """The weights' sha256 is the model's identity (resume, feature ids): it must not depend on the save."""
+    model = PRONet(ModelConfig(width=0.0625))
+    sha = [json.loads((save_model(model, tmp_path / d) / "config.json").read_text())["weights_sha256"] for d in "ab"]
+    assert sha[0] == sha[1]
+
+
 def test_load_model_errors(tmp_path):
     with pytest.raises(InputError, match="not a model folder"):
         load_model(tmp_path)

@@ -31,6 +31,7 @@ from scipy import ndimage as ndi
 
 from pronet_wsi.errors import InputError
 from pronet_wsi.files import atomic_write
+from pronet_wsi.geometry import as_points_xy
 
 log = logging.getLogger(__name__)
 CSV_SUFFIXES = (".csv",)
@@ -144,7 +145,7 @@ def _read_csv(path: Path) -> tuple[np.ndarray, list[str]]:
 
 def write_points_csv(path: str | os.PathLike, points_xy: np.ndarray, classes: list[str] | None = None) -> None:
     """Write ``x,y`` rows (``x,y,class`` with ``classes``) with full float precision, atomically."""
-    pts = _as_points(points_xy)
+    pts = as_points_xy(points_xy)
     if classes is not None:
         if len(classes) != len(pts):
             raise ValueError(f"{len(classes)} classes for {len(pts)} points")
@@ -327,7 +328,7 @@ def write_points_geojson(path: str | os.PathLike, points_xy: np.ndarray, name: s
 
     No points gives a FeatureCollection without features.
     """
-    pts = _as_points(points_xy)
+    pts = as_points_xy(points_xy)
     features = []
     if len(pts):
         features.append({
@@ -339,20 +340,9 @@ def write_points_geojson(path: str | os.PathLike, points_xy: np.ndarray, name: s
     atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _as_points(points_xy: np.ndarray) -> np.ndarray:
-    pts = np.asarray(points_xy, np.float64)
-    if pts.size == 0:
-        return pts.reshape(0, 2)
-    if pts.ndim != 2 or pts.shape[1] != 2:
-        raise ValueError(f"points_xy has shape {pts.shape}; expected (N, 2) (x, y)")
-    if not np.isfinite(pts).all():
-        raise ValueError("points_xy holds NaN or infinite coordinates")
-    return pts
-
-
 def inside_image(points_xy: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """(N,) bool: which points fall on a pixel of an image of ``shape`` (H, W)."""
-    pts = _as_points(points_xy)
+    pts = as_points_xy(points_xy)
     h, w = shape[:2]
     x, y = pts[:, 0], pts[:, 1]
     return (x >= 0) & (x < w) & (y >= 0) & (y < h)
@@ -375,7 +365,7 @@ def clip_points(points_xy: np.ndarray, shape: tuple[int, int], drop_outside: boo
     points_xy : (M, 2) float64, the points inside, in input order.
     n_dropped : int, how many were dropped (0 unless ``drop_outside``).
     """
-    pts = _as_points(points_xy)
+    pts = as_points_xy(points_xy)
     keep = inside_image(pts, shape)
     n_out = int((~keep).sum())
     if n_out and not drop_outside:
@@ -424,7 +414,7 @@ def shift_points(points_xy: np.ndarray, min_px: float, max_px: float, shape: tup
     """
     if not (0 <= min_px <= max_px):
         raise ValueError(f"shift range [{min_px}, {max_px}]: need 0 <= min_px <= max_px")
-    pts = _as_points(points_xy)
+    pts = as_points_xy(points_xy)
     rng = np.random.default_rng(seed)
     dist = rng.uniform(min_px, max_px, len(pts))
     angle = rng.uniform(0.0, 2.0 * np.pi, len(pts))
