@@ -66,7 +66,8 @@ class TrainConfig:
     ``classes``: nucleus classes of the type head (default: the classes of the training points; none = untyped).
     ``freeze_trunk``: train only the type head (the start model's nuclei stay exactly as they were).
     ``type_lr_factor``: the type head's learning rate is ``lr`` times this (a new head starts from random weights
-    while the trunk is already trained).
+    while the trunk is already trained); None (the fine-tune recipe's) = by the number of classed clicks,
+    :func:`type_lr_factor_for`.
     ``radius_px``: the centre heatmap's radius of a new model (a model started from ``init`` keeps its own;
     ``mpp`` and ``width`` left None take the start model's, see :meth:`recipe`).
     ``holdout``: without validation images, this share of the training images (at least one) is held back and
@@ -111,7 +112,7 @@ class TrainConfig:
     freeze_trunk: bool = False
     holdout: float = 0.0
     holdout_radius_um: float = 3.0
-    type_lr_factor: float = 1.0
+    type_lr_factor: float | None = 1.0
     pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
@@ -189,9 +190,22 @@ RECIPES: dict[str, dict] = {
 # (the model already finds nuclei), the full-image predictions every 3rd epoch (they cost a forward pass over
 # every image). Used for the shipped model's second stage (models/pronet-multilab/MODEL_CARD.md).
 FINE_TUNE: dict = dict(lr=5e-4, warmup_epochs=0, offset_start_epoch=0, refine_start_epoch=0, predict_every=3,
-                       epochs=40, patches_per_image=8, val_every=3, type_lr_factor=5.0, min_patches=64)
-# type_lr_factor 5: a new type head on a trained trunk; on CoNSeP (15 min, all clicks) the held-back clicks scored
-# 0.660 with it vs 0.630 at 1x (benchmarks/RESULTS.md, "Nucleus types").
+                       epochs=40, patches_per_image=8, val_every=3, type_lr_factor=None, min_patches=64)
+# type_lr_factor None: by the number of classed clicks (type_lr_factor_for).
+MANY_TYPED_CLICKS = 5000
+"""From this many classed clicks on, a new type head learns at 5x the rate, below it at 1x. Measured (benchmarks/
+RESULTS.md, "Nucleus types"; mean class F1 on the test splits): 5x wins with all clicks (CoNSeP 17,033: held-back
+clicks 0.660 vs 0.630 at 1x; CRCHisto 13,698: 0.417 vs 0.252), 1x with ten images (CoNSeP 344 clicks: 0.405 vs
+0.359; CRCHisto 2,487 classed: 0.350 vs 0.239)."""
+
+
+def type_lr_factor_for(n_typed_clicks: int) -> float:
+    """The type head's learning-rate factor for a run with ``n_typed_clicks`` classed clicks.
+
+    >>> type_lr_factor_for(344), type_lr_factor_for(17033)
+    (1.0, 5.0)
+    """
+    return 5.0 if n_typed_clicks >= MANY_TYPED_CLICKS else 1.0
 
 
 def _lr_factor(config: TrainConfig, epoch: int, minutes: float = 0.0) -> float:
@@ -216,26 +230,55 @@ def _predict_full(predictor: Predictor, images: list[np.ndarray]) -> list[dict[s
 
 def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items: list | None = None,
           resume: bool = False, progress: bool = True) -> Path:
-    """Train PRONet on ``train_items`` = [(name, image uint8 HxWx3, points_xy Nx2)], write ``outdir``.
+    """Train PRONet on ``train_items`` = [(name, image uint8 HxWx3, points_xy Nx2[, region[, classes]])], write
+    ``outdir``.
 
     ``outdir`` becomes a model folder (config.json, thresholds.json, weights.pt) with ``train/`` holding
     checkpoint.pt, log.csv, curve.png, train_config.json and the pseudo-label cache. ``val_items`` =
-    [(name, image, gt instance map)] are used for validation scores and threshold tuning.
+    [(name, image, gt instance map)] are used for validation scores and threshold tuning; without them, a
+    ``config.holdout`` share of the training images is held back and its clicks validate.
 
-    Each epoch: learning rate -> :func:`predict_and_refine` (offset targets; E-step, Eq. 5) -> :func:`m_step_epoch`
-    (Eq. 2-4, 6) -> log, validation, checkpoint.
+    The algorithm is the paper's section 2: pseudo labels from the points (2.1, :func:`prepare_samples`), then each
+    epoch :func:`em_epoch` (E-step, Eq. 5; M-step, Eq. 2-4 and 6). :class:`_Run` keeps the books beside it (log,
+    validation, best epoch, checkpoint, time limit) and :func:`_finish` tunes and saves the model.
     """
     outdir = Path(outdir)
-    work = outdir / "train"
-    work.mkdir(parents=True, exist_ok=True)
-    ckpt_path = work / CHECKPOINT
-    if resume and not ckpt_path.exists():
-        raise InputError(f"--resume: no checkpoint in {work}; start without --resume")
-    if not resume and ckpt_path.exists():
-        raise InputError(f"{outdir} already holds a training run; pass --resume to continue it or choose a new -o")
+    _check_run_folder(outdir, resume)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
+    config = with_point_classes(config, train_items)
+    held: list = []
+    if config.holdout and not val_items:
+        train_items, held = split_holdout(train_items, config.holdout, config.seed)
+    work = outdir / "train"
+    work.mkdir(parents=True, exist_ok=True)
+    samples = prepare_samples(train_items, config.pseudo, work / "cache", config.classes)  # V, K, cells (2.1)
+    predictor, opt = _learner(config, start_model(config, samples))
+    run = _Run(config, work, predictor, opt, samples, val_items or [], held, resume, progress)
+    mcfg = predictor.bundle.config
+    dataset = PatchDataset(samples, config.patch_px, config.patches_per_image, mcfg.center_radius_px, mcfg.mean,
+                           mcfg.std, config.augment, config.seed, by_area=config.patches_by_area,
+                           min_patches=max(config.batch_size, config.min_patches))
+    for epoch in range(run.start_epoch, config.epochs):
+        _set_learning_rate(opt, config, epoch, run.minutes())
+        stats = em_epoch(config, epoch, predictor, opt, samples, dataset)
+        if run.end_epoch(epoch, stats):
+            break
+    return _finish(config, run, outdir)
+
+
+def _check_run_folder(outdir: Path, resume: bool) -> None:
+    """An InputError when ``--resume`` finds no run in ``outdir``, or a new run would overwrite one."""
+    if resume and not (outdir / "train" / CHECKPOINT).exists():
+        raise InputError(f"--resume: no checkpoint in {outdir / 'train'}; start without --resume")
+    if not resume and (outdir / "train" / CHECKPOINT).exists():
+        raise InputError(f"{outdir} already holds a training run; pass --resume to continue it or choose a new -o")
+
+
+def with_point_classes(config: TrainConfig, train_items: list) -> TrainConfig:
+    """``config`` with the clicks' classes (when it names none) and, for a typed run, type-loss weights that
+    balance the classes' click counts (when it gives none)."""
     if not config.classes and item_classes(train_items):
         config = replace(config, classes=item_classes(train_items))
     if config.classes and not config.loss.class_weights:
@@ -243,113 +286,155 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
                   for name in config.classes]
         config = replace(config, loss=replace(config.loss, class_weights=balanced_class_weights(counts)))
         log.info("type loss weights %s for %s clicks of %s", config.loss.class_weights, counts, config.classes)
+    if config.type_lr_factor is None:
+        n = sum(c in config.classes for it in train_items if len(it) > 4 and it[4] for c in it[4])
+        config = replace(config, type_lr_factor=type_lr_factor_for(n))
+        if config.classes:
+            log.info("type head learning rate %gx (%d classed clicks)", config.type_lr_factor, n)
     if config.freeze_trunk and not config.classes:
         raise InputError("--freeze-trunk trains only the type head; the points carry no classes")
-    held: list = []
-    if config.holdout and not val_items:
-        train_items, held = split_holdout(train_items, config.holdout, config.seed)
+    return config
 
-    samples = prepare_samples(train_items, config.pseudo, work / "cache", config.classes)  # V, K, cells (2.1)
-    bundle = start_model(config, samples)
-    # runtime torch: validation must see the weights as they train, not a graph converted at the start
+
+def _learner(config: TrainConfig, bundle: ModelBundle) -> tuple[Predictor, torch.optim.Optimizer]:
+    """The network to train (as a PyTorch Predictor: validation must see the weights as they train, not a graph
+    converted at the start) and its optimiser: the type head at ``type_lr_factor`` times the rate, the trunk
+    fixed with ``freeze_trunk``."""
     predictor = Predictor(bundle, InferenceConfig(device=config.device, amp=config.amp, runtime="torch"))
-    model, mcfg, thresholds = predictor.model, bundle.config, bundle.thresholds
+    model = predictor.model
     groups: list[dict] = [{"params": model.trunk_parameters(), "lr_factor": 1.0}]
     if model.head_type is not None:
-        groups.append({"params": list(model.head_type.parameters()), "lr_factor": config.type_lr_factor})
+        groups.append({"params": list(model.head_type.parameters()), "lr_factor": config.type_lr_factor or 1.0})
     if config.freeze_trunk:
         for p in model.trunk_parameters():
             p.requires_grad_(False)
         groups = groups[1:]
-    opt = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
-    start_epoch, elapsed0 = restore_checkpoint(ckpt_path, model, opt, samples) if resume else (0, 0.0)
-    if start_epoch >= config.epochs:
-        raise InputError(f"--resume: the run in {outdir} has trained {start_epoch} epochs of {config.epochs}; give "
-                         f"--epochs more than {start_epoch} to continue it")
-    (work / "train_config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
-    dataset = PatchDataset(samples, config.patch_px, config.patches_per_image, mcfg.center_radius_px, mcfg.mean,
-                           mcfg.std, config.augment, config.seed, by_area=config.patches_by_area,
-                           min_patches=max(config.batch_size, config.min_patches))
-    log_path = work / "log.csv"
-    fields = ["epoch", "minutes", "lr", "loss", "voronoi", "cluster", "center", "offset", "type", "mean_movement",
-              "val_object_dice", "val_aji", "val_clicks"]
-    if not resume or not log_path.exists():
-        with open(log_path, "w", newline="") as f:
-            csv.writer(f).writerow(fields)
-    else:  # a run started by an older version keeps its columns
-        with open(log_path, newline="") as f:
-            fields = next(csv.reader(f), fields)
-        _truncate_log(log_path, start_epoch)  # rows of epochs after the checkpoint are redone, not repeated
-    t0 = time.monotonic() - elapsed0
-    bar = progress_bar(config.epochs, "epochs", "ep", initial=start_epoch, enabled=progress, leave=True)
-    epoch = start_epoch - 1
+    return predictor, torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _set_learning_rate(opt: torch.optim.Optimizer, config: TrainConfig, epoch: int, minutes: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = config.lr * g.get("lr_factor", 1.0) * _lr_factor(config, epoch, minutes)
+
+
+def em_epoch(config: TrainConfig, epoch: int, predictor: Predictor, opt: torch.optim.Optimizer,
+             samples: list[Sample], dataset: PatchDataset) -> dict[str, float]:
+    """One epoch of the paper's EM (section 2): the E-step predicts every image (every ``predict_every`` epochs):
+    its masks give the offset targets (2.2) and, once refinement starts, each point moves to its cell's
+    offset-vote peak (Eq. 5); the M-step minimises Eq. 2-4 and 6 over the epoch's patches. Returns the mean loss
+    terms and ``mean_movement`` of the points (px; NaN without an E-step)."""
     assert config.offset_start_epoch is not None and config.refine_start_epoch is not None  # __post_init__
-    for epoch in range(start_epoch, config.epochs):
-        for g in opt.param_groups:
-            g["lr"] = config.lr * g.get("lr_factor", 1.0) * _lr_factor(config, epoch, (time.monotonic() - t0) / 60)
-        use_offsets = config.use_offsets and epoch >= config.offset_start_epoch and not config.freeze_trunk
-        refine = use_offsets and config.use_refinement and epoch >= config.refine_start_epoch
-        movement = float("nan")
-        t_epoch = time.monotonic()
-        if (use_offsets or refine) and (epoch % config.predict_every == 0
-                                        or any(s.pred_mask is None for s in samples)):
-            movement = predict_and_refine(predictor, samples, config.refine if refine else None)
-        elif config.freeze_trunk and any(s.pred_mask is None for s in samples):  # the fixed trunk's mask, once:
-            predict_and_refine(predictor, samples, None)  # the type target needs it for pale nuclei
-        t_pred = time.monotonic() - t_epoch
-        dataset.epoch = epoch
-        loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                                             generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-        sums, n = m_step_epoch(predictor, opt, loader, config.loss, use_offsets, config.freeze_trunk)
-        log.info("epoch %d: predict+refine %.1f s, %d steps %.1f s", epoch, t_pred, n,
-                 time.monotonic() - t_epoch - t_pred)
-        row = {"epoch": epoch, "minutes": round((time.monotonic() - t0) / 60, 3), "lr": opt.param_groups[0]["lr"],
-               **{k: round(v / n, 5) for k, v in sums.items()}, "mean_movement": movement,
+    use_offsets = config.use_offsets and epoch >= config.offset_start_epoch and not config.freeze_trunk
+    refine = use_offsets and config.use_refinement and epoch >= config.refine_start_epoch
+    unpredicted = any(s.pred_mask is None for s in samples)
+    movement = float("nan")
+    t0 = time.monotonic()
+    if (use_offsets or refine) and (epoch % config.predict_every == 0 or unpredicted):
+        movement = predict_and_refine(predictor, samples, config.refine if refine else None)
+    elif config.freeze_trunk and unpredicted:  # the fixed trunk's mask, once: the type target needs it for pale
+        predict_and_refine(predictor, samples, None)  # nuclei
+    t_pred = time.monotonic() - t0
+    dataset.epoch = epoch
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+    sums, n = m_step_epoch(predictor, opt, loader, config.loss, use_offsets, config.freeze_trunk)
+    log.info("epoch %d: predict+refine %.1f s, %d steps %.1f s", epoch, t_pred, n, time.monotonic() - t0 - t_pred)
+    return {**{k: v / n for k, v in sums.items()}, "mean_movement": movement}
+
+
+class _Run:
+    """The books of a training run, kept beside the algorithm: ``log.csv``, validation every ``val_every``
+    epochs (ground-truth AJI on ``val_items``, or the ``held`` clicks) with the best epoch kept, the checkpoint
+    after every epoch, the time limit and the progress bar. Opening one with ``resume`` restores weights,
+    optimiser and refined points from the checkpoint."""
+
+    FIELDS = ["epoch", "minutes", "lr", "loss", "voronoi", "cluster", "center", "offset", "type", "mean_movement",
+              "val_object_dice", "val_aji", "val_clicks"]
+
+    def __init__(self, config: TrainConfig, work: Path, predictor: Predictor, opt: torch.optim.Optimizer,
+                 samples: list[Sample], val_items: list, held: list, resume: bool, progress: bool) -> None:
+        self.config, self.work, self.predictor, self.opt, self.samples = config, work, predictor, opt, samples
+        self.val_items, self.held = val_items, held
+        self.epochs_done = 0
+        self.start_epoch, elapsed0 = (restore_checkpoint(work / CHECKPOINT, predictor.model, opt, samples)
+                                      if resume else (0, 0.0))
+        if self.start_epoch >= config.epochs:
+            raise InputError(f"--resume: the run in {work.parent} has trained {self.start_epoch} epochs of "
+                             f"{config.epochs}; give --epochs more than {self.start_epoch} to continue it")
+        (work / "train_config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
+        self.log_path = work / "log.csv"
+        self.fields = list(self.FIELDS)
+        if not resume or not self.log_path.exists():
+            with open(self.log_path, "w", newline="") as f:
+                csv.writer(f).writerow(self.fields)
+        else:  # a run started by an older version keeps its columns
+            with open(self.log_path, newline="") as f:
+                self.fields = next(csv.reader(f), self.fields)
+            _truncate_log(self.log_path, self.start_epoch)  # rows of epochs after the checkpoint are redone
+        self.t0 = time.monotonic() - elapsed0
+        self.bar = progress_bar(config.epochs, "epochs", "ep", initial=self.start_epoch, enabled=progress, leave=True)
+
+    def minutes(self) -> float:
+        return (time.monotonic() - self.t0) / 60
+
+    def end_epoch(self, epoch: int, stats: dict[str, float]) -> bool:
+        """Log, validate and checkpoint ``epoch``; True when it is the run's last (epochs or time used up)."""
+        config, model = self.config, self.predictor.model
+        row = {"epoch": epoch, "minutes": round(self.minutes(), 3), "lr": self.opt.param_groups[0]["lr"],
+               **{k: v if k == "mean_movement" else round(v, 5) for k, v in stats.items()},
                "val_object_dice": "", "val_aji": "", "val_clicks": ""}
-        last = epoch == config.epochs - 1 or _out_of_time(config, t0)
-        if val_items and (last or (epoch + 1) % config.val_every == 0):
-            vs = validate(predictor, val_items, thresholds)
+        last = epoch == config.epochs - 1 or _out_of_time(config, self.t0)
+        due = last or (epoch + 1) % config.val_every == 0
+        thresholds = self.predictor.bundle.thresholds
+        if self.val_items and due:
+            vs = validate(self.predictor, self.val_items, thresholds)
             row["val_object_dice"], row["val_aji"] = round(vs.object_dice, 4), round(vs.aji, 4)
             if config.keep_best:
-                _keep_if_best(work / BEST, model, epoch, vs.aji)
-        if held and (last or (epoch + 1) % config.val_every == 0):
-            score = validate_clicks(predictor, held, thresholds, config.holdout_radius_um / mcfg.mpp)
-            row["val_clicks"] = round(score, 4)
+                _keep_if_best(self.work / BEST, model, epoch, vs.aji)
+        if self.held and due:
+            radius_px = config.holdout_radius_um / self.predictor.bundle.config.mpp
+            row["val_clicks"] = round(validate_clicks(self.predictor, self.held, thresholds, radius_px), 4)
             if config.keep_best:
-                _keep_if_best(work / BEST, model, epoch, score)
-        with open(log_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=fields, extrasaction="ignore").writerow(row)
-        _save_checkpoint(ckpt_path, model, opt, samples, epoch, time.monotonic() - t0)
-        bar.update(1)
-        bar.set_postfix(loss=row.get("loss"), val_aji=row["val_aji"] or None)
+                _keep_if_best(self.work / BEST, model, epoch, row["val_clicks"])
+        with open(self.log_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore").writerow(row)
+        _save_checkpoint(self.work / CHECKPOINT, model, self.opt, self.samples, epoch, time.monotonic() - self.t0)
+        self.epochs_done = epoch + 1
+        self.bar.update(1)
+        self.bar.set_postfix(loss=row.get("loss"), val_aji=row["val_aji"] or None)
         if last:
-            break
-    bar.close()
-    best = work / BEST
-    extra = {"epochs_trained": epoch + 1}
-    if (val_items or held) and config.keep_best and best.exists():
-        state = torch.load(best, map_location="cpu", weights_only=True)
+            self.bar.close()
+        return last
+
+
+def _finish(config: TrainConfig, run: _Run, outdir: Path) -> Path:
+    """The kept (best validated) epoch's weights, class weights tuned on the held-back clicks, thresholds tuned
+    on the validation images, then the model folder, the refined points and the training curve."""
+    predictor, work = run.predictor, run.work
+    model, mcfg, thresholds = predictor.model, predictor.bundle.config, predictor.bundle.thresholds
+    extra = {"epochs_trained": run.epochs_done}
+    if (run.val_items or run.held) and config.keep_best and (work / BEST).exists():
+        state = torch.load(work / BEST, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         extra["kept_epoch"] = int(state["epoch"])
         log.info("keeping epoch %d (validation score %.4f)", int(state["epoch"]), float(state["aji"]))
-    if held and mcfg.classes and config.tune_class_weights:
-        held_counts = {c: sum(list(it[4]).count(c) for it in held if len(it) > 4 and it[4] is not None)
+    if run.held and mcfg.classes and config.tune_class_weights:
+        held_counts = {c: sum(list(it[4]).count(c) for it in run.held if len(it) > 4 and it[4] is not None)
                        for c in mcfg.classes}
         if min(held_counts.values()) >= config.class_weight_min_clicks:
-            thresholds = tune_class_weights(predictor, held, thresholds, config.holdout_radius_um / mcfg.mpp)
+            thresholds = tune_class_weights(predictor, run.held, thresholds, config.holdout_radius_um / mcfg.mpp)
         else:
             log.info("class weights not tuned: held-back clicks per class %s (fewer than %d for some)", held_counts,
                      config.class_weight_min_clicks)
-    if val_items and config.tune_thresholds:
+    if run.val_items and config.tune_thresholds:
         areas = tuple(sorted({max(1, round(a / mcfg.mpp**2)) for a in config.tune_min_areas_um2}))
-        thresholds = tune_thresholds(predictor, val_items, thresholds, areas, config.tune_center_thresholds,
+        thresholds = tune_thresholds(predictor, run.val_items, thresholds, areas, config.tune_center_thresholds,
                                      config.tune_foreground_thresholds)
     model.eval()
     save_model(model.to("cpu").to(memory_format=torch.contiguous_format),  # type: ignore[call-overload]
-               outdir, thresholds,
-               extra={**extra, "train_minutes": round((time.monotonic() - t0) / 60, 2)})
-    _write_points(work, samples)
-    plot_curve(log_path, work / "curve.png")
+               outdir, thresholds, extra={**extra, "train_minutes": round(run.minutes(), 2)})
+    _write_points(work, run.samples)
+    plot_curve(run.log_path, work / "curve.png")
     return outdir
 
 

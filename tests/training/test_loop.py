@@ -287,8 +287,25 @@ def test_the_readme_states_the_fine_tune_settings():
     assert float(re.search(r"settings: lr (\S+) without warm-up", text).group(1)) == FINE_TUNE["lr"]
     assert f"{FINE_TUNE['epochs']} epochs of {FINE_TUNE['patches_per_image']} patches per megapixel" in text
     assert f"every {FINE_TUNE['predict_every']}rd epoch, validation every {FINE_TUNE['val_every']}rd epoch" in text
-    assert f"learning rate {FINE_TUNE['type_lr_factor']:g}x" in text
+    from pronet_wsi.training.loop import MANY_TYPED_CLICKS, type_lr_factor_for
+
+    assert FINE_TUNE["type_lr_factor"] is None  # by the click count:
+    assert (f"learning rate {type_lr_factor_for(MANY_TYPED_CLICKS):g}x from {MANY_TYPED_CLICKS:,} classed clicks on, "
+            f"{type_lr_factor_for(MANY_TYPED_CLICKS - 1):g}x below") in text
     assert FINE_TUNE["offset_start_epoch"] == FINE_TUNE["refine_start_epoch"] == 0  # "from the first epoch"
+
+
+def test_the_type_head_rate_follows_the_number_of_classed_clicks():
+    from pronet_wsi.training.loop import MANY_TYPED_CLICKS, with_point_classes
+
+    def items(n):
+        return [("a", None, np.zeros((n, 2)), None, ["T" if i % 2 else "S" for i in range(n)])]
+
+    few = with_point_classes(TrainConfig(type_lr_factor=None), items(MANY_TYPED_CLICKS - 1))
+    many = with_point_classes(TrainConfig(type_lr_factor=None), items(MANY_TYPED_CLICKS))
+    assert few.classes == many.classes == ("S", "T")
+    assert (few.type_lr_factor, many.type_lr_factor) == (1.0, 5.0)
+    assert with_point_classes(TrainConfig(type_lr_factor=2.0), items(10)).type_lr_factor == 2.0  # given: kept
 
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated"])
