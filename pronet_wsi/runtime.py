@@ -94,22 +94,32 @@ def pad_to_16(tiles: np.ndarray) -> np.ndarray:
     return np.pad(tiles, pads, mode="reflect") if h > ph and w > pw else np.pad(tiles, pads, mode="edge")
 
 
+def openvino_graph(model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+    """The OpenVINO model of :class:`MapsNet` (``model`` with its normalisation), any batch and tile size."""
+    import openvino as ov
+
+    net = MapsNet(model, mean, std).eval()
+    example = torch.zeros((1, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracing warnings: the padding branch is constant, inputs are padded
+        return ov.convert_model(net, example_input=example, input=[ov.PartialShape([-1, -1, -1, 3])])
+
+
 class OpenVINOForward:
     """A PRONet compiled by OpenVINO for the CPU: (B, H, W, 3) uint8 tiles -> the maps of ``Predictor``.
 
     bf16 : run in bfloat16 (OpenVINO's inference precision hint), as PyTorch's bf16 autocast does.
     threads : CPU threads for one inference (0 = OpenVINO's choice, all cores).
+    graph : an OpenVINO model to compile instead of :func:`openvino_graph` of ``model`` (e.g. a quantized one,
+        ``benchmarks/int8.py``).
     """
 
     def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], names: tuple[str, ...],
-                 bf16: bool, threads: int = 0) -> None:
+                 bf16: bool, threads: int = 0, graph=None) -> None:
         import openvino as ov
 
-        net = MapsNet(model, mean, std).eval()
-        example = torch.zeros((1, 64, 64, 3), dtype=torch.uint8)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracing warnings: the padding branch is constant, inputs are padded
-            graph = ov.convert_model(net, example_input=example, input=[ov.PartialShape([-1, -1, -1, 3])])
+        if graph is None:
+            graph = openvino_graph(model, mean, std)
         config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
                                      "PERFORMANCE_HINT": "LATENCY"}
         if threads:

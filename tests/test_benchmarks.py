@@ -23,6 +23,7 @@ def smoke_commands(tmp: Path) -> dict[str, list[str]]:
         "bench_stitch": ["--smoke"],
         "bench_pseudolabels": ["--smoke"],
         "runtimes": ["--smoke"],
+        "int8": ["--smoke"],
         "classical": ["--smoke"],
         "suggest_eval": ["--smoke"],
         "adapt": ["--lab", "consep", "--smoke", "-o", str(tmp / "adapt")],
