@@ -57,6 +57,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--calib", type=int, default=16, help="calibration crops per lab")
     parser.add_argument("--no-score", action="store_true", help="speed only")
+    parser.add_argument("--keep", action="append", default=[], metavar="REGEX",
+                        help="leave the graph's operations whose names match REGEX unquantized (repeatable; e.g. "
+                             "'.*head_.*' keeps the output heads in float)")
     parser.add_argument("--smoke", action="store_true", help="2 demo crops to calibrate, a 256 px input, no score")
     args = parser.parse_args()
     try:
@@ -87,7 +90,9 @@ def main() -> None:
     cfg = bundle.config
     t = time.perf_counter()
     graph = openvino_graph(bundle.model.eval(), cfg.mean, cfg.std)
-    quantized = nncf.quantize(graph, nncf.Dataset(tiles), subset_size=len(tiles))
+    scope = nncf.IgnoredScope(patterns=args.keep, validate=False) if args.keep else None
+    quantized = nncf.quantize(graph, nncf.Dataset(tiles), subset_size=len(tiles),
+                              **({"ignored_scope": scope} if scope else {}))
     quant_s = time.perf_counter() - t
     print(f"quantized on {len(tiles)} crops in {quant_s:.0f} s", file=sys.stderr)
 
@@ -106,7 +111,8 @@ def main() -> None:
         print(f"{name}: {s:.2f} s, {mpx / s:.2f} Mpx/s, max |d| vs f32 {d:.2e}", file=sys.stderr)
     print(record.banner(seed=0))
     print(f"OpenVINO {ov.__version__.split('-')[0]}, NNCF {nncf.__version__}; one {args.side}x{args.side} input, "
-          f"{args.threads} threads, median of {args.repeats}; calibration {len(tiles)} crops ({quant_s:.0f} s)")
+          f"{args.threads} threads, median of {args.repeats}; calibration {len(tiles)} crops ({quant_s:.0f} s)"
+          + (f"; kept unquantized: {', '.join(args.keep)}" if args.keep else ""))
     print("| graph | s | Mpx/s | x f32 | max abs diff vs f32 |")
     print("|---|---|---|---|---|")
     for name, s, rate, d in rows:
