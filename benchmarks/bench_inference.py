@@ -5,7 +5,8 @@
 Runs the shipped model (default) on random-free real-looking input (a synthetic H&E tile) in fp32 and with
 autocast (bf16 on CPUs that have it), batch 1 and 4; prints a table. Goal for the shipped model: >= 1 Mpx/s
 on 2 CPU cores. ``--type-head K`` also times the same weights with a K-class type head (random), interleaved
-with the untyped model in one run, and prints the time ratio (the cost of nucleus types).
+with the untyped model in one run, and prints the time ratio (the cost of nucleus types); and the typed model
+with a nucleus classifier (``pronet_wsi.classify``; its features per nucleus are the extra cost).
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ def main() -> None:
 
 
 def compare_type_head(model_dir, k: int, size: int, repeats: int) -> None:
-    """Untyped vs the same weights plus a k-class type head, interleaved (forward + post-processing)."""
+    """Untyped vs the same weights plus a k-class type head, without and with a nucleus classifier, interleaved
+    (forward + post-processing)."""
+    from pronet_wsi.classify import fit_classifier, nucleus_features
+
     bundle = load_model(model_dir)
     cfg = replace(bundle.config, classes=tuple(f"class{i}" for i in range(k)), class_colors=())
     net = PRONet(cfg)
@@ -72,23 +76,30 @@ def compare_type_head(model_dir, k: int, size: int, repeats: int) -> None:
     typed = ModelBundle(net.eval(), cfg, bundle.thresholds)
     img, _, _ = synthetic_nuclei((size, size), n_nuclei=size * size // 1500, seed=0)
     print(f"model {model_dir} +/- a {k}-class type head, {torch.get_num_threads()} threads, tile {size} px")
-    print("| precision | untyped Mpx/s | typed Mpx/s | typed / untyped time |")
-    print("|---|---|---|---|")
+    print("| precision | untyped Mpx/s | typed Mpx/s | typed / untyped time | typed + classifier Mpx/s | "
+          "typed + classifier / untyped time |")
+    print("|---|---|---|---|---|---|")
     for amp in ("off", "on"):
         ps = {"untyped": Predictor(bundle, InferenceConfig(amp=amp)),
               "typed": Predictor(typed, InferenceConfig(amp=amp))}
-        times: dict[str, list[float]] = {n: [] for n in ps}
-        for p in ps.values():
-            p.predict_batch(img[None])
+        ps["untyped"].predict_batch(img[None])  # warm-up (the typed model's is the next line)
+        seg = postprocess({kk: v[0] for kk, v in ps["typed"].predict_batch(img[None]).items()},
+                          bundle.thresholds)
+        y = np.random.default_rng(0).integers(0, k, seg.n)  # any classifier costs the same
+        clf = fit_classifier(nucleus_features(img, seg.labels, seg.type_probs, cfg.mpp), y, cfg.classes, cfg.mpp)
+        configs = {"untyped": bundle.thresholds, "typed": bundle.thresholds,
+                   "classifier": replace(bundle.thresholds, nucleus_classifier=clf)}
+        times: dict[str, list[float]] = {n: [] for n in configs}
         for _ in range(repeats):
-            for name, p in ps.items():
+            for name, config in configs.items():
+                p = ps["untyped" if name == "untyped" else "typed"]
                 t = time.perf_counter()
-                postprocess({kk: v[0] for kk, v in p.predict_batch(img[None]).items()}, p.postprocess_config)
+                postprocess({kk: v[0] for kk, v in p.predict_batch(img[None]).items()}, config, img)
                 times[name].append(time.perf_counter() - t)
         mpx = size**2 / 1e6
         name = "fp32" if amp == "off" else str(ps["untyped"].autocast_dtype).replace("torch.", "")
-        u, t = min(times["untyped"]), min(times["typed"])
-        print(f"| {name} | {mpx / u:.2f} | {mpx / t:.2f} | {t / u:.2f} |")
+        u, t, c = min(times["untyped"]), min(times["typed"]), min(times["classifier"])
+        print(f"| {name} | {mpx / u:.2f} | {mpx / t:.2f} | {t / u:.2f} | {mpx / c:.2f} | {c / u:.2f} |")
 
 
 if __name__ == "__main__":

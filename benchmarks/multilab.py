@@ -127,13 +127,16 @@ def train(outdir, without, init, max_minutes, epochs, lr, threads, patches_per_m
 @click.option("--mpp-in", type=float, default=None,
               help="Feed the images at this pixel size (resampled) and score against full-resolution labels.")
 @click.option("--tta", is_flag=True)
+@click.option("--upsample-maps", is_flag=True,
+              help="With --mpp-in finer than the model's: post-process on the maps upsampled (bilinear) to the "
+                   "input's pixels instead of on the model's grid with the labels scaled back.")
 @click.option("--no-record", is_flag=True, help="Print only (e.g. for validation-time choices).")
 @click.option("--runtime", default="auto", type=click.Choice(["auto", "torch", "openvino"]),
               help="The forward's engine (pronet_wsi/runtime.py).")
 @click.option("--amp", default="auto", type=click.Choice(["auto", "on", "off"]), help="off = fp32, on = bf16 on CPU.")
-def score(model_dir, split, tag, datasets, mpp_in, tta, no_record, runtime, amp) -> None:
+def score(model_dir, split, tag, datasets, mpp_in, tta, upsample_maps, no_record, runtime, amp) -> None:
     """Score a model folder on each dataset's ``split``; append rows to the results CSV."""
-    from pronet_wsi.inference import InferenceConfig, Predictor, resample_image, segment_image
+    from pronet_wsi.inference import InferenceConfig, Predictor, resample_image, resample_labels, segment_image
     from pronet_wsi.metrics import evaluate_image, mean_scores
 
     predictor = Predictor(model_dir, InferenceConfig(tta=tta, runtime=runtime, amp=amp))
@@ -142,11 +145,12 @@ def score(model_dir, split, tag, datasets, mpp_in, tta, no_record, runtime, amp)
         items = labs.load(name, split)
         scores = []
         for _, image, gt in items:
-            if mpp_in:
+            if mpp_in and upsample_maps:
+                low = resample_image(image, labs.MODEL_MPP / mpp_in)
+                pred = resample_labels(_upsampled_segment(low, predictor, mpp_in).labels, gt.shape)
+            elif mpp_in:
                 low = resample_image(image, labs.MODEL_MPP / mpp_in)
                 seg = segment_image(low, predictor, mpp=mpp_in)
-                from pronet_wsi.inference import resample_labels
-
                 pred = resample_labels(seg.labels, gt.shape)
             else:
                 pred = segment_image(image, predictor).labels
@@ -155,9 +159,35 @@ def score(model_dir, split, tag, datasets, mpp_in, tta, no_record, runtime, amp)
         row = {"model": tag, "dataset": name, "split": split, "images": len(items),
                "object_dice": round(m.object_dice, 4), "aji": round(m.aji, 4), "pixel_dice": round(m.pixel_dice, 4),
                "pq": round(m.pq, 4), "mpp_in": mpp_in or "", "tta": int(tta)}
-        click.echo(row)
+        click.echo({**row, "upsample_maps": upsample_maps})
         if not no_record:
             labs.append_csv(RESULTS, {k: row[k] for k in FIELDS}, seed=None)
+
+
+def _upsampled_segment(image, predictor, mpp: float):
+    """Instances of ``image`` (at ``mpp``) from the model's maps at its own (coarser) grid, upsampled to the
+    image's pixels before post-processing: offsets and the pixel-sized thresholds scaled by the factor."""
+    from dataclasses import replace
+
+    import torch
+    import torch.nn.functional as F
+
+    from pronet_wsi.inference import resample_image
+    from pronet_wsi.postprocess import postprocess
+
+    f = predictor.mpp / mpp
+    maps = predictor.predict_image(resample_image(image, 1 / f))
+    up = {}
+    for key, value in maps.items():
+        t = torch.as_tensor(np.asarray(value, np.float32))
+        t = t[None, None] if t.ndim == 2 else t[None]
+        t = F.interpolate(t, size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+        up[key] = (t[0] if np.asarray(value).ndim == 2 else t).numpy()
+    up["offsets"] = up["offsets"] * f
+    cfg = predictor.postprocess_config
+    nms = int(round(cfg.nms_px * f))
+    cfg = replace(cfg, min_area_px=int(round(cfg.min_area_px * f * f)), nms_px=nms + 1 - nms % 2)
+    return postprocess(up, cfg, image)
 
 
 @cli.command()

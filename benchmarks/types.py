@@ -47,6 +47,7 @@ import json
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -491,16 +492,17 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def cmd_reweight(args: argparse.Namespace) -> None:
-    """What `train` now does at its end (class weights on the held-back clicks), applied to a model trained
-    before it: the same held-back images (seed 0), the model folder copied to --out with the tuned weights."""
+    """What `train` now does at its end (class weights, then with --classifier a nucleus classifier, on the
+    held-back clicks), applied to a model trained before it: the same held-back images (the run's seed), the model
+    folder copied to --out with the new thresholds.json."""
     import json
     import shutil
 
     import torch
 
     from pronet_wsi.inference import Predictor
-    from pronet_wsi.training.dataset import load_items, resample_items
-    from pronet_wsi.training.loop import TrainConfig, split_holdout, tune_class_weights
+    from pronet_wsi.training.inputs import load_items, resample_items
+    from pronet_wsi.training.loop import TrainConfig, fit_types, split_holdout, tune_class_weights
 
     torch.set_num_threads(args.threads)
     data = Path(args.data) / args.set / args.split
@@ -508,9 +510,13 @@ def cmd_reweight(args: argparse.Namespace) -> None:
     train_cfg = TrainConfig.from_json(json.loads((Path(args.model) / "train" / "train_config.json").read_text()))
     items = resample_items(load_items(data / "images", data / "points"), _mpp(Path(args.data) / args.set, args.split)
                            / predictor.mpp)
-    _, held = split_holdout(items, train_cfg.holdout, train_cfg.seed)
-    thresholds = tune_class_weights(predictor, held, predictor.postprocess_config,
-                                    train_cfg.holdout_radius_um / predictor.mpp)
+    fit, held = split_holdout(items, train_cfg.holdout, train_cfg.seed)
+    radius_px = train_cfg.holdout_radius_um / predictor.mpp
+    plain = replace(predictor.postprocess_config, class_weights=(), nucleus_classifier=None)
+    if args.classifier:  # as `train` ends now
+        thresholds = fit_types(predictor, fit, held, plain, train_cfg)
+    else:
+        thresholds = tune_class_weights(predictor, held, plain, radius_px)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=False)
     for name in ("config.json", "weights.pt"):
@@ -518,7 +524,8 @@ def cmd_reweight(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
     (out / "thresholds.json").write_text(json.dumps(asdict(thresholds), indent=2) + "\n")
-    print(f"{out}: class weights {thresholds.class_weights} (from {len(held)} held-back images)")
+    print(f"{out}: class weights {thresholds.class_weights}, nucleus classifier "
+          f"{'kept' if thresholds.nucleus_classifier else 'none'} (from {len(held)} held-back images)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -543,6 +550,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split", default="train", help="the split the model trained on (train or train10)")
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True, help="new model folder")
+    p.add_argument("--classifier", action="store_true", help="then fit a nucleus classifier (pronet_wsi.classify)")
     p.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     if args.smoke and not ((labs.DATA / "consep").is_dir() and (labs.DATA / "crchisto").is_dir()):

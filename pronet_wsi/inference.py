@@ -301,7 +301,7 @@ def segment_image(image: np.ndarray, predictor: Predictor, mpp: float | None = N
     """
     scale = 1.0 if mpp is None else mpp / predictor.mpp
     work = resample_image(image, scale)
-    seg = postprocess(predictor.predict_image(work), config or predictor.postprocess_config)
+    seg = postprocess(predictor.predict_image(work), config or predictor.postprocess_config, work)
     if work.shape[:2] == image.shape[:2]:
         return seg
     labels = resample_labels(seg.labels, image.shape[:2])

@@ -266,9 +266,11 @@ def load_model(path: str | Path) -> ModelBundle:
         thresholds = PostprocessConfig(**json.loads(thr_file.read_text())) if thr_file.exists() else PostprocessConfig()
         if thresholds.class_weights and len(thresholds.class_weights) != len(config.classes):
             raise ValueError(f"class_weights: {len(thresholds.class_weights)} values for {len(config.classes)} classes")
+        if thresholds.nucleus_classifier is not None:
+            thresholds.nucleus_classifier.check_classes(config.classes)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         where = "thresholds.json" if "threshold" in str(exc) or "min_area" in str(exc) or "nms_px" in str(exc) \
-            or "class_weights" in str(exc) \
+            or "class_weights" in str(exc) or "nucleus_classifier" in str(exc) \
             or "grouping" in str(exc) else "config.json"
         raise InputError(f"{path / where}: broken model folder ({_first_line(exc)}); fix that field, or retrain or "
                          "reinstall the model") from exc

@@ -9,6 +9,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
+from pronet_wsi.classify import NucleusClassifier, classify
 from pronet_wsi.errors import InputError
 
 GROUPINGS = ("offsets", "nearest_center", "components")
@@ -23,6 +24,9 @@ class PostprocessConfig:
     (the Qu et al. 2019 baseline).
     class_weights : typed models: each class's mean probability is multiplied by its weight (then renormalised)
     before the arg-max; tuned on the held-back clicks by ``train`` (empty = 1 for every class).
+    nucleus_classifier : typed models: each nucleus's class from a logistic regression on its class probabilities,
+    shape and stain (:mod:`pronet_wsi.classify`) instead of the arg-max; fitted by ``train`` when it beats the
+    head on the held-back clicks (None = the head's arg-max with ``class_weights``).
     """
 
     center_threshold: float = 0.2
@@ -31,9 +35,12 @@ class PostprocessConfig:
     nms_px: int = 3
     grouping: str = "offsets"
     class_weights: tuple[float, ...] = ()
+    nucleus_classifier: NucleusClassifier | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))
+        if isinstance(self.nucleus_classifier, dict):  # read from thresholds.json
+            object.__setattr__(self, "nucleus_classifier", NucleusClassifier.from_json(self.nucleus_classifier))
         if not all(0 < w < float("inf") for w in self.class_weights):
             raise InputError(f"class_weights={self.class_weights}: must be finite numbers > 0")
         if not 0.0 < self.center_threshold < 1.0:
@@ -153,8 +160,10 @@ def group_pixels(foreground: np.ndarray, offsets: np.ndarray, centers_rc: np.nda
     return out
 
 
-def postprocess(maps: dict[str, np.ndarray], config: PostprocessConfig = PostprocessConfig()) -> Segmentation:
-    """Instances from one tile's maps.
+def postprocess(maps: dict[str, np.ndarray], config: PostprocessConfig = PostprocessConfig(),
+                image: np.ndarray | None = None) -> Segmentation:
+    """Instances from one tile's maps (``image``: the RGB pixels they came from, which a ``nucleus_classifier``
+    needs).
 
     ``maps`` holds ``foreground`` (H, W) probability, ``offsets`` (2, H, W) (dy, dx) px and ``centers``
     (H, W) probability, and for a typed model ``types`` (K, H, W) class probabilities (each instance's class is
@@ -205,8 +214,15 @@ def postprocess(maps: dict[str, np.ndarray], config: PostprocessConfig = Postpro
     if (~main).any():
         frag_ids = np.nonzero(~main)[0] + 1
         centers_rc[~main] = np.asarray(ndi.center_of_mass(labels > 0, labels, frag_ids), float).reshape(-1, 2)
-    type_probs = None if types is None else reweight_classes(mean_type_probs(labels, np.asarray(types, np.float32)),
-                                                             config.class_weights)
+    type_probs = None
+    if types is not None:
+        type_probs = mean_type_probs(labels, np.asarray(types, np.float32))
+        if config.nucleus_classifier is not None:
+            if image is None:
+                raise ValueError("a nucleus_classifier needs the image: postprocess(maps, config, image)")
+            type_probs = classify(image, labels, type_probs, config.nucleus_classifier)
+        else:
+            type_probs = reweight_classes(type_probs, config.class_weights)
     return Segmentation(labels, centers_rc, scores, type_probs)
 
 

@@ -122,11 +122,12 @@ def _colour_groups(colours: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def score_box(plain: dict[str, np.ndarray], mirrored_back: dict[str, np.ndarray],
-              postprocess_config: PostprocessConfig) -> dict[str, float]:
-    """:func:`box_unreliability`, plus ``type_uncertain`` (added to ``score``) when the maps carry ``types``."""
+              postprocess_config: PostprocessConfig, image: np.ndarray | None = None) -> dict[str, float]:
+    """:func:`box_unreliability`, plus ``type_uncertain`` (added to ``score``) when the maps carry ``types``
+    (``image``: the box's pixels, for a model with a nucleus classifier)."""
     score = box_unreliability(plain, mirrored_back)
     if "types" in plain:
-        tp = postprocess(plain, postprocess_config).type_probs
+        tp = postprocess(plain, postprocess_config, image).type_probs
         score["type_uncertain"] = type_uncertainty(tp if tp is not None else np.zeros((0, 1)))
         score["score"] += score["type_uncertain"]
     return score
@@ -134,11 +135,12 @@ def score_box(plain: dict[str, np.ndarray], mirrored_back: dict[str, np.ndarray]
 
 def suggestions(stem: str, boxes: list[Box], scores: list[dict], colours: np.ndarray, maps: list[dict],
                 side_px: int, config: SuggestConfig, postprocess_config: PostprocessConfig,
-                classes: tuple[str, ...] = (), class_colors=()) -> tuple[list[dict], dict]:
+                classes: tuple[str, ...] = (), class_colors=(),
+                images: list[np.ndarray] | None = None) -> tuple[list[dict], dict]:
     """The picked boxes as QuPath annotations, each with its model nuclei as Points; and a summary.
 
     boxes : level-0 candidate boxes; scores, colours (N, 3) mean RGB, maps : each box's (unmirrored) maps,
-    read at ``side_px`` model px.
+    read at ``side_px`` model px; images : each box's pixels (for a model with a nucleus classifier).
     """
     if not boxes:
         return [], {"regions": 0, "candidates": 0}
@@ -150,7 +152,7 @@ def suggestions(stem: str, boxes: list[Box], scores: list[dict], colours: np.nda
     features = []
     for rank, i in enumerate(picks, start=1):
         b, s = boxes[i], scores[i]
-        seg = postprocess(maps[i], postprocess_config)
+        seg = postprocess(maps[i], postprocess_config, None if images is None else images[i])
         pts = rc_to_xy(seg.centers_rc) * (side0 / side_px) + [b.x0, b.y0]  # level-0 continuous, as QuPath reads
         worst = max(("flip_disagreement", "uncertain", "type_uncertain"), key=lambda k: s.get(k, -1.0))
         reason = {"flip_disagreement": "the mirrored view disagrees", "uncertain": "foreground is uncertain",

@@ -488,7 +488,7 @@ def suggest_slide(slide_path: str | Path, out_path: str | Path, predictor, confi
         centres = candidate_centres(mask, ds, config.candidates)
         centres = np.clip(centres, side0 / 2, [max(w - side0 / 2, side0 / 2), max(h - side0 / 2, side0 / 2)])
         boxes = [Box(x - side0 / 2, y - side0 / 2, x + side0 / 2, y + side0 / 2) for x, y in centres]
-        scores, colours, maps_plain = [], [], []
+        scores, colours, maps_plain, pixels = [], [], [], []
         for start in range(0, len(boxes), batch_size):
             tiles = np.stack([slide.read_box(b, (side, side)) for b in boxes[start:start + batch_size]])
             views = predictor.predict_batch(np.concatenate([tiles, tiles[:, :, ::-1]]))
@@ -496,13 +496,14 @@ def suggest_slide(slide_path: str | Path, out_path: str | Path, predictor, confi
             for j in range(m):
                 plain = {k: v[j] for k, v in views.items()}
                 scores.append(score_box(plain, {"foreground": views["foreground"][m + j][:, ::-1]},
-                                        predictor.postprocess_config))
+                                        predictor.postprocess_config, tiles[j]))
                 colours.append(tiles[j].reshape(-1, 3).mean(0))
                 maps_plain.append(plain)
+                pixels.append(tiles[j])
     classes = tuple(getattr(predictor, "classes", ()))
     features, summary = suggestions(slide_path.stem, boxes, scores, np.array(colours).reshape(-1, 3), maps_plain,
                                     side, config, predictor.postprocess_config, classes,
-                                    getattr(predictor, "class_colors", ()))
+                                    getattr(predictor, "class_colors", ()), pixels)
     write_suggestions(out_path, features)
     return {"slide": str(slide_path), **summary}
 

@@ -114,15 +114,16 @@ def run_batch(job: TileJob, tiles: Sequence[Tile], predictor: TileModel, on_tile
         t1 = time.perf_counter()  # after the wait for the model: waiting is neither reading nor predicting
         maps = _predict_by_shape(predictor, images)
         t2 = time.perf_counter()
-    pixels = images if job.measure.level == "all" else None  # stain measurements need them
+    config = predictor.postprocess_config
+    # stain measurements and a nucleus classifier need the pixels
+    pixels = images if job.measure.level == "all" or config.nucleus_classifier is not None else None
     del images
     store = TileStore(Path(job.parts_root))
-    config = predictor.postprocess_config
     out = []
     for k, tile in enumerate(tiles):
         t3 = time.perf_counter()
         tile_maps = maps[k]
-        seg = postprocess(tile_maps, config)
+        seg = postprocess(tile_maps, config, None if pixels is None else pixels[k])
         t4 = time.perf_counter()
         inst = tile_instances(seg, tile_maps["foreground"], tile.read, tile.core, job.frame, predictor.mpp,
                               job.match_radius_px, with_masks=job.with_masks,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -168,13 +169,16 @@ def test_type_head_learns_the_class_that_follows_the_look(tmp_path):
     out = train(cfg, _typed_items(3), tmp_path / "m", progress=False)
     predictor = Predictor(out)
     assert predictor.classes == ("Dark", "Pale")
+    # no --holdout: the run ends with a nucleus classifier fitted on its clicks, unchecked
+    assert predictor.postprocess_config.nucleus_classifier is not None
     img, lab, centers, types = synthetic_typed_nuclei((192, 192), 30, seed=99)
-    seg = segment_image(img, predictor)
-    hits = [(seg.labels[int(round(r)), int(round(c))], t) for (r, c), t in zip(centers, types, strict=True)]
-    found = [(i, t) for i, t in hits if i > 0]
-    right = sum(predictor.classes[seg.class_index[i - 1]] == t for i, t in found)
-    assert len(found) >= 0.6 * len(centers)
-    assert right >= 0.9 * len(found), (right, len(found))
+    for config in (replace(predictor.postprocess_config, nucleus_classifier=None), None):  # the head; + classifier
+        seg = segment_image(img, predictor, config=config)
+        hits = [(seg.labels[int(round(r)), int(round(c))], t) for (r, c), t in zip(centers, types, strict=True)]
+        found = [(i, t) for i, t in hits if i > 0]
+        right = sum(predictor.classes[seg.class_index[i - 1]] == t for i, t in found)
+        assert len(found) >= 0.6 * len(centers)
+        assert right >= 0.9 * len(found), (right, len(found), config)
 
 
 def test_load_items_carries_classes_and_refuses_nothing_silently(tmp_path):
@@ -242,3 +246,27 @@ def test_balanced_class_weights_lift_a_rare_class_softly_and_weight_the_loss():
     logits[0, 0, 0, 1] = 3.0  # pixel 2 (class 1) is wrong, pixel 1 (class 0) uncertain
     plain, weighted = type_ce(logits, target), type_ce(logits, target, (1.0, 4.0))
     assert float(weighted) > float(plain)
+
+
+def test_nucleus_classifier_is_fitted_on_training_clicks_and_kept_when_it_beats_the_head(tmp_path):
+    """A type head that knows nothing (new, untrained) on the shipped model's nuclei: the classifier learns the
+    class from the nuclei's look, beats the head on the held-back clicks, and classes a new image right."""
+    from pronet_wsi.training.loop import fit_nucleus_classifier
+
+    torch.manual_seed(0)
+    bundle = start_model(TrainConfig(init="default", classes=("Dark", "Pale")), [])
+    predictor = Predictor(bundle)
+    items = _typed_items(4, 160)
+    train_items, held = items[:3], items[3:]
+    train_items[0] = (*train_items[0][:4], [""] * len(train_items[0][4]))  # untyped clicks are left out
+    base = PostprocessConfig()
+    got = fit_nucleus_classifier(predictor, train_items, held, base, 12.0, min_gain=0.05)
+    assert got.nucleus_classifier is not None and got.center_threshold == base.center_threshold
+    img, _, centers, types = synthetic_typed_nuclei((192, 192), 30, seed=99)
+    seg = segment_image(img, predictor, config=got)
+    hits = [(seg.labels[int(round(r)), int(round(c))], t) for (r, c), t in zip(centers, types, strict=True)]
+    found = [(i, t) for i, t in hits if i > 0]
+    right = sum(predictor.classes[seg.class_index[i - 1]] == t for i, t in found)
+    assert len(found) >= 0.6 * len(centers) and right >= 0.9 * len(found), (right, len(found))
+    # a gain it cannot reach keeps the head
+    assert fit_nucleus_classifier(predictor, train_items, held, base, 12.0, min_gain=1.01) == base
