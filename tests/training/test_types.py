@@ -130,12 +130,19 @@ def test_init_from_untyped_adds_a_head_and_other_classes_start_a_new_one(tmp_pat
     trunk = {k: v for k, v in typed.model.state_dict().items() if not k.startswith("head_type.")}
     for k, v in load_model(untyped).model.state_dict().items():
         assert torch.equal(trunk[k], v)  # the trunk is the start model's
-    save_model(typed.model, tmp_path / "t")
+    from pronet_wsi.classify import feature_names, fit_classifier
+
+    x = np.random.default_rng(0).normal(size=(20, len(feature_names(("A", "B")))))
+    clf = fit_classifier(x, (x[:, 0] > 0).astype(int), ("A", "B"), 0.25)
+    save_model(typed.model, tmp_path / "t", PostprocessConfig(class_weights=(2.0, 1.0), nucleus_classifier=clf))
     same = start_model(TrainConfig(init=str(tmp_path / "t"), width=0.0625, classes=("A", "B")), [])
     assert torch.equal(same.model.head_type[0].weight, typed.model.head_type[0].weight)
+    # the classifier was fitted to the start model's head: dropped (and refitted when the run ends)
+    assert same.thresholds.class_weights == (2.0, 1.0) and same.thresholds.nucleus_classifier is None
     with caplog.at_level(logging.WARNING):
         other = start_model(TrainConfig(init=str(tmp_path / "t"), width=0.0625, classes=("A", "C")), [])
     assert other.config.classes == ("A", "C") and "new type head" in caplog.text
+    assert other.thresholds.class_weights == ()  # weights of the old classes would not fit the new ones
 
 
 def _typed_items(n: int, side: int = 192) -> list[tuple]:
