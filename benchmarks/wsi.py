@@ -7,7 +7,10 @@
 
 ``--compare`` runs each slide twice: "today" (PyTorch forward, tiles not cut to the tissue) and "new" (``--runtime``,
 default auto = OpenVINO when installed, tiles cut to the tissue) and prints seconds per mm² of tissue with the
-stage breakdown. ``--runtime`` / ``--no-crop-glass`` pick one path without ``--compare``.
+stage breakdown. ``--runtime`` / ``--no-crop-glass`` pick one path without ``--compare``. ``--int8 N`` adds (or with
+``--compare``, adds a third) run whose OpenVINO graph is NNCF's INT8 of the model, calibrated on N random training
+crops per lab (``benchmarks/int8.py``; needs ``pip install nncf`` and ../shared/data; its calibration is counted as
+model setup).
 
 Tile, halo and batch default to the package's (``TilingConfig``, ``SegmentConfig``). "e2e / core forward" compares
 the whole run with the model's forward on the tiles' cores alone (the same tiles cropped to their cores, timed the
@@ -114,6 +117,24 @@ def model_dir(args, workdir: Path) -> Path:
     return path
 
 
+def int8_forward(predictor, n_per_lab: int, threads: int):
+    """The predictor's OpenVINO forward with NNCF's INT8 graph of its model (calibrated on ``n_per_lab`` random
+    512 px training crops of each lab), the other operations in bf16 where the predictor runs bf16."""
+    import nncf
+
+    from benchmarks.int8 import calibration_tiles
+    from pronet_wsi.runtime import OpenVINOForward, openvino_graph
+
+    if predictor.runtime != "openvino":
+        raise SystemExit("--int8 needs the OpenVINO runtime (pip install 'pronet-wsi[fast]')")
+    model, cfg = predictor.model.eval(), predictor.bundle.config
+    tiles = calibration_tiles(n_per_lab)
+    graph = nncf.quantize(openvino_graph(model, cfg.mean, cfg.std), nncf.Dataset(tiles), subset_size=len(tiles))
+    names = ("foreground", "offsets", "centers", *(("types",) if predictor.classes else ()))
+    return OpenVINOForward(model, cfg.mean, cfg.std, names, predictor.autocast_dtype is not None, threads=threads,
+                           graph=graph)
+
+
 def run_child(args) -> None:
     """Subprocess: one end-to-end run; prints a JSON line with the run record and the peak RSS."""
     from pronet_wsi.inference import InferenceConfig, Predictor
@@ -123,6 +144,8 @@ def run_child(args) -> None:
     t = time.perf_counter()
     predictor = Predictor(args.model, InferenceConfig(batch_size=args.batch_size, runtime=args.runtime,
                                                       threads=args.threads))
+    if args.int8:
+        predictor._fast = int8_forward(predictor, args.int8, args.threads)
     setup_s = time.perf_counter() - t
     cfg = SegmentConfig(tiling=TilingConfig(args.tile_px, args.halo_px), batch_size=args.batch_size,
                         workers=args.workers, overwrite=True, measure=measure_config(args), parquet=args.parquet,
@@ -227,6 +250,8 @@ def main() -> None:
     parser.add_argument("--no-crop-glass", action="store_true", help="tiles not cut to the tissue")
     parser.add_argument("--compare", action="store_true",
                         help="each slide twice: today's path (torch, no crop) and the new one (--runtime, crop)")
+    parser.add_argument("--int8", type=int, default=0, metavar="N",
+                        help="also run with NNCF's INT8 graph, N calibration crops per lab (needs nncf)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--slide", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -249,21 +274,24 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     args.model = str(model_dir(args, workdir))
     rows = []
-    paths = [("today", "torch", True), ("new", args.runtime, False)] if args.compare else \
-        [(args.runtime, args.runtime, args.no_crop_glass)]
-    for side, (label, runtime, no_crop) in [(s, p) for s in args.sizes for p in paths]:
+    paths = [("today", "torch", True, 0), ("new", args.runtime, False, 0)] if args.compare else \
+        [(args.runtime, args.runtime, args.no_crop_glass, 0)]
+    if args.int8:
+        paths = [*(paths if args.compare else []), ("new + INT8", args.runtime, args.no_crop_glass, args.int8)]
+    for side, (label, runtime, no_crop, int8) in [(s, p) for s in args.sizes for p in paths]:
         slide = workdir / f"synthetic_{side}{'_full' if args.full_tissue else ''}.tif"
         if not slide.exists():
             t = time.perf_counter()
             make_slide(slide, side, full_tissue=args.full_tissue)
             print(f"wrote {slide} ({slide.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.0f} s",
                   file=sys.stderr)
-        out = workdir / f"out_{side}_{label}"
+        out = workdir / f"out_{side}_{label.replace(' ', '').replace('+', '_')}"
         cmd = [sys.executable, "-m", "benchmarks.wsi", "--child", "--slide", str(slide), "--out", str(out),
                "--model", args.model, "--tile-px", str(args.tile_px), "--halo-px", str(args.halo_px),
                "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--sample", str(args.sample),
                "--cells", str(args.cells), "--measurements", args.measurements, *(["--parquet"] * args.parquet),
-               "--runtime", runtime, "--threads", str(args.threads), *(["--no-crop-glass"] * no_crop)]
+               "--runtime", runtime, "--threads", str(args.threads), *(["--no-crop-glass"] * no_crop),
+               "--int8", str(int8)]
         child = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
                                           cwd=ROOT).stdout.splitlines()[-1])
         rec = child["record"]

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import shapely
 from click.testing import CliRunner
 from wsi_fakes import small_slide, tiny_model_dir
@@ -80,10 +81,13 @@ def test_type_uncertainty_is_zero_when_sure_and_one_when_uniform():
     assert type_uncertainty(np.zeros((0, 3))) == 0.0
 
 
-def test_suggest_with_a_typed_model_writes_one_classified_points_annotation_per_class(tmp_path):
+@pytest.mark.parametrize("classifier", [False, True])
+def test_suggest_with_a_typed_model_writes_one_classified_points_annotation_per_class(tmp_path, classifier):
     import torch
 
+    from pronet_wsi.classify import NucleusClassifier, feature_names
     from pronet_wsi.model import ModelConfig, PRONet, load_model, save_model
+    from pronet_wsi.postprocess import PostprocessConfig
     from pronet_wsi.training.points import read_points_classes
 
     untyped = load_model(tiny_model_dir(tmp_path / "u", mpp=0.5)).model
@@ -91,7 +95,10 @@ def test_suggest_with_a_typed_model_writes_one_classified_points_annotation_per_
     net = PRONet(ModelConfig(width=0.0625, mpp=0.5, classes=("Tumor", "Immune cells")))
     state = {**net.state_dict(), **untyped.state_dict()}  # the tiny model's nuclei, a random type head
     net.load_state_dict(state)
-    save_model(net.eval(), tmp_path / "t")
+    f = len(feature_names(net.config.classes))
+    sure = NucleusClassifier(feature_names(net.config.classes), 0.5, [0.0] * f, [1.0] * f, [[0.0] * f] * 2,
+                             [-10.0, 10.0])  # every nucleus "Immune cells", whatever it looks like
+    save_model(net.eval(), tmp_path / "t", PostprocessConfig(nucleus_classifier=sure if classifier else None))
     slide = small_slide(tmp_path / "s.tif", side=512, mpp=0.5)
     res = CliRunner().invoke(main, ["suggest", str(slide), "-o", str(tmp_path / "out"), "-m", str(tmp_path / "t"),
                                     "--boxes", "3", "--box-um", "64"])
@@ -104,6 +111,9 @@ def test_suggest_with_a_typed_model_writes_one_classified_points_annotation_per_
     assert names and names <= {"Tumor", "Immune cells"}
     _, classes = read_points_classes(tmp_path / "out" / "s_suggest.geojson")
     assert set(classes) == names  # the typed points read back with their classes, for `train`
+    if classifier:  # the boxes' pixels reach the classifier: every nucleus its class, none uncertain
+        assert names == {"Immune cells"}
+        assert all(b["properties"]["measurements"]["Type uncertainty"] < 1e-6 for b in boxes)
 
 
 def test_old_box_options_name_the_new_ones(tmp_path):

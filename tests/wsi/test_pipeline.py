@@ -290,6 +290,36 @@ def test_a_typed_model_classifies_every_nucleus_and_counts_classes(slide, refere
     assert header.endswith("n_Even,Even_per_mm2,n_Odd,Odd_per_mm2") and f",{names['Odd']}," in row
 
 
+def test_a_nucleus_classifier_classes_the_nuclei_of_every_tile(slide, tmp_path):
+    """The slide path hands each tile's pixels to the model's nucleus classifier: one that swaps the head's two
+    classes (its only weights are on the log probabilities) turns every Odd nucleus Even and back."""
+    from dataclasses import replace
+
+    from wsi_fakes import TypedOracleModel, decode_ids
+
+    from pronet_wsi.classify import NucleusClassifier, feature_names
+    from pronet_wsi.slide import open_slide
+
+    names = feature_names(("Even", "Odd"))
+    f = len(names)
+    coef = np.zeros((2, f))
+    coef[0, names.index("log p(Odd)")] = coef[1, names.index("log p(Even)")] = 1.0
+    model = TypedOracleModel()
+    model.postprocess_config = replace(model.postprocess_config, nucleus_classifier=NucleusClassifier(
+        names, 0.25, [0.0] * f, [1.0] * f, coef.tolist(), [0.0, 0.0]))
+    res = segment_slide(slide, tmp_path, model, CFG)
+    with open_slide(slide) as s:
+        ids = decode_ids(s.read_level(0, 0, 0, (600, 700)))
+    fc = read_geojson(res.geojson)
+    odd = 0
+    for feat in fc["features"]:
+        c = shapely.Polygon(feat["geometry"]["coordinates"][0]).representative_point()
+        name = feat["properties"]["classification"]["name"]
+        assert (ids[int(c.y), int(c.x)] % 2 == 1) == (name == "Even")  # swapped
+        odd += name == "Odd"
+    assert res.n_nuclei > 100 and 50 < odd < res.n_nuclei - 50
+
+
 def test_an_untyped_model_writes_nucleus_and_no_class_columns(reference):
     res, _ = reference
     fc = read_geojson(res.geojson)
