@@ -57,6 +57,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--calib", type=int, default=16, help="calibration crops per lab")
     parser.add_argument("--no-score", action="store_true", help="speed only")
+    parser.add_argument("--preset", choices=["performance", "mixed"], default="performance",
+                        help="NNCF preset: mixed = asymmetric activations (more accurate, maybe slower)")
+    parser.add_argument("--full-bias-correction", action="store_true",
+                        help="NNCF's full (not fast) bias correction: slower calibration, maybe more accurate")
     parser.add_argument("--keep", action="append", default=[], metavar="REGEX",
                         help="leave the graph's operations whose names match REGEX unquantized (repeatable; e.g. "
                              "'.*head_.*' keeps the output heads in float)")
@@ -91,7 +95,9 @@ def main() -> None:
     t = time.perf_counter()
     graph = openvino_graph(bundle.model.eval(), cfg.mean, cfg.std)
     scope = nncf.IgnoredScope(patterns=args.keep, validate=False) if args.keep else None
-    quantized = nncf.quantize(graph, nncf.Dataset(tiles), subset_size=len(tiles),
+    preset = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}[args.preset]
+    quantized = nncf.quantize(graph, nncf.Dataset(tiles), subset_size=len(tiles), preset=preset,
+                              fast_bias_correction=not args.full_bias_correction,
                               **({"ignored_scope": scope} if scope else {}))
     quant_s = time.perf_counter() - t
     print(f"quantized on {len(tiles)} crops in {quant_s:.0f} s", file=sys.stderr)
@@ -112,7 +118,8 @@ def main() -> None:
     print(record.banner(seed=0))
     print(f"OpenVINO {ov.__version__.split('-')[0]}, NNCF {nncf.__version__}; one {args.side}x{args.side} input, "
           f"{args.threads} threads, median of {args.repeats}; calibration {len(tiles)} crops ({quant_s:.0f} s)"
-          + (f"; kept unquantized: {', '.join(args.keep)}" if args.keep else ""))
+          + (f"; kept unquantized: {', '.join(args.keep)}" if args.keep else "")
+          + f"; preset {args.preset}{', full bias correction' if args.full_bias_correction else ''}")
     print("| graph | s | Mpx/s | x f32 | max abs diff vs f32 |")
     print("|---|---|---|---|---|")
     for name, s, rate, d in rows:
