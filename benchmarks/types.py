@@ -3,7 +3,7 @@
     python -m benchmarks.types prepare --out runs/types
     python -m benchmarks.types baseline --data runs/types --set consep      # and --set crchisto
     python -m benchmarks.types score --data runs/types --set consep --model runs/typed-consep
-    python -m benchmarks.types reweight --set consep --model runs/typed-consep --out runs/typed-consep-w
+    python -m benchmarks.types reweight --set consep --model runs/typed-consep --out runs/typed-consep-w [--classifier]
 
 **prepare** writes, for each set, ``OUT/<set>/<split>/images/<stem>.<ext>`` (symlinks to ../shared/data),
 ``points/<stem>.csv`` (``x,y,class``, continuous level-0 frame: pixel ``[r, c]`` has centre ``(c+0.5, r+0.5)``;
@@ -34,6 +34,10 @@ Segmentations are cached under ``DATA/<set>/<split>/seg_shipped/``.
 
 **score** runs a typed model (``Predictor(model).classes``; ``segment_image`` giving ``class_index``) on the test
 images and scores the same way.
+
+**reweight** ends a model trained before as ``train`` ends a typed run now (class weights on the held-back clicks;
+with ``--classifier`` also the nucleus classifier, ``pronet_wsi.training.loop.fit_types``) and writes the result
+to a new model folder.
 
 Rows go to benchmarks/results/types_baseline.csv and types_scores.csv (one row per class, plus ``mean`` and
 ``detection``), each with the commit, seed and machine.
