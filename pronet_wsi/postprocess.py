@@ -134,7 +134,11 @@ def find_centers(centers: np.ndarray, config: PostprocessConfig = PostprocessCon
     comp, n = ndi.label(peak, structure=np.ones((3, 3)))
     if n == 0:
         return np.zeros((0, 2))
-    return np.asarray(ndi.center_of_mass(peak, comp, np.arange(1, n + 1)), float).reshape(-1, 2)
+    rows, cols = np.nonzero(comp)  # centroids from the peak pixels alone (not a pass over the whole tile per axis)
+    ids = comp[rows, cols]
+    count = np.bincount(ids, minlength=n + 1)[1:]
+    return np.stack([np.bincount(ids, weights=rows, minlength=n + 1)[1:] / count,
+                     np.bincount(ids, weights=cols, minlength=n + 1)[1:] / count], axis=1)
 
 
 def group_pixels(foreground: np.ndarray, offsets: np.ndarray, centers_rc: np.ndarray) -> np.ndarray:
