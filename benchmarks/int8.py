@@ -52,6 +52,7 @@ def demo_image(side: int) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model folder (default: the shipped model)")
     parser.add_argument("--side", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
@@ -89,7 +90,7 @@ def main() -> None:
         if not labs.available():
             raise SystemExit("needs ../shared/data (the four labs' training and validation images)")
         tiles = calibration_tiles(args.calib)
-    bundle = load_model(default_model_dir())
+    bundle = load_model(args.model or default_model_dir())
     names = ("foreground", "offsets", "centers")
     cfg = bundle.config
     t = time.perf_counter()

@@ -7,7 +7,8 @@
 
 ``--compare`` runs each slide twice: "today" (PyTorch forward, tiles not cut to the tissue) and "new" (``--runtime``,
 default auto = OpenVINO when installed, tiles cut to the tissue) and prints seconds per mm² of tissue with the
-stage breakdown. ``--runtime`` / ``--no-crop-glass`` pick one path without ``--compare``. ``--int8 N`` adds (or with
+stage breakdown (``--baseline-model DIR``: "today" runs that model folder, e.g. the model shipped before).
+``--runtime`` / ``--no-crop-glass`` pick one path without ``--compare``. ``--int8 N`` adds (or with
 ``--compare``, adds a third) run whose OpenVINO graph is NNCF's INT8 of the model, calibrated on N random training
 crops per lab (``benchmarks/int8.py``; needs ``pip install nncf`` and ../shared/data; its calibration is counted as
 model setup).
@@ -250,6 +251,8 @@ def main() -> None:
     parser.add_argument("--no-crop-glass", action="store_true", help="tiles not cut to the tissue")
     parser.add_argument("--compare", action="store_true",
                         help="each slide twice: today's path (torch, no crop) and the new one (--runtime, crop)")
+    parser.add_argument("--baseline-model", default=None,
+                        help="with --compare: the model folder of the 'today' run (default: --model)")
     parser.add_argument("--int8", type=int, default=0, metavar="N",
                         help="also run with NNCF's INT8 graph, N calibration crops per lab (needs nncf)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -274,11 +277,13 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     args.model = str(model_dir(args, workdir))
     rows = []
-    paths = [("today", "torch", True, 0), ("new", args.runtime, False, 0)] if args.compare else \
-        [(args.runtime, args.runtime, args.no_crop_glass, 0)]
+    baseline = args.baseline_model or args.model
+    paths = [("today", "torch", True, 0, baseline), ("new", args.runtime, False, 0, args.model)] if args.compare \
+        else [(args.runtime, args.runtime, args.no_crop_glass, 0, args.model)]
     if args.int8:
-        paths = [*(paths if args.compare else []), ("new + INT8", args.runtime, args.no_crop_glass, args.int8)]
-    for side, (label, runtime, no_crop, int8) in [(s, p) for s in args.sizes for p in paths]:
+        paths = [*(paths if args.compare else []),
+                 ("new + INT8", args.runtime, args.no_crop_glass, args.int8, args.model)]
+    for side, (label, runtime, no_crop, int8, model) in [(s, p) for s in args.sizes for p in paths]:
         slide = workdir / f"synthetic_{side}{'_full' if args.full_tissue else ''}.tif"
         if not slide.exists():
             t = time.perf_counter()
@@ -287,7 +292,7 @@ def main() -> None:
                   file=sys.stderr)
         out = workdir / f"out_{side}_{label.replace(' ', '').replace('+', '_')}"
         cmd = [sys.executable, "-m", "benchmarks.wsi", "--child", "--slide", str(slide), "--out", str(out),
-               "--model", args.model, "--tile-px", str(args.tile_px), "--halo-px", str(args.halo_px),
+               "--model", model, "--tile-px", str(args.tile_px), "--halo-px", str(args.halo_px),
                "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--sample", str(args.sample),
                "--cells", str(args.cells), "--measurements", args.measurements, *(["--parquet"] * args.parquet),
                "--runtime", runtime, "--threads", str(args.threads), *(["--no-crop-glass"] * no_crop),
@@ -295,7 +300,8 @@ def main() -> None:
         child = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
                                           cwd=ROOT).stdout.splitlines()[-1])
         rec = child["record"]
-        rows.append({"path": f"{label} ({child['runtime']}, {'whole tiles' if no_crop else 'cut to tissue'})",
+        rows.append({"path": f"{label} ({child['runtime']}, {'whole tiles' if no_crop else 'cut to tissue'}"
+                             f"{', ' + Path(model).name if args.baseline_model else ''})",
                      "setup_s": child["setup_s"], "tissue_mm2": rec["measurements"]["tissue_area_mm2"],
                      "side": side, "gpx": side * side / 1e9, "tiles": rec["counts"]["tiles_run"],
                      "mpx": rec["mpx_processed"], "nuclei": child["nuclei"], "e2e_s": child["wall_s"],
@@ -307,7 +313,8 @@ def main() -> None:
                      "timings": rec["timings_s"]})
         print(json.dumps(rows[-1]), file=sys.stderr)
     print(banner(seed=0))
-    print(f"model: {args.model}; tile {args.tile_px}, halo {args.halo_px}, batch {args.batch_size}, "
+    today = f"; today: {args.baseline_model}" if args.baseline_model else ""
+    print(f"model: {args.model}{today}; tile {args.tile_px}, halo {args.halo_px}, batch {args.batch_size}, "
           f"workers {args.workers or 'auto'}; {os.cpu_count()} CPUs")
     print("| slide | path | Gpx | tissue tiles (read px) | tissue Mpx | core Mpx | model input Mpx | input / tissue | "
           "nuclei | end-to-end s | forward-only s | forward on cores s | e2e / forward | e2e / core forward | "

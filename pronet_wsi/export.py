@@ -76,18 +76,18 @@ def feature_bodies(inst: Instances, classes: tuple[str, ...] = (),
     """
     texts = class_texts(classes, colors) if classes else []
     out = []
+    rings, measurements = inst.geometry_texts(), inst.measurement_texts()
+    cell_rings = inst.cell_texts() if inst.cell_coords is not None else None
     for i in range(len(inst)):
-        m = inst.measurements(i)
-        meas = ",".join(f'{json.dumps(k, ensure_ascii=False)}:{float(v)!r}' for k, v in m.items())
         cls = texts[int(inst.class_index[i])] if texts and inst.class_index is not None else _CLASS_TEXT
-        nucleus = f'{{"type":"Polygon","coordinates":{inst.geometry_json(i)}}}'
-        if inst.cell_coords is not None:  # QuPath's cell: the cell outline, and the nucleus beside it
-            geometry = (f'{{"type":"Polygon","coordinates":{inst.cell_json(i)}}},"nucleusGeometry":{nucleus}')
+        nucleus = f'{{"type":"Polygon","coordinates":{rings[i]}}}'
+        if cell_rings is not None:  # QuPath's cell: the cell outline, and the nucleus beside it
+            geometry = (f'{{"type":"Polygon","coordinates":{cell_rings[i]}}},"nucleusGeometry":{nucleus}')
             kind = "cell"
         else:
             geometry, kind = nucleus, "detection"
         out.append(f',"geometry":{geometry},"properties":'
-                   f'{{"objectType":"{kind}","classification":{cls},"measurements":{{{meas}}}}}}}')
+                   f'{{"objectType":"{kind}","classification":{cls},"measurements":{{{measurements[i]}}}}}}}')
     return out
 
 

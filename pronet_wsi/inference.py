@@ -107,6 +107,7 @@ class Predictor:
         self.mpp = bundle.config.mpp
         self.postprocess_config: PostprocessConfig = bundle.thresholds
         self.context_px = bundle.config.context_px  # the tile halo this model needs for seam-exact maps
+        self.stride = bundle.config.stride  # tiles align to it
         if config.window_px - 2 * self.context_px < 16:
             raise InputError(f"--window-px {config.window_px}: must be at least {2 * self.context_px + 16} for this "
                              f"model (twice its context of {self.context_px} px plus a 16 px core)")
@@ -217,7 +218,7 @@ def predict_tiled(model, image: np.ndarray, tiling: TilingConfig, batch_size: in
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-    grid = TileGrid(image.shape[:2], tiling)
+    grid = TileGrid(image.shape[:2], tiling, getattr(model, "stride", 16))
     tiles = list(grid)
     out: dict[str, np.ndarray] = {}
     for i in range(0, len(tiles), batch_size):

@@ -121,26 +121,48 @@ class Instances:
                          features=None if self.features is None else self.features[idx],
                          feature_names=self.feature_names, **cells)
 
-    def geometry_json(self, i: int) -> str:
-        """The GeoJSON ``coordinates`` of nucleus ``i`` (one ring, rounded to 0.01 px) as text."""
-        return ring_json(self.polygon(i))
+    def geometry_texts(self) -> list[str]:
+        """The GeoJSON ``coordinates`` of every nucleus (one ring, rounded to 0.01 px) as text."""
+        return ring_texts(self.coords, self.offsets)
 
-    def cell_json(self, i: int) -> str:
-        """The GeoJSON ``coordinates`` of the cell of nucleus ``i`` as text."""
-        return ring_json(self.cell(i))
+    def cell_texts(self) -> list[str]:
+        """The GeoJSON ``coordinates`` of every nucleus's cell as text (instances with cells only)."""
+        assert self.cell_coords is not None and self.cell_offsets is not None, "no cells stored"
+        return ring_texts(self.cell_coords, self.cell_offsets)
+
+    def measurement_columns(self) -> list[tuple[str, np.ndarray, int]]:
+        """(QuPath-style name as its own detections write it, values of every nucleus, decimals kept)."""
+        cols = [(MEASUREMENT_NAMES["area_um2"], self.area_um2, 3), (MEASUREMENT_NAMES["area_px"], self.area_px, 2),
+                (MEASUREMENT_NAMES["center_score"], self.center_score, 4),
+                (MEASUREMENT_NAMES["foreground_mean"], self.foreground_mean, 4)]
+        if self.class_prob is not None:
+            cols.append((MEASUREMENT_NAMES["class_prob"], self.class_prob, 4))
+        if self.features is not None:
+            cols += [(name, self.features[:, j], 4) for j, name in enumerate(self.feature_names)]
+        return cols
 
     def measurements(self, i: int) -> dict[str, float]:
-        """QuPath-style measurement names (as its own detections write them) -> values; non-finite ones left out
-        (QuPath shows a missing measurement as NaN, a written 0.0 would be a wrong number)."""
-        values = {MEASUREMENT_NAMES["area_um2"]: (float(self.area_um2[i]), 3),
-                  MEASUREMENT_NAMES["area_px"]: (float(self.area_px[i]), 2),
-                  MEASUREMENT_NAMES["center_score"]: (float(self.center_score[i]), 4),
-                  MEASUREMENT_NAMES["foreground_mean"]: (float(self.foreground_mean[i]), 4)}
-        if self.class_prob is not None:
-            values[MEASUREMENT_NAMES["class_prob"]] = (float(self.class_prob[i]), 4)
-        if self.features is not None:
-            values.update({name: (float(v), 4) for name, v in zip(self.feature_names, self.features[i], strict=True)})
-        return {k: round(v, nd) for k, (v, nd) in values.items() if math.isfinite(v)}
+        """QuPath-style measurement names -> values of nucleus ``i``; non-finite ones left out (QuPath shows a
+        missing measurement as NaN, a written 0.0 would be a wrong number)."""
+        out = {}
+        for name, col, nd in self.measurement_columns():
+            v = float(col[i])
+            if math.isfinite(v):
+                out[name] = round(v, nd)
+        return out
+
+    def measurement_texts(self) -> list[str]:
+        """The JSON members of each nucleus's ``measurements`` object (``"name":value,...``), the values of
+        :meth:`measurements`; one pass per column instead of a dict per nucleus."""
+        parts: list[list[str]] = [[] for _ in range(len(self))]
+        for name, col, nd in self.measurement_columns():
+            key = json.dumps(name, ensure_ascii=False)
+            values = np.asarray(col, np.float64)
+            finite = np.isfinite(values).tolist()
+            for part, v, ok in zip(parts, values.tolist(), finite, strict=True):
+                if ok:
+                    part.append(f"{key}:{round(v, nd)!r}")
+        return [",".join(p) for p in parts]
 
     @classmethod
     def empty(cls, with_masks: bool = False, typed: bool = False, measure: MeasureConfig | None = None
@@ -215,8 +237,10 @@ def tile_instances(seg: Segmentation, foreground: np.ndarray, read: Box, core: B
     if len(ids) == 0:
         return empty
     flat = lab.ravel()
-    counts = np.bincount(flat, minlength=n + 1)[ids].astype(np.float64)
-    fg_sum = np.bincount(flat, weights=np.asarray(foreground, np.float64).ravel(), minlength=n + 1)[ids]
+    inside = np.flatnonzero(flat)  # nuclei cover a fraction of the tile: sum the foreground over their pixels only
+    counts = np.bincount(flat[inside], minlength=n + 1)[ids].astype(np.float64)
+    fg_sum = np.bincount(flat[inside], weights=np.asarray(foreground).ravel()[inside].astype(np.float64),
+                         minlength=n + 1)[ids]
     c_p = centers_p[ids - 1]
     order = np.lexsort((c_p[:, 0], c_p[:, 1]))
     ids, bbox, polys, counts, fg_sum, c_p = ids[order], bbox[order], polys[order], counts[order], fg_sum[order], \
@@ -304,7 +328,29 @@ def _measure(measure: MeasureConfig, coords: np.ndarray, offsets: np.ndarray, po
 
 def ring_json(ring: np.ndarray) -> str:
     """GeoJSON Polygon ``coordinates`` text of one closed ring, valid after rounding to 0.01 px."""
-    ring = valid_rounded_ring(ring)
+    return _ring_text(valid_rounded_ring(ring))
+
+
+def ring_texts(coords: np.ndarray, offsets: np.ndarray) -> list[str]:
+    """:func:`ring_json` of every ring of ragged ``coords`` / ``offsets``: the rounding and the validity check run
+    on all rings at once; only a ring that rounding made invalid is repaired on its own."""
+    n = len(offsets) - 1
+    if n <= 0:
+        return []
+    rounded = np.round(np.asarray(coords, np.float64), 2)
+    lens = np.diff(offsets)
+    ok = lens >= 4
+    if ok.any():
+        idx = np.nonzero(ok)[0]
+        sub_coords, sub_offsets = _take_rings(rounded, offsets, idx)
+        polys = shapely.from_ragged_array(shapely.GeometryType.POLYGON, sub_coords,
+                                          (sub_offsets, np.arange(len(idx) + 1, dtype=np.int64)))
+        ok[idx] = shapely.is_valid(polys) & ~shapely.is_empty(polys)
+    return [_ring_text(rounded[offsets[i] : offsets[i + 1]]) if ok[i]
+            else ring_json(coords[offsets[i] : offsets[i + 1]]) for i in range(n)]
+
+
+def _ring_text(ring: np.ndarray) -> str:
     if np.all(ring == np.rint(ring)):
         ring = ring.astype(np.int64)
     return json.dumps([ring.tolist()], separators=(",", ":"))

@@ -45,6 +45,10 @@ class ModelConfig:
         96 px from its edge; 64 px leaves |d foreground| 0.05 at the seam), and depends on the architecture's depth.
     classes : nucleus class names of the type head (QuPath classification names); empty = an untyped model.
     class_colors : one QuPath colour (r, g, b) per class.
+    stem_stride : 1 = the paper's network (its first stage at the input's resolution); 2 = the input is folded
+        into 2x2 blocks (pixel unshuffle) so every layer runs at half resolution or less, and the maps are brought
+        back to the input's resolution by a bilinear upsampling and a small full-resolution refinement (4x fewer
+        pixels through the expensive 16-32 channel layers; benchmarks/RESULTS.md "stride-2 stem").
     """
 
     architecture: str = ARCHITECTURE
@@ -58,6 +62,7 @@ class ModelConfig:
     context_px: int = 96
     classes: tuple[str, ...] = ()
     class_colors: tuple[tuple[int, int, int], ...] = ()
+    stem_stride: int = 1
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -81,6 +86,8 @@ class ModelConfig:
             raise InputError(f"center_radius_px={self.center_radius_px}: must be > 0")
         if not isinstance(self.context_px, int) or isinstance(self.context_px, bool) or self.context_px < 0:
             raise InputError(f"context_px={self.context_px}: must be an integer >= 0")
+        if self.stem_stride not in (1, 2) or isinstance(self.stem_stride, bool):
+            raise InputError(f"stem_stride={self.stem_stride}: must be 1 or 2")
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         if len(set(self.classes)) != len(self.classes) or any(not c for c in self.classes):
             raise InputError(f"classes={list(self.classes)}: names must be unique and non-empty")
@@ -88,6 +95,11 @@ class ModelConfig:
         if len(colors) != len(self.classes) or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in colors):
             raise InputError(f"class_colors={self.class_colors}: need one (r, g, b) in 0-255 per class")
         object.__setattr__(self, "class_colors", colors)
+
+    @property
+    def stride(self) -> int:
+        """The network's total stride: inputs are padded to a multiple of it and tiles align to it."""
+        return 16 * self.stem_stride
 
 
 # QuPath's own colours for its default classes (PathClassFactory), then a palette for other names.
@@ -148,14 +160,15 @@ class AttentionUnit(nn.Module):
 
 
 class PRONet(nn.Module):
-    """PRONet with a VGG16 encoder; any input size (padded internally to a multiple of 16)."""
+    """PRONet with a VGG16 encoder; any input size (padded internally to a multiple of ``stride``)."""
 
     def __init__(self, config: ModelConfig = ModelConfig()) -> None:
         super().__init__()
         self.config = config
         bn, w = config.batch_norm, config.width
+        self.stride = config.stride
         self.stages = nn.ModuleList()
-        cin, chans = 3, []
+        cin, chans = 3 * config.stem_stride**2, []
         for c, n in VGG16_STAGES:
             c = _ch(c, w)
             layers: list[nn.Module] = []
@@ -180,15 +193,26 @@ class PRONet(nn.Module):
         self.head_offset = nn.Conv2d(c, 2, 1)
         self.head_center = nn.Conv2d(c, 1, 1)
         self.head_type = type_head(c, len(config.classes), bn) if config.classes else None
+        # stride-2 stem: the half-resolution maps (4 channels) upsampled, then corrected from the full-resolution
+        # input; zero at initialisation, so the network starts as plain bilinear upsampling
+        self.refine: nn.Sequential | None = None
+        if config.stem_stride == 2:
+            last = nn.Conv2d(c, 4, 1)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(cast(torch.Tensor, last.bias))
+            self.refine = nn.Sequential(*_conv(4 + 3, c, bn), last)
         assert self.head_center.bias is not None  # Conv2d defaults to bias=True
         nn.init.constant_(self.head_center.bias, -2.19)  # CenterNet prior: sigmoid = 0.1
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h, w = x.shape[-2:]
-        ph, pw = (-h) % 16, (-w) % 16
+        ph, pw = (-h) % self.stride, (-w) % self.stride
         if ph or pw:
             mode = "reflect" if h > ph and w > pw else "replicate"
             x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        full = x
+        if self.refine is not None:
+            x = F.pixel_unshuffle(x, 2)
         skips = []
         for i, stage in enumerate(self.stages):
             if i:
@@ -204,9 +228,17 @@ class PRONet(nn.Module):
         centers = self.head_center(f_center)
         offsets = self.head_offset(self.au_offset(f_offset, torch.sigmoid(centers))) * self.config.offset_scale
         foreground = self.head_binary(self.au_binary(f_binary, offsets / self.config.offset_scale))
+        types = self.head_type(x) if self.head_type is not None else None
+        if self.refine is not None:
+            maps = torch.cat([foreground, offsets / self.config.offset_scale, centers], dim=1)
+            maps = F.interpolate(maps, scale_factor=2.0, mode="bilinear", align_corners=False)
+            maps = maps + self.refine(torch.cat([maps, full], dim=1))
+            foreground, offsets, centers = maps[:, :1], maps[:, 1:3] * self.config.offset_scale, maps[:, 3:]
+            if types is not None:
+                types = F.interpolate(types, scale_factor=2.0, mode="bilinear", align_corners=False)
         out = {"foreground": foreground[..., :h, :w], "offsets": offsets[..., :h, :w], "centers": centers[..., :h, :w]}
-        if self.head_type is not None:
-            out["types"] = self.head_type(x)[..., :h, :w]
+        if types is not None:
+            out["types"] = types[..., :h, :w]
         return out
 
     def trunk_parameters(self) -> list[nn.Parameter]:

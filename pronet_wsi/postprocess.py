@@ -129,8 +129,7 @@ def find_centers(centers: np.ndarray, config: PostprocessConfig = PostprocessCon
     -------
     (N, 2) float64 (row, col) peaks; a plateau of equal maxima gives one peak at its centroid.
     """
-    peak = (centers == ndi.maximum_filter(centers, size=config.nms_px, mode="nearest"))
-    peak &= centers > config.center_threshold
+    peak = local_maxima(centers, config.nms_px, centers > config.center_threshold)
     comp, n = ndi.label(peak, structure=np.ones((3, 3)))
     if n == 0:
         return np.zeros((0, 2))
@@ -139,6 +138,33 @@ def find_centers(centers: np.ndarray, config: PostprocessConfig = PostprocessCon
     count = np.bincount(ids, minlength=n + 1)[1:]
     return np.stack([np.bincount(ids, weights=rows, minlength=n + 1)[1:] / count,
                      np.bincount(ids, weights=cols, minlength=n + 1)[1:] / count], axis=1)
+
+
+def local_maxima(values: np.ndarray, size: int, candidates: np.ndarray) -> np.ndarray:
+    """``values == maximum_filter(values, size, mode="nearest")`` where ``candidates`` (bool), False elsewhere.
+
+    The same peaks as the filter over the whole tile, compared only at the candidate pixels (those above the
+    centre threshold, a few percent of a tile): ``size``**2 - 1 gathers of the candidates instead of two passes
+    over every pixel.
+    """
+    rows, cols = np.nonzero(candidates)
+    v = values[rows, cols]
+    keep = np.ones(len(rows), bool)
+    r = size // 2
+    h, w = values.shape
+    for dy in range(-r, r + 1):
+        rr = np.clip(rows + dy, 0, h - 1)
+        for dx in range(-r, r + 1):
+            if dy or dx:
+                keep &= values[rr, np.clip(cols + dx, 0, w - 1)] <= v
+    out = np.zeros(values.shape, bool)
+    out[rows[keep], cols[keep]] = True
+    return out
+
+
+# Votes land within a few px of their centre: a first query bounded to this distance prunes the tree search
+# (about 2x faster on real tiles); the few votes with no centre that close get the unbounded query. Exact.
+_NEAR_PX = 4.0
 
 
 def group_pixels(foreground: np.ndarray, offsets: np.ndarray, centers_rc: np.ndarray) -> np.ndarray:
@@ -159,7 +185,11 @@ def group_pixels(foreground: np.ndarray, offsets: np.ndarray, centers_rc: np.nda
         return out
     rows, cols = np.nonzero(foreground)
     votes = np.stack([rows + offsets[0, rows, cols], cols + offsets[1, rows, cols]], axis=1)
-    _, idx = cKDTree(np.asarray(centers_rc, float)).query(votes, workers=-1)
+    tree = cKDTree(np.asarray(centers_rc, float))
+    dist, idx = tree.query(votes, workers=-1, distance_upper_bound=_NEAR_PX)
+    far = np.isinf(dist)
+    if far.any():
+        idx[far] = tree.query(votes[far], workers=-1)[1]
     out[rows, cols] = idx + 1
     return out
 

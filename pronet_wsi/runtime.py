@@ -62,9 +62,9 @@ def choose_runtime(requested: str, device: torch.device) -> str:
 class MapsNet(nn.Module):
     """The network plus its input normalisation and output activations, as one exportable graph.
 
-    tiles : (B, H, W, 3) uint8 RGB with H and W multiples of 16 -> ``foreground`` (B, H, W), ``offsets``
-    (B, 2, H, W), ``centers`` (B, H, W) float32 (and ``types`` (B, K, H, W) for a typed model), as a tuple in
-    that order; the same arithmetic as ``Predictor._maps``.
+    tiles : (B, H, W, 3) uint8 RGB, H and W multiples of the network's stride -> ``foreground`` (B, H, W),
+    ``offsets`` (B, 2, H, W), ``centers`` (B, H, W) float32 (and ``types`` (B, K, H, W) for a typed model), as a
+    tuple in that order; the same arithmetic as ``Predictor._maps``.
     """
 
     def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
@@ -82,12 +82,12 @@ class MapsNet(nn.Module):
         return tuple(out)
 
 
-def pad_to_16(tiles: np.ndarray) -> np.ndarray:
-    """(B, H, W, 3) padded at the bottom/right to multiples of 16 exactly as ``PRONet.forward`` pads its input
-    (reflect, or edge when the image is too small to reflect): normalisation is per pixel, so padding before it
-    gives the same tensor."""
+def pad_to_stride(tiles: np.ndarray, stride: int = 16) -> np.ndarray:
+    """(B, H, W, 3) padded at the bottom/right to multiples of ``stride`` (the network's, ``PRONet.stride``)
+    exactly as ``PRONet.forward`` pads its input (reflect, or edge when the image is too small to reflect):
+    normalisation is per pixel, so padding before it gives the same tensor."""
     h, w = tiles.shape[1:3]
-    ph, pw = (-h) % 16, (-w) % 16
+    ph, pw = (-h) % stride, (-w) % stride
     if not (ph or pw):
         return tiles
     pads = ((0, 0), (0, ph), (0, pw), (0, 0))
@@ -126,15 +126,16 @@ class OpenVINOForward:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = ov.Core().compile_model(graph, "CPU", config)
         self.names = names
+        self.stride = int(getattr(model, "stride", 16))
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         self.precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)  # f32 or bf16
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()  # one request, reused: one inference at a time
 
     def __call__(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
-        """Maps for (B, H, W, 3) uint8 tiles of any size (padded to a multiple of 16 and cropped back)."""
+        """Maps for (B, H, W, 3) uint8 tiles of any size (padded to the network's stride and cropped back)."""
         h, w = tiles.shape[1:3]
-        x = np.ascontiguousarray(pad_to_16(tiles))
+        x = np.ascontiguousarray(pad_to_stride(tiles, self.stride))
         with self._lock:
             result = self._request.infer([x])
             # copies: the request reuses its output buffers

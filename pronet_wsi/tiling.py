@@ -6,7 +6,7 @@ centre lies in exactly one core; the halo gives the model context and holds the 
 sit near the core's edge.
 
 The grid is balanced: along each axis it uses as few cores as ``tile_px`` allows, all of one size (rounded up to
-a multiple of 16, the network's stride), so the model never computes a mostly-empty strip beyond the frame's
+a multiple of the network's stride, 16 or 32), so the model never computes a mostly-empty strip beyond the frame's
 edge. A 16384 px side at tile 2048 / halo 96 gets 9 cores of 1824 px (32 px past the edge) instead of 9 of 1856.
 """
 
@@ -78,15 +78,21 @@ def balanced_core(length: int, max_core: int, multiple: int = 16) -> int:
 
 @dataclass(frozen=True)
 class TileGrid:
-    """All tiles over a processing frame of ``shape`` ``(H, W)``; every tile reads ``read_hw`` px."""
+    """All tiles over a processing frame of ``shape`` ``(H, W)``; every tile reads ``read_hw`` px.
+
+    stride : the network's (``PRONet.stride``, 16 or 32); cores are rounded to a multiple of it so that every
+    tile's pooling grid is the untiled image's (with a halo that is a multiple of it too, as the default 96 is).
+    """
 
     shape: tuple[int, int]
     config: TilingConfig
+    stride: int = 16
 
     @property
     def core_hw(self) -> tuple[int, int]:
         """Core (height, width) in processing px (the last row / column is cut at the frame's edge)."""
-        return tuple(balanced_core(max(1, n), self.config.core_px) for n in self.shape)  # type: ignore[return-value]
+        return tuple(balanced_core(max(1, n), self.config.core_px, self.stride)  # type: ignore[return-value]
+                     for n in self.shape)
 
     @property
     def read_hw(self) -> tuple[int, int]:

@@ -32,6 +32,7 @@ def smoke_commands(tmp: Path) -> dict[str, list[str]]:
         "types": ["--smoke"],
         "wsi": ["--smoke"],
         "cluster": ["--smoke"],
+        "distill": ["--smoke", "-o", str(tmp / "distill")],
     }
 
 
@@ -46,7 +47,7 @@ def test_scripts_need_no_machine_specific_paths():
     assert {p.stem for p in scripts} - LIBRARIES == set(smoke_commands(Path(".")))
 
 
-HEAVY = {"wsi", "cluster", "monuseg"}  # a subprocess or a Dask cluster, or a training epoch: some 20 s each
+HEAVY = {"wsi", "cluster", "monuseg", "distill"}  # a subprocess or a Dask cluster, or a training epoch: some 20 s each
 
 
 def _run_smokes(commands: dict[str, list[str]]) -> None:

@@ -1,3 +1,6 @@
+import json
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import shapely
@@ -116,7 +119,31 @@ def test_masks_select_and_geometry_text_round_trip():
     assert (sub.polygon(1) == inst.polygon(2)).all() and (sub.mask(1) == inst.mask(2)).all()
     import json
 
-    assert json.loads(inst.geometry_json(0)) == [inst.polygon(0).tolist()]
+    assert json.loads(inst.geometry_texts()[0]) == [inst.polygon(0).tolist()]
+
+
+def test_texts_of_all_rings_and_measurements_equal_the_one_at_a_time_ones():
+    """The bulk texts (what a tile writes) equal ring_json / measurements of each nucleus, including rings that
+    rounding makes invalid (repaired one by one) and a speck too short to be a ring."""
+    from pronet_wsi.instances import ring_json, ring_texts
+
+    _, lab, _ = synthetic_nuclei((128, 128), n_nuclei=20, seed=6)
+    inst = instances_of(lab, read=Box(0, 0, 128, 128))
+    texts = inst.geometry_texts()
+    assert len(texts) == len(inst) > 5
+    assert texts == [ring_json(inst.polygon(i)) for i in range(len(inst))]
+    bowtie_after_rounding = np.array([[0, 0], [1, 0.004], [1, -0.004], [0, 0.001], [0, 0]], float)
+    speck = np.array([[5, 5], [5.001, 5], [5, 5]], float)
+    square = np.array([[0, 0], [2.5, 0], [2.5, 2.5], [0, 2.5], [0, 0]], float)
+    rings = [square, bowtie_after_rounding, speck, square + 0.123]
+    coords, offsets = np.concatenate(rings), np.cumsum([0] + [len(r) for r in rings])
+    assert ring_texts(coords, offsets) == [ring_json(r) for r in rings]
+    assert json.loads(ring_texts(coords, offsets)[0]) == [[[0, 0], [2.5, 0], [2.5, 2.5], [0, 2.5], [0, 0]]]
+    inst = replace(inst, center_score=inst.center_score.copy())
+    inst.center_score[1] = np.nan  # left out, as measurements(i) leaves it out
+    parsed = [json.loads("{" + t + "}") for t in inst.measurement_texts()]
+    assert parsed == [inst.measurements(i) for i in range(len(inst))]
+    assert "Center score" not in parsed[1] and len(parsed[1]) == len(parsed[0]) - 1
 
 
 def test_empty_tile():

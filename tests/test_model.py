@@ -14,10 +14,12 @@ from pronet_wsi.postprocess import PostprocessConfig
 from pronet_wsi.training.loop import load_checkpoint
 
 
+@pytest.mark.parametrize("stem_stride", [1, 2])
 @pytest.mark.parametrize("hw", [(250, 250), (333, 517), (64, 48)])
-def test_forward_backward_odd_sizes(hw):
+def test_forward_backward_odd_sizes(hw, stem_stride):
     torch.manual_seed(0)
-    model = PRONet(ModelConfig(width=0.1))
+    model = PRONet(ModelConfig(width=0.1, stem_stride=stem_stride))
+    assert model.stride == 16 * stem_stride
     x = torch.randn(2, 3, *hw, requires_grad=True)
     out = model(x)
     assert out["foreground"].shape == (2, 1, *hw)
@@ -37,6 +39,31 @@ def test_vgg16_encoder_has_13_convs_and_width_scales_channels():
     n_full = sum(p.numel() for p in full.parameters())
     n_narrow = sum(p.numel() for p in narrow.parameters())
     assert 10 < n_full / n_narrow < 20
+
+
+def test_stride_2_stem_runs_every_layer_at_half_resolution_or_less():
+    """The stem folds 2x2 blocks into channels, so no convolution before the refinement sees full resolution;
+    the refinement starts at zero, so an untrained stride-2 network is its half-resolution maps upsampled."""
+    torch.manual_seed(0)
+    model = PRONet(ModelConfig(width=0.1, stem_stride=2, classes=("a", "b"))).eval()
+    sizes: dict[str, tuple[int, int]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, inp, out, name=name: sizes.__setitem__(name, tuple(out.shape[-2:])))
+    x = torch.randn(1, 3, 128, 96)
+    out = model(x)
+    assert model.stages[0][0].in_channels == 12
+    assert {k: v for k, v in sizes.items() if not k.startswith("refine.")} and all(
+        h <= 64 and w <= 48 for k, (h, w) in sizes.items() if not k.startswith("refine."))
+    assert sizes["refine.0"] == (128, 96)
+    assert all(v.shape[-2:] == (128, 96) for v in out.values()) and out["types"].shape[1] == 2
+    captured: dict[str, torch.Tensor] = {}
+    model.head_center.register_forward_hook(lambda mod, inp, o: captured.__setitem__("centers", o))
+    out = model(x)
+    up = torch.nn.functional.interpolate(captured["centers"], scale_factor=2.0, mode="bilinear", align_corners=False)
+    assert captured["centers"].shape[-2:] == (64, 48) and torch.allclose(out["centers"], up, atol=1e-6)
+    with pytest.raises(InputError, match="stem_stride"):
+        ModelConfig(stem_stride=4)
 
 
 def test_same_output_in_train_and_eval_structure():

@@ -49,6 +49,39 @@ def test_group_pixels_follows_offsets():
     assert (out[~fg] == 0).all()
 
 
+@pytest.mark.parametrize("size", [1, 3, 5])
+def test_local_maxima_equal_the_maximum_filter_at_the_candidates(size):
+    """The candidate-only comparison is the whole-tile maximum filter (edge mode "nearest"), ties and tile edges
+    included: values on a coarse grid make plateaus and equal neighbours common."""
+    from scipy import ndimage as ndi
+
+    from pronet_wsi.postprocess import local_maxima
+
+    rng = np.random.default_rng(size)
+    values = (rng.integers(0, 6, (60, 45)) / 5).astype(np.float32)
+    cand = values > 0.3
+    ref = (values == ndi.maximum_filter(values, size=size, mode="nearest")) & cand
+    got = local_maxima(values, size, cand)
+    assert got.any() and np.array_equal(got, ref)
+
+
+def test_group_pixels_is_the_nearest_centre_to_every_vote():
+    """The bounded first query and the unbounded second one give every vote its nearest centre, near or far."""
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng(0)
+    fg = rng.random((80, 90)) < 0.6
+    offsets = rng.normal(0, 6, (2, 80, 90)).astype(np.float32)  # many votes land > 4 px from any centre
+    centers = rng.uniform(0, 80, (25, 2))
+    out = group_pixels(fg, offsets, centers)
+    rows, cols = np.nonzero(fg)
+    votes = np.stack([rows + offsets[0, rows, cols], cols + offsets[1, rows, cols]], axis=1)
+    dist, _ = cKDTree(centers).query(votes)
+    got = np.linalg.norm(votes - centers[out[rows, cols] - 1], axis=1)
+    assert (dist > 4).mean() > 0.1 and np.allclose(got, dist)
+    assert (out[~fg] == 0).all()
+
+
 def test_min_area_drops_fragments_and_orphans_become_instances():
     labels = np.zeros((40, 40), np.int64)
     labels[5:15, 5:15] = 1

@@ -14,7 +14,7 @@ from pronet_wsi.export import read_geojson
 from pronet_wsi.inference import InferenceConfig, Predictor
 from pronet_wsi.model import ModelBundle, ModelConfig, PRONet, default_model_dir, load_model
 from pronet_wsi.postprocess import PostprocessConfig
-from pronet_wsi.runtime import ENV_VAR, choose_runtime, openvino_available, pad_to_16
+from pronet_wsi.runtime import ENV_VAR, choose_runtime, openvino_available, pad_to_stride
 
 CPU = torch.device("cpu")
 needs_openvino = pytest.mark.skipif(not openvino_available(), reason='OpenVINO not installed ("pronet-wsi[fast]")')
@@ -39,29 +39,33 @@ def test_choice_auto_env_and_errors(monkeypatch):
         InferenceConfig(runtime="onnx")
 
 
-def test_pad_to_16_is_the_models_padding():
+@pytest.mark.parametrize("stride", [16, 32])
+def test_pad_to_stride_is_the_models_padding(stride):
     """Padding the uint8 tiles before normalising gives the tensor PRONet.forward pads itself."""
     rng = np.random.default_rng(0)
     for h, w in ((37, 50), (9, 70), (64, 48)):
         tiles = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
         x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float()
-        ph, pw = (-h) % 16, (-w) % 16
+        ph, pw = (-h) % stride, (-w) % stride
         mode = "reflect" if h > ph and w > pw else "replicate"
         ref = torch.nn.functional.pad(x, (0, pw, 0, ph), mode=mode) if ph or pw else x
-        got = torch.from_numpy(pad_to_16(tiles)).permute(0, 3, 1, 2).float()
+        got = torch.from_numpy(pad_to_stride(tiles, stride)).permute(0, 3, 1, 2).float()
         assert torch.equal(got, ref)
 
 
-def _tiny_bundle(classes: tuple[str, ...] = ()) -> ModelBundle:
+def _tiny_bundle(classes: tuple[str, ...] = (), stem_stride: int = 1) -> ModelBundle:
     torch.manual_seed(0)
-    cfg = ModelConfig(width=0.125, mpp=0.25, classes=classes)
+    cfg = ModelConfig(width=0.125, mpp=0.25, classes=classes, stem_stride=stem_stride)
     return ModelBundle(PRONet(cfg).eval(), cfg, PostprocessConfig())
 
 
 @needs_openvino
-@pytest.mark.parametrize("classes", [(), ("Tumor", "Immune cells")])
-def test_openvino_maps_equal_torch_fp32(classes):
-    bundle = _tiny_bundle(classes)
+@pytest.mark.parametrize(("classes", "stem_stride"), [((), 1), (("Tumor", "Immune cells"), 1), ((), 2),
+                                                      (("Tumor", "Immune cells"), 2)])
+def test_openvino_maps_equal_torch_fp32(classes, stem_stride):
+    bundle = _tiny_bundle(classes, stem_stride)
+    if stem_stride == 2:  # a refinement that does something (it starts at zero)
+        torch.nn.init.normal_(bundle.model.refine[-1].weight, std=0.1)
     rng = np.random.default_rng(1)
     tiles = rng.integers(0, 256, (3, 70, 90, 3), dtype=np.uint8)  # odd size: padded and cropped back
     ref = Predictor(bundle, InferenceConfig(device="cpu", amp="off", runtime="torch", batch_size=2))

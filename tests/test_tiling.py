@@ -30,6 +30,18 @@ def test_balanced_core_wastes_little_beyond_the_frame():
     assert balanced_core(100, 100) == 100  # rounding up would exceed the largest core: exact
 
 
+def test_a_stride_32_network_gets_cores_and_reads_on_its_pooling_grid():
+    """A stride-2-stem model pools 5 times: cores in multiples of 32 and the default halo (96) keep every tile's
+    read origin on the untiled image's 32 px grid (what makes tiled maps equal untiled ones)."""
+    for stride in (16, 32):
+        grid = TileGrid((16384, 5000), TilingConfig(2048, 96), stride)
+        assert all(c % stride == 0 for c in grid.core_hw)
+        assert all(t.read.x0 % stride == 0 and t.read.y0 % stride == 0 for t in grid)
+    assert TileGrid((16384, 16384), TilingConfig(2048, 96), 32).core_hw == (1824, 1824)  # 1824 = 57 x 32
+    assert TileGrid((5000, 5000), TilingConfig(2048, 96), 16).core_hw == (1680, 1680)
+    assert TileGrid((5000, 5000), TilingConfig(2048, 96), 32).core_hw == (1696, 1696)
+
+
 def test_neighbours_and_keys():
     grid = TileGrid((1000, 1000), TilingConfig(256, 64))  # 8 x 8 cores of 128
     assert grid.grid_shape == (8, 8)

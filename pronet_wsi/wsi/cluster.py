@@ -153,7 +153,8 @@ def open_client(scheduler: str, timeout_s: float | None = None):
 class ModelSpec:
     """A model folder as the workers see it: small to send; :meth:`predict_batch` loads it once per process.
 
-    Has what the pipeline reads on the client (``mpp``, ``postprocess_config``, ``context_px``, ``model_dir``)
+    Has what the pipeline reads on the client (``mpp``, ``postprocess_config``, ``context_px``, ``stride``,
+    ``model_dir``)
     without loading the network here, so the client needs no GPU. ``pin_gpus``: with ``device="auto"``, worker
     ``i`` of a ``local:N`` cluster (worker names 0..N-1) uses ``cuda:i mod GPUs``.
     """
@@ -166,6 +167,7 @@ class ModelSpec:
     pin_gpus: bool = False
     classes: tuple[str, ...] = ()
     class_colors: tuple[tuple[int, int, int], ...] = ()
+    stride: int = 16
 
     @classmethod
     def load(cls, model_dir: str | Path | None, inference: InferenceConfig = InferenceConfig(),
@@ -176,7 +178,8 @@ class ModelSpec:
         path = resolve_model_dir(model_dir)
         bundle = load_model(path)
         return cls(str(Path(path).resolve()), inference, bundle.config.mpp, bundle.thresholds,
-                   bundle.config.context_px, pin_gpus, bundle.config.classes, bundle.config.class_colors)
+                   bundle.config.context_px, pin_gpus, bundle.config.classes, bundle.config.class_colors,
+                   bundle.config.stride)
 
     @classmethod
     def from_predictor(cls, predictor, pin_gpus: bool = False) -> ModelSpec | None:
@@ -185,7 +188,7 @@ class ModelSpec:
         if path is None or not hasattr(predictor, "config"):
             return None
         return cls(str(Path(path).resolve()), predictor.config, predictor.mpp, predictor.postprocess_config,
-                   predictor.context_px, pin_gpus, predictor.classes, predictor.class_colors)
+                   predictor.context_px, pin_gpus, predictor.classes, predictor.class_colors, predictor.stride)
 
     def predict_batch(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
         return worker_predictor(self).predict_batch(tiles)

@@ -176,10 +176,11 @@ def _plan(slide_path: Path, name: str, paths: OutputPaths, predictor: TileModel,
         t = time.perf_counter()
         thumb, thumb_ds = slide.thumbnail(config.overlay_max_px)
         mask = tissue_mask(thumb, thumb_ds * slide.mpp, config.tissue) if config.use_tissue_mask else None
-        grid = TileGrid(frame.shape, config.tiling)
+        stride = getattr(predictor, "stride", 16)  # test doubles may lack it
+        grid = TileGrid(frame.shape, config.tiling, stride)
         tiles = select_tiles(grid, frame, mask, thumb_ds)
         if mask is not None and config.crop_glass:
-            tiles = crop_to_tissue(tiles, frame, mask, thumb_ds, config.tiling.halo_px)
+            tiles = crop_to_tissue(tiles, frame, mask, thumb_ds, config.tiling.halo_px, stride)
         timings["tissue_s"] = time.perf_counter() - t
         source = SlideSource(slide_path, name, slide.mpp, slide.backend, slide.info())
         warnings.extend(slide.notes)  # e.g. 12-bit data read by its real range

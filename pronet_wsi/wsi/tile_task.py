@@ -86,7 +86,8 @@ def close_slides(path: str) -> None:
 class TileModel(Protocol):
     """What the run layer needs of a model (a ``Predictor``, a Dask ``ModelSpec``, or a test's oracle).
 
-    mpp : the model's pixel size (um). context_px : the tile halo it needs for seam-exact maps.
+    mpp : the model's pixel size (um). context_px : the tile halo it needs for seam-exact maps. An optional
+    ``stride`` (the network's, default 16) aligns the tile grid.
     predict_batch : (B, H, W, 3) uint8 tiles -> maps ``foreground`` (B, H, W), ``offsets`` (B, 2, H, W),
     ``centers`` (B, H, W), and ``types`` (B, K, H, W) class probabilities for a typed model (one whose
     ``classes`` attribute names K classes; a model without the attribute is untyped).

@@ -11,7 +11,7 @@ from wsi_fakes import cli_run, one_line_error
 
 from pronet_wsi.cli import main
 from pronet_wsi.errors import InputError
-from pronet_wsi.model import ModelConfig, load_model, resolve_model_dir
+from pronet_wsi.model import ModelConfig, PRONet, load_model, resolve_model_dir, save_model
 from pronet_wsi.synthetic import synthetic_nuclei
 from pronet_wsi.training import loop
 from pronet_wsi.training.inputs import load_items, load_val_items
@@ -226,6 +226,20 @@ def test_init_round_trip_keeps_mpp_and_normalisation(tmp_path):
     with pytest.raises(InputError, match="width"):
         train(TrainConfig.recipe(init=str(first), width=0.25, epochs=1), _synthetic_items(1, 20), tmp_path / "d",
               progress=False)
+
+
+def test_init_from_a_stride_2_model_fine_tunes_the_same_network(tmp_path):
+    """A start model with the stride-2 stem (the fast architecture) is fine-tuned as it is: the stem, the
+    refinement and every weight carry over, and the trained model still has them."""
+    torch.manual_seed(0)
+    start = PRONet(ModelConfig(width=0.0625, stem_stride=2))
+    save_model(start, tmp_path / "start")
+    cfg = TrainConfig.recipe(init=str(tmp_path / "start"), epochs=2, patch_px=96, patches_per_image=20,
+                             batch_size=2, tune_thresholds=False, num_threads=1)
+    tuned = load_model(train(cfg, _synthetic_items(2, 0), tmp_path / "m", progress=False))
+    assert tuned.config.stem_stride == 2 and tuned.model.stride == 32
+    assert tuned.model.state_dict().keys() == start.state_dict().keys()
+    assert not torch.equal(tuned.model.refine[0].weight, start.refine[0].weight)
 
 
 def test_init_at_another_mpp_rescales_lengths_in_pixels():
