@@ -13,9 +13,10 @@ stage breakdown (``--baseline-model DIR``: "today" runs that model folder, e.g. 
 crops per lab (``benchmarks/int8.py``; needs ``pip install nncf`` and ../shared/data; its calibration is counted as
 model setup).
 
-Tile, halo and batch default to the package's (``TilingConfig``, ``SegmentConfig``). "e2e / core forward" compares
-the whole run with the model's forward on the tiles' cores alone (the same tiles cropped to their cores, timed the
-same way): what halos, reading, post-processing, stitching and export cost on top of the pixels kept.
+Tile and batch default to the package's (``TilingConfig``, ``SegmentConfig``), the halo to each model's
+``context_px`` (as ``segment``). "e2e / core forward" compares the whole run with the model's forward on the
+tiles' cores alone (the same tiles cropped to their cores, timed the same way): what halos, reading,
+post-processing, stitching and export cost on top of the pixels kept.
 
 For each size it writes (once, cached in --workdir) a pyramidal JPEG TIFF at 0.25 um/px tiled from a few synthetic
 1024 px tissue blocks inside an elliptical tissue region on glass, then:
@@ -148,6 +149,8 @@ def run_child(args) -> None:
     if args.int8:
         predictor._fast = int8_forward(predictor, args.int8, args.threads)
     setup_s = time.perf_counter() - t
+    if args.halo_px is None:
+        args.halo_px = predictor.context_px  # as `segment` does
     cfg = SegmentConfig(tiling=TilingConfig(args.tile_px, args.halo_px), batch_size=args.batch_size,
                         workers=args.workers, overwrite=True, measure=measure_config(args), parquet=args.parquet,
                         crop_glass=not args.no_crop_glass)
@@ -186,7 +189,7 @@ def forward_and_postprocess(args, predictor, slide_path: Path, n_tiles: int) -> 
     with open_slide(slide_path) as slide:
         frame = Frame.for_slide(slide.shape, slide.mpp, predictor.mpp)
         thumb, ds = slide.thumbnail(2048)
-        grid = TileGrid(frame.shape, TilingConfig(args.tile_px, args.halo_px))
+        grid = TileGrid(frame.shape, TilingConfig(args.tile_px, args.halo_px), predictor.stride)
         tiles = select_tiles(grid, frame, tissue_mask(thumb, ds * slide.mpp), ds)
         step = max(1, len(tiles) // args.sample)
         sample = tiles[::step][: args.sample]
@@ -234,7 +237,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model folder (default: shipped, else random)")
     parser.add_argument("--width", type=float, default=None, help="use a random PRONet of this width")
     parser.add_argument("--tile-px", type=int, default=None, help="default: TilingConfig's")
-    parser.add_argument("--halo-px", type=int, default=None, help="default: TilingConfig's (the model's context)")
+    parser.add_argument("--halo-px", type=int, default=None, help="default: each model's context_px (as segment)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: SegmentConfig's")
     parser.add_argument("--full-tissue", action="store_true", help="tissue everywhere (no glass around it)")
     parser.add_argument("--workers", type=int, default=0)
@@ -268,7 +271,6 @@ def main() -> None:
     from pronet_wsi.wsi.pipeline import SegmentConfig
 
     args.tile_px = args.tile_px or TilingConfig().tile_px
-    args.halo_px = TilingConfig().halo_px if args.halo_px is None else args.halo_px
     args.batch_size = args.batch_size or SegmentConfig().batch_size
     if args.child:
         run_child(args)
@@ -292,7 +294,8 @@ def main() -> None:
                   file=sys.stderr)
         out = workdir / f"out_{side}_{label.replace(' ', '').replace('+', '_')}"
         cmd = [sys.executable, "-m", "benchmarks.wsi", "--child", "--slide", str(slide), "--out", str(out),
-               "--model", model, "--tile-px", str(args.tile_px), "--halo-px", str(args.halo_px),
+               "--model", model, "--tile-px", str(args.tile_px),
+               *(["--halo-px", str(args.halo_px)] if args.halo_px is not None else []),
                "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--sample", str(args.sample),
                "--cells", str(args.cells), "--measurements", args.measurements, *(["--parquet"] * args.parquet),
                "--runtime", runtime, "--threads", str(args.threads), *(["--no-crop-glass"] * no_crop),
@@ -314,7 +317,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), file=sys.stderr)
     print(banner(seed=0))
     today = f"; today: {args.baseline_model}" if args.baseline_model else ""
-    print(f"model: {args.model}{today}; tile {args.tile_px}, halo {args.halo_px}, batch {args.batch_size}, "
+    halo = args.halo_px if args.halo_px is not None else "each model's context_px"
+    print(f"model: {args.model}{today}; tile {args.tile_px}, halo {halo}, batch {args.batch_size}, "
           f"workers {args.workers or 'auto'}; {os.cpu_count()} CPUs")
     print("| slide | path | Gpx | tissue tiles (read px) | tissue Mpx | core Mpx | model input Mpx | input / tissue | "
           "nuclei | end-to-end s | forward-only s | forward on cores s | e2e / forward | e2e / core forward | "

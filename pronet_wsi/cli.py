@@ -591,7 +591,7 @@ def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, eu
 @click.option("--tile-px", type=int, default=2048, show_default=True,
               help="Largest model input tile side (px at model mpp); the grid splits the slide evenly.")
 @click.option("--halo-px", type=int, default=None,
-              help="Context on each side of a tile core (default: the model's context_px, 96 px for the shipped "
+              help="Context on each side of a tile core (default: the model's context_px, 160 px for the shipped "
                    "model: its maps do not change beyond it).")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Tiles per model call.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")

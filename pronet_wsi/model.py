@@ -41,8 +41,9 @@ class ModelConfig:
     mean, std : per-channel RGB normalisation of inputs scaled to [0, 1].
     offset_scale : the offset head's raw output is multiplied by this (px), so targets are O(1).
     context_px : how far (px) input beyond a pixel still changes the network's maps there; ``segment`` uses it as
-        the default tile halo. 96 was measured on the shipped model (a tile's maps equal the untiled maps beyond
-        96 px from its edge; 64 px leaves |d foreground| 0.05 at the seam), and depends on the architecture's depth.
+        the default tile halo. 96 was measured on v3 (a tile's maps equal the untiled maps beyond 96 px from its
+        edge; 64 px leaves |d foreground| 0.05 at the seam), 160 on the shipped stride-2-stem v4 (its deepest
+        layers work at 1/32 resolution); it depends on the architecture's depth.
     classes : nucleus class names of the type head (QuPath classification names); empty = an untyped model.
     class_colors : one QuPath colour (r, g, b) per class.
     stem_stride : 1 = the paper's network (its first stage at the input's resolution); 2 = the input is folded

@@ -26,7 +26,7 @@ from pronet_wsi.tissue import mask_fraction
 class TilingConfig:
     """tile_px : largest model input side in processing px; halo_px : context on each side (core <= tile - 2 halo).
 
-    2048 / 96: the shipped model's maps are identical beyond 96 px of context (its ``context_px``), and the model
+    2048 / 96: v3's maps are identical beyond 96 px of context (its ``context_px``; 160 for v4), and the model
     computes 1.22x the core's pixels (a 16384 px side: reads of 2016 px for cores of 1824); 1024 / 128 computed
     1.80x:
 
