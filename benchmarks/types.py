@@ -465,10 +465,10 @@ def cmd_score(args: argparse.Namespace) -> None:
         raise SystemExit(f"{args.model}: the model has no nucleus classes (Predictor.classes is empty or missing); "
                          "give a model trained on classed points")
     classes = SETS[args.set]
-    mpp = _mpp(data, "test")
+    mpp = _mpp(data, args.split)
     pred, gt = [], []
     t0 = time.perf_counter()
-    for _, img, pts_path in _split_files(data, "test"):
+    for _, img, pts_path in _split_files(data, args.split):
         seg = segment_image(read_image(img), predictor, mpp=mpp)
         index = getattr(seg, "class_index", None)
         if index is None:
@@ -488,8 +488,10 @@ def cmd_score(args: argparse.Namespace) -> None:
         print(f"note: the model has no class {', '.join(missing)}; those test nuclei can only be missed")
     radius_px = RADIUS_UM / mpp
     s = _score(pred, gt, radius_px, classes)
-    _report(f"{args.set} test, model {args.model} ({len(pred)} images, {seconds:.0f} s; radius {RADIUS_UM} um = "
-            f"{radius_px:g} px)", s)
+    _report(f"{args.set} {args.split}, model {args.model} ({len(pred)} images, {seconds:.0f} s; radius {RADIUS_UM} "
+            f"um = {radius_px:g} px)", s)
+    if args.split != "test":
+        return  # validation scores choose settings; only test scores are recorded
     base = {**_meta(), "set": args.set, "model": str(args.model), "n_test_images": len(pred),
             "radius_um": RADIUS_UM, "mpp": mpp, "seconds": f"{seconds:.1f}"}
     _append(RESULTS / "types_scores.csv", _rows(base, s))
@@ -548,6 +550,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
         if name == "score":
             p.add_argument("--model", required=True, help="model folder of a typed model")
+            p.add_argument("--split", default="test", choices=["test", "val"],
+                           help="val: the validation split, to choose settings (not recorded)")
     p = sub.add_parser("reweight", help="tune class weights of a trained typed model on its held-back clicks")
     p.add_argument("--data", default="runs/types")
     p.add_argument("--set", choices=sorted(SETS), required=True)

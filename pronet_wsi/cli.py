@@ -328,7 +328,7 @@ def check_resume_options(ctx: click.Context, saved) -> None:
 def runtime_line() -> str:
     """Which engine runs the forward by default here, and at what precision (what ``segment`` will use)."""
     from pronet_wsi.inference import _cpu_has_bf16, resolve_device
-    from pronet_wsi.runtime import ENV_VAR, choose_runtime
+    from pronet_wsi.runtime import CACHE_ENV_VAR, ENV_VAR, cache_dir, choose_runtime
 
     device = resolve_device("auto")
     runtime = choose_runtime("auto", device)
@@ -343,7 +343,11 @@ def runtime_line() -> str:
     precision = "fp16" if device.type == "cuda" else "bf16" if _cpu_has_bf16() else "fp32"
     hint = "" if runtime == "openvino" or device.type == "cuda" else \
         ' (pip install "pronet-wsi[fast]" for the OpenVINO forward)'
-    return f"runtime: {name}, {precision} (env {ENV_VAR}=torch|openvino forces one){hint}"
+    line = f"runtime: {name}, {precision} (env {ENV_VAR}=torch|openvino forces one){hint}"
+    if runtime == "openvino":
+        folder = cache_dir()
+        line += f"\ngraph cache: {folder / 'openvino' if folder is not None else 'off'} (env {CACHE_ENV_VAR}=DIR|off)"
+    return line
 
 
 def _names(value: str | None) -> list[str] | None:

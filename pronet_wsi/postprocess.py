@@ -246,8 +246,7 @@ def postprocess(maps: dict[str, np.ndarray], config: PostprocessConfig = Postpro
     ri = np.clip(np.rint(centers_rc[main]).astype(np.int64), 0, np.array(fg.shape) - 1)
     scores[main] = centers_map[ri[:, 0], ri[:, 1]]
     if (~main).any():
-        frag_ids = np.nonzero(~main)[0] + 1
-        centers_rc[~main] = np.asarray(ndi.center_of_mass(labels > 0, labels, frag_ids), float).reshape(-1, 2)
+        centers_rc[~main] = _fragment_centroids(labels, ~main)
     type_probs = None
     if types is not None:
         type_probs = mean_type_probs(labels, np.asarray(types, np.float32))
@@ -258,6 +257,23 @@ def postprocess(maps: dict[str, np.ndarray], config: PostprocessConfig = Postpro
         else:
             type_probs = reweight_classes(type_probs, config.class_weights)
     return Segmentation(labels, centers_rc, scores, type_probs)
+
+
+def _fragment_centroids(labels: np.ndarray, fragment: np.ndarray) -> np.ndarray:
+    """(F, 2) float64 (row, col) centroids of the instances ``i + 1`` where ``fragment[i]``, in id order.
+
+    Sums over the fragments' own pixels (``ndi.center_of_mass`` with an index list passes over the whole tile per
+    axis; fragments are a few hundred pixels of millions). Every id in ``fragment`` must have pixels.
+    """
+    is_frag = np.concatenate([[False], fragment])
+    idx = np.flatnonzero(is_frag[labels])
+    ids = labels.ravel()[idx].astype(np.int64)
+    rows, cols = np.divmod(idx, labels.shape[1])
+    n = len(fragment) + 1
+    count = np.bincount(ids, minlength=n)
+    sel = np.nonzero(fragment)[0] + 1
+    return np.stack([np.bincount(ids, weights=rows, minlength=n)[sel] / count[sel],
+                     np.bincount(ids, weights=cols, minlength=n)[sel] / count[sel]], axis=1)
 
 
 def instance_centroids_rc(labels: np.ndarray) -> np.ndarray:

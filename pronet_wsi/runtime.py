@@ -1,9 +1,11 @@
 """Which engine runs the network's forward on a CPU: PyTorch, or OpenVINO when the ``fast`` extra is installed.
 
 OpenVINO runs the same weights 2-3x faster than PyTorch eager on a CPU (benchmarks/RESULTS.md, "runtimes"). The
-graph is converted from the loaded PyTorch model in memory when a :class:`~pronet_wsi.inference.Predictor` starts
-(a few seconds, measured) instead of being shipped or cached on disk: nothing to checksum, nothing to keep in
-step with the weights, no cache folder two concurrent runs could race on. CUDA always stays PyTorch.
+graph is converted from the loaded PyTorch model when a :class:`~pronet_wsi.inference.Predictor` starts, not
+shipped: a fine-tuned model folder needs no export step and the weights stay the one checksummed artefact. The
+conversion (~1.3 s) is kept in a cache keyed by the weights' content (:func:`cached_openvino_graph`), so later
+runs of the same model start in ~0.1 s; every run compiles the graph read back from its serialized form, so a
+cached and a fresh start give the same maps bit for bit. CUDA always stays PyTorch.
 
 ``runtime="auto"`` picks OpenVINO on a CPU when it is importable, else PyTorch; the environment variable
 ``PRONET_WSI_RUNTIME`` (``torch`` or ``openvino``) overrides ``auto`` without touching any command line.
@@ -11,18 +13,25 @@ step with the weights, no cache folder two concurrent runs could race on. CUDA a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import struct
 import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from pronet_wsi.errors import InputError
+from pronet_wsi.files import atomic_bytes
 
 RUNTIMES = ("auto", "torch", "openvino")
 ENV_VAR = "PRONET_WSI_RUNTIME"
+CACHE_ENV_VAR = "PRONET_WSI_CACHE_DIR"  # where converted graphs are kept; "off" = convert on every start
+_IR_MAGIC = b"PRONET-OV-IR-1\n"
 
 
 def openvino_available() -> bool:
@@ -105,6 +114,93 @@ def openvino_graph(model: nn.Module, mean: tuple[float, ...], std: tuple[float, 
         return ov.convert_model(net, example_input=example, input=[ov.PartialShape([-1, -1, -1, 3])])
 
 
+def cache_dir() -> Path | None:
+    """Where converted OpenVINO graphs are kept: ``$PRONET_WSI_CACHE_DIR``, else ``$XDG_CACHE_HOME/pronet-wsi``
+    (``~/.cache/pronet-wsi``); None when the variable is ``off``."""
+    env = os.environ.get(CACHE_ENV_VAR, "").strip()
+    if env.lower() in ("off", "none", "0"):
+        return None
+    if env:
+        return Path(env).expanduser()
+    try:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pronet-wsi"
+    except (RuntimeError, KeyError):  # no home folder (a batch job without HOME): no cache
+        return None
+
+
+def _graph_key(model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> str:
+    """The cache key of a model's graph: its weights and buffers, normalisation and architecture, and the
+    versions of the code that convert it (this package's network and runtime sources, OpenVINO, PyTorch)."""
+    import openvino as ov
+
+    from pronet_wsi import __version__
+
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    meta = {"pronet_wsi": __version__, "openvino": ov.__version__, "torch": torch.__version__,
+            "mean": list(mean), "std": list(std), "config": repr(config), "class": type(model).__name__}
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    here = Path(__file__).resolve().parent
+    for source in ("model.py", "runtime.py"):
+        h.update((here / source).read_bytes())
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _serialize(graph) -> bytes:
+    """An OpenVINO model as one blob: magic, sha256 of the rest, xml length, xml, weights."""
+    import tempfile
+
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory(prefix="pronet-ov-") as tmp:
+        xml = Path(tmp) / "graph.xml"
+        ov.save_model(graph, xml, compress_to_fp16=False)
+        body = struct.pack("<Q", xml.stat().st_size) + xml.read_bytes() + xml.with_suffix(".bin").read_bytes()
+    return _IR_MAGIC + hashlib.sha256(body).digest() + body
+
+
+def _deserialize(blob: bytes):
+    """The OpenVINO model of :func:`_serialize`'s blob; ValueError for anything else (a damaged cache file)."""
+    import openvino as ov
+
+    head = len(_IR_MAGIC)
+    if not blob.startswith(_IR_MAGIC) or len(blob) < head + 40:
+        raise ValueError("not a pronet-wsi graph")
+    digest, body = blob[head : head + 32], blob[head + 32 :]
+    if hashlib.sha256(body).digest() != digest:
+        raise ValueError("checksum mismatch")
+    (n_xml,) = struct.unpack("<Q", body[:8])
+    xml, weights = body[8 : 8 + n_xml], body[8 + n_xml :]
+    return ov.Core().read_model(model=xml.decode(), weights=ov.Tensor(np.frombuffer(weights, np.uint8).copy()))
+
+
+def cached_openvino_graph(model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+    """:func:`openvino_graph` of ``model``, read from the cache when an earlier run converted the same weights.
+
+    A miss converts and writes the cache atomically (concurrent runs write the same bytes; the last rename wins);
+    a damaged entry is converted again; an unwritable cache folder only costs the conversion. The graph returned
+    is always the one read back from the serialized blob, cached or not, so both give the same maps.
+    """
+    folder = cache_dir()
+    path = None if folder is None else folder / "openvino" / f"{_graph_key(model, mean, std)}.ovblob"
+    if path is not None and path.is_file():
+        try:
+            return _deserialize(path.read_bytes())
+        except (OSError, ValueError, RuntimeError):
+            pass  # damaged or unreadable: convert again (and replace it below)
+    blob = _serialize(openvino_graph(model, mean, std))
+    if path is not None:
+        try:
+            atomic_bytes(path, blob)
+        except OSError:
+            pass  # a read-only or full cache folder: the run goes on without it
+    return _deserialize(blob)
+
+
 class OpenVINOForward:
     """A PRONet compiled by OpenVINO for the CPU: (B, H, W, 3) uint8 tiles -> the maps of ``Predictor``.
 
@@ -119,7 +215,7 @@ class OpenVINOForward:
         import openvino as ov
 
         if graph is None:
-            graph = openvino_graph(model, mean, std)
+            graph = cached_openvino_graph(model, mean, std)
         config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
                                      "PERFORMANCE_HINT": "LATENCY"}
         if threads:

@@ -37,9 +37,17 @@ class TissueConfig:
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> (H, W) float32 HSV saturation in [0, 1]."""
-    f = rgb.astype(np.float32)
-    mx, mn = f.max(axis=2), f.min(axis=2)
+    mx = _channel_max(rgb).astype(np.float32)  # per-channel maxima: a reduction over axis 2 is 5x slower
+    mn = _channel_min(rgb).astype(np.float32)
     return np.where(mx > 0, (mx - mn) / np.maximum(mx, 1.0), 0.0).astype(np.float32)
+
+
+def _channel_max(rgb: np.ndarray) -> np.ndarray:
+    return np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
+
+
+def _channel_min(rgb: np.ndarray) -> np.ndarray:
+    return np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -79,7 +87,7 @@ def tissue_mask(thumbnail: np.ndarray, um_per_px: float, config: TissueConfig = 
     if candidates.size > 0.8 * sat.size:  # nearly all tissue: Otsu would split stained tissue in two
         thr = config.min_saturation
     mask = sat >= thr
-    mask &= thumbnail.min(axis=2) < 250  # pure white is never tissue
+    mask &= _channel_min(thumbnail) < 250  # pure white is never tissue
     r_close = max(1.0, 20.0 / um_per_px)
     mask = _erode(_dilate(mask, r_close), r_close)
     mask = ndi.binary_fill_holes(mask)

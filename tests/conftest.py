@@ -29,6 +29,18 @@ def _torch_runtime():
         os.environ["PRONET_WSI_RUNTIME"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _graph_cache(tmp_path_factory):
+    """Converted OpenVINO graphs go to a folder of the test session, never the user's ~/.cache."""
+    old = os.environ.get("PRONET_WSI_CACHE_DIR")
+    os.environ["PRONET_WSI_CACHE_DIR"] = str(tmp_path_factory.mktemp("graph-cache"))
+    yield
+    if old is None:
+        os.environ.pop("PRONET_WSI_CACHE_DIR", None)
+    else:
+        os.environ["PRONET_WSI_CACHE_DIR"] = old
+
+
 def require_shared(path: Path = SHARED_DATA) -> Path:
     """Skip the calling test when ../shared/data (or a file under it) is absent."""
     if not path.exists():

@@ -157,3 +157,17 @@ def test_class_weights_shift_the_argmax_and_are_checked():
         reweight_classes(probs, (1.0, 2.0, 3.0))
     with pytest.raises(ValueError, match="class_weights"):
         PostprocessConfig(class_weights=(1.0, 0.0))
+
+
+def test_fragment_centroids_equal_center_of_mass():
+    """The fragments' centroids summed over their own pixels equal scipy's pass over the whole tile, bit for bit."""
+    from scipy import ndimage as ndi
+
+    from pronet_wsi.postprocess import _fragment_centroids
+
+    rng = np.random.default_rng(0)
+    labels = ndi.label(rng.random((120, 170)) > 0.6)[0].astype(np.uint32)
+    fragment = rng.random(int(labels.max())) > 0.5
+    ref = np.asarray(ndi.center_of_mass(labels > 0, labels, np.nonzero(fragment)[0] + 1), float).reshape(-1, 2)
+    assert fragment.sum() > 100
+    assert np.array_equal(_fragment_centroids(labels, fragment), ref)

@@ -14,7 +14,15 @@ from pronet_wsi.export import read_geojson
 from pronet_wsi.inference import InferenceConfig, Predictor
 from pronet_wsi.model import ModelBundle, ModelConfig, PRONet, default_model_dir, load_model
 from pronet_wsi.postprocess import PostprocessConfig
-from pronet_wsi.runtime import ENV_VAR, choose_runtime, openvino_available, pad_to_stride
+from pronet_wsi.runtime import (
+    CACHE_ENV_VAR,
+    ENV_VAR,
+    OpenVINOForward,
+    cache_dir,
+    choose_runtime,
+    openvino_available,
+    pad_to_stride,
+)
 
 CPU = torch.device("cpu")
 needs_openvino = pytest.mark.skipif(not openvino_available(), reason='OpenVINO not installed ("pronet-wsi[fast]")')
@@ -114,6 +122,7 @@ def test_info_says_which_runtime_runs(monkeypatch):
     res = CliRunner().invoke(main, ["info"])
     assert res.exit_code == 0, res.output
     assert ("runtime: openvino" if openvino_available() else "runtime: torch") in res.output
+    assert ("graph cache: " in res.output) == openvino_available()
     monkeypatch.setenv(ENV_VAR, "torch")
     assert "runtime: torch" in CliRunner().invoke(main, ["info"]).output
     monkeypatch.setenv(ENV_VAR, "nope")
@@ -162,3 +171,66 @@ def test_openvino_tiled_matches_untiled_shipped_model(tmp_path):
     assert report["near_seams"] > 50
     assert report["aji"] >= 0.98, report
     assert report["lost"] == 0 and report["duplicated"] == 0, report
+
+
+def test_cache_dir_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    monkeypatch.setenv(CACHE_ENV_VAR, "off")
+    assert cache_dir() is None
+    monkeypatch.delenv(CACHE_ENV_VAR)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "pronet-wsi"
+
+
+@needs_openvino
+def test_graph_cache_hit_same_maps_damaged_and_off(monkeypatch, tmp_path):
+    """A second start reads the converted graph (no conversion) and gives the first start's maps bit for bit; a
+    damaged entry is converted again and replaced; other weights get their own entry; ``off`` writes nothing."""
+    import pronet_wsi.runtime as rt
+
+    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path))
+    bundle = _tiny_bundle(stem_stride=2)
+    names = ("foreground", "offsets", "centers")
+    args = (bundle.model, bundle.config.mean, bundle.config.std, names)
+    tiles = np.random.default_rng(0).integers(0, 256, (1, 96, 64, 3), dtype=np.uint8)
+    first = OpenVINOForward(*args, bf16=False)(tiles)
+    entries = list((tmp_path / "openvino").iterdir())
+    assert len(entries) == 1 and entries[0].stat().st_size > 1000
+
+    def no_conversion(*_a, **_k):
+        raise AssertionError("converted although cached")
+
+    with monkeypatch.context() as m:
+        m.setattr(rt, "openvino_graph", no_conversion)
+        again = OpenVINOForward(*args, bf16=False)(tiles)
+    assert all(np.array_equal(first[k], again[k]) for k in names)
+
+    data = bytearray(entries[0].read_bytes())
+    data[-1] ^= 0xFF  # a flipped bit in the weights: the checksum fails, the graph is converted again
+    entries[0].write_bytes(bytes(data))
+    fixed = OpenVINOForward(*args, bf16=False)(tiles)
+    assert all(np.array_equal(first[k], fixed[k]) for k in names)
+    assert entries[0].read_bytes() != bytes(data)
+
+    with torch.no_grad():
+        next(bundle.model.parameters()).add_(0.01)
+    OpenVINOForward(*args, bf16=False)
+    assert len(list((tmp_path / "openvino").iterdir())) == 2
+
+    monkeypatch.setenv(CACHE_ENV_VAR, "off")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    OpenVINOForward(*args, bf16=False)
+    assert not (tmp_path / "xdg").exists()
+
+
+@needs_openvino
+def test_graph_cache_unwritable_folder_still_runs(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(CACHE_ENV_VAR, str(blocker))
+    bundle = _tiny_bundle()
+    fwd = OpenVINOForward(bundle.model, bundle.config.mean, bundle.config.std, ("foreground", "offsets", "centers"),
+                          bf16=False)
+    assert fwd(np.zeros((1, 32, 32, 3), np.uint8))["foreground"].shape == (1, 32, 32)
+    assert blocker.read_text() == "not a folder"

@@ -53,7 +53,7 @@ from pronet_wsi.tissue import tissue_mask
 from pronet_wsi.wsi.assemble import write_outputs
 from pronet_wsi.wsi.plan import ModelInfo, Overview, RunLog, SegmentConfig, SlidePlan, SlideResult, SlideSource
 from pronet_wsi.wsi.tile_store import TileStore
-from pronet_wsi.wsi.tile_task import ThreadExecutor, TileJob, TileModel, close_slides
+from pronet_wsi.wsi.tile_task import ThreadExecutor, TileJob, TileModel, close_slides, post_margin_px
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,9 @@ def _plan(slide_path: Path, name: str, paths: OutputPaths, predictor: TileModel,
                   tiling=config.tiling, match_radius_px=config.stitch.match_radius_px,
                   with_masks=config.labels_zarr, parts_root=str(paths.parts), fingerprint=fingerprint,
                   classes=classes, class_colors=tuple(getattr(predictor, "class_colors", ())) if classes else (),
-                  measure=config.measure)
+                  measure=config.measure,
+                  post_margin_px=post_margin_px(config.stitch.match_radius_px, config.measure.cells_um,
+                                                predictor.mpp))
     batches = tuple(tuple(pending[i : i + config.batch_size]) for i in range(0, len(pending), config.batch_size))
     return SlidePlan(slide=source, paths=paths, config=config, model=model, frame=frame, grid=grid,
                      tiles=tuple(tiles), batches=batches, overview=Overview(thumb, thumb_ds, mask), job=job,

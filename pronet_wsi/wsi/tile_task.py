@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from pronet_wsi.export import feature_bodies
-from pronet_wsi.geometry import Frame, rc_to_xy
+from pronet_wsi.geometry import Box, Frame, rc_to_xy
 from pronet_wsi.instances import tile_instances
 from pronet_wsi.measurements import MeasureConfig
 from pronet_wsi.postprocess import PostprocessConfig, postprocess
@@ -30,7 +30,11 @@ _MODEL_LOCK = threading.Lock()  # one model batch at a time per process
 
 @dataclass(frozen=True)
 class TileJob:
-    """Everything a tile task needs besides the model (picklable, for a Dask cluster)."""
+    """Everything a tile task needs besides the model (picklable, for a Dask cluster).
+
+    post_margin_px : post-process only the tile's core grown by this many px (the candidates' reach plus a
+    nucleus, :func:`post_margin_px`), not the whole read box; 0 = the whole read box.
+    """
 
     slide_path: str
     backend: str
@@ -44,6 +48,7 @@ class TileJob:
     classes: tuple[str, ...] = ()
     class_colors: tuple[tuple[int, int, int], ...] = ()
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    post_margin_px: float = 0.0
 
 
 _HANDLES: dict[int, dict[tuple, Slide]] = {}  # thread id -> its open slides, oldest first
@@ -123,15 +128,20 @@ def run_batch(job: TileJob, tiles: Sequence[Tile], predictor: TileModel, on_tile
     out = []
     for k, tile in enumerate(tiles):
         t3 = time.perf_counter()
-        tile_maps = maps[k]
-        seg = postprocess(tile_maps, config, None if pixels is None else pixels[k])
+        box = post_box(tile, job.post_margin_px)
+        tile_maps, image = _crop(maps[k], None if pixels is None else pixels[k], tile.read, box)
+        seg = postprocess(tile_maps, config, image)
+        cut = _cut_at_edge(seg, box, tile.core, job.match_radius_px)
+        if cut and box != tile.read:  # a nucleus larger than the margin: the whole read box, as without one
+            box = tile.read
+            tile_maps, image = _crop(maps[k], None if pixels is None else pixels[k], tile.read, box)
+            seg = postprocess(tile_maps, config, image)
+            cut = _cut_at_edge(seg, box, tile.core, job.match_radius_px)
         t4 = time.perf_counter()
-        inst = tile_instances(seg, tile_maps["foreground"], tile.read, tile.core, job.frame, predictor.mpp,
-                              job.match_radius_px, with_masks=job.with_masks,
-                              image=None if pixels is None else pixels[k], measure=job.measure)
+        inst = tile_instances(seg, tile_maps["foreground"], box, tile.core, job.frame, predictor.mpp,
+                              job.match_radius_px, with_masks=job.with_masks, image=image, measure=job.measure)
         bodies = feature_bodies(inst, job.classes, job.class_colors)
         t5 = time.perf_counter()
-        cut = _cut_at_edge(seg, tile, job.match_radius_px)
         stats = {"candidates": len(inst), "in_core": int(inst.in_core.sum()), "cut_at_edge": cut,
                  "read_s": (t_read - t0) / len(tiles), "wait_s": (t1 - t_read) / len(tiles),
                  "predict_s": (t2 - t1) / len(tiles),
@@ -156,15 +166,46 @@ def _predict_by_shape(predictor: TileModel, images: list[np.ndarray]) -> list[di
     return out
 
 
-def _cut_at_edge(seg, tile: Tile, radius: float) -> int:
-    """How many of the tile's candidates touch the edge of the tile (the halo was too small for them)."""
+# How far (um) a nucleus reaches beyond its centre, for the post-processing window. In the four labs' labels the
+# farthest pixel from a nucleus's centroid is <= 10.6-12.4 um for 99.9 % of nuclei (max 23.7); a tile whose window
+# still cuts a candidate is post-processed on its whole read box.
+NUCLEUS_REACH_UM = 16.0
+
+
+def post_margin_px(match_radius_px: float, cells_um: float, mpp: float) -> float:
+    """Margin (processing px) around a tile's core that post-processing must see so that every candidate (centre
+    within the match radius of the core) is whole, and with cells, every neighbour its cell competes with."""
+    return match_radius_px + (2 * cells_um + NUCLEUS_REACH_UM) / mpp
+
+
+def post_box(tile: Tile, margin_px: float) -> Box:
+    """The part of the tile's read box that post-processing sees: its core grown by ``margin_px`` (0 = all of
+    it). The halo beyond it gave the network its context; no candidate lies there."""
+    if margin_px <= 0:
+        return tile.read
+    return tile.core.expand(float(np.ceil(margin_px))).intersect(tile.read)
+
+
+def _crop(maps: dict[str, np.ndarray], image: np.ndarray | None, read: Box, box: Box):
+    """The tile's maps and pixels inside ``box`` (views)."""
+    if box == read:
+        return maps, image
+    r0, c0 = int(box.y0 - read.y0), int(box.x0 - read.x0)
+    h, w = box.shape
+    cropped = {name: m[..., r0 : r0 + h, c0 : c0 + w] for name, m in maps.items()}
+    return cropped, None if image is None else image[r0 : r0 + h, c0 : c0 + w]
+
+
+def _cut_at_edge(seg, box: Box, core: Box, radius: float) -> int:
+    """How many candidates (centre within ``radius`` of ``core``) touch the edge of ``box``, the array ``seg``
+    covers (the halo, or the post-processing margin, was too small for them)."""
     if seg.n == 0:
         return 0
     lab = seg.labels
     edge = np.zeros(seg.n + 1, bool)
     edge[np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]).astype(np.int64)] = True
-    centers_p = rc_to_xy(seg.centers_rc, (tile.read.x0, tile.read.y0))
-    return int((edge[1:] & tile.core.expand(radius).contains_xy(centers_p)).sum())
+    centers_p = rc_to_xy(seg.centers_rc, (box.x0, box.y0))
+    return int((edge[1:] & core.expand(radius).contains_xy(centers_p)).sum())
 
 
 class ThreadExecutor:
