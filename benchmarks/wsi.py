@@ -4,6 +4,7 @@
     python -m benchmarks.wsi --sizes 16384 --width 0.25    # one size, a random width-0.25 PRONet
     python -m benchmarks.wsi --sizes 16384 --full-tissue   # tissue everywhere: the tiling's own overhead
     python -m benchmarks.wsi --sizes 8192 --compare --sample 0   # today's path vs the new one, same run
+    python -m benchmarks.wsi --sizes 8192 --compare --sample 0 --amp off   # both in fp32 (a CPU without bf16)
 
 ``--compare`` runs each slide twice: "today" (PyTorch forward, tiles not cut to the tissue) and "new" (``--runtime``,
 default auto = OpenVINO when installed, tiles cut to the tissue) and prints seconds per mm² of tissue with the
@@ -145,7 +146,7 @@ def run_child(args) -> None:
 
     t = time.perf_counter()
     predictor = Predictor(args.model, InferenceConfig(batch_size=args.batch_size, runtime=args.runtime,
-                                                      threads=args.threads))
+                                                      threads=args.threads, amp=args.amp))
     if args.int8:
         predictor._fast = int8_forward(predictor, args.int8, args.threads)
     setup_s = time.perf_counter() - t
@@ -251,6 +252,9 @@ def main() -> None:
     parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"],
                         help="the forward's engine (the new path's with --compare)")
     parser.add_argument("--threads", type=int, default=0, help="OpenVINO threads (0 = all cores)")
+    parser.add_argument("--amp", default="auto", choices=["auto", "on", "off"],
+                        help="bf16 on a CPU (auto: where the CPU has it); off = fp32 for both paths, as on a CPU "
+                             "without bf16")
     parser.add_argument("--no-crop-glass", action="store_true", help="tiles not cut to the tissue")
     parser.add_argument("--compare", action="store_true",
                         help="each slide twice: today's path (torch, no crop) and the new one (--runtime, crop)")
@@ -299,7 +303,7 @@ def main() -> None:
                "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--sample", str(args.sample),
                "--cells", str(args.cells), "--measurements", args.measurements, *(["--parquet"] * args.parquet),
                "--runtime", runtime, "--threads", str(args.threads), *(["--no-crop-glass"] * no_crop),
-               "--int8", str(int8)]
+               "--int8", str(int8), "--amp", args.amp]
         child = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
                                           cwd=ROOT).stdout.splitlines()[-1])
         rec = child["record"]
@@ -319,7 +323,7 @@ def main() -> None:
     today = f"; today: {args.baseline_model}" if args.baseline_model else ""
     halo = args.halo_px if args.halo_px is not None else "each model's context_px"
     print(f"model: {args.model}{today}; tile {args.tile_px}, halo {halo}, batch {args.batch_size}, "
-          f"workers {args.workers or 'auto'}; {os.cpu_count()} CPUs")
+          f"workers {args.workers or 'auto'}, amp {args.amp}; {os.cpu_count()} CPUs")
     print("| slide | path | Gpx | tissue tiles (read px) | tissue Mpx | core Mpx | model input Mpx | input / tissue | "
           "nuclei | end-to-end s | forward-only s | forward on cores s | e2e / forward | e2e / core forward | "
           "Mpx/s | peak RSS MB | post-proc ms/tile (realistic maps, nuclei/tile) |")
