@@ -183,22 +183,42 @@ def cached_openvino_graph(model: nn.Module, mean: tuple[float, ...], std: tuple[
 
     A miss converts and writes the cache atomically (concurrent runs write the same bytes; the last rename wins);
     a damaged entry is converted again; an unwritable cache folder only costs the conversion. The graph returned
-    is always the one read back from the serialized blob, cached or not, so both give the same maps.
+    is always the one read back from the serialized blob, cached or not, so both give the same maps. The folder
+    keeps the :data:`CACHE_KEEP` most recently used graphs (each fine-tuned model adds one, ~6 MB).
     """
     folder = cache_dir()
     path = None if folder is None else folder / "openvino" / f"{_graph_key(model, mean, std)}.ovblob"
     if path is not None and path.is_file():
         try:
-            return _deserialize(path.read_bytes())
+            graph = _deserialize(path.read_bytes())
+            os.utime(path)  # recently used: kept by the pruning below
+            return graph
         except (OSError, ValueError, RuntimeError):
-            pass  # damaged or unreadable: convert again (and replace it below)
+            pass  # damaged, unreadable or pruned meanwhile: convert again (and replace it below)
     blob = _serialize(openvino_graph(model, mean, std))
     if path is not None:
         try:
             atomic_bytes(path, blob)
+            _prune(path.parent, CACHE_KEEP)
         except OSError:
             pass  # a read-only or full cache folder: the run goes on without it
     return _deserialize(blob)
+
+
+CACHE_KEEP = 32
+
+
+def _prune(folder: Path, keep: int) -> None:
+    """Delete all but the ``keep`` most recently used graphs of ``folder`` (a run reading one that is deleted
+    meanwhile converts again)."""
+    entries = []
+    for p in folder.glob("*.ovblob"):
+        try:
+            entries.append((p.stat().st_mtime, p))
+        except OSError:
+            continue  # deleted by a concurrent prune
+    for _, p in sorted(entries, reverse=True)[keep:]:
+        p.unlink(missing_ok=True)
 
 
 class OpenVINOForward:

@@ -234,3 +234,17 @@ def test_graph_cache_unwritable_folder_still_runs(monkeypatch, tmp_path):
                           bf16=False)
     assert fwd(np.zeros((1, 32, 32, 3), np.uint8))["foreground"].shape == (1, 32, 32)
     assert blocker.read_text() == "not a folder"
+
+
+def test_graph_cache_keeps_the_most_recently_used(tmp_path):
+    import os
+
+    from pronet_wsi.runtime import _prune
+
+    for i in range(5):
+        (tmp_path / f"{i}.ovblob").write_bytes(b"x")
+        os.utime(tmp_path / f"{i}.ovblob", (1000 + i, 1000 + i))
+    os.utime(tmp_path / "0.ovblob", (2000, 2000))  # the oldest file, read recently
+    (tmp_path / "notes.txt").write_text("not a graph")
+    _prune(tmp_path, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.ovblob", "3.ovblob", "4.ovblob", "notes.txt"]
