@@ -135,7 +135,7 @@ def int8_forward(predictor, n_per_lab: int, threads: int):
     graph = nncf.quantize(openvino_graph(model, cfg.mean, cfg.std), nncf.Dataset(tiles), subset_size=len(tiles))
     names = ("foreground", "offsets", "centers", *(("types",) if predictor.classes else ()))
     return OpenVINOForward(model, cfg.mean, cfg.std, names, predictor.autocast_dtype is not None, threads=threads,
-                           graph=graph)
+                           streams=predictor.concurrency, graph=graph)
 
 
 def run_child(args) -> None:
@@ -146,7 +146,8 @@ def run_child(args) -> None:
 
     t = time.perf_counter()
     predictor = Predictor(args.model, InferenceConfig(batch_size=args.batch_size, runtime=args.runtime,
-                                                      threads=args.threads, amp=args.amp))
+                                                      threads=args.threads, streams=args.streams,
+                                                      amp=args.amp))
     if args.int8:
         predictor._fast = int8_forward(predictor, args.int8, args.threads)
     setup_s = time.perf_counter() - t
@@ -238,6 +239,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model folder (default: shipped, else random)")
     parser.add_argument("--width", type=float, default=None, help="use a random PRONet of this width")
     parser.add_argument("--tile-px", type=int, default=None, help="default: TilingConfig's")
+    parser.add_argument("--baseline-tile-px", type=int, default=2048,
+                        help="with --compare: the 'today' run's tile (the issue's baseline: 2048)")
     parser.add_argument("--halo-px", type=int, default=None, help="default: each model's context_px (as segment)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: SegmentConfig's")
     parser.add_argument("--full-tissue", action="store_true", help="tissue everywhere (no glass around it)")
@@ -252,6 +255,8 @@ def main() -> None:
     parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"],
                         help="the forward's engine (the new path's with --compare)")
     parser.add_argument("--threads", type=int, default=0, help="OpenVINO threads (0 = all cores)")
+    parser.add_argument("--streams", type=int, default=0,
+                        help="OpenVINO forwards at once (0 = auto, as segment; 1 = one forward on all threads)")
     parser.add_argument("--amp", default="auto", choices=["auto", "on", "off"],
                         help="bf16 on a CPU (auto: where the CPU has it); off = fp32 for both paths, as on a CPU "
                              "without bf16")
@@ -284,12 +289,13 @@ def main() -> None:
     args.model = str(model_dir(args, workdir))
     rows = []
     baseline = args.baseline_model or args.model
-    paths = [("today", "torch", True, 0, baseline), ("new", args.runtime, False, 0, args.model)] if args.compare \
-        else [(args.runtime, args.runtime, args.no_crop_glass, 0, args.model)]
+    paths = [("today", "torch", True, 0, baseline, args.baseline_tile_px),
+             ("new", args.runtime, False, 0, args.model, args.tile_px)] if args.compare \
+        else [(args.runtime, args.runtime, args.no_crop_glass, 0, args.model, args.tile_px)]
     if args.int8:
         paths = [*(paths if args.compare else []),
-                 ("new + INT8", args.runtime, args.no_crop_glass, args.int8, args.model)]
-    for side, (label, runtime, no_crop, int8, model) in [(s, p) for s in args.sizes for p in paths]:
+                 ("new + INT8", args.runtime, args.no_crop_glass, args.int8, args.model, args.tile_px)]
+    for side, (label, runtime, no_crop, int8, model, tile_px) in [(s, p) for s in args.sizes for p in paths]:
         slide = workdir / f"synthetic_{side}{'_full' if args.full_tissue else ''}.tif"
         if not slide.exists():
             t = time.perf_counter()
@@ -298,16 +304,18 @@ def main() -> None:
                   file=sys.stderr)
         out = workdir / f"out_{side}_{label.replace(' ', '').replace('+', '_')}"
         cmd = [sys.executable, "-m", "benchmarks.wsi", "--child", "--slide", str(slide), "--out", str(out),
-               "--model", model, "--tile-px", str(args.tile_px),
+               "--model", model, "--tile-px", str(tile_px),
                *(["--halo-px", str(args.halo_px)] if args.halo_px is not None else []),
                "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--sample", str(args.sample),
                "--cells", str(args.cells), "--measurements", args.measurements, *(["--parquet"] * args.parquet),
-               "--runtime", runtime, "--threads", str(args.threads), *(["--no-crop-glass"] * no_crop),
+               "--runtime", runtime, "--threads", str(args.threads), "--streams", str(args.streams),
+               *(["--no-crop-glass"] * no_crop),
                "--int8", str(int8), "--amp", args.amp]
         child = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
                                           cwd=ROOT).stdout.splitlines()[-1])
         rec = child["record"]
-        rows.append({"path": f"{label} ({child['runtime']}, {'whole tiles' if no_crop else 'cut to tissue'}"
+        crop = "whole tiles" if no_crop else "cut to tissue"
+        rows.append({"path": f"{label} ({child['runtime']}, tile {tile_px}, {crop}"
                              f"{', ' + Path(model).name if args.baseline_model else ''})",
                      "setup_s": child["setup_s"], "tissue_mm2": rec["measurements"]["tissue_area_mm2"],
                      "side": side, "gpx": side * side / 1e9, "tiles": rec["counts"]["tiles_run"],
@@ -322,8 +330,8 @@ def main() -> None:
     print(banner(seed=0))
     today = f"; today: {args.baseline_model}" if args.baseline_model else ""
     halo = args.halo_px if args.halo_px is not None else "each model's context_px"
-    print(f"model: {args.model}{today}; tile {args.tile_px}, halo {halo}, batch {args.batch_size}, "
-          f"workers {args.workers or 'auto'}, amp {args.amp}; {os.cpu_count()} CPUs")
+    print(f"model: {args.model}{today}; tile {args.tile_px} (today: {args.baseline_tile_px}), halo {halo}, "
+          f"batch {args.batch_size}, workers {args.workers or 'auto'}, amp {args.amp}; {os.cpu_count()} CPUs")
     print("| slide | path | Gpx | tissue tiles (read px) | tissue Mpx | core Mpx | model input Mpx | input / tissue | "
           "nuclei | end-to-end s | forward-only s | forward on cores s | e2e / forward | e2e / core forward | "
           "Mpx/s | peak RSS MB | post-proc ms/tile (realistic maps, nuclei/tile) |")

@@ -328,7 +328,7 @@ def check_resume_options(ctx: click.Context, saved) -> None:
 def runtime_line() -> str:
     """Which engine runs the forward by default here, and at what precision (what ``segment`` will use)."""
     from pronet_wsi.inference import _cpu_has_bf16, resolve_device
-    from pronet_wsi.runtime import CACHE_ENV_VAR, ENV_VAR, cache_dir, choose_runtime
+    from pronet_wsi.runtime import CACHE_ENV_VAR, ENV_VAR, auto_streams, available_cpus, cache_dir, choose_runtime
 
     device = resolve_device("auto")
     runtime = choose_runtime("auto", device)
@@ -345,6 +345,9 @@ def runtime_line() -> str:
         ' (pip install "pronet-wsi[fast]" for the OpenVINO forward)'
     line = f"runtime: {name}, {precision} (env {ENV_VAR}=torch|openvino forces one){hint}"
     if runtime == "openvino":
+        streams = auto_streams()
+        line += (f"\nsegment: {streams} forwards at once on {available_cpus()} CPUs"
+                 if streams > 1 else "\nsegment: one forward at a time")
         folder = cache_dir()
         line += f"\ngraph cache: {folder / 'openvino' if folder is not None else 'off'} (env {CACHE_ENV_VAR}=DIR|off)"
     return line
@@ -592,7 +595,7 @@ def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, eu
 @click.option("--mpp", type=float, default=None,
               help="Slide pixel size in um (needed when the file has none; a manifest's mpp column wins).")
 @click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto", show_default=True)
-@click.option("--tile-px", type=int, default=2048, show_default=True,
+@click.option("--tile-px", type=int, default=1792, show_default=True,  # TilingConfig's (a test checks)
               help="Largest model input tile side (px at model mpp); the grid splits the slide evenly.")
 @click.option("--halo-px", type=int, default=None,
               help="Context on each side of a tile core (default: the model's context_px, 160 px for the shipped "
@@ -699,7 +702,8 @@ def segment(slides, outdir, manifest, shard, model_dir, mpp, backend, tile_px, h
     inputs = [Path(it.path) for it in items] + ([Path(manifest)] if manifest is not None else [])
     for item in todo:  # outputs in the way (inputs, files pronet-wsi did not write): one line, nothing written
         check_slide(item.path, outdir, planned, item.stem, inputs)
-    inference = InferenceConfig(device=device, tta=tta)  # tiles per call: SegmentConfig.batch_size
+    # tiles per call: SegmentConfig.batch_size; streams=0: several OpenVINO forwards at once (tile threads)
+    inference = InferenceConfig(device=device, tta=tta, streams=0)
     with contextlib.ExitStack() as stack:
         client = None
         predictor: TileModel | None = None

@@ -20,7 +20,7 @@ from pronet_wsi.errors import InputError
 from pronet_wsi.geometry import Box
 from pronet_wsi.model import ModelBundle, load_model, resolve_model_dir
 from pronet_wsi.postprocess import PostprocessConfig, Segmentation, postprocess
-from pronet_wsi.runtime import RUNTIMES, OpenVINOForward, choose_runtime
+from pronet_wsi.runtime import RUNTIMES, OpenVINOForward, auto_streams, choose_runtime
 from pronet_wsi.tiling import TileGrid, TilingConfig
 
 BEYOND_EDGE = ("mirror", "white")
@@ -60,6 +60,9 @@ class InferenceConfig:
     runtime : the CPU forward's engine: ``auto`` (OpenVINO when installed, else PyTorch; env
         ``PRONET_WSI_RUNTIME`` overrides), ``torch`` or ``openvino`` (see :mod:`pronet_wsi.runtime`).
     threads : CPU threads of the OpenVINO forward (0 = all cores); PyTorch uses ``torch.get_num_threads()``.
+    streams : OpenVINO forwards that may run at once, from several threads (``segment``'s tile threads), sharing
+        ``threads``: 1 = one forward on all of them (fastest for one caller: ``predict``), 0 = auto (2 where the
+        forward has 2 or more cores: ``segment``, whose post-processing threads share the cores).
     beyond_edge : what an image tile reads beyond the image's edge: ``mirror`` (the default: an image is a crop
         of tissue, and white there cost the shipped model 0.08 validation AJI on NuInsSeg's small images) or
         ``white`` (glass, as ``segment`` reads beyond a slide's edge: then ``predict`` equals ``segment`` exactly).
@@ -72,6 +75,7 @@ class InferenceConfig:
     tta: bool = False
     runtime: str = "auto"
     threads: int = 0
+    streams: int = 1
     beyond_edge: str = "mirror"
 
     def __post_init__(self) -> None:
@@ -81,6 +85,8 @@ class InferenceConfig:
             raise ValueError(f"runtime={self.runtime!r}: must be one of {', '.join(RUNTIMES)}")
         if self.threads < 0:
             raise ValueError(f"threads={self.threads}: must be >= 0 (0 = all cores)")
+        if not 0 <= self.streams <= 64:
+            raise ValueError(f"streams={self.streams}: must be between 0 (auto) and 64")
         if self.batch_size < 1:
             raise InputError(f"batch_size={self.batch_size}: must be >= 1")
         if not 64 <= self.window_px <= 16384 or self.window_px % 16:
@@ -128,7 +134,13 @@ class Predictor:
         if self.runtime == "openvino":
             names = ("foreground", "offsets", "centers", *(("types",) if self.classes else ()))
             self._fast = OpenVINOForward(bundle.model, bundle.config.mean, bundle.config.std, names,
-                                         bf16=self.autocast_dtype is not None, threads=config.threads)
+                                         bf16=self.autocast_dtype is not None, threads=config.threads,
+                                         streams=config.streams or auto_streams(config.threads))
+
+    @property
+    def concurrency(self) -> int:
+        """How many :meth:`predict_batch` calls may run at once (OpenVINO streams; 1 for PyTorch)."""
+        return self._fast.streams if self._fast is not None else 1
 
     @torch.inference_mode()
     def predict_batch(self, tiles: np.ndarray) -> dict[str, np.ndarray]:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import struct
-import threading
 import warnings
 from pathlib import Path
 
@@ -66,6 +66,18 @@ def choose_runtime(requested: str, device: torch.device) -> str:
             raise InputError('--runtime openvino: OpenVINO is not installed; pip install "pronet-wsi[fast]" '
                              "or use --runtime torch")
     return requested
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity, as a batch scheduler sets it), else all of them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def auto_streams(threads: int = 0) -> int:
+    """OpenVINO streams for many callers at once (``InferenceConfig.streams = 0``): 2 where the forward has 2 or
+    more cores (``threads``, 0 = all), else 1. On 2 cores, with post-processing beside the forward, a slide took
+    10-15 % less time at the same peak memory (two streams on 1792 px tiles vs one on 2048; RESULTS.md)."""
+    return 2 if (threads or available_cpus()) >= 2 else 1
 
 
 class MapsNet(nn.Module):
@@ -225,19 +237,25 @@ class OpenVINOForward:
     """A PRONet compiled by OpenVINO for the CPU: (B, H, W, 3) uint8 tiles -> the maps of ``Predictor``.
 
     bf16 : run in bfloat16 (OpenVINO's inference precision hint), as PyTorch's bf16 autocast does.
-    threads : CPU threads for one inference (0 = OpenVINO's choice, all cores).
+    threads : CPU threads of all inferences together (0 = all cores).
+    streams : inferences that may run at once, each on ``threads / streams`` cores (OpenVINO's streams). On a
+        2-core CPU two one-thread forwards beside the tile threads' post-processing beat one two-thread forward
+        (whose threads wait for each other at every layer when post-processing takes a core): benchmarks/RESULTS.md.
     graph : an OpenVINO model to compile instead of :func:`openvino_graph` of ``model`` (e.g. a quantized one,
         ``benchmarks/int8.py``).
     """
 
     def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], names: tuple[str, ...],
-                 bf16: bool, threads: int = 0, graph=None) -> None:
+                 bf16: bool, threads: int = 0, graph=None, streams: int = 1) -> None:
         import openvino as ov
 
         if graph is None:
             graph = cached_openvino_graph(model, mean, std)
-        config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
-                                     "PERFORMANCE_HINT": "LATENCY"}
+        config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
+        if streams > 1:
+            config["NUM_STREAMS"] = streams
+        else:
+            config["PERFORMANCE_HINT"] = "LATENCY"
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = ov.Core().compile_model(graph, "CPU", config)
@@ -245,15 +263,21 @@ class OpenVINOForward:
         self.stride = int(getattr(model, "stride", 16))
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         self.precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)  # f32 or bf16
-        self._request = self.compiled.create_infer_request()
-        self._lock = threading.Lock()  # one request, reused: one inference at a time
+        self.streams = max(1, int(self.compiled.get_property("NUM_STREAMS")))
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()  # one request per stream, reused
+        for _ in range(self.streams):
+            self._requests.put(self.compiled.create_infer_request())
 
     def __call__(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
-        """Maps for (B, H, W, 3) uint8 tiles of any size (padded to the network's stride and cropped back)."""
+        """Maps for (B, H, W, 3) uint8 tiles of any size (padded to the network's stride and cropped back).
+        Thread-safe: a call waits for a free stream."""
         h, w = tiles.shape[1:3]
         x = np.ascontiguousarray(pad_to_stride(tiles, self.stride))
-        with self._lock:
-            result = self._request.infer([x])
+        request = self._requests.get()
+        try:
+            result = request.infer([x])
             # copies: the request reuses its output buffers
             return {name: np.array(value[..., :h, :w], dtype=np.float32, copy=True)
                     for name, value in zip(self.names, result.to_tuple(), strict=True)}
+        finally:
+            self._requests.put(request)

@@ -26,9 +26,11 @@ from pronet_wsi.tissue import mask_fraction
 class TilingConfig:
     """tile_px : largest model input side in processing px; halo_px : context on each side (core <= tile - 2 halo).
 
-    2048 / 96: v3's maps are identical beyond 96 px of context (its ``context_px``; 160 for v4), and the model
-    computes 1.22x the core's pixels (a 16384 px side: reads of 2016 px for cores of 1824); 1024 / 128 computed
-    1.80x:
+    The default tile is 1792 px: with two OpenVINO forwards at once (``segment`` on a CPU) it ran 10-15 % faster
+    than one forward on 2048 px tiles at the same peak memory (two 2048 px forwards: +0.7 GB; benchmarks/RESULTS.md).
+    The halo is the model's ``context_px`` in ``segment`` (v3: 96, its maps identical beyond it; v4: 160). At 2048 /
+    96 the model computes 1.22x the core's pixels (a 16384 px side: reads of 2016 px for cores of 1824); 1024 / 128
+    computed 1.80x:
 
     >>> for config in (TilingConfig(2048, 96), TilingConfig(1024, 128)):
     ...     grid = TileGrid((16384, 16384), config)
@@ -37,7 +39,7 @@ class TilingConfig:
     (22, 22) (752, 752) (1008, 1008) 1.8
     """
 
-    tile_px: int = 2048
+    tile_px: int = 1792
     halo_px: int = 96
 
     def __post_init__(self) -> None:

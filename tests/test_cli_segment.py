@@ -159,3 +159,11 @@ def test_tissue_annotation_option(tmp_path, model_05):
     assert f["properties"]["objectType"] == "annotation"
     geom = shapely.geometry.shape(f["geometry"])
     assert geom.is_valid and geom.area > 0.5 * 512 * 512
+
+
+def test_segment_tile_default_is_the_tiling_configs():
+    """One owner for the tile size: the CLI's default is TilingConfig's (the CLI spells it out for --help)."""
+    from pronet_wsi.tiling import TilingConfig
+
+    option = next(p for p in main.commands["segment"].params if p.name == "tile_px")
+    assert option.default == TilingConfig().tile_px

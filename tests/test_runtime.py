@@ -225,6 +225,38 @@ def test_graph_cache_hit_same_maps_damaged_and_off(monkeypatch, tmp_path):
 
 
 @needs_openvino
+def test_streams_give_one_streams_maps_from_several_threads(monkeypatch, tmp_path):
+    """Two streams (``segment``'s default) called from two threads at once give the maps of one stream bit for
+    bit, so the number of streams never changes a nucleus."""
+    import threading
+
+    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path))
+    bundle = _tiny_bundle(stem_stride=2)
+    names = ("foreground", "offsets", "centers")
+    args = (bundle.model, bundle.config.mean, bundle.config.std, names)
+    rng = np.random.default_rng(1)
+    tiles = [rng.integers(0, 256, (1, 96, 128, 3), dtype=np.uint8) for _ in range(4)]
+    one = OpenVINOForward(*args, bf16=False)
+    two = OpenVINOForward(*args, bf16=False, threads=2, streams=2)
+    assert one.streams == 1 and two.streams == 2
+    got: list = [None] * len(tiles)
+
+    def run(i):
+        got[i] = two(tiles[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(tiles))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, t in enumerate(tiles):
+        ref = one(t)
+        assert all(np.array_equal(ref[k], got[i][k]) for k in names)
+    assert Predictor(bundle, InferenceConfig(runtime="openvino", streams=2, threads=2)).concurrency == 2
+    assert Predictor(bundle, InferenceConfig(runtime="torch", streams=2)).concurrency == 1
+
+
+@needs_openvino
 def test_graph_cache_unwritable_folder_still_runs(monkeypatch, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

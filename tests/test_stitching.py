@@ -236,7 +236,8 @@ def shipped_mosaic(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.data
-@pytest.mark.parametrize("tile_px,halo_px", [(512, 96), (1024, 96), (2048, 96), (1024, 128), (2048, 160)])
+@pytest.mark.parametrize("tile_px,halo_px", [(512, 96), (1024, 96), (2048, 96), (1024, 128), (2048, 160),
+                                             (1792, 160)])
 def test_shipped_model_tiled_matches_untiled(shipped_mosaic, tmp_path, tile_px, halo_px):
     """Acceptance: AJI >= 0.98 between tiled and untiled on a 2000x2000 region, nothing lost or doubled at seams."""
     region, predictor, path, untiled_by_halo = shipped_mosaic

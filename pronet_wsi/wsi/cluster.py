@@ -21,7 +21,6 @@ write per-tile parts into the output folder: slides and output folder must be on
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ import numpy as np
 from pronet_wsi.errors import InputError
 from pronet_wsi.inference import InferenceConfig
 from pronet_wsi.postprocess import PostprocessConfig
+from pronet_wsi.runtime import available_cpus
 from pronet_wsi.wsi.tile_task import run_batch
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def local_cluster(n_workers: int, threads_per_worker: int | None = None, **kwarg
     """
     from distributed import LocalCluster
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = available_cpus()
     threads = threads_per_worker or max(1, cpus // n_workers)
     options = {"processes": True, "host": "127.0.0.1", "dashboard_address": ":0", "silence_logs": logging.ERROR}
     return LocalCluster(n_workers=n_workers, threads_per_worker=threads, **{**options, **kwargs})
@@ -192,6 +192,11 @@ class ModelSpec:
 
     def predict_batch(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
         return worker_predictor(self).predict_batch(tiles)
+
+    @property
+    def concurrency(self) -> int:
+        """The worker's predictor's (loads it on first use, as the first tile would)."""
+        return getattr(worker_predictor(self), "concurrency", 1)
 
 
 _LOADED: dict[tuple, object] = {}

@@ -29,7 +29,7 @@ from pronet_wsi.wsi.tile_task import TileJob
 class SegmentConfig:
     """Settings of a whole-slide run (besides the model).
 
-    batch_size : tiles per model call, the one owner of that number for a slide (a default tile is 4.2 Mpx,
+    batch_size : tiles per model call, the one owner of that number for a slide (a default tile is 3.2 Mpx,
         see below; raise it on a large GPU).
     workers : tile threads (0 = CPU count + 1, at most 9).
     use_tissue_mask : skip glass. gzip : write ``.geojson.gz``. labels_zarr : also write the label image.
@@ -45,7 +45,7 @@ class SegmentConfig:
 
     >>> config = SegmentConfig()
     >>> config.batch_size, config.tiling.tile_px, round(config.tiling.tile_px ** 2 / 1e6, 1)  # Mpx per tile
-    (1, 2048, 4.2)
+    (1, 1792, 3.2)
     """
 
     tiling: TilingConfig = field(default_factory=TilingConfig)

@@ -75,3 +75,45 @@ def test_post_window_gives_the_whole_read_boxs_nuclei(tmp_path, monkeypatch):
         assert np.array_equal(a.centers_xy, b.centers_xy) and np.array_equal(a.coords, b.coords)
         assert np.array_equal(a.area_px, b.area_px) and np.array_equal(a.in_core, b.in_core)
     assert all(s["cut_at_edge"] == 0 for s in stats)
+
+
+def test_model_slots_let_a_predictors_streams_run_at_once_and_no_more():
+    """A predictor with ``concurrency`` 2 (OpenVINO streams) runs two calls at once, never three; one without the
+    attribute (PyTorch) runs one at a time."""
+    from pronet_wsi.wsi.tile_task import _ModelSlots
+
+    class Model:
+        def __init__(self, concurrency=None):
+            if concurrency is not None:
+                self.concurrency = concurrency
+            self.running, self.most, self.lock = 0, 0, threading.Lock()
+
+        def call(self, slots):
+            with slots.hold(self):
+                with self.lock:
+                    self.running += 1
+                    self.most = max(self.most, self.running)
+                threading.Event().wait(0.05)
+                with self.lock:
+                    self.running -= 1
+
+    for model, expected in ((Model(2), 2), (Model(), 1)):
+        slots = _ModelSlots()
+        threads = [threading.Thread(target=model.call, args=(slots,)) for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert model.most == expected
+
+
+def test_release_free_memory_runs_where_glibc_is_and_is_a_no_op_elsewhere(monkeypatch):
+    import platform
+
+    from pronet_wsi.wsi import tile_task
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert tile_task._malloc_trim() is not None
+    tile_task.release_free_memory()
+    monkeypatch.setattr(tile_task, "_malloc_trim", lambda: None)
+    tile_task.release_free_memory()  # musl, macOS, Windows: nothing to call
