@@ -508,7 +508,7 @@ def cmd_reweight(args: argparse.Namespace) -> None:
 
     from pronet_wsi.inference import Predictor
     from pronet_wsi.training.inputs import load_items, resample_items
-    from pronet_wsi.training.loop import TrainConfig, fit_types, split_holdout, tune_class_weights
+    from pronet_wsi.training.loop import TrainConfig, fit_types, split_holdout, tune_class_weights, tune_on_clicks
 
     torch.set_num_threads(args.threads)
     data = Path(args.data) / args.set / args.split
@@ -519,6 +519,8 @@ def cmd_reweight(args: argparse.Namespace) -> None:
     fit, held = split_holdout(items, train_cfg.holdout, train_cfg.seed)
     radius_px = train_cfg.holdout_radius_um / predictor.mpp
     plain = replace(predictor.postprocess_config, class_weights=(), nucleus_classifier=None)
+    if args.detection:  # first the centre threshold and minimum area, as `train` ends from the seventh session
+        plain = tune_on_clicks(predictor, held, plain, train_cfg)
     if args.classifier:  # as `train` ends now
         thresholds = fit_types(predictor, fit, held, plain, train_cfg)
     else:
@@ -559,6 +561,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True, help="new model folder")
     p.add_argument("--classifier", action="store_true", help="then fit a nucleus classifier (pronet_wsi.classify)")
+    p.add_argument("--detection", action="store_true",
+                   help="first tune the centre threshold and minimum area on the held-back clicks")
     p.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     if args.smoke and not ((labs.DATA / "consep").is_dir() and (labs.DATA / "crchisto").is_dir()):

@@ -242,6 +242,34 @@ def test_class_weights_let_a_close_rare_class_win(monkeypatch):
     assert (reweight_classes(probs, tuned.class_weights).argmax(1) == [0, 0, 0, 1, 1, 1]).all()
 
 
+def test_detection_thresholds_are_tuned_on_enough_held_back_clicks(monkeypatch):
+    """Three clicked nuclei, one faint (centre 0.15), and a small false one (15 px): the start thresholds (0.2,
+    10 px) find two of three and the false one; the tuned ones find all three and drop it. With fewer held-back
+    clicks than the minimum the thresholds stay."""
+    from types import SimpleNamespace
+
+    from pronet_wsi.postprocess import Segmentation
+    from pronet_wsi.training import loop
+
+    found = np.array([[10.5, 10.5], [30.5, 10.5], [50.5, 10.5], [50.5, 50.5]])  # xy; the last is not clicked
+    peak, area = np.array([0.9, 0.9, 0.15, 0.9]), np.array([60, 60, 60, 15])
+
+    def fake_postprocess(maps, config, image=None):
+        keep = (peak >= config.center_threshold) & (area >= config.min_area_px)
+        return Segmentation(np.zeros((64, 64), np.int32), found[keep, ::-1] - 0.5, peak[keep].astype(np.float32))
+
+    monkeypatch.setattr(loop, "postprocess", fake_postprocess)
+    predictor = SimpleNamespace(classes=(), model=torch.nn.Linear(1, 1), predict_image=lambda image: None, mpp=0.25)
+    held = [("s", np.zeros((64, 64, 3), np.uint8), found[:3], None, None)]
+    base = PostprocessConfig(center_threshold=0.2, min_area_px=10, foreground_threshold=0.45)
+    tuned = loop.tune_click_thresholds(predictor, held, base, 3.0, (10, 20, 40, 80), (0.1, 0.2, 0.3))
+    assert (tuned.center_threshold, tuned.min_area_px, tuned.foreground_threshold) == (0.1, 20, 0.45)
+    cfg = TrainConfig(click_threshold_min_clicks=3, tune_min_areas_um2=(1.25, 2.5), tune_center_thresholds=(0.1, 0.2))
+    assert (loop.tune_on_clicks(predictor, held, base, cfg).center_threshold,
+            loop.tune_on_clicks(predictor, held, base, cfg).min_area_px) == (0.1, 20)
+    assert loop.tune_on_clicks(predictor, held, base, replace(cfg, click_threshold_min_clicks=4)) == base
+
+
 def test_balanced_class_weights_lift_a_rare_class_softly_and_weight_the_loss():
     from pronet_wsi.training.losses import balanced_class_weights
 
