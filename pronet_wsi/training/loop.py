@@ -76,11 +76,13 @@ class TrainConfig:
     ``mpp`` and ``width`` left None take the start model's, see :meth:`recipe`).
     ``holdout``: without validation images, this share of the training images (at least one) is held back and
     its clicks score every validated epoch (detection F1 within ``holdout_radius_um``, averaged with the mean
-    class F1 for a typed model); the best epoch is kept. 0 trains on every image and keeps the last epoch. With
-    at least ``click_threshold_min_clicks`` held-back clicks (and ``tune_thresholds``), the run then chooses the
-    centre threshold and minimum area (the grids above) by detection F1 on them, before the class weights and the
-    classifier (validation splits: CRCHisto ten images 267 clicks, 0.475 -> 0.494 mean class F1; CoNSeP ten crops
-    31 clicks, 0.407 -> 0.395, hence the minimum).
+    class F1 for a typed model); the best epoch is kept, then the centre threshold and minimum area (the grids
+    above, with ``tune_thresholds``) are chosen by detection F1 on those clicks, before the class weights and the
+    classifier. 0 trains on every image and keeps the last epoch. The fine-tune recipe holds back 0.1, but only
+    when the held-back images hold at least ``holdout_min_clicks`` clicks (and there are two images or more):
+    with fewer, every image trains and a warning says so. Chosen on the validation splits (ten images, `train
+    --init default`, RESULTS "How a fine-tune chooses its epoch"): CRCHisto (267 held-back clicks) typed mean class
+    F1 0.480 -> 0.495, untyped F_d 0.719 -> 0.751 with the hold-back; CoNSeP (31) typed 0.443 -> 0.407 with it.
     """
 
     epochs: int = 120
@@ -122,7 +124,7 @@ class TrainConfig:
     freeze_trunk: bool = False
     holdout: float = 0.0
     holdout_radius_um: float = 3.0
-    click_threshold_min_clicks: int = 100
+    holdout_min_clicks: int = 100
     type_lr_factor: float | None = 1.0
     pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -199,9 +201,11 @@ RECIPES: dict[str, dict] = {
 }
 # Starting from a trained model (--init): a lower rate without warm-up, offsets and refinement from the start
 # (the model already finds nuclei), the full-image predictions every 3rd epoch (they cost a forward pass over
-# every image). Used for the shipped model's second stage (models/pronet-multilab/MODEL_CARD.md).
+# every image). Used for the shipped model's second stage (models/pronet-multilab/MODEL_CARD.md). A tenth of the
+# images held back when they hold enough clicks (``holdout_min_clicks``) to choose the epoch and the thresholds.
 FINE_TUNE: dict = dict(lr=5e-4, warmup_epochs=0, offset_start_epoch=0, refine_start_epoch=0, predict_every=3,
-                       epochs=40, patches_per_image=8, val_every=3, type_lr_factor=None, min_patches=64)
+                       epochs=40, patches_per_image=8, val_every=3, type_lr_factor=None, min_patches=64,
+                       holdout=0.1)
 # type_lr_factor None: by the number of classed clicks (type_lr_factor_for).
 MANY_TYPED_CLICKS = 5000
 """From this many classed clicks on, a new type head learns at 5x the rate, below it at 1x. Measured (benchmarks/
@@ -261,7 +265,7 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
     config = with_point_classes(config, train_items)
     held: list = []
     if config.holdout and not val_items:
-        train_items, held = split_holdout(train_items, config.holdout, config.seed)
+        train_items, held = hold_back(train_items, config)
     work = outdir / "train"
     work.mkdir(parents=True, exist_ok=True)
     samples = prepare_samples(train_items, config.pseudo, work / "cache", config.classes)  # V, K, cells (2.1)
@@ -659,6 +663,23 @@ def _predict_held(predictor: Predictor, items: list) -> list:
     return maps
 
 
+def hold_back(items: list, config: TrainConfig) -> tuple[list, list]:
+    """(train, held back) by :func:`split_holdout`, unless there are fewer than two items or the held-back ones
+    hold fewer than ``config.holdout_min_clicks`` clicks: then every item trains (a warning says why)."""
+    reason = ""
+    if len(items) < 2:
+        reason = "one training image (or region) only"
+    else:
+        train_part, held = split_holdout(items, config.holdout, config.seed)
+        n = sum(len(it[2]) for it in held)
+        if n >= config.holdout_min_clicks:
+            return train_part, held
+        reason = f"the held-back images would hold {n} clicks, fewer than {config.holdout_min_clicks}"
+    log.warning("holdout %g: %s; training on every image and keeping the last epoch (for a held-back check, "
+                "click more images or give --val-images)", config.holdout, reason)
+    return items, []
+
+
 def validate_clicks(predictor: Predictor, items: list, thresholds: PostprocessConfig, radius_px: float) -> float:
     """How well the model finds (and types) the held-back clicks of ``items`` (name, image, points_xy[, region[,
     classes]]): detection F1 within ``radius_px``, averaged with the mean class F1 when the model is typed."""
@@ -747,11 +768,10 @@ def _min_areas_px(config: TrainConfig, mpp: float) -> tuple[int, ...]:
 def tune_on_clicks(predictor: Predictor, held: list, thresholds: PostprocessConfig,
                    config: TrainConfig) -> PostprocessConfig:
     """The detection thresholds tuned on the held-back clicks (:func:`tune_click_thresholds`) when there are at
-    least ``config.click_threshold_min_clicks`` of them, else ``thresholds`` unchanged."""
+    least ``config.holdout_min_clicks`` of them, else ``thresholds`` unchanged."""
     n = sum(len(it[2]) for it in held)
-    if n < config.click_threshold_min_clicks:
-        log.info("detection thresholds not tuned: %d held-back clicks (fewer than %d)", n,
-                 config.click_threshold_min_clicks)
+    if n < config.holdout_min_clicks:
+        log.info("detection thresholds not tuned: %d held-back clicks (fewer than %d)", n, config.holdout_min_clicks)
         return thresholds
     return tune_click_thresholds(predictor, held, thresholds, config.holdout_radius_um / predictor.mpp,
                                  _min_areas_px(config, predictor.mpp), config.tune_center_thresholds)

@@ -213,12 +213,29 @@ def test_holdout_keeps_back_images_and_scores_their_clicks(tmp_path):
     score = validate_clicks(predictor, held, predictor.postprocess_config, 12.0)
     assert 0.0 <= score <= 1.0
     cfg = TrainConfig(epochs=2, width=0.0625, patch_px=64, patches_per_image=50, batch_size=2, holdout=0.25,
-                      val_every=1, tune_thresholds=False, num_threads=1, class_weight_min_clicks=1)
+                      val_every=1, tune_thresholds=False, num_threads=1, class_weight_min_clicks=1,
+                      holdout_min_clicks=1)
     out = train(cfg, items, tmp_path / "t", progress=False)
     log = (out / "train" / "log.csv").read_text().splitlines()
     assert log[0].endswith("val_clicks") and all(line.split(",")[-1] != "" for line in log[1:])
     assert "kept_epoch" in load_model(out).config.extra
     assert len(load_model(out).thresholds.class_weights) == 2  # tuned on the held-back clicks
+
+
+def test_hold_back_needs_two_images_and_enough_held_back_clicks(caplog):
+    from pronet_wsi.training.loop import hold_back
+
+    items = _typed_items(4, 96)
+    n_held = sum(len(it[2]) for it in hold_back(items, TrainConfig(holdout=0.25, holdout_min_clicks=1))[1])
+    fit, held = hold_back(items, TrainConfig(holdout=0.25, holdout_min_clicks=n_held))
+    assert len(fit) == 3 and len(held) == 1
+    with caplog.at_level(logging.WARNING):
+        fit, held = hold_back(items, TrainConfig(holdout=0.25, holdout_min_clicks=n_held + 1))
+        assert fit == items and held == []
+        assert f"would hold {n_held} clicks, fewer than {n_held + 1}" in caplog.text
+        fit, held = hold_back(items[:1], TrainConfig(holdout=0.25))
+        assert fit == items[:1] and held == [] and "one training image" in caplog.text
+    assert TrainConfig.recipe(init="default").holdout == 0.1 and TrainConfig.recipe().holdout == 0.0
 
 
 def test_class_weights_let_a_close_rare_class_win(monkeypatch):
@@ -264,10 +281,10 @@ def test_detection_thresholds_are_tuned_on_enough_held_back_clicks(monkeypatch):
     base = PostprocessConfig(center_threshold=0.2, min_area_px=10, foreground_threshold=0.45)
     tuned = loop.tune_click_thresholds(predictor, held, base, 3.0, (10, 20, 40, 80), (0.1, 0.2, 0.3))
     assert (tuned.center_threshold, tuned.min_area_px, tuned.foreground_threshold) == (0.1, 20, 0.45)
-    cfg = TrainConfig(click_threshold_min_clicks=3, tune_min_areas_um2=(1.25, 2.5), tune_center_thresholds=(0.1, 0.2))
+    cfg = TrainConfig(holdout_min_clicks=3, tune_min_areas_um2=(1.25, 2.5), tune_center_thresholds=(0.1, 0.2))
     assert (loop.tune_on_clicks(predictor, held, base, cfg).center_threshold,
             loop.tune_on_clicks(predictor, held, base, cfg).min_area_px) == (0.1, 20)
-    assert loop.tune_on_clicks(predictor, held, base, replace(cfg, click_threshold_min_clicks=4)) == base
+    assert loop.tune_on_clicks(predictor, held, base, replace(cfg, holdout_min_clicks=4)) == base
 
 
 def test_balanced_class_weights_lift_a_rare_class_softly_and_weight_the_loss():
