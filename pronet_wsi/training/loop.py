@@ -191,6 +191,7 @@ class TrainConfig:
             if key in raw:
                 raw[key] = tuple(raw[key])
         raw["classes"] = tuple(raw.get("classes", ()))
+        raw.setdefault("holdout_min_clicks", 0)  # written before 2026-12-07: --holdout held back whatever it drew
         return cls(**raw)
 
 

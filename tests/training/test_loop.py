@@ -162,6 +162,9 @@ def test_the_threshold_grid_is_a_config_value_that_round_trips():
     back = loop.TrainConfig.from_json(json.loads(json.dumps(cfg.to_json())))
     assert back == cfg and back.tune_center_thresholds == (0.25,)
     assert loop.TrainConfig().tune_center_thresholds == (0.1, 0.2, 0.3, 0.4)
+    old = cfg.to_json()
+    del old["holdout_min_clicks"]  # a run written before the minimum resumes with the split it drew
+    assert loop.TrainConfig.from_json(json.loads(json.dumps(old))).holdout_min_clicks == 0
 
 
 # -- recipes and --init (no shared data needed) -------------------------------------------------------------------
