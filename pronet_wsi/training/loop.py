@@ -676,8 +676,8 @@ def hold_back(items: list, config: TrainConfig) -> tuple[list, list]:
         if n >= config.holdout_min_clicks:
             return train_part, held
         reason = f"the held-back images would hold {n} clicks, fewer than {config.holdout_min_clicks}"
-    log.warning("holdout %g: %s; training on every image and keeping the last epoch (for a held-back check, "
-                "click more images or give --val-images)", config.holdout, reason)
+    log.warning("no held-back check (holdout %g): %s; training on every image and keeping the last epoch (for "
+                "one, click more images or give --val-images)", config.holdout, reason)
     return items, []
 
 
