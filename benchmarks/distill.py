@@ -33,14 +33,17 @@ import torch.nn.functional as F
 from benchmarks import labs, record
 
 
-def student_from(teacher) -> torch.nn.Module:
-    """A stride-2-stem PRONet holding the teacher's weights where the shapes agree."""
+def student_from(teacher, width: float | None = None) -> torch.nn.Module:
+    """A stride-2-stem PRONet holding the teacher's weights where the shapes agree; with ``width`` below the
+    teacher's, each layer keeps the teacher's first channels (a narrower, faster network to distil into)."""
     from pronet_wsi.model import PRONet
 
-    student = PRONet(replace(teacher.config, stem_stride=2, extra={}))
+    student = PRONet(replace(teacher.config, stem_stride=2, width=width or teacher.config.width, extra={}))
     state = teacher.model.state_dict()
     if teacher.config.stem_stride == 1:  # (C, 3, 3, 3) -> (C, 12, 3, 3): pixel_unshuffle orders channels c * 4 + k
         state["stages.0.0.weight"] = state["stages.0.0.weight"].repeat_interleave(4, dim=1) / 4
+    own = student.state_dict()
+    state = {k: v[tuple(slice(0, n) for n in own[k].shape)] if v.ndim else v for k, v in state.items() if k in own}
     missing, unexpected = student.load_state_dict(state, strict=False)
     assert not unexpected and all(k.startswith("refine.") for k in missing), (missing, unexpected)
     return student
@@ -103,6 +106,8 @@ def main() -> None:
     parser.add_argument("--border", type=int, default=32, help="px at each crop edge left out of the loss")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--width", type=float, default=None,
+                        help="student channel multiplier (default: the teacher's; the first channels are kept)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="a few steps on 256 px crops, one validation image")
     args = parser.parse_args()
@@ -125,7 +130,7 @@ def main() -> None:
     names = ("foreground", "offsets", "centers")
     teach = OpenVINOForward(teacher.model, teacher.config.mean, teacher.config.std, names, bf16=False,
                             threads=args.threads)
-    student = student_from(teacher)
+    student = student_from(teacher, args.width)
     mean = torch.tensor(teacher.config.mean).view(1, 3, 1, 1)
     std = torch.tensor(teacher.config.std).view(1, 3, 1, 1)
     opt = torch.optim.Adam(student.parameters(), lr=args.lr)

@@ -206,7 +206,7 @@ def make_patch(s: Sample, rng: np.random.Generator, patch_px: int, radius_px: fl
     img = ((img - mean) / std).astype(np.float32)
     inside = (pts_rc >= -0.5).all(1) & (pts_rc < patch_px - 0.5).all(1)
     heat = center_heatmap(pts_rc[inside], (patch_px, patch_px), radius_px)
-    types = type_target(cells, cluster, voronoi, pred, s.point_classes)
+    types = type_target(cells, cluster, voronoi, pred, s.point_classes, valid)
     mask = pred & (cells >= 0)
     offsets = offset_field(np.where(mask, cells + 1, 0), pts_rc)  # to the (refined) point of each pixel's cell
     return {
@@ -222,9 +222,11 @@ def make_patch(s: Sample, rng: np.random.Generator, patch_px: int, radius_px: fl
 
 
 def type_target(cells: np.ndarray, cluster: np.ndarray, voronoi: np.ndarray, pred_mask: np.ndarray,
-                point_classes: np.ndarray | None) -> np.ndarray:
+                point_classes: np.ndarray | None, valid: np.ndarray | None = None) -> np.ndarray:
     """(H, W) int64 class target: a typed point's class over its nucleus as far as known (its Voronoi cell where
-    K, V or the current predicted mask is foreground), -1 (ignore) elsewhere and for untyped points.
+    K, V or the current predicted mask is foreground), -2 where the pseudo labels and the mask say background
+    (K or V background, not predicted foreground, inside the annotated region), -1 (ignore) elsewhere and for
+    untyped points. The type loss ignores -2 unless ``LossConfig.type_background`` weighs it.
 
     The predicted mask matters for nuclei that k-means puts in the background (pale, vesicular ones): with K
     and V alone such a class is taught on the point's small disk only, and the head learns the dark classes.
@@ -232,7 +234,12 @@ def type_target(cells: np.ndarray, cluster: np.ndarray, voronoi: np.ndarray, pre
     out = np.full(cells.shape, -1, np.int64)
     if point_classes is None or not (point_classes >= 0).any():
         return out
-    fg = (cells >= 0) & ((cluster == 1) | (voronoi == 1) | pred_mask.astype(bool))
+    pred = pred_mask.astype(bool)
+    fg = (cells >= 0) & ((cluster == 1) | (voronoi == 1) | pred)
+    background = ~fg & ~pred & ((cluster == 0) | (voronoi == 0))
+    if valid is not None:
+        background &= valid.astype(bool)
+    out[background] = -2
     rr, cc = np.nonzero(fg)
     out[rr, cc] = point_classes[cells[rr, cc]]
     return out

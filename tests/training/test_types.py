@@ -96,7 +96,11 @@ def test_type_target_covers_typed_cells_only():
     pred = np.zeros(cells.shape, bool)
     pred[1, 1] = True  # a pale pixel k-means missed, but the model's mask has
     t = type_target(cells, cluster, voronoi, pred, np.array([1, 0, -1], np.int16))
-    np.testing.assert_array_equal(t, [[1, -1, 0, 0], [1, 1, -1, 0], [-1, -1, -1, -1]])
+    np.testing.assert_array_equal(t, [[1, -2, 0, 0], [1, 1, -2, 0], [-1, -1, -1, -1]])  # -2: k-means background
+    outside = np.ones(cells.shape, bool)
+    outside[0, 1] = False  # beyond the annotated region nothing is known to be background
+    t = type_target(cells, cluster, voronoi, pred, np.array([1, 0, -1], np.int16), outside)
+    assert t[0, 1] == -1 and t[1, 2] == -2
 
 
 def test_type_ce_ignores_untyped_pixels_and_is_zero_without_any():
@@ -105,6 +109,16 @@ def test_type_ce_ignores_untyped_pixels_and_is_zero_without_any():
     bad = type_ce(logits, torch.tensor([[[1, -1]]]))
     assert float(good) < 0.01 < 4.0 < float(bad)
     assert float(type_ce(logits, torch.full((1, 1, 2), -1))) == 0.0
+    assert float(type_ce(logits, torch.tensor([[[0, -2]]]))) == float(good)  # background ignored by default
+
+
+def test_type_ce_background_term_teaches_no_class():
+    target = torch.tensor([[[0, -2]]])
+    low = torch.tensor([[[[5.0, -5.0]], [[-5.0, -5.0]]]])  # pixel 2: every class logit below the fixed 0
+    high = torch.tensor([[[[5.0, 5.0]], [[-5.0, 0.0]]]])  # pixel 2 looks like class 0
+    assert float(type_ce(low, target, background=1.0)) < 0.05 < 4.0 < float(type_ce(high, target, background=1.0))
+    assert float(type_ce(high, target, background=1.0)) > float(type_ce(high, target, background=0.5))
+    assert float(type_ce(high, target)) == float(type_ce(low, target))  # weight 0: -2 ignored
 
 
 def test_typed_model_maps_and_folder_round_trip(tmp_path):
