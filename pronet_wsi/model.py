@@ -32,6 +32,9 @@ WEIGHTS_FILE = "weights.pt"
 ARCHITECTURE = "pronet-vgg16"
 
 
+TYPE_HEADS = ("small", "deep")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What a model folder records about the network and its input.
@@ -50,6 +53,8 @@ class ModelConfig:
         into 2x2 blocks (pixel unshuffle) so every layer runs at half resolution or less, and the maps are brought
         back to the input's resolution by a bilinear upsampling and a small full-resolution refinement (4x fewer
         pixels through the expensive 16-32 channel layers; benchmarks/RESULTS.md "stride-2 stem").
+    type_head : ``small`` = one 3x3 convolution on the decoder's last level; ``deep`` = two on its last two levels
+        (the second upsampled), more capacity and context for the classes (benchmarks/RESULTS.md "type head").
     """
 
     architecture: str = ARCHITECTURE
@@ -64,6 +69,7 @@ class ModelConfig:
     classes: tuple[str, ...] = ()
     class_colors: tuple[tuple[int, int, int], ...] = ()
     stem_stride: int = 1
+    type_head: str = "small"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,6 +95,8 @@ class ModelConfig:
             raise InputError(f"context_px={self.context_px}: must be an integer >= 0")
         if self.stem_stride not in (1, 2) or isinstance(self.stem_stride, bool):
             raise InputError(f"stem_stride={self.stem_stride}: must be 1 or 2")
+        if self.type_head not in TYPE_HEADS:
+            raise InputError(f"type_head={self.type_head!r}: must be one of {', '.join(TYPE_HEADS)}")
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         if len(set(self.classes)) != len(self.classes) or any(not c for c in self.classes):
             raise InputError(f"classes={list(self.classes)}: names must be unique and non-empty")
@@ -193,7 +201,7 @@ class PRONet(nn.Module):
         self.head_binary = nn.Conv2d(c, 1, 1)
         self.head_offset = nn.Conv2d(c, 2, 1)
         self.head_center = nn.Conv2d(c, 1, 1)
-        self.head_type = type_head(c, len(config.classes), bn) if config.classes else None
+        self.head_type = type_head(c, len(config.classes), bn, config.type_head, chans[1]) if config.classes else None
         # stride-2 stem: the half-resolution maps (4 channels) upsampled, then corrected from the full-resolution
         # input; zero at initialisation, so the network starts as plain bilinear upsampling
         self.refine: nn.Sequential | None = None
@@ -220,7 +228,9 @@ class PRONet(nn.Module):
                 x = F.max_pool2d(x, 2)
             x = stage(x)
             skips.append(x)
+        coarser = x
         for block, skip in zip(self.decoder, reversed(skips[:-1]), strict=True):
+            coarser = x
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(torch.cat([x, skip], dim=1))
         f_binary = self.ru_binary(x)
@@ -229,7 +239,13 @@ class PRONet(nn.Module):
         centers = self.head_center(f_center)
         offsets = self.head_offset(self.au_offset(f_offset, torch.sigmoid(centers))) * self.config.offset_scale
         foreground = self.head_binary(self.au_binary(f_binary, offsets / self.config.offset_scale))
-        types = self.head_type(x) if self.head_type is not None else None
+        types = None
+        if self.head_type is not None:
+            if self.config.type_head == "deep":
+                up = F.interpolate(coarser, size=x.shape[-2:], mode="bilinear", align_corners=False)
+                types = self.head_type(torch.cat([x, up], dim=1))
+            else:
+                types = self.head_type(x)
         if self.refine is not None:
             maps = torch.cat([foreground, offsets / self.config.offset_scale, centers], dim=1)
             maps = F.interpolate(maps, scale_factor=2.0, mode="bilinear", align_corners=False)
@@ -248,8 +264,11 @@ class PRONet(nn.Module):
         return [p for p in self.parameters() if id(p) not in head]
 
 
-def type_head(c: int, n_classes: int, bn: bool) -> nn.Sequential:
-    """Per-pixel class logits from the decoder's full-resolution features: conv3x3 (2c) -> conv1x1 (K)."""
+def type_head(c: int, n_classes: int, bn: bool, kind: str = "small", c_coarser: int = 0) -> nn.Sequential:
+    """Per-pixel class logits from the decoder's last level (``c`` channels): conv3x3 (2c) -> conv1x1 (K); ``deep``
+    takes the last two levels (c + ``c_coarser`` channels) through two conv3x3 (2c)."""
+    if kind == "deep":
+        return nn.Sequential(*_conv(c + c_coarser, 2 * c, bn), *_conv(2 * c, 2 * c, bn), nn.Conv2d(2 * c, n_classes, 1))
     return nn.Sequential(*_conv(c, 2 * c, bn), nn.Conv2d(2 * c, n_classes, 1))
 
 

@@ -24,6 +24,7 @@ def smoke_commands(tmp: Path) -> dict[str, list[str]]:
         "bench_pseudolabels": ["--smoke"],
         "runtimes": ["--smoke"],
         "int8": ["--smoke"],
+        "halfres": ["--smoke"],
         "classical": ["--smoke"],
         "suggest_eval": ["--smoke"],
         "adapt": ["--lab", "consep", "--smoke", "-o", str(tmp / "adapt")],

@@ -66,6 +66,37 @@ def test_stride_2_stem_runs_every_layer_at_half_resolution_or_less():
         ModelConfig(stem_stride=4)
 
 
+def test_deep_type_head_sees_the_last_two_decoder_levels_and_round_trips(tmp_path):
+    """``type_head="deep"`` classes from the decoder's last level and, upsampled, the coarser one before it; the
+    choice is saved with the model and loads back to the same network."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(width=0.1, stem_stride=2, classes=("a", "b", "c"), type_head="deep")
+    model = PRONet(cfg).eval()
+    small = PRONet(ModelConfig(width=0.1, stem_stride=2, classes=("a", "b", "c")))
+    c = model.ru_binary.body[0].in_channels  # the decoder's last level
+    assert small.head_type[0].in_channels == c
+    seen: dict[str, torch.Tensor] = {}
+    model.decoder[-2].register_forward_hook(lambda mod, inp, o: seen.__setitem__("coarser", o))
+    model.decoder[-1].register_forward_hook(lambda mod, inp, o: seen.__setitem__("last", o))
+    model.head_type.register_forward_hook(lambda mod, inp, o: seen.__setitem__("head_in", inp[0]))
+    x = torch.randn(1, 3, 96, 64)
+    out = model(x)
+    assert out["types"].shape == (1, 3, 96, 64)
+    up = torch.nn.functional.interpolate(seen["coarser"], size=seen["last"].shape[-2:], mode="bilinear",
+                                         align_corners=False)
+    assert model.head_type[0].in_channels == c + seen["coarser"].shape[1] > c
+    assert seen["coarser"].shape[-1] * 2 == seen["last"].shape[-1]
+    assert torch.equal(seen["head_in"][:, :c], seen["last"]) and torch.equal(seen["head_in"][:, c:], up)
+    model = PRONet(cfg).eval()
+    save_model(model, tmp_path / "m")
+    bundle = load_model(tmp_path / "m")
+    assert bundle.config.type_head == "deep"
+    assert torch.equal(bundle.model(x)["types"], model(x)["types"])
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["type_head"] == "deep"
+    with pytest.raises(InputError, match="type_head"):
+        ModelConfig(type_head="huge")
+
+
 def test_same_output_in_train_and_eval_structure():
     model = PRONet(ModelConfig(width=0.1))
     x = torch.randn(1, 3, 64, 64)

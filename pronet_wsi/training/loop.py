@@ -69,6 +69,8 @@ class TrainConfig:
     F1, with fewer held-back clicks it is kept unchecked (:func:`fit_types`).
     ``classes``: nucleus classes of the type head (default: the classes of the training points; none = untyped).
     ``freeze_trunk``: train only the type head (the start model's nuclei stay exactly as they were).
+    ``type_head``: a new type head's architecture (:class:`~pronet_wsi.model.ModelConfig`; a start model with the
+    same classes keeps its own). ``deep`` won CoNSeP's all-click run and lost CRCHisto's (benchmarks/RESULTS.md).
     ``type_lr_factor``: the type head's learning rate is ``lr`` times this (a new head starts from random weights
     while the trunk is already trained); None (the fine-tune recipe's) = by the number of classed clicks,
     :func:`type_lr_factor_for`.
@@ -124,6 +126,7 @@ class TrainConfig:
     classifier_min_gain: float = 0.01
     classes: tuple[str, ...] = ()
     freeze_trunk: bool = False
+    type_head: str = "small"
     holdout: float = 0.0
     holdout_radius_um: float = 3.0
     holdout_min_clicks: int = 100
@@ -462,8 +465,9 @@ def start_model(config: TrainConfig, samples: list[Sample]) -> ModelBundle:
         start = load_model(resolve_model_dir(None if config.init == "default" else config.init))
         start = rescale_model(start, config.mpp)
         check_start(start.config, config.init, config.width)
+        head = start.config.type_head if start.config.classes == config.classes else config.type_head
         same = start.config.classes == config.classes
-        mcfg = replace(start.config, extra={}, classes=config.classes,
+        mcfg = replace(start.config, extra={}, classes=config.classes, type_head=head,
                        class_colors=start.config.class_colors if same else ())
         model = PRONet(mcfg)
         state = start.model.state_dict()
@@ -482,7 +486,7 @@ def start_model(config: TrainConfig, samples: list[Sample]) -> ModelBundle:
         return ModelBundle(model, mcfg, thresholds)
     mean, std = channel_stats(samples)
     mcfg = ModelConfig(width=config.width, mpp=config.mpp, mean=mean, std=std, center_radius_px=config.radius_px,
-                       classes=config.classes)
+                       classes=config.classes, type_head=config.type_head)
     return ModelBundle(PRONet(mcfg), mcfg, PostprocessConfig(grouping=config.grouping))
 
 

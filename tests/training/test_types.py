@@ -157,6 +157,12 @@ def test_init_from_untyped_adds_a_head_and_other_classes_start_a_new_one(tmp_pat
         other = start_model(TrainConfig(init=str(tmp_path / "t"), width=0.0625, classes=("A", "C")), [])
     assert other.config.classes == ("A", "C") and "new type head" in caplog.text
     assert other.thresholds.class_weights == ()  # weights of the old classes would not fit the new ones
+    # a deep head where one is new; a start model with the same classes keeps its own head and weights
+    deep = start_model(TrainConfig(init=str(untyped), width=0.0625, classes=("A", "B"), type_head="deep"), [])
+    assert deep.config.type_head == "deep" and len(deep.model.head_type) > len(typed.model.head_type)
+    kept = start_model(TrainConfig(init=str(tmp_path / "t"), width=0.0625, classes=("A", "B"), type_head="deep"), [])
+    assert kept.config.type_head == "small" and torch.equal(kept.model.head_type[0].weight,
+                                                             typed.model.head_type[0].weight)
 
 
 def _typed_items(n: int, side: int = 192) -> list[tuple]:
