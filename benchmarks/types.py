@@ -454,12 +454,12 @@ def cmd_score(args: argparse.Namespace) -> None:
     import torch
 
     from pronet_wsi.images import read_image
-    from pronet_wsi.inference import Predictor, segment_image
+    from pronet_wsi.inference import InferenceConfig, Predictor, segment_image
     from pronet_wsi.training.points import centroids_from_labels, read_points_classes
 
     torch.set_num_threads(args.threads)
     data = Path(args.data) / args.set
-    predictor = Predictor(args.model)
+    predictor = Predictor(args.model, InferenceConfig(tta=args.tta))
     model_classes = tuple(getattr(predictor, "classes", ()) or ())
     if not model_classes:
         print(f"note: {args.model} is untyped; only its detection row (F_d) means anything")
@@ -487,12 +487,13 @@ def cmd_score(args: argparse.Namespace) -> None:
         print(f"note: the model has no class {', '.join(missing)}; those test nuclei can only be missed")
     radius_px = RADIUS_UM / mpp
     s = _score(pred, gt, radius_px, classes)
-    _report(f"{args.set} {args.split}, model {args.model} ({len(pred)} images, {seconds:.0f} s; radius {RADIUS_UM} "
-            f"um = {radius_px:g} px)", s)
+    tta = " --tta" if args.tta else ""
+    _report(f"{args.set} {args.split}, model {args.model}{tta} ({len(pred)} images, {seconds:.0f} s; radius "
+            f"{RADIUS_UM} um = {radius_px:g} px)", s)
     if args.split != "test":
         return  # validation scores choose settings; only test scores are recorded
-    base = {**_meta(), "set": args.set, "model": str(args.model), "n_test_images": len(pred),
-            "radius_um": RADIUS_UM, "mpp": mpp, "seconds": f"{seconds:.1f}"}
+    base = {**_meta(), "set": args.set, "model": str(args.model) + tta,
+            "n_test_images": len(pred), "radius_um": RADIUS_UM, "mpp": mpp, "seconds": f"{seconds:.1f}"}
     _append(RESULTS / "types_scores.csv", _rows(base, s))
 
 
@@ -553,6 +554,7 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--model", required=True, help="model folder of a typed model")
             p.add_argument("--split", default="test", choices=["test", "val"],
                            help="val: the validation split, to choose settings (not recorded)")
+            p.add_argument("--tta", action="store_true", help="average the maps of 8 flips/rotations (predict --tta)")
     p = sub.add_parser("reweight", help="tune class weights of a trained typed model on its held-back clicks")
     p.add_argument("--data", default="runs/types")
     p.add_argument("--set", choices=sorted(SETS), required=True)

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 from skimage.draw import ellipse
 
-from pronet_wsi.classify import LOOK_FEATURES, NucleusClassifier, feature_names, fit_classifier, nucleus_features
+from pronet_wsi.classify import (
+    LOOK_FEATURES,
+    NucleusClassifier,
+    classify,
+    feature_names,
+    fit_classifier,
+    neighbour_mean,
+    nucleus_features,
+)
 from pronet_wsi.errors import InputError
 from pronet_wsi.postprocess import PostprocessConfig, postprocess
 
@@ -34,7 +42,7 @@ def test_features_measure_shape_and_colour_inside_and_around():
     probs = np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)
     f = nucleus_features(image, labels, probs, mpp=0.5)
     col = {name: f[:, i] for i, name in enumerate(feature_names(("A", "B")))}
-    assert f.shape == (2, len(LOOK_FEATURES) + 2)
+    assert f.shape == (2, len(LOOK_FEATURES) + 4)
     np.testing.assert_allclose(col["area um2"], [(labels == 1).sum() * 0.25, (labels == 2).sum() * 0.25])
     np.testing.assert_allclose(col["major axis um"], [24 * 0.5, 16 * 0.5], rtol=0.05)  # 2 x semi-axis, in um
     np.testing.assert_allclose(col["minor axis um"], [12 * 0.5, 16 * 0.5], rtol=0.08)
@@ -45,10 +53,26 @@ def test_features_measure_shape_and_colour_inside_and_around():
     assert col["nucleus Hematoxylin OD mean"][0] > col["nucleus Hematoxylin OD mean"][1] > col[
         "ring Hematoxylin OD mean"][0]
     np.testing.assert_allclose(col["log p(B)"], np.log([0.1, 0.8]), rtol=1e-6)
+    # 55 px = 27.5 um apart at 0.5 um/px: beyond NEIGHBOUR_UM, so no neighbours (uniform)
+    np.testing.assert_allclose(col["neighbours log p(A)"], np.log([0.5, 0.5]), rtol=1e-6)
+
+
+def test_neighbour_features_are_the_mean_class_probabilities_of_the_nuclei_around():
+    image, labels = _two_nuclei()
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)
+    f = nucleus_features(image, labels, probs, mpp=0.25)  # 55 px = 13.75 um apart: neighbours
+    col = {name: f[:, i] for i, name in enumerate(feature_names(("A", "B")))}
+    np.testing.assert_allclose(col["neighbours log p(A)"], np.log([0.2, 0.9]), rtol=1e-6)
+    np.testing.assert_allclose(col["neighbours log p(B)"], np.log([0.8, 0.1]), rtol=1e-6)
+    points = np.array([[0.0, 0.0], [0.0, 3.0], [0.0, 5.0], [0.0, 50.0]])
+    values = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [1.0, 0.0]])
+    near = neighbour_mean(points, values, radius=4.0)  # 0-1 and 1-2 are neighbours; 3 stands alone
+    np.testing.assert_allclose(near, [[0.0, 1.0], [0.75, 0.25], [0.0, 1.0], [0.5, 0.5]])
 
 
 def test_a_nucleus_gets_the_same_features_wherever_its_tile_cuts():
-    """Only the nucleus and its ring count: shifting the crop (another tile) leaves the features as they are."""
+    """Only the nucleus, its ring and its neighbours count: shifting the crop (another tile) leaves the features as
+    they are."""
     image, labels = _two_nuclei()
     probs = np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)
     whole = nucleus_features(image, labels, probs, mpp=0.25)
@@ -85,6 +109,20 @@ def test_classifier_round_trips_through_thresholds_json_and_is_checked():
     clf.check_classes(("A", "B"))
     with pytest.raises(InputError, match="other features or classes"):
         clf.check_classes(("A", "C"))
+
+
+def test_a_classifier_fitted_before_the_neighbour_features_still_loads_and_classes():
+    """thresholds.json written before the neighbours' columns: its features are a prefix of today's, checked and
+    applied on those columns alone."""
+    image, labels = _two_nuclei()
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)
+    old = feature_names(("A", "B"))[:len(LOOK_FEATURES) + 2]
+    f = len(old)
+    coef = np.zeros((2, f))
+    coef[0, old.index("log p(B)")] = coef[1, old.index("log p(A)")] = 1.0  # swaps the head's classes
+    clf = NucleusClassifier(old, 0.25, [0.0] * f, [1.0] * f, coef.tolist(), [0.0, 0.0])
+    clf.check_classes(("A", "B"))
+    assert classify(image, labels, probs, clf).argmax(1).tolist() == [1, 0]
 
 
 def test_load_model_refuses_a_classifier_for_other_classes(tmp_path):
