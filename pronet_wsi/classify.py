@@ -153,6 +153,11 @@ class NucleusClassifier:
         except TypeError as exc:
             raise InputError(f"nucleus_classifier: {exc}") from exc
 
+    @property
+    def reach_um(self) -> float:
+        """How far from a nucleus's centroid other nuclei change its features (0: its pixels and ring only)."""
+        return NEIGHBOUR_UM if any(f.startswith("neighbours ") for f in self.features) else 0.0
+
     def check_classes(self, classes: tuple[str, ...]) -> None:
         """InputError unless the classifier was fitted for a model with ``classes``."""
         names = feature_names(classes)

@@ -192,6 +192,12 @@ def _plan(slide_path: Path, name: str, paths: OutputPaths, predictor: TileModel,
     if config.measure.cells_um > 0 and config.tiling.halo_px < reach + 32:
         warnings.append(f"--halo-px {config.tiling.halo_px} is below {reach + 32:.0f} px (match radius + twice "
                         f"--cells + a nucleus); cells on tile seams may differ from an untiled run")
+    classifier = getattr(predictor.postprocess_config, "nucleus_classifier", None)
+    classifier_um = classifier.reach_um if classifier is not None else 0.0
+    classifier_px = classifier_um / predictor.mpp + 32 if classifier_um else 0.0
+    if config.tiling.halo_px < classifier_px:
+        warnings.append(f"--halo-px {config.tiling.halo_px} is below {classifier_px:.0f} px (the nucleus classifier's "
+                        f"neighbourhood + a nucleus); classes on tile seams may differ from an untiled run")
     if not tiles:
         warnings.append("no tissue found (the slide looks empty); wrote an empty FeatureCollection")
     classes: tuple[str, ...] = tuple(getattr(predictor, "classes", ()))  # test doubles may be untyped
@@ -223,7 +229,7 @@ def _plan(slide_path: Path, name: str, paths: OutputPaths, predictor: TileModel,
                   classes=classes, class_colors=tuple(getattr(predictor, "class_colors", ())) if classes else (),
                   measure=config.measure,
                   post_margin_px=post_margin_px(config.stitch.match_radius_px, config.measure.cells_um,
-                                                predictor.mpp))
+                                                predictor.mpp, classifier_um))
     batches = tuple(tuple(pending[i : i + config.batch_size]) for i in range(0, len(pending), config.batch_size))
     return SlidePlan(slide=source, paths=paths, config=config, model=model, frame=frame, grid=grid,
                      tiles=tuple(tiles), batches=batches, overview=Overview(thumb, thumb_ds, mask), job=job,

@@ -220,10 +220,11 @@ def _predict_by_shape(predictor: TileModel, images: list[np.ndarray]) -> list[di
 NUCLEUS_REACH_UM = 16.0
 
 
-def post_margin_px(match_radius_px: float, cells_um: float, mpp: float) -> float:
+def post_margin_px(match_radius_px: float, cells_um: float, mpp: float, classifier_reach_um: float = 0.0) -> float:
     """Margin (processing px) around a tile's core that post-processing must see so that every candidate (centre
-    within the match radius of the core) is whole, and with cells, every neighbour its cell competes with."""
-    return match_radius_px + (2 * cells_um + NUCLEUS_REACH_UM) / mpp
+    within the match radius of the core) is whole, and with cells, every neighbour its cell competes with, and with
+    a nucleus classifier on the neighbourhood, every neighbour within its reach."""
+    return match_radius_px + (max(2 * cells_um, classifier_reach_um) + NUCLEUS_REACH_UM) / mpp
 
 
 def post_box(tile: Tile, margin_px: float) -> Box:

@@ -320,6 +320,40 @@ def test_a_nucleus_classifier_classes_the_nuclei_of_every_tile(slide, tmp_path):
     assert res.n_nuclei > 100 and 50 < odd < res.n_nuclei - 50
 
 
+def test_classes_from_the_neighbourhood_do_not_depend_on_the_tiling(slide, tmp_path):
+    """A classifier on the neighbours' class probabilities (the share of Odd nuclei within 25 um) gives each
+    nucleus the same class whatever tile holds it, once the halo covers the neighbourhood; a smaller halo warns."""
+    from dataclasses import replace
+
+    from wsi_fakes import TypedOracleModel
+
+    from pronet_wsi.classify import NucleusClassifier, feature_names
+
+    names = feature_names(("Even", "Odd"))
+    f = len(names)
+    coef = np.zeros((2, f))
+    coef[1, names.index("neighbours log p(Odd)")] = 1.0
+    coef[1, names.index("neighbours log p(Even)")] = -1.0
+    model = TypedOracleModel()
+    model.postprocess_config = replace(model.postprocess_config, nucleus_classifier=NucleusClassifier(
+        names, 0.25, [0.0] * f, [1.0] * f, coef.tolist(), [0.0, -0.1]))  # a tie (half Odd) is Even
+
+    def classes(tiling: TilingConfig, name: str) -> tuple[dict, list[str]]:
+        res = segment_slide(slide, tmp_path / name, model, replace(CFG, tiling=tiling))
+        out = {}
+        for feat in read_geojson(res.geojson)["features"]:
+            c = shapely.Polygon(feat["geometry"]["coordinates"][0]).representative_point()
+            out[(round(c.x), round(c.y))] = feat["properties"]["classification"]["name"]
+        return out, res.warnings
+
+    whole, w_whole = classes(TilingConfig(1024, 160), "whole")  # one tile holds the slide
+    tiled, w_tiled = classes(TilingConfig(512, 160), "tiled")
+    small, w_small = classes(TilingConfig(256, 48), "small")
+    assert len(whole) > 200 and 20 < sum(v == "Odd" for v in whole.values()) < len(whole) - 20
+    assert tiled == whole and not any("classifier" in w for w in w_whole + w_tiled)
+    assert any("nucleus classifier's neighbourhood" in w for w in w_small)
+
+
 def test_an_untyped_model_writes_nucleus_and_no_class_columns(reference):
     res, _ = reference
     fc = read_geojson(res.geojson)
