@@ -145,9 +145,9 @@ def run_child(args) -> None:
     from pronet_wsi.wsi.pipeline import SegmentConfig, segment_slide
 
     t = time.perf_counter()
-    predictor = Predictor(args.model, InferenceConfig(batch_size=args.batch_size, runtime=args.runtime,
-                                                      threads=args.threads, streams=args.streams,
-                                                      amp=args.amp))
+    predictor = Predictor(args.model, InferenceConfig(device=args.device, batch_size=args.batch_size,
+                                                      runtime=args.runtime, threads=args.threads,
+                                                      streams=args.streams, amp=args.amp))
     if args.int8:
         predictor._fast = int8_forward(predictor, args.int8, args.threads)
     setup_s = time.perf_counter() - t
@@ -164,7 +164,13 @@ def run_child(args) -> None:
     fwd = forward_and_postprocess(args, predictor, Path(args.slide), record["counts"]["tiles_run"]) if args.sample \
         else {"forward_s": float("nan"), "core_forward_s": float("nan"), "read_hw": [0, 0],
               "pp_ms_per_tile": float("nan"), "pp_nuclei_per_tile": float("nan")}
-    print(json.dumps({"wall_s": wall, "setup_s": setup_s, "runtime": predictor.runtime, "nuclei": res.n_nuclei,
+    device = str(predictor.device)
+    if predictor.device.type == "cuda":
+        import torch
+
+        device += f" {torch.cuda.get_device_name(predictor.device)}"
+    print(json.dumps({"wall_s": wall, "setup_s": setup_s, "runtime": predictor.runtime, "device": device,
+                      "nuclei": res.n_nuclei,
                       "record": record, "peak_rss_mb": rss_mb, **fwd}))
 
 
@@ -257,6 +263,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="OpenVINO threads (0 = all cores)")
     parser.add_argument("--streams", type=int, default=0,
                         help="OpenVINO forwards at once (0 = auto, as segment; 1 = one forward on all threads)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when present), cpu, cuda or cuda:N; CUDA always runs PyTorch (fp16 with --amp "
+                             "auto or on)")
     parser.add_argument("--amp", default="auto", choices=["auto", "on", "off"],
                         help="bf16 on a CPU (auto: where the CPU has it); off = fp32 for both paths, as on a CPU "
                              "without bf16")
@@ -310,12 +319,13 @@ def main() -> None:
                "--cells", str(args.cells), "--measurements", args.measurements, *(["--parquet"] * args.parquet),
                "--runtime", runtime, "--threads", str(args.threads), "--streams", str(args.streams),
                *(["--no-crop-glass"] * no_crop),
-               "--int8", str(int8), "--amp", args.amp]
+               "--int8", str(int8), "--amp", args.amp, "--device", args.device]
         child = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
                                           cwd=ROOT).stdout.splitlines()[-1])
         rec = child["record"]
         crop = "whole tiles" if no_crop else "cut to tissue"
-        rows.append({"path": f"{label} ({child['runtime']}, tile {tile_px}, {crop}"
+        on = "" if child["device"] == "cpu" else f" on {child['device']}"
+        rows.append({"path": f"{label} ({child['runtime']}{on}, tile {tile_px}, {crop}"
                              f"{', ' + Path(model).name if args.baseline_model else ''})",
                      "setup_s": child["setup_s"], "tissue_mm2": rec["measurements"]["tissue_area_mm2"],
                      "side": side, "gpx": side * side / 1e9, "tiles": rec["counts"]["tiles_run"],
