@@ -52,9 +52,11 @@ from benchmarks.record import ROOT, banner
 BLOCK = 1024
 
 
-def make_slide(path: Path, side: int, seed: int = 0, n_blocks: int = 4, full_tissue: bool = False) -> Path:
-    """A ``side`` x ``side`` 0.25 um/px pyramidal JPEG TIFF mosaic of synthetic tissue blocks (in an ellipse on
-    glass, or everywhere with ``full_tissue``)."""
+def make_slide(path: Path, side: int, seed: int = 0, n_blocks: int = 4, full_tissue: bool = False,
+               mpp: float = 0.25) -> Path:
+    """A ``side`` x ``side`` pyramidal JPEG TIFF mosaic of synthetic tissue blocks (in an ellipse on glass, or
+    everywhere with ``full_tissue``), drawn at 0.25 um/px and recorded as ``mpp`` (e.g. 0.2527, an Aperio 40x
+    scan: the slide is then read resampled, and outlines are snapped to the 0.01 px grid, as on real slides)."""
     import importlib.util
 
     from pronet_wsi.slide import _halve, write_pyramid_tiff
@@ -95,7 +97,7 @@ def make_slide(path: Path, side: int, seed: int = 0, n_blocks: int = 4, full_tis
     while side >> levels >= 1024:
         levels += 1
     tmp = path.with_suffix(".tmp.tif")
-    write_pyramid_tiff(tmp, tile_at, 0.25, tile_px=tile, levels=levels, compression="jpeg", quality=80,
+    write_pyramid_tiff(tmp, tile_at, mpp, tile_px=tile, levels=levels, compression="jpeg", quality=80,
                        shape=(side, side), maxworkers=2)
     os.replace(tmp, path)
     return path
@@ -250,6 +252,8 @@ def main() -> None:
     parser.add_argument("--halo-px", type=int, default=None, help="default: each model's context_px (as segment)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: SegmentConfig's")
     parser.add_argument("--full-tissue", action="store_true", help="tissue everywhere (no glass around it)")
+    parser.add_argument("--slide-mpp", type=float, default=0.25,
+                        help="pixel size the slide records (0.2527: an Aperio 40x scan, read resampled)")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--sample", type=int, default=16, help="tiles timed for forward-only")
     parser.add_argument("--workdir", default="/tmp/pronet-wsi-bench")
@@ -305,10 +309,11 @@ def main() -> None:
         paths = [*(paths if args.compare else []),
                  ("new + INT8", args.runtime, args.no_crop_glass, args.int8, args.model, args.tile_px)]
     for side, (label, runtime, no_crop, int8, model, tile_px) in [(s, p) for s in args.sizes for p in paths]:
-        slide = workdir / f"synthetic_{side}{'_full' if args.full_tissue else ''}.tif"
+        slide = workdir / (f"synthetic_{side}{'_full' if args.full_tissue else ''}"
+                           f"{'' if args.slide_mpp == 0.25 else f'_mpp{args.slide_mpp:g}'}.tif")
         if not slide.exists():
             t = time.perf_counter()
-            make_slide(slide, side, full_tissue=args.full_tissue)
+            make_slide(slide, side, full_tissue=args.full_tissue, mpp=args.slide_mpp)
             print(f"wrote {slide} ({slide.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.0f} s",
                   file=sys.stderr)
         out = workdir / f"out_{side}_{label.replace(' ', '').replace('+', '_')}"

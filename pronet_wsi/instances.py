@@ -397,13 +397,26 @@ def _valid_polygons(coords: np.ndarray, offsets: np.ndarray, snap: bool) -> np.n
         simple[broken] = shapely.simplify(polys[broken], SIMPLIFY_PX, preserve_topology=True)
     polys = simple
     if snap:
-        polys = shapely.set_precision(polys, GRID_PX)
+        polys = _snap(polys)
     fix = ~shapely.is_empty(polys) & (shapely.get_type_id(polys) != 3)  # 3 = Polygon
     fix |= ~shapely.is_valid(polys)
     if fix.any():
         polys[fix] = [_largest_polygon(shapely.make_valid(g)) for g in polys[fix]]
     # drop holes: a nucleus outline is its exterior ring
     return shapely.polygons(shapely.get_exterior_ring(polys))
+
+
+def _snap(polys: np.ndarray) -> np.ndarray:
+    """Vertices rounded to the :data:`GRID_PX` grid (half up, as GEOS rounds), where that keeps a polygon valid;
+    the rest through ``shapely.set_precision``, which repairs what rounding breaks. Rounding the coordinate arrays
+    costs a few ms a tile where ``set_precision`` on every polygon cost ~30 us each (a fifth of the polygon stage
+    of a slide whose pixel size is not the model's)."""
+    scale = 1.0 / GRID_PX
+    rounded = shapely.transform(polys, lambda c: np.floor(c * scale + 0.5) / scale)
+    bad = ~shapely.is_valid(rounded) & ~shapely.is_empty(polys)
+    if bad.any():
+        rounded[bad] = shapely.set_precision(polys[bad], GRID_PX)
+    return rounded
 
 
 def _clip_polygons(polys: np.ndarray, clip: Box) -> np.ndarray:

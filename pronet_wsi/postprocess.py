@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from scipy import ndimage as ndi
-from scipy.spatial import cKDTree
 
 from pronet_wsi.classify import NucleusClassifier, classify
 from pronet_wsi.errors import InputError
@@ -162,9 +162,9 @@ def local_maxima(values: np.ndarray, size: int, candidates: np.ndarray) -> np.nd
     return out
 
 
-# Votes land within a few px of their centre: a first query bounded to this distance prunes the tree search
-# (about 2x faster on real tiles); the few votes with no centre that close get the unbounded query. Exact.
-_NEAR_PX = 4.0
+# Votes land within a few px of their centre, so the search looks at the centres of the vote's own grid cell and
+# the cells around it first, and goes further out only while a nearer centre could still be there. Exact.
+_CELL_PX = 8.0
 
 
 def group_pixels(foreground: np.ndarray, offsets: np.ndarray, centers_rc: np.ndarray) -> np.ndarray:
@@ -178,19 +178,65 @@ def group_pixels(foreground: np.ndarray, offsets: np.ndarray, centers_rc: np.nda
 
     Returns
     -------
-    (H, W) int64, 0 = background or no centre, i + 1 = joined ``centers_rc[i]``.
+    (H, W) int64, 0 = background or no centre, i + 1 = joined ``centers_rc[i]`` (of equally near centres, the
+    first).
     """
     out = np.zeros(foreground.shape, np.int64)
     if len(centers_rc) == 0:
         return out
     rows, cols = np.nonzero(foreground)
-    votes = np.stack([rows + offsets[0, rows, cols], cols + offsets[1, rows, cols]], axis=1)
-    tree = cKDTree(np.asarray(centers_rc, float))
-    dist, idx = tree.query(votes, workers=-1, distance_upper_bound=_NEAR_PX)
-    far = np.isinf(dist)
-    if far.any():
-        idx[far] = tree.query(votes[far], workers=-1)[1]
-    out[rows, cols] = idx + 1
+    vy = (rows + offsets[0, rows, cols]).astype(np.float64)
+    vx = (cols + offsets[1, rows, cols]).astype(np.float64)
+    out[rows, cols] = _nearest_centres(vy, vx, np.ascontiguousarray(centers_rc, np.float64), _CELL_PX) + 1
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _nearest_centres(vy, vx, centers, cell):
+    """Index of the centre nearest to each vote ``(vy, vx)``: the centres binned in a
+    grid of ``cell`` px, each vote searching rings of cells around its own until no unsearched cell can hold a
+    nearer centre (a cell in ring r + 1 is at least r * cell away)."""
+    n = centers.shape[0]
+    y0, x0 = centers[:, 0].min(), centers[:, 1].min()
+    gh = int((centers[:, 0].max() - y0) / cell) + 1
+    gw = int((centers[:, 1].max() - x0) / cell) + 1
+    key = np.empty(n, np.int64)
+    for j in range(n):
+        key[j] = int((centers[j, 0] - y0) / cell) * gw + int((centers[j, 1] - x0) / cell)
+    order = np.argsort(key, kind="mergesort")  # centres by cell, in index order within a cell
+    start = np.zeros(gh * gw + 1, np.int64)
+    for j in range(n):
+        start[key[j] + 1] += 1
+    for c in range(gh * gw):
+        start[c + 1] += start[c]
+    out = np.empty(len(vy), np.int64)
+    for i in range(len(vy)):
+        y, x = vy[i], vx[i]
+        qy = int(np.floor((y - y0) / cell))
+        qx = int(np.floor((x - x0) / cell))
+        best, bi = np.inf, -1
+        r = max(0, -qy, qy - (gh - 1), -qx, qx - (gw - 1))  # rings nearer than this hold no cell of the grid
+        while True:
+            for gy in range(max(qy - r, 0), min(qy + r, gh - 1) + 1):
+                if gy == qy - r or gy == qy + r:  # the ring's first and last rows: all its cells
+                    lo, hi, step = max(qx - r, 0), min(qx + r, gw - 1), 1
+                else:  # the rows between: its two end cells
+                    lo, hi, step = qx - r, qx + r, 2 * r
+                for gx in range(lo, hi + 1, step):
+                    if gx < 0 or gx >= gw:
+                        continue
+                    c = gy * gw + gx
+                    for k in range(start[c], start[c + 1]):
+                        j = order[k]
+                        d = (y - centers[j, 0]) ** 2 + (x - centers[j, 1]) ** 2
+                        if d < best or (d == best and j < bi):
+                            best, bi = d, j
+            if bi >= 0 and best <= (r * cell) ** 2:
+                break
+            if qy - r <= 0 and qy + r >= gh - 1 and qx - r <= 0 and qx + r >= gw - 1:
+                break  # the whole grid searched
+            r += 1
+        out[i] = bi
     return out
 
 

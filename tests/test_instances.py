@@ -86,6 +86,25 @@ def test_scaled_frame_gives_level0_coordinates_rounded_to_a_hundredth():
     assert inst.centers_xy[0] == pytest.approx(((100 + 18.5) * 1.37, (200 + 15) * 1.37))
 
 
+def test_snapping_rounds_vertices_to_the_grid_and_repairs_what_rounding_breaks():
+    from pronet_wsi.instances import GRID_PX, _snap
+
+    ok = shapely.Polygon([(0.123, 0.456), (10.987, 0.111), (5.555, 8.885), (0.125, 4.995)])
+    sliver = shapely.Polygon([(0, 0), (10, 0.004), (20, 0)])  # rounds to a line: invalid
+    pinch = shapely.Polygon([(0, 0), (2, 0), (2, 1), (1.004, 0.003), (1, 1), (0, 1)])  # rounds to a self-touch
+    out = _snap(np.array([ok, sliver, pinch, shapely.Polygon()], object))
+    assert shapely.is_valid(out).all()
+    c = shapely.get_coordinates(out[0])
+    assert np.allclose(c / GRID_PX, np.round(c / GRID_PX), atol=1e-6)
+    assert c[0].tolist() == [0.12, 0.46] and c[3].tolist() == [0.13, 5.0]  # half up, as GEOS rounds
+    assert out[0].area == pytest.approx(ok.area, rel=1e-3)
+    assert out[1].is_empty and out[3].is_empty
+    assert not shapely.is_valid(shapely.transform(pinch, lambda x: np.round(x, 2)))  # the case is a real one
+    assert out[2].area == pytest.approx(pinch.area, abs=0.01)
+    c = shapely.get_coordinates(out[2])
+    assert np.allclose(c / GRID_PX, np.round(c / GRID_PX), atol=1e-6)
+
+
 def test_polygons_are_clipped_to_the_slide():
     lab = np.zeros((60, 60), np.uint32)
     lab[20:40, 45:60] = 1  # runs past the slide's right edge at level-0 x = 50

@@ -66,7 +66,7 @@ def test_local_maxima_equal_the_maximum_filter_at_the_candidates(size):
 
 
 def test_group_pixels_is_the_nearest_centre_to_every_vote():
-    """The bounded first query and the unbounded second one give every vote its nearest centre, near or far."""
+    """The grid search gives every vote its nearest centre, near or far (many votes > 4 px from any centre)."""
     from scipy.spatial import cKDTree
 
     rng = np.random.default_rng(0)
@@ -80,6 +80,25 @@ def test_group_pixels_is_the_nearest_centre_to_every_vote():
     got = np.linalg.norm(votes - centers[out[rows, cols] - 1], axis=1)
     assert (dist > 4).mean() > 0.1 and np.allclose(got, dist)
     assert (out[~fg] == 0).all()
+
+
+def test_group_pixels_matches_a_brute_force_search_with_ties_and_votes_off_the_grid():
+    """Against every vote-centre distance: the nearest centre, the first of equally near ones (integer centres
+    and votes make ties), centres and votes beyond the tile's edges, one centre or many."""
+    rng = np.random.default_rng(1)
+    for trial in range(60):
+        h, w = rng.integers(5, 60, 2)
+        fg = rng.random((h, w)) < rng.random()
+        offsets = rng.normal(0, rng.uniform(0.1, 40), (2, h, w)).astype(np.float32)
+        centers = rng.uniform(-20, max(h, w) + 20, (int(rng.integers(1, 30)), 2))
+        if trial % 2:
+            centers, offsets = np.round(centers), np.round(offsets)
+        got = group_pixels(fg, offsets, centers)
+        rows, cols = np.nonzero(fg)
+        votes = np.stack([rows + offsets[0, rows, cols], cols + offsets[1, rows, cols]], axis=1)
+        ref = np.argmin(((votes[:, None, :] - centers[None]) ** 2).sum(-1), axis=1) + 1  # argmin: the first
+        assert np.array_equal(got[rows, cols], ref), trial
+        assert (got[~fg] == 0).all()
 
 
 def test_min_area_drops_fragments_and_orphans_become_instances():
