@@ -1,8 +1,12 @@
-"""INT8 (NNCF post-training quantization) of the shipped model's OpenVINO graph: forward speed and validation AJI.
+"""INT8 (NNCF post-training quantization) of the shipped model: forward speed, validation AJI, the shipped graph.
 
-    pip install nncf==3.4.0                      # not a dependency: this experiment only
+    pip install nncf==3.4.0                      # not a dependency: making the graph only, not running it
     python -m benchmarks.int8                    # calibrate, time, score the four labs' validation images
     python -m benchmarks.int8 --no-score         # speed only
+    python -m benchmarks.int8 --calib 32 --write # store the graph in the model folder (how the shipped one was made)
+
+``--via torch`` (the default) quantizes the PyTorch network and exports it; ``--via openvino`` quantizes the
+converted OpenVINO graph (the earlier sessions' path, 0.01 AJI worse on MoNuSeg).
 
 Calibration: ``--calib`` random 512 px crops (seed 0) from the training split of each lab (benchmarks/labs.py),
 at the model's 0.25 um/px, fed to ``nncf.quantize`` (default preset: symmetric INT8 weights and activations).
@@ -18,6 +22,7 @@ import argparse
 import importlib.util
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -50,6 +55,29 @@ def demo_image(side: int) -> np.ndarray:
     return demo.demo_image(side, seed=1, glass=False)
 
 
+def torch_int8_graph(bundle, tiles: list[np.ndarray]):
+    """NNCF's post-training INT8 of the PyTorch network (with its normalisation and output activations), exported
+    to OpenVINO: calibrated on ``tiles`` ((1, H, W, 3) uint8 each). Quantizing the PyTorch network (its
+    convolutions before batch norm is folded) kept every lab's validation AJI within 0.005 of PyTorch fp32 where
+    quantizing the converted OpenVINO graph lost 0.009-0.012 on MoNuSeg (benchmarks/RESULTS.md)."""
+    import copy
+    import warnings
+
+    import nncf
+    import openvino as ov
+    import torch
+
+    from pronet_wsi.runtime import MapsNet
+
+    cfg = bundle.config
+    net = MapsNet(copy.deepcopy(bundle.model).eval(), cfg.mean, cfg.std).eval()
+    quantized = nncf.quantize(net, nncf.Dataset(tiles, lambda x: torch.from_numpy(x)), subset_size=len(tiles))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracing warnings, as in runtime.openvino_graph
+        return ov.convert_model(quantized, example_input=torch.zeros((1, 64, 64, 3), dtype=torch.uint8),
+                                input=[ov.PartialShape([-1, -1, -1, 3])])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model folder (default: the shipped model)")
@@ -65,6 +93,11 @@ def main() -> None:
     parser.add_argument("--keep", action="append", default=[], metavar="REGEX",
                         help="leave the graph's operations whose names match REGEX unquantized (repeatable; e.g. "
                              "'.*head_.*' keeps the output heads in float)")
+    parser.add_argument("--via", choices=["torch", "openvino"], default="torch",
+                        help="quantize the PyTorch network (then export) or the converted OpenVINO graph")
+    parser.add_argument("--write", action="store_true",
+                        help="store the INT8 graph in the model folder (int8.ovblob + int8.json), where `segment` "
+                             "and `predict` run it (InferenceConfig.int8)")
     parser.add_argument("--smoke", action="store_true", help="2 demo crops to calibrate, a 256 px input, no score")
     args = parser.parse_args()
     try:
@@ -79,7 +112,7 @@ def main() -> None:
     from pronet_wsi.inference import InferenceConfig, Predictor, segment_image
     from pronet_wsi.metrics import evaluate_image, mean_scores
     from pronet_wsi.model import default_model_dir, load_model
-    from pronet_wsi.runtime import OpenVINOForward, openvino_graph
+    from pronet_wsi.runtime import INT8_FILE, OpenVINOForward, openvino_graph, write_int8_graph
 
     torch.set_num_threads(args.threads)
     if args.smoke:
@@ -94,13 +127,24 @@ def main() -> None:
     names = ("foreground", "offsets", "centers")
     cfg = bundle.config
     t = time.perf_counter()
-    graph = openvino_graph(bundle.model.eval(), cfg.mean, cfg.std)
-    scope = nncf.IgnoredScope(patterns=args.keep, validate=False) if args.keep else None
-    preset = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}[args.preset]
-    quantized = nncf.quantize(graph, nncf.Dataset(tiles), subset_size=len(tiles), preset=preset,
-                              fast_bias_correction=not args.full_bias_correction,
-                              **({"ignored_scope": scope} if scope else {}))
+    if args.via == "torch":
+        quantized = torch_int8_graph(bundle, tiles)
+    else:
+        graph = openvino_graph(bundle.model.eval(), cfg.mean, cfg.std)
+        scope = nncf.IgnoredScope(patterns=args.keep, validate=False) if args.keep else None
+        preset = {"performance": nncf.QuantizationPreset.PERFORMANCE,
+                  "mixed": nncf.QuantizationPreset.MIXED}[args.preset]
+        quantized = nncf.quantize(graph, nncf.Dataset(tiles), subset_size=len(tiles), preset=preset,
+                                  fast_bias_correction=not args.full_bias_correction,
+                                  **({"ignored_scope": scope} if scope else {}))
     quant_s = time.perf_counter() - t
+    if args.write:
+        folder = Path(args.model) if args.model else default_model_dir()
+        made_by = "python -m benchmarks.int8 " + " ".join(sys.argv[1:])
+        sha = write_int8_graph(folder, quantized, made_by, nncf=nncf.__version__, openvino=ov.__version__,
+                               calibration=f"{len(tiles)} random 512 px crops of the four labs' training images "
+                                           f"(benchmarks/int8.py calibration_tiles, seed 0)")
+        print(f"wrote {folder / INT8_FILE} (sha256 {sha[:16]})", file=sys.stderr)
     print(f"quantized on {len(tiles)} crops in {quant_s:.0f} s", file=sys.stderr)
 
     x = demo_image(args.side)[None]

@@ -341,6 +341,9 @@ def runtime_line() -> str:
 
         name = f"torch {torch.__version__}"
     precision = "fp16" if device.type == "cuda" else "bf16" if _cpu_has_bf16() else "fp32"
+    int8 = int8_line() if runtime == "openvino" else ""
+    if int8.startswith("the shipped model's INT8 graph runs"):
+        precision = "int8 (the rest fp32)"
     hint = "" if runtime == "openvino" or device.type == "cuda" else \
         ' (pip install "pronet-wsi[fast]" for the OpenVINO forward)'
     line = f"runtime: {name}, {precision} (env {ENV_VAR}=torch|openvino forces one){hint}"
@@ -350,7 +353,21 @@ def runtime_line() -> str:
                  if streams > 1 else "\nsegment: one forward at a time")
         folder = cache_dir()
         line += f"\ngraph cache: {folder / 'openvino' if folder is not None else 'off'} (env {CACHE_ENV_VAR}=DIR|off)"
+        line += f"\nint8: {int8}"
     return line
+
+
+def int8_line() -> str:
+    """Whether the shipped model's INT8 graph runs here (the OpenVINO forward only)."""
+    from pronet_wsi.model import default_model_dir
+    from pronet_wsi.runtime import INT8_ENV_VAR, int8_wanted, read_int8_graph
+
+    model = default_model_dir()
+    if model is None or read_int8_graph(model)[0] is None:
+        return "the shipped model has no INT8 graph; the float graph runs"
+    if not int8_wanted("auto"):
+        return f"off ({INT8_ENV_VAR}=off): the float graph runs"
+    return f"the shipped model's INT8 graph runs (env {INT8_ENV_VAR}=off runs the float one)"
 
 
 def _names(value: str | None) -> list[str] | None:

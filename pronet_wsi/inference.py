@@ -20,7 +20,7 @@ from pronet_wsi.errors import InputError
 from pronet_wsi.geometry import Box
 from pronet_wsi.model import ModelBundle, load_model, resolve_model_dir
 from pronet_wsi.postprocess import PostprocessConfig, Segmentation, postprocess
-from pronet_wsi.runtime import RUNTIMES, OpenVINOForward, auto_streams, choose_runtime
+from pronet_wsi.runtime import RUNTIMES, OpenVINOForward, auto_streams, choose_runtime, int8_wanted, read_int8_graph
 from pronet_wsi.tiling import TileGrid, TilingConfig
 
 BEYOND_EDGE = ("mirror", "white")
@@ -63,6 +63,8 @@ class InferenceConfig:
     streams : OpenVINO forwards that may run at once, from several threads (``segment``'s tile threads), sharing
         ``threads``: 1 = one forward on all of them (fastest for one caller: ``predict``), 0 = auto (2 where the
         forward has 2 or more cores: ``segment``, whose post-processing threads share the cores).
+    int8 : ``auto`` runs the model folder's INT8 graph where it ships one (``int8.ovblob``; the shipped model does)
+        and the forward is OpenVINO's; ``off`` (or env ``PRONET_WSI_INT8=off``) runs the float graph.
     beyond_edge : what an image tile reads beyond the image's edge: ``mirror`` (the default: an image is a crop
         of tissue, and white there cost the shipped model 0.08 validation AJI on NuInsSeg's small images) or
         ``white`` (glass, as ``segment`` reads beyond a slide's edge: then ``predict`` equals ``segment`` exactly).
@@ -76,6 +78,7 @@ class InferenceConfig:
     runtime: str = "auto"
     threads: int = 0
     streams: int = 1
+    int8: str = "auto"
     beyond_edge: str = "mirror"
 
     def __post_init__(self) -> None:
@@ -91,6 +94,8 @@ class InferenceConfig:
             raise InputError(f"batch_size={self.batch_size}: must be >= 1")
         if not 64 <= self.window_px <= 16384 or self.window_px % 16:
             raise InputError(f"window_px={self.window_px}: must be a multiple of 16 between 64 and 16384")
+        if self.int8 not in ("auto", "off"):
+            raise InputError(f"int8={self.int8!r}: must be auto or off")
         if self.amp not in ("auto", "on", "off"):
             raise InputError(f"amp={self.amp!r}: must be auto, on or off")
 
@@ -131,11 +136,17 @@ class Predictor:
         # TTA stays on PyTorch (it transforms tensors between forwards); so does CUDA
         self.runtime = "torch" if config.tta else choose_runtime(config.runtime, self.device)
         self._fast: OpenVINOForward | None = None
+        self.int8_graph: str | None = None  # sha256 of the INT8 graph that runs, if one does
         if self.runtime == "openvino":
             names = ("foreground", "offsets", "centers", *(("types",) if self.classes else ()))
+            graph = None
+            if bundle.path is not None and int8_wanted(config.int8):
+                graph, self.int8_graph = read_int8_graph(bundle.path)
+            # around an INT8 graph's quantized convolutions f32 was faster than bf16 and as accurate (RESULTS.md)
             self._fast = OpenVINOForward(bundle.model, bundle.config.mean, bundle.config.std, names,
-                                         bf16=self.autocast_dtype is not None, threads=config.threads,
-                                         streams=config.streams or auto_streams(config.threads))
+                                         bf16=self.autocast_dtype is not None and graph is None,
+                                         threads=config.threads,
+                                         streams=config.streams or auto_streams(config.threads), graph=graph)
 
     @property
     def concurrency(self) -> int:

@@ -9,6 +9,11 @@ cached and a fresh start give the same maps bit for bit. CUDA always stays PyTor
 
 ``runtime="auto"`` picks OpenVINO on a CPU when it is importable, else PyTorch; the environment variable
 ``PRONET_WSI_RUNTIME`` (``torch`` or ``openvino``) overrides ``auto`` without touching any command line.
+
+A model folder may also ship an **INT8 graph** (``int8.ovblob`` + ``int8.json``, :func:`write_int8_graph`; the
+shipped model does, made by ``benchmarks/int8.py --write``): calibrating it needs training images, so it is made
+once and shipped, not converted on the user's machine. The OpenVINO forward runs it in place of the float graph
+(``InferenceConfig.int8``, env ``PRONET_WSI_INT8=off``) while it belongs to the folder's weights.
 """
 
 from __future__ import annotations
@@ -26,12 +31,15 @@ import torch
 from torch import nn
 
 from pronet_wsi.errors import InputError
-from pronet_wsi.files import atomic_bytes
+from pronet_wsi.files import atomic_bytes, atomic_text, sha256_file
 
 RUNTIMES = ("auto", "torch", "openvino")
 ENV_VAR = "PRONET_WSI_RUNTIME"
 CACHE_ENV_VAR = "PRONET_WSI_CACHE_DIR"  # where converted graphs are kept; "off" = convert on every start
 _IR_MAGIC = b"PRONET-OV-IR-1\n"
+INT8_ENV_VAR = "PRONET_WSI_INT8"  # "off": the float graph even where the model folder has an INT8 one
+INT8_FILE = "int8.ovblob"  # a model folder's INT8 graph (the serialized format of the graph cache)
+INT8_META = "int8.json"  # what it was made from: the weights' and the graph's sha256, how
 
 
 def openvino_available() -> bool:
@@ -231,6 +239,56 @@ def _prune(folder: Path, keep: int) -> None:
             continue  # deleted by a concurrent prune
     for _, p in sorted(entries, reverse=True)[keep:]:
         p.unlink(missing_ok=True)
+
+
+def int8_wanted(requested: str) -> bool:
+    """Whether a model folder's INT8 graph may run: ``requested`` is ``InferenceConfig.int8`` (``auto`` or
+    ``off``); ``PRONET_WSI_INT8=off`` turns ``auto`` off."""
+    env = os.environ.get(INT8_ENV_VAR, "").strip().lower()
+    if env and env not in ("auto", "off"):
+        raise InputError(f"{INT8_ENV_VAR}={env!r}: use off or auto (or unset it)")
+    return requested == "auto" and env != "off"
+
+
+def read_int8_graph(model_dir: Path):
+    """The INT8 OpenVINO graph a model folder ships (``int8.ovblob`` described by ``int8.json``) and its sha256,
+    or ``(None, None)`` when the folder has none or the graph was made from other weights than the folder's (a
+    model fine-tuned in a copy of the folder). A damaged graph is an error naming the fix."""
+    model_dir = Path(model_dir)
+    meta_path, blob_path = model_dir / INT8_META, model_dir / INT8_FILE
+    if not meta_path.is_file():
+        return None, None
+    fix = f"reinstall the model, or delete {INT8_META} to run the float graph"
+    try:
+        meta = json.loads(meta_path.read_text())
+        weights_sha, graph_sha = str(meta["weights_sha256"]), str(meta["graph_sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{meta_path}: unreadable ({type(exc).__name__}); {fix}") from exc
+    from pronet_wsi.model import WEIGHTS_FILE
+
+    if sha256_file(model_dir / WEIGHTS_FILE) != weights_sha:
+        return None, None  # other weights: the float graph of the folder's weights runs
+    if not blob_path.is_file() or sha256_file(blob_path) != graph_sha:
+        raise InputError(f"{blob_path}: missing or its checksum does not match {INT8_META}; {fix}")
+    try:
+        return _deserialize(blob_path.read_bytes()), graph_sha
+    except (ValueError, RuntimeError) as exc:
+        raise InputError(f"{blob_path}: not a readable graph ({exc}); {fix}") from exc
+
+
+def write_int8_graph(model_dir: Path, graph, made_by: str, **notes) -> str:
+    """Store ``graph`` (an INT8 OpenVINO model of the folder's network) in a model folder, atomically, with the
+    weights' sha256 it belongs to; returns the graph's sha256."""
+    from pronet_wsi.model import WEIGHTS_FILE
+
+    model_dir = Path(model_dir)
+    blob = _serialize(graph)
+    atomic_bytes(model_dir / INT8_FILE, blob)
+    graph_sha = hashlib.sha256(blob).hexdigest()
+    meta = {"weights_sha256": sha256_file(model_dir / WEIGHTS_FILE), "graph_sha256": graph_sha,
+            "made_by": made_by, **notes}
+    atomic_text(model_dir / INT8_META, json.dumps(meta, indent=2) + "\n")
+    return graph_sha
 
 
 class OpenVINOForward:

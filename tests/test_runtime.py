@@ -17,11 +17,17 @@ from pronet_wsi.postprocess import PostprocessConfig
 from pronet_wsi.runtime import (
     CACHE_ENV_VAR,
     ENV_VAR,
+    INT8_ENV_VAR,
+    INT8_FILE,
+    INT8_META,
     OpenVINOForward,
     cache_dir,
     choose_runtime,
     openvino_available,
+    openvino_graph,
     pad_to_stride,
+    read_int8_graph,
+    write_int8_graph,
 )
 
 CPU = torch.device("cpu")
@@ -102,7 +108,8 @@ def test_openvino_same_nuclei_on_demo_slide(tmp_path):
     cfg = SegmentConfig(tiling=TilingConfig(512, bundle.config.context_px), batch_size=2)
     centroids = {}
     for runtime in ("torch", "openvino"):
-        predictor = Predictor(bundle, InferenceConfig(device="cpu", amp="off", runtime=runtime, batch_size=2))
+        predictor = Predictor(bundle, InferenceConfig(device="cpu", amp="off", runtime=runtime, batch_size=2,
+                                                      int8="off"))
         res = segment_slide(demo, tmp_path / runtime, predictor, cfg)
         feats = read_geojson(res.geojson)["features"]
         centroids[runtime] = np.array([np.mean(f["geometry"]["coordinates"][0], axis=0) for f in feats])
@@ -134,8 +141,9 @@ def test_info_says_which_runtime_runs(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.data
 def test_openvino_tiled_matches_untiled_shipped_model(tmp_path):
-    """The seam acceptance of tests/test_stitching.py on the OpenVINO path, at its default precision (bf16 where
-    the CPU has it) with tiles cut to the tissue: nothing lost or doubled at seams."""
+    """The seam acceptance of tests/test_stitching.py on the OpenVINO path, as `segment` runs it (the shipped
+    model's INT8 graph; without one, bf16 where the CPU has it) with tiles cut to the tissue: nothing lost or
+    doubled at seams."""
     import zarr
     from conftest import MONUSEG, require_shared
     from test_stitching import seam_report
@@ -167,7 +175,8 @@ def test_openvino_tiled_matches_untiled_shipped_model(tmp_path):
     grid = TileGrid(region.shape[:2], cfg.tiling, predictor.stride)
     report = seam_report(untiled, tiled, read_geojson(res.geojson)["features"], sorted({t.core.x0 for t in grid} - {0}),
                          sorted({t.core.y0 for t in grid} - {0}))
-    print(f"openvino {predictor._fast.precision if predictor._fast else ''} tile 1024 halo {halo}: {report}")
+    precision = "int8" if predictor.int8_graph else predictor._fast.precision if predictor._fast else ""
+    print(f"openvino {precision} tile 1024 halo {halo}: {report}")
     assert report["near_seams"] > 50
     assert report["aji"] >= 0.98, report
     assert report["lost"] == 0 and report["duplicated"] == 0, report
@@ -280,3 +289,77 @@ def test_graph_cache_keeps_the_most_recently_used(tmp_path):
     (tmp_path / "notes.txt").write_text("not a graph")
     _prune(tmp_path, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0.ovblob", "3.ovblob", "4.ovblob", "notes.txt"]
+
+
+@needs_openvino
+def test_a_model_folders_int8_graph_runs_unless_off_or_made_for_other_weights(monkeypatch, tmp_path):
+    """The INT8 graph of a model folder runs with the OpenVINO forward (its sha256 goes into the tile
+    fingerprint); ``int8="off"`` and ``PRONET_WSI_INT8=off`` run the float graph; new weights saved into the
+    folder make the old graph stale, ignored; a damaged graph or record is a one-line error naming the fix."""
+    from pronet_wsi.model import save_model
+
+    monkeypatch.delenv(INT8_ENV_VAR, raising=False)
+    bundle = _tiny_bundle(stem_stride=2)
+    folder = save_model(bundle.model, tmp_path / "m", bundle.thresholds)
+    assert read_int8_graph(folder) == (None, None)
+    with torch.no_grad():  # a stand-in "INT8" graph whose maps differ from the folder's float graph
+        changed = PRONet(bundle.config).eval()
+        changed.load_state_dict(bundle.model.state_dict())
+        next(changed.parameters()).mul_(-1.0)
+    sha = write_int8_graph(folder, openvino_graph(changed, bundle.config.mean, bundle.config.std), "a test")
+    assert (folder / INT8_FILE).is_file() and read_int8_graph(folder)[1] == sha
+    tiles = np.random.default_rng(0).integers(0, 256, (1, 96, 64, 3), dtype=np.uint8)
+    runs = Predictor(folder, InferenceConfig(runtime="openvino", amp="off"))
+    off = Predictor(folder, InferenceConfig(runtime="openvino", amp="off", int8="off"))
+    assert runs.int8_graph == sha and off.int8_graph is None
+    assert not np.allclose(runs.predict_batch(tiles)["foreground"], off.predict_batch(tiles)["foreground"])
+    monkeypatch.setenv(INT8_ENV_VAR, "off")
+    assert Predictor(folder, InferenceConfig(runtime="openvino")).int8_graph is None
+    monkeypatch.setenv(INT8_ENV_VAR, "sometimes")
+    with pytest.raises(InputError, match=INT8_ENV_VAR):
+        Predictor(folder, InferenceConfig(runtime="openvino"))
+    monkeypatch.delenv(INT8_ENV_VAR)
+    assert Predictor(folder, InferenceConfig(runtime="torch")).int8_graph is None  # PyTorch runs its own weights
+
+    blob = bytearray((folder / INT8_FILE).read_bytes())
+    blob[-1] ^= 0xFF
+    (folder / INT8_FILE).write_bytes(bytes(blob))
+    with pytest.raises(InputError, match=f"{INT8_FILE}: missing or its checksum does not match"):
+        Predictor(folder, InferenceConfig(runtime="openvino"))
+    (folder / INT8_META).write_text("{not json")
+    with pytest.raises(InputError, match=f"{INT8_META}: unreadable"):
+        Predictor(folder, InferenceConfig(runtime="openvino"))
+    sha = write_int8_graph(folder, openvino_graph(changed, bundle.config.mean, bundle.config.std), "a test")
+    save_model(changed, folder, bundle.thresholds)  # new weights in the same folder: the graph is stale
+    assert read_int8_graph(folder) == (None, None)
+    assert Predictor(folder, InferenceConfig(runtime="openvino")).int8_graph is None
+
+
+@needs_openvino
+def test_shipped_int8_graph_finds_the_float_models_nuclei(tmp_path):
+    """The shipped model's INT8 graph (benchmarks/int8.py --write) on the demo slide against PyTorch fp32: about
+    the same nuclei (validation AJI per lab within 0.005 of PyTorch fp32: benchmarks/RESULTS.md)."""
+    from pronet_wsi.tiling import TilingConfig
+    from pronet_wsi.wsi.pipeline import SegmentConfig, segment_slide
+
+    demo = Path(__file__).resolve().parents[1] / "examples" / "demo_slide.tif"
+    model = default_model_dir()
+    if not demo.exists() or model is None or read_int8_graph(model)[0] is None:
+        pytest.skip("examples/demo_slide.tif or the shipped model's INT8 graph is absent")
+    shutil.copy(demo, tmp_path / demo.name)
+    demo = tmp_path / demo.name
+    bundle = load_model(model)
+    cfg = SegmentConfig(tiling=TilingConfig(1024, bundle.config.context_px), batch_size=1)
+    centroids = {}
+    for runtime in ("torch", "openvino"):
+        predictor = Predictor(bundle, InferenceConfig(device="cpu", amp="off", runtime=runtime))
+        assert (predictor.int8_graph is not None) == (runtime == "openvino")
+        res = segment_slide(demo, tmp_path / runtime, predictor, cfg)
+        feats = read_geojson(res.geojson)["features"]
+        centroids[runtime] = np.array([np.mean(f["geometry"]["coordinates"][0], axis=0) for f in feats])
+    a, b = centroids["torch"], centroids["openvino"]
+    print(f"demo slide: {len(a)} nuclei fp32, {len(b)} INT8")
+    assert len(a) > 100
+    assert abs(len(a) - len(b)) <= 0.03 * len(a)
+    d = np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1)).min(axis=1)
+    assert (d < 2.0).mean() >= 0.95, f"{(d >= 2.0).sum()} of {len(a)} nuclei moved by >= 2 px"

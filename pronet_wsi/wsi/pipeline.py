@@ -214,6 +214,8 @@ def _plan(slide_path: Path, name: str, paths: OutputPaths, predictor: TileModel,
         fingerprint["tta"] = True  # parts made with and without TTA never mix
     if getattr(predictor, "runtime", "torch") != "torch":
         fingerprint["runtime"] = predictor.runtime  # type: ignore[attr-defined]  # nor with other runtimes' maps
+    if getattr(predictor, "int8_graph", None):
+        fingerprint["int8"] = predictor.int8_graph  # type: ignore[attr-defined]  # nor INT8 maps with float ones
     if config.overwrite:
         TileStore(paths.parts).remove()
     store = TileStore(paths.parts, fingerprint)
