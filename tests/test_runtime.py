@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -357,6 +358,8 @@ def test_shipped_int8_graph_finds_the_float_models_nuclei(tmp_path):
         res = segment_slide(demo, tmp_path / runtime, predictor, cfg)
         feats = read_geojson(res.geojson)["features"]
         centroids[runtime] = np.array([np.mean(f["geometry"]["coordinates"][0], axis=0) for f in feats])
+        record = json.loads((tmp_path / runtime / f"{demo.stem}.json").read_text())
+        assert record["forward"] == ("torch" if runtime == "torch" else f"openvino int8 {predictor.int8_graph[:16]}")
     a, b = centroids["torch"], centroids["openvino"]
     print(f"demo slide: {len(a)} nuclei fp32, {len(b)} INT8")
     assert len(a) > 100

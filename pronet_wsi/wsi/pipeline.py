@@ -201,7 +201,9 @@ def _plan(slide_path: Path, name: str, paths: OutputPaths, predictor: TileModel,
     if not tiles:
         warnings.append("no tissue found (the slide looks empty); wrote an empty FeatureCollection")
     classes: tuple[str, ...] = tuple(getattr(predictor, "classes", ()))  # test doubles may be untyped
-    model = ModelInfo(_model_id(predictor), predictor.mpp, _plain(predictor.postprocess_config), classes)
+    int8 = getattr(predictor, "int8_graph", None)
+    forward = str(getattr(predictor, "runtime", "")) + (f" int8 {int8[:16]}" if int8 else "")
+    model = ModelInfo(_model_id(predictor), predictor.mpp, _plain(predictor.postprocess_config), classes, forward)
     # everything that changes a tile's result: parts made under other settings are never mixed in
     fingerprint = {"version": __version__, "slide": str(slide_path.resolve()), "size": slide_path.stat().st_size,
                    "mtime_ns": slide_path.stat().st_mtime_ns, "backend": source.backend, "mpp": source.mpp,
@@ -214,8 +216,8 @@ def _plan(slide_path: Path, name: str, paths: OutputPaths, predictor: TileModel,
         fingerprint["tta"] = True  # parts made with and without TTA never mix
     if getattr(predictor, "runtime", "torch") != "torch":
         fingerprint["runtime"] = predictor.runtime  # type: ignore[attr-defined]  # nor with other runtimes' maps
-    if getattr(predictor, "int8_graph", None):
-        fingerprint["int8"] = predictor.int8_graph  # type: ignore[attr-defined]  # nor INT8 maps with float ones
+    if int8:
+        fingerprint["int8"] = int8  # nor INT8 maps with float ones
     if config.overwrite:
         TileStore(paths.parts).remove()
     store = TileStore(paths.parts, fingerprint)
@@ -273,7 +275,7 @@ def finish_slide(plan: SlidePlan, tile_stats: list[dict], tiles_wall_s: float) -
     record = {"status": "done", "name": plan.slide.name,
               "slide": {**plan.slide.info, "path_resolved": str(plan.slide.path.resolve())},
               "output": output,
-              "model": plan.model.id, "model_mpp": model_mpp,
+              "model": plan.model.id, "model_mpp": model_mpp, "forward": plan.model.forward,
               "config": {"segment": _plain(config), "postprocess": plan.model.postprocess},
               "processing": {"scale_level0_per_px": plan.frame.scale, "shape_hw": list(plan.frame.shape)},
               "counts": {"tiles_grid": len(plan.grid), "tiles_tissue": len(plan.tiles),

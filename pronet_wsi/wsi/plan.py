@@ -111,12 +111,14 @@ class Overview:
 @dataclass(frozen=True)
 class ModelInfo:
     """Which model made the nuclei: ``id`` (by content: weights sha256, network, thresholds), its ``mpp``,
-    post-processing settings and, for a typed model, its nucleus ``classes``."""
+    post-processing settings, for a typed model its nucleus ``classes``, and ``forward``: the engine and graph that
+    ran it (``torch``, ``openvino``, or ``openvino int8 <the graph's sha256, 16 hex>``)."""
 
     id: str
     mpp: float
     postprocess: dict
     classes: tuple[str, ...] = ()
+    forward: str = ""
 
 
 @dataclass
