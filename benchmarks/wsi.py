@@ -152,6 +152,7 @@ def run_child(args) -> None:
                                                       streams=args.streams, amp=args.amp))
     if args.int8:
         predictor._fast = int8_forward(predictor, args.int8, args.threads)
+        predictor.int8_graph = "calibrated-in-this-run"  # not the model folder's graph
     setup_s = time.perf_counter() - t
     if args.halo_px is None:
         args.halo_px = predictor.context_px  # as `segment` does
@@ -171,7 +172,8 @@ def run_child(args) -> None:
         import torch
 
         device += f" {torch.cuda.get_device_name(predictor.device)}"
-    print(json.dumps({"wall_s": wall, "setup_s": setup_s, "runtime": predictor.runtime, "device": device,
+    runtime = predictor.runtime + (" int8" if getattr(predictor, "int8_graph", None) else "")
+    print(json.dumps({"wall_s": wall, "setup_s": setup_s, "runtime": runtime, "device": device,
                       "nuclei": res.n_nuclei,
                       "record": record, "peak_rss_mb": rss_mb, **fwd}))
 
