@@ -127,8 +127,7 @@ def main() -> None:
             record.smoke_skip("OpenVINO is not installed")
         sys.exit('the teacher runs in OpenVINO: pip install "pronet-wsi[fast]"')
     teacher = load_model(args.teacher or default_model_dir())
-    names = ("foreground", "offsets", "centers")
-    teach = OpenVINOForward(teacher.model, teacher.config.mean, teacher.config.std, names, bf16=False,
+    teach = OpenVINOForward(teacher.model, teacher.config.mean, teacher.config.std, bf16=False,
                             threads=args.threads)
     student = student_from(teacher, args.width)
     mean = torch.tensor(teacher.config.mean).view(1, 3, 1, 1)

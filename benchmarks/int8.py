@@ -153,7 +153,7 @@ def main() -> None:
     rows = []
     for name, g, bf16 in (("f32", None, False), ("bf16", None, True), ("int8 (rest f32)", quantized, False),
                           ("int8 (rest bf16)", quantized, True)):
-        fwd = OpenVINOForward(bundle.model.eval(), cfg.mean, cfg.std, names, bf16, threads=args.threads, graph=g)
+        fwd = OpenVINOForward(bundle.model.eval(), cfg.mean, cfg.std, bf16, threads=args.threads, graph=g)
         s, out = timed(fwd, x, args.repeats)
         forwards[name] = (fwd, out)
         ref = forwards["f32"][1]

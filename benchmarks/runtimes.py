@@ -58,10 +58,11 @@ def main() -> None:
     demo_image = demo.demo_image
 
     from pronet_wsi.model import default_model_dir, load_model
-    from pronet_wsi.runtime import MapsNet, OpenVINOForward, openvino_available
+    from pronet_wsi.runtime import MapsNet, OpenVINOForward, activate_maps, openvino_available
 
     bundle = load_model(default_model_dir())
     names = ("foreground", "offsets", "centers")
+    scale = bundle.config.offset_scale
     img = demo_image(args.side, seed=1, glass=False)
     x = np.repeat(img[None], args.batch, axis=0)
     net = MapsNet(bundle.model.eval(), bundle.config.mean, bundle.config.std).eval()
@@ -71,7 +72,7 @@ def main() -> None:
         def run(t):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 out = module(torch.from_numpy(t))
-            return {n: o.float().numpy() for n, o in zip(names, out, strict=True)}
+            return activate_maps(out[0].float().numpy(), scale)
         return run
 
     rows: list[tuple[str, float, float, float]] = []  # name, seconds, Mpx/s, max |d|
@@ -105,20 +106,20 @@ def main() -> None:
         t = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "pronet.onnx"
-            torch.onnx.export(net, (torch.from_numpy(x),), str(path), input_names=["tiles"], output_names=list(names),
+            torch.onnx.export(net, (torch.from_numpy(x),), str(path), input_names=["tiles"], output_names=["maps"],
                               dynamic_axes={"tiles": {0: "b", 1: "h", 2: "w"}}, opset_version=17, dynamo=False)
             so = ort.SessionOptions()
             so.intra_op_num_threads = args.threads
             so.inter_op_num_threads = 1
             sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         add(f"onnxruntime {ort.__version__} fp32",
-            lambda t: dict(zip(names, sess.run(None, {"tiles": t}), strict=True)), time.perf_counter() - t)
+            lambda t: activate_maps(sess.run(None, {"tiles": t})[0], scale), time.perf_counter() - t)
     if openvino_available() and "openvino" in args.runtimes:
         import openvino as ov
 
         for bf16 in (False, True):
             t = time.perf_counter()
-            fwd = OpenVINOForward(bundle.model.eval(), bundle.config.mean, bundle.config.std, names, bf16,
+            fwd = OpenVINOForward(bundle.model.eval(), bundle.config.mean, bundle.config.std, bf16,
                                   threads=args.threads)
             add(f"openvino {ov.__version__.split('-')[0]} {fwd.precision}", fwd, time.perf_counter() - t)
     print(record.banner())

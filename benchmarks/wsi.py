@@ -135,8 +135,7 @@ def int8_forward(predictor, n_per_lab: int, threads: int):
     model, cfg = predictor.model.eval(), predictor.bundle.config
     tiles = calibration_tiles(n_per_lab)
     graph = nncf.quantize(openvino_graph(model, cfg.mean, cfg.std), nncf.Dataset(tiles), subset_size=len(tiles))
-    names = ("foreground", "offsets", "centers", *(("types",) if predictor.classes else ()))
-    return OpenVINOForward(model, cfg.mean, cfg.std, names, predictor.autocast_dtype is not None, threads=threads,
+    return OpenVINOForward(model, cfg.mean, cfg.std, predictor.autocast_dtype is not None, threads=threads,
                            streams=predictor.concurrency, graph=graph)
 
 

@@ -138,12 +138,11 @@ class Predictor:
         self._fast: OpenVINOForward | None = None
         self.int8_graph: str | None = None  # sha256 of the INT8 graph that runs, if one does
         if self.runtime == "openvino":
-            names = ("foreground", "offsets", "centers", *(("types",) if self.classes else ()))
             graph = None
             if bundle.path is not None and int8_wanted(config.int8):
                 graph, self.int8_graph = read_int8_graph(bundle.path)
             # around an INT8 graph's quantized convolutions f32 was faster than bf16 and as accurate (RESULTS.md)
-            self._fast = OpenVINOForward(bundle.model, bundle.config.mean, bundle.config.std, names,
+            self._fast = OpenVINOForward(bundle.model, bundle.config.mean, bundle.config.std,
                                          bf16=self.autocast_dtype is not None and graph is None,
                                          threads=config.threads,
                                          streams=config.streams or auto_streams(config.threads), graph=graph)

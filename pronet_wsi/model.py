@@ -215,6 +215,37 @@ class PRONet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h, w = x.shape[-2:]
+        foreground, offsets, centers, types, full = self._heads(x)
+        if self.refine is not None:
+            maps = self._refined(foreground, offsets, centers, full)
+            foreground, offsets, centers = maps[:, :1], maps[:, 1:3] * self.config.offset_scale, maps[:, 3:]
+            if types is not None:
+                types = F.interpolate(types, scale_factor=2.0, mode="bilinear", align_corners=False)
+        out = {"foreground": foreground[..., :h, :w], "offsets": offsets[..., :h, :w], "centers": centers[..., :h, :w]}
+        if types is not None:
+            out["types"] = types[..., :h, :w]
+        return out
+
+    def raw_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The maps of :meth:`forward` as one (B, 4, H, W) tensor, foreground logit, (dy, dx) / ``offset_scale``,
+        centre logit, and the type logits (or None): what an exported graph returns (:class:`~pronet_wsi.runtime.
+        MapsNet`). With the stride-2 stem's refinement this is the network's own last tensor: slicing and scaling
+        it at full resolution inside OpenVINO cost ~20 % of the INT8 forward (benchmarks/RESULTS.md)."""
+        h, w = x.shape[-2:]
+        foreground, offsets, centers, types, full = self._heads(x)
+        if self.refine is not None:
+            maps = self._refined(foreground, offsets, centers, full)
+            if types is not None:
+                types = F.interpolate(types, scale_factor=2.0, mode="bilinear", align_corners=False)
+        else:
+            maps = torch.cat([foreground, offsets / self.config.offset_scale, centers], dim=1)
+        return maps[..., :h, :w], None if types is None else types[..., :h, :w]
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                 torch.Tensor]:
+        """Foreground, offsets (px), centres and type logits at the decoder's resolution (half the input's with
+        the stride-2 stem), and the padded full-resolution input."""
+        h, w = x.shape[-2:]
         ph, pw = (-h) % self.stride, (-w) % self.stride
         if ph or pw:
             mode = "reflect" if h > ph and w > pw else "replicate"
@@ -246,17 +277,16 @@ class PRONet(nn.Module):
                 types = self.head_type(torch.cat([x, up], dim=1))
             else:
                 types = self.head_type(x)
-        if self.refine is not None:
-            maps = torch.cat([foreground, offsets / self.config.offset_scale, centers], dim=1)
-            maps = F.interpolate(maps, scale_factor=2.0, mode="bilinear", align_corners=False)
-            maps = maps + self.refine(torch.cat([maps, full], dim=1))
-            foreground, offsets, centers = maps[:, :1], maps[:, 1:3] * self.config.offset_scale, maps[:, 3:]
-            if types is not None:
-                types = F.interpolate(types, scale_factor=2.0, mode="bilinear", align_corners=False)
-        out = {"foreground": foreground[..., :h, :w], "offsets": offsets[..., :h, :w], "centers": centers[..., :h, :w]}
-        if types is not None:
-            out["types"] = types[..., :h, :w]
-        return out
+        return foreground, offsets, centers, types, full
+
+    def _refined(self, foreground: torch.Tensor, offsets: torch.Tensor, centers: torch.Tensor,
+                 full: torch.Tensor) -> torch.Tensor:
+        """The stride-2 stem's full-resolution maps (foreground logit, offsets / offset_scale, centre logit):
+        the half-resolution ones upsampled and corrected from the input."""
+        assert self.refine is not None
+        maps = torch.cat([foreground, offsets / self.config.offset_scale, centers], dim=1)
+        maps = F.interpolate(maps, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return maps + self.refine(torch.cat([maps, full], dim=1))
 
     def trunk_parameters(self) -> list[nn.Parameter]:
         """Every parameter but the type head's (what ``freeze_trunk`` keeps fixed)."""

@@ -25,6 +25,7 @@ import queue
 import struct
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from torch import nn
 from pronet_wsi.errors import InputError
 from pronet_wsi.files import atomic_bytes, atomic_text, sha256_file
 
+if TYPE_CHECKING:
+    from pronet_wsi.model import PRONet
+
 RUNTIMES = ("auto", "torch", "openvino")
 ENV_VAR = "PRONET_WSI_RUNTIME"
 CACHE_ENV_VAR = "PRONET_WSI_CACHE_DIR"  # where converted graphs are kept; "off" = convert on every start
@@ -40,6 +44,9 @@ _IR_MAGIC = b"PRONET-OV-IR-1\n"
 INT8_ENV_VAR = "PRONET_WSI_INT8"  # "off": the float graph even where the model folder has an INT8 one
 INT8_FILE = "int8.ovblob"  # a model folder's INT8 graph (the serialized format of the graph cache)
 INT8_META = "int8.json"  # what it was made from: the weights' and the graph's sha256, how
+# what a graph returns (int8.json "outputs"): "raw maps" = MapsNet's (maps[, types]); a graph of another layout
+# (an older version's, which returned activated maps) is not run
+GRAPH_OUTPUTS = "raw maps"
 
 
 def openvino_available() -> bool:
@@ -89,14 +96,17 @@ def auto_streams(threads: int = 0) -> int:
 
 
 class MapsNet(nn.Module):
-    """The network plus its input normalisation and output activations, as one exportable graph.
+    """The network plus its input normalisation, as one exportable graph.
 
-    tiles : (B, H, W, 3) uint8 RGB, H and W multiples of the network's stride -> ``foreground`` (B, H, W),
-    ``offsets`` (B, 2, H, W), ``centers`` (B, H, W) float32 (and ``types`` (B, K, H, W) for a typed model), as a
-    tuple in that order; the same arithmetic as ``Predictor._maps``.
+    tiles : (B, H, W, 3) uint8 RGB, H and W multiples of the network's stride -> ``(maps,)``, the network's
+    :meth:`~pronet_wsi.model.PRONet.raw_maps` (B, 4, H, W) float32 (foreground logit, offsets / offset_scale,
+    centre logit), and for a typed model ``(maps, types)`` with ``types`` (B, K, H, W) class probabilities.
+    :func:`activate_maps` turns ``maps`` into ``Predictor``'s maps: the sigmoids and the offsets' scale run in
+    numpy, because OpenVINO's on single channels of its blocked full-resolution tensors took ~20 % of the INT8
+    forward (benchmarks/RESULTS.md).
     """
 
-    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(self, model: PRONet, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         self.model = model
         self.mean = nn.Parameter(torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), requires_grad=False)
@@ -104,11 +114,19 @@ class MapsNet(nn.Module):
 
     def forward(self, tiles: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = tiles.permute(0, 3, 1, 2).float() / 255.0
-        raw = self.model((x - self.mean) / self.std)
-        out = [torch.sigmoid(raw["foreground"])[:, 0], raw["offsets"], torch.sigmoid(raw["centers"])[:, 0]]
-        if "types" in raw:
-            out.append(torch.softmax(raw["types"], dim=1))
-        return tuple(out)
+        maps, types = self.model.raw_maps((x - self.mean) / self.std)
+        return (maps,) if types is None else (maps, torch.softmax(types, dim=1))
+
+
+def activate_maps(maps: np.ndarray, offset_scale: float) -> dict[str, np.ndarray]:
+    """:class:`MapsNet`'s (B, 4, H, W) raw maps -> ``foreground`` (B, H, W) and ``centers`` (B, H, W)
+    probabilities and ``offsets`` (B, 2, H, W) px, new float32 arrays (the sigmoids and scale of
+    ``Predictor._maps``)."""
+    from scipy.special import expit
+
+    maps = np.asarray(maps, np.float32)
+    return {"foreground": expit(maps[:, 0]), "offsets": maps[:, 1:3] * np.float32(offset_scale),
+            "centers": expit(maps[:, 3])}
 
 
 def pad_to_stride(tiles: np.ndarray, stride: int = 16) -> np.ndarray:
@@ -123,7 +141,7 @@ def pad_to_stride(tiles: np.ndarray, stride: int = 16) -> np.ndarray:
     return np.pad(tiles, pads, mode="reflect") if h > ph and w > pw else np.pad(tiles, pads, mode="edge")
 
 
-def openvino_graph(model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+def openvino_graph(model: PRONet, mean: tuple[float, ...], std: tuple[float, ...]):
     """The OpenVINO model of :class:`MapsNet` (``model`` with its normalisation), any batch and tile size."""
     import openvino as ov
 
@@ -198,7 +216,7 @@ def _deserialize(blob: bytes):
     return ov.Core().read_model(model=xml.decode(), weights=ov.Tensor(np.frombuffer(weights, np.uint8).copy()))
 
 
-def cached_openvino_graph(model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+def cached_openvino_graph(model: PRONet, mean: tuple[float, ...], std: tuple[float, ...]):
     """:func:`openvino_graph` of ``model``, read from the cache when an earlier run converted the same weights.
 
     A miss converts and writes the cache atomically (concurrent runs write the same bytes; the last rename wins);
@@ -266,8 +284,8 @@ def read_int8_graph(model_dir: Path):
         raise InputError(f"{meta_path}: unreadable ({type(exc).__name__}); {fix}") from exc
     from pronet_wsi.model import WEIGHTS_FILE
 
-    if sha256_file(model_dir / WEIGHTS_FILE) != weights_sha:
-        return None, None  # other weights: the float graph of the folder's weights runs
+    if sha256_file(model_dir / WEIGHTS_FILE) != weights_sha or meta.get("outputs") != GRAPH_OUTPUTS:
+        return None, None  # other weights, or an older version's graph: the float graph of the weights runs
     if not blob_path.is_file() or sha256_file(blob_path) != graph_sha:
         raise InputError(f"{blob_path}: missing or its checksum does not match {INT8_META}; {fix}")
     try:
@@ -286,7 +304,7 @@ def write_int8_graph(model_dir: Path, graph, made_by: str, **notes) -> str:
     atomic_bytes(model_dir / INT8_FILE, blob)
     graph_sha = hashlib.sha256(blob).hexdigest()
     meta = {"weights_sha256": sha256_file(model_dir / WEIGHTS_FILE), "graph_sha256": graph_sha,
-            "made_by": made_by, **notes}
+            "outputs": GRAPH_OUTPUTS, "made_by": made_by, **notes}
     atomic_text(model_dir / INT8_META, json.dumps(meta, indent=2) + "\n")
     return graph_sha
 
@@ -303,8 +321,8 @@ class OpenVINOForward:
         ``benchmarks/int8.py``).
     """
 
-    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], names: tuple[str, ...],
-                 bf16: bool, threads: int = 0, graph=None, streams: int = 1) -> None:
+    def __init__(self, model: PRONet, mean: tuple[float, ...], std: tuple[float, ...], bf16: bool,
+                 threads: int = 0, graph=None, streams: int = 1) -> None:
         import openvino as ov
 
         if graph is None:
@@ -317,7 +335,8 @@ class OpenVINOForward:
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = ov.Core().compile_model(graph, "CPU", config)
-        self.names = names
+        self.typed = bool(model.config.classes)  # a type head: a second output
+        self.offset_scale = float(model.config.offset_scale)
         self.stride = int(getattr(model, "stride", 16))
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         self.precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)  # f32 or bf16
@@ -333,9 +352,11 @@ class OpenVINOForward:
         x = np.ascontiguousarray(pad_to_stride(tiles, self.stride))
         request = self._requests.get()
         try:
-            result = request.infer([x])
-            # copies: the request reuses its output buffers
-            return {name: np.array(value[..., :h, :w], dtype=np.float32, copy=True)
-                    for name, value in zip(self.names, result.to_tuple(), strict=True)}
+            outputs = request.infer([x]).to_tuple()
+            # new arrays (activate_maps, the copy): the request reuses its output buffers
+            maps = activate_maps(outputs[0][..., :h, :w], self.offset_scale)
+            if self.typed:
+                maps["types"] = np.array(outputs[1][..., :h, :w], dtype=np.float32, copy=True)
+            return maps
         finally:
             self._requests.put(request)

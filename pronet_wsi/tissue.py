@@ -14,6 +14,8 @@ from scipy import ndimage as ndi
 
 from pronet_wsi.errors import InputError
 
+MASK_UM_PER_PX = 4.0  # finest pixel size the mask is computed at (see tissue_mask)
+
 
 @dataclass(frozen=True)
 class TissueConfig:
@@ -77,7 +79,16 @@ def tissue_mask(thumbnail: np.ndarray, um_per_px: float, config: TissueConfig = 
     Returns
     -------
     (h, w) bool, True where there is tissue (after morphology and dilation).
+
+    A thumbnail finer than ``MASK_UM_PER_PX`` (a small slide's) is block-averaged to it first and the mask
+    scaled back: the morphology's scales are tens of um, and on the 8192 px benchmark slide's 1 um/px thumbnail
+    the mask took 1.1 s of a 25 s run.
     """
+    factor = int(MASK_UM_PER_PX // um_per_px)
+    if factor >= 2:
+        h, w = thumbnail.shape[:2]
+        coarse = tissue_mask(block_mean(thumbnail, factor), um_per_px * factor, config)
+        return np.repeat(np.repeat(coarse, factor, axis=0), factor, axis=1)[:h, :w]
     sat = saturation(thumbnail)
     candidates = sat[sat >= config.min_saturation]
     if candidates.size == 0:
@@ -101,6 +112,15 @@ def tissue_mask(thumbnail: np.ndarray, um_per_px: float, config: TissueConfig = 
     if config.dilate_um > 0:
         mask = _dilate(mask, config.dilate_um / um_per_px)
     return mask
+
+
+def block_mean(rgb: np.ndarray, factor: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> the means of ``factor`` x ``factor`` blocks (the last row / column of blocks repeats the
+    image's edge), rounded to uint8."""
+    h, w = rgb.shape[:2]
+    padded = np.pad(rgb, ((0, -h % factor), (0, -w % factor), (0, 0)), mode="edge")
+    blocks = padded.reshape(padded.shape[0] // factor, factor, padded.shape[1] // factor, factor, 3)
+    return np.rint(blocks.mean(axis=(1, 3), dtype=np.float32)).astype(np.uint8)
 
 
 def _dilate(mask: np.ndarray, r: float) -> np.ndarray:

@@ -30,6 +30,28 @@ def test_forward_backward_odd_sizes(hw, stem_stride):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("stem_stride", [1, 2])
+@pytest.mark.parametrize("classes", [(), ("Tumor", "Immune cells")])
+def test_raw_maps_are_forwards_maps_in_one_tensor(stem_stride, classes):
+    """``raw_maps`` (what an exported graph returns) holds ``forward``'s maps: foreground and centre logits,
+    offsets divided by ``offset_scale``, and the type logits beside."""
+    torch.manual_seed(0)
+    model = PRONet(ModelConfig(width=0.1, stem_stride=stem_stride, classes=classes)).eval()
+    with torch.no_grad():
+        for module in model.modules():  # the refinement starts at zero: give it weights to carry
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.normal_(module.weight, std=0.3)
+        x = torch.randn(1, 3, 77, 90)
+        out, (maps, types) = model(x), model.raw_maps(x)
+    assert maps.shape == (1, 4, 77, 90)
+    assert torch.allclose(maps[:, :1], out["foreground"], atol=1e-6)
+    assert torch.allclose(maps[:, 1:3] * model.config.offset_scale, out["offsets"], atol=1e-5)
+    assert torch.allclose(maps[:, 3:], out["centers"], atol=1e-6)
+    assert (types is None) == (not classes)
+    if classes:
+        assert torch.allclose(types, out["types"], atol=1e-6)
+
+
 def test_vgg16_encoder_has_13_convs_and_width_scales_channels():
     full, narrow = PRONet(ModelConfig(width=1.0)), PRONet(ModelConfig(width=0.25))
     convs = [m for m in full.stages.modules() if isinstance(m, torch.nn.Conv2d)]

@@ -202,7 +202,7 @@ def test_graph_cache_hit_same_maps_damaged_and_off(monkeypatch, tmp_path):
     monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path))
     bundle = _tiny_bundle(stem_stride=2)
     names = ("foreground", "offsets", "centers")
-    args = (bundle.model, bundle.config.mean, bundle.config.std, names)
+    args = (bundle.model, bundle.config.mean, bundle.config.std)
     tiles = np.random.default_rng(0).integers(0, 256, (1, 96, 64, 3), dtype=np.uint8)
     first = OpenVINOForward(*args, bf16=False)(tiles)
     entries = list((tmp_path / "openvino").iterdir())
@@ -243,7 +243,7 @@ def test_streams_give_one_streams_maps_from_several_threads(monkeypatch, tmp_pat
     monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path))
     bundle = _tiny_bundle(stem_stride=2)
     names = ("foreground", "offsets", "centers")
-    args = (bundle.model, bundle.config.mean, bundle.config.std, names)
+    args = (bundle.model, bundle.config.mean, bundle.config.std)
     rng = np.random.default_rng(1)
     tiles = [rng.integers(0, 256, (1, 96, 128, 3), dtype=np.uint8) for _ in range(4)]
     one = OpenVINOForward(*args, bf16=False)
@@ -272,8 +272,7 @@ def test_graph_cache_unwritable_folder_still_runs(monkeypatch, tmp_path):
     blocker.write_text("not a folder")
     monkeypatch.setenv(CACHE_ENV_VAR, str(blocker))
     bundle = _tiny_bundle()
-    fwd = OpenVINOForward(bundle.model, bundle.config.mean, bundle.config.std, ("foreground", "offsets", "centers"),
-                          bf16=False)
+    fwd = OpenVINOForward(bundle.model, bundle.config.mean, bundle.config.std, bf16=False)
     assert fwd(np.zeros((1, 32, 32, 3), np.uint8))["foreground"].shape == (1, 32, 32)
     assert blocker.read_text() == "not a folder"
 
@@ -331,9 +330,25 @@ def test_a_model_folders_int8_graph_runs_unless_off_or_made_for_other_weights(mo
     with pytest.raises(InputError, match=f"{INT8_META}: unreadable"):
         Predictor(folder, InferenceConfig(runtime="openvino"))
     sha = write_int8_graph(folder, openvino_graph(changed, bundle.config.mean, bundle.config.std), "a test")
+    meta = json.loads((folder / INT8_META).read_text())
+    (folder / INT8_META).write_text(json.dumps({k: v for k, v in meta.items() if k != "outputs"}))
+    assert read_int8_graph(folder) == (None, None)  # an older version's graph (activated maps): not run
+    (folder / INT8_META).write_text(json.dumps(meta))
+    assert read_int8_graph(folder)[1] == sha
     save_model(changed, folder, bundle.thresholds)  # new weights in the same folder: the graph is stale
     assert read_int8_graph(folder) == (None, None)
     assert Predictor(folder, InferenceConfig(runtime="openvino")).int8_graph is None
+
+
+@needs_openvino
+def test_the_shipped_model_carries_a_current_int8_graph():
+    """The shipped INT8 graph belongs to the shipped weights and returns this version's outputs (remade with
+    ``python -m benchmarks.int8 --calib 32 --write`` after either changes), so ``segment`` runs it."""
+    model = default_model_dir()
+    if model is None:
+        pytest.skip("no shipped model")
+    graph, sha = read_int8_graph(model)
+    assert graph is not None and sha is not None
 
 
 @needs_openvino

@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from pronet_wsi.tissue import TissueConfig, mask_fraction, otsu_threshold, saturation, tissue_mask
+from pronet_wsi.tissue import (
+    MASK_UM_PER_PX,
+    TissueConfig,
+    block_mean,
+    mask_fraction,
+    otsu_threshold,
+    saturation,
+    tissue_mask,
+)
 
 
 def blob_thumbnail(h=200, w=300):
@@ -21,6 +29,26 @@ def test_mask_finds_the_tissue_blob_and_skips_glass():
     assert mask[~inside].mean() < 0.02
     grown = tissue_mask(img, um_per_px=8.0, config=TissueConfig(dilate_um=80))
     assert grown.sum() > mask.sum() and (grown | ~mask).all()
+
+
+def test_a_fine_thumbnail_is_masked_at_the_coarse_pixel_size():
+    """A thumbnail finer than MASK_UM_PER_PX (a small slide's) gives the mask of its block means, scaled back to
+    its own shape: the blob found, the glass not, sizes that are not a multiple of the block kept."""
+    img, inside = blob_thumbnail(203, 301)
+    um = MASK_UM_PER_PX / 4  # blocks of 4 x 4 px
+    mask = tissue_mask(img, um, TissueConfig(dilate_um=0, min_region_um2=100))
+    assert mask.shape == inside.shape
+    assert mask[inside].mean() > 0.97 and mask[~inside].mean() < 0.03
+    coarse = tissue_mask(block_mean(img, 4), MASK_UM_PER_PX, TissueConfig(dilate_um=0, min_region_um2=100))
+    assert np.array_equal(mask, np.repeat(np.repeat(coarse, 4, 0), 4, 1)[:203, :301])
+
+
+def test_block_mean_averages_blocks_and_repeats_the_edge():
+    img = np.arange(2 * 5 * 3, dtype=np.uint8).reshape(2, 5, 3)
+    out = block_mean(img, 2)
+    assert out.shape == (1, 3, 3)
+    assert out[0, 0].tolist() == np.rint(img[:, :2].reshape(-1, 3).mean(0)).tolist()
+    assert out[0, 2].tolist() == np.rint(img[:, 4].reshape(-1, 3).mean(0)).tolist()  # the edge column repeated
 
 
 def test_white_and_grey_slides_have_no_tissue():
