@@ -12,6 +12,7 @@ when complete.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -58,6 +59,23 @@ def write_nuclei_csv(path: Path, seg, classes: tuple[str, ...], mpp: float, cell
 def nucleus_uuid(slide_stem: str, global_id: int) -> str:
     """Deterministic UUID of nucleus ``global_id`` of a slide (the same on every rerun)."""
     return str(uuid.uuid5(_UUID_NAMESPACE, f"{slide_stem}/{global_id}"))
+
+
+def nucleus_uuids(slide_stem: str, first: int, count: int) -> list[str]:
+    """:func:`nucleus_uuid` of ``first, first + 1, ...`` (``count`` of them): the same UUID 5 strings, hashed from
+    one SHA-1 state of the namespace and stem (``uuid.uuid5`` per nucleus took 0.3 s of a 54,000-nucleus slide's
+    export)."""
+    head = hashlib.sha1(_UUID_NAMESPACE.bytes + f"{slide_stem}/".encode(), usedforsecurity=False)
+    out = []
+    for gid in range(first, first + count):
+        h = head.copy()
+        h.update(str(gid).encode())
+        b = bytearray(h.digest()[:16])
+        b[6] = (b[6] & 0x0F) | 0x50  # version 5
+        b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
+        x = b.hex()
+        out.append(f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}")
+    return out
 
 
 def class_texts(classes: tuple[str, ...], colors: tuple[tuple[int, int, int], ...]) -> list[str]:
@@ -292,8 +310,10 @@ class Overlay:
 
 
 def _png_bytes(img: Image.Image) -> bytes:
+    """PNG at zlib level 1: the 2048 px overlay took 0.55 s at PIL's default 6, a quarter of a small slide's
+    export."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 

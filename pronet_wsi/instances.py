@@ -346,8 +346,31 @@ def ring_texts(coords: np.ndarray, offsets: np.ndarray) -> list[str]:
         polys = shapely.from_ragged_array(shapely.GeometryType.POLYGON, sub_coords,
                                           (sub_offsets, np.arange(len(idx) + 1, dtype=np.int64)))
         ok[idx] = shapely.is_valid(polys) & ~shapely.is_empty(polys)
-    return [_ring_text(rounded[offsets[i] : offsets[i + 1]]) if ok[i]
-            else ring_json(coords[offsets[i] : offsets[i + 1]]) for i in range(n)]
+    texts = _ring_texts_at_once(rounded, offsets, ok)
+    return [texts[i] if ok[i] else ring_json(coords[offsets[i] : offsets[i + 1]]) for i in range(n)]
+
+
+def _ring_texts_at_once(rounded: np.ndarray, offsets: np.ndarray, ok: np.ndarray) -> list[str]:
+    """:func:`_ring_text` of the rings where ``ok`` ("" elsewhere) from one ``json.dumps`` of them all (one call
+    per ring took ~50 ms of a tile's 2,700 nuclei): the text of ``[[ring_1], [ring_2], ...]`` split between
+    rings, where ``]]],[[[`` occurs and nowhere inside a ring."""
+    idx = np.nonzero(ok)[0]
+    if len(idx) == 0:
+        return [""] * len(ok)
+    whole_vertices = np.concatenate([[0], np.cumsum(np.all(rounded == np.rint(rounded), axis=1))])
+    integral = (whole_vertices[offsets[1:]] - whole_vertices[offsets[:-1]] == np.diff(offsets))[idx]
+    rings = [[(rounded[offsets[i] : offsets[i + 1]].astype(np.int64) if whole
+               else rounded[offsets[i] : offsets[i + 1]]).tolist()] for i, whole in zip(idx, integral, strict=True)]
+    parts = json.dumps(rings, separators=(",", ":"))[1:-1].split("]]],[[[")
+    if len(parts) != len(idx):  # cannot happen for rings of numbers; the plain way if it ever did
+        parts = [_ring_text(rounded[offsets[i] : offsets[i + 1]])[3:-3] for i in idx]
+    else:
+        parts[0] = parts[0][3:]
+        parts[-1] = parts[-1][:-3]  # the same part when there is one ring
+    out = [""] * len(ok)
+    for i, part in zip(idx, parts, strict=True):
+        out[i] = f"[[[{part}]]]"
+    return out
 
 
 def _ring_text(ring: np.ndarray) -> str:

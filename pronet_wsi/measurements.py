@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import shapely
 
@@ -97,38 +98,52 @@ def eccentricity(mu: np.ndarray) -> np.ndarray:
         return np.where(lam1 > 0, np.sqrt(np.clip(1 - lam2 / lam1, 0, 1)), np.nan)
 
 
-def calipers(polys: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+def calipers(polys: np.ndarray, hulls: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Max caliper (largest distance between two points of the outline) and min caliper (smallest width over all
-    directions, from rotating calipers on the convex hull) of each polygon, in the polygons' units."""
+    directions, from rotating calipers on the convex hull) of each polygon, in the polygons' units.
+
+    hulls : the polygons' convex hulls when the caller has them already.
+    """
     n = len(polys)
-    out_max, out_min = np.full(n, np.nan), np.full(n, np.nan)
     if n == 0:
-        return out_max, out_min
-    hulls = shapely.get_exterior_ring(shapely.convex_hull(polys))
-    coords, idx = shapely.get_coordinates(hulls, return_index=True)
-    counts = np.bincount(idx, minlength=n)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    k = np.maximum(counts - 1, 0)  # distinct vertices (closed rings repeat the first)
-    for lo in range(0, n, chunk):
-        sel = np.arange(lo, min(lo + chunk, n))
-        sel = sel[k[sel] >= 2]
-        if len(sel) == 0:
+        return np.full(0, np.nan), np.full(0, np.nan)
+    hulls = shapely.convex_hull(polys) if hulls is None else hulls
+    coords, idx = shapely.get_coordinates(shapely.get_exterior_ring(hulls), return_index=True)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(idx, minlength=n))]).astype(np.int64)
+    return _calipers(np.ascontiguousarray(coords, np.float64), offsets)
+
+
+@numba.njit(cache=True, nogil=True)
+def _calipers(coords, offsets):
+    """Per closed hull ring ``coords[offsets[p]:offsets[p + 1]]`` (first vertex repeated last): the largest
+    vertex distance, and the smallest over edges of the farthest vertex's distance from the edge's line; NaN
+    for rings of fewer than 2 distinct vertices, inf where every edge has zero length."""
+    n = len(offsets) - 1
+    out_max, out_min = np.full(n, np.nan), np.full(n, np.nan)
+    for p in range(n):
+        a = offsets[p]
+        k = offsets[p + 1] - a - 1  # distinct vertices
+        if k < 2:
             continue
-        kmax = int(k[sel].max())
-        j = np.arange(kmax)
-        take = starts[sel, None] + np.where(j[None] < k[sel, None], j[None], 0)  # pad with the first vertex
-        v = coords[take]  # (m, kmax, 2)
-        d = np.linalg.norm(v[:, :, None] - v[:, None], axis=-1)
-        out_max[sel] = d.max((1, 2))
-        nxt = starts[sel, None] + (j[None] + 1) % np.maximum(k[sel, None], 1)
-        e = coords[nxt] - v  # edge i: vertex i -> i + 1
-        length = np.linalg.norm(e, axis=-1)
-        rel = v[:, None, :, :] - v[:, :, None, :]  # (m, edge i, vertex j, 2)
-        cross = np.abs(e[:, :, None, 0] * rel[..., 1] - e[:, :, None, 1] * rel[..., 0])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            width = cross.max(2) / length
-        width[(j[None] >= k[sel, None]) | (length == 0)] = np.inf
-        out_min[sel] = width.min(1)
+        dmax = 0.0
+        for i in range(k):
+            for j in range(k):
+                dy, dx = coords[a + j, 0] - coords[a + i, 0], coords[a + j, 1] - coords[a + i, 1]
+                dmax = max(dmax, np.sqrt(dy * dy + dx * dx))
+        out_max[p] = dmax
+        wmin = np.inf
+        for i in range(k):
+            nxt = a + (i + 1) % k
+            ex, ey = coords[nxt, 0] - coords[a + i, 0], coords[nxt, 1] - coords[a + i, 1]
+            length = np.sqrt(ex * ex + ey * ey)
+            if length == 0:
+                continue
+            cmax = 0.0
+            for j in range(k):
+                rx, ry = coords[a + j, 0] - coords[a + i, 0], coords[a + j, 1] - coords[a + i, 1]
+                cmax = max(cmax, abs(ex * ry - ey * rx))
+            wmin = min(wmin, cmax / length)
+        out_min[p] = wmin
     return out_max, out_min
 
 
@@ -141,8 +156,9 @@ def shape_measurements(coords: np.ndarray, offsets: np.ndarray, um_per_px: float
     area_px, mu = polygon_moments(coords, offsets)
     polys = rings_to_polygons(coords, offsets)
     perim_px = shapely.length(shapely.get_exterior_ring(polys)) if n else np.zeros(0)
-    hull_area = shapely.area(shapely.convex_hull(polys)) if n else np.zeros(0)
-    cmax, cmin = calipers(polys)
+    hulls = shapely.convex_hull(polys) if n else np.zeros(0, object)
+    hull_area = shapely.area(hulls) if n else np.zeros(0)
+    cmax, cmin = calipers(polys, hulls)
     with np.errstate(invalid="ignore", divide="ignore"):
         circ = np.minimum(4 * np.pi * area_px / perim_px**2, 1.0)
         solidity = np.minimum(area_px / hull_area, 1.0)

@@ -130,35 +130,93 @@ def find_centers(centers: np.ndarray, config: PostprocessConfig = PostprocessCon
     (N, 2) float64 (row, col) peaks; a plateau of equal maxima gives one peak at its centroid.
     """
     peak = local_maxima(centers, config.nms_px, centers > config.center_threshold)
-    comp, n = ndi.label(peak, structure=np.ones((3, 3)))
-    if n == 0:
-        return np.zeros((0, 2))
-    rows, cols = np.nonzero(comp)  # centroids from the peak pixels alone (not a pass over the whole tile per axis)
-    ids = comp[rows, cols]
-    count = np.bincount(ids, minlength=n + 1)[1:]
-    return np.stack([np.bincount(ids, weights=rows, minlength=n + 1)[1:] / count,
-                     np.bincount(ids, weights=cols, minlength=n + 1)[1:] / count], axis=1)
+    return _plateau_centroids(peak)
+
+
+@numba.njit(cache=True, nogil=True)
+def _plateau_centroids(peak):
+    """(N, 2) float64 centroids of the 8-connected groups of ``peak`` pixels, in raster order of each group's
+    first pixel (the order of ``ndi.label``'s ids); union-find as in :func:`_label_equal`."""
+    h, w = peak.shape
+    lab = np.zeros((h, w), np.int32)
+    parent = np.zeros(1024, np.int32)
+    n = 0
+    for i in range(h):
+        for j in range(w):
+            if not peak[i, j]:
+                continue
+            best = 0
+            for a, b in ((i - 1, j - 1), (i - 1, j), (i - 1, j + 1), (i, j - 1)):
+                if a < 0 or b < 0 or b >= w or lab[a, b] == 0:
+                    continue
+                root = _find(parent, lab[a, b])
+                if best == 0:
+                    best = root
+                elif root != best:
+                    lo, hi = min(root, best), max(root, best)
+                    parent[hi] = lo
+                    best = lo
+            if best == 0:
+                n += 1
+                if n == len(parent):
+                    grown = np.zeros(2 * len(parent), np.int32)
+                    grown[: len(parent)] = parent
+                    parent = grown
+                parent[n] = n
+                best = n
+            lab[i, j] = best
+    final = np.zeros(n + 1, np.int64)
+    count = 0
+    for k in range(1, n + 1):
+        root = _find(parent, k)
+        if root == k:
+            count += 1
+            final[k] = count
+        else:
+            final[k] = final[root]
+    sums = np.zeros((count, 3))
+    for i in range(h):
+        for j in range(w):
+            if lab[i, j]:
+                f = final[lab[i, j]] - 1
+                sums[f, 0] += 1.0
+                sums[f, 1] += i
+                sums[f, 2] += j
+    out = np.empty((count, 2))
+    for f in range(count):
+        out[f, 0] = sums[f, 1] / sums[f, 0]
+        out[f, 1] = sums[f, 2] / sums[f, 0]
+    return out
 
 
 def local_maxima(values: np.ndarray, size: int, candidates: np.ndarray) -> np.ndarray:
     """``values == maximum_filter(values, size, mode="nearest")`` where ``candidates`` (bool), False elsewhere.
 
     The same peaks as the filter over the whole tile, compared only at the candidate pixels (those above the
-    centre threshold, a few percent of a tile): ``size``**2 - 1 gathers of the candidates instead of two passes
-    over every pixel.
+    centre threshold, a few percent of a tile), each against its in-image neighbours (with ``nearest`` the
+    window's outside repeats pixels inside it).
     """
-    rows, cols = np.nonzero(candidates)
-    v = values[rows, cols]
-    keep = np.ones(len(rows), bool)
-    r = size // 2
+    return _local_maxima(np.ascontiguousarray(values, np.float32), size // 2, np.ascontiguousarray(candidates, bool))
+
+
+@numba.njit(cache=True, nogil=True)
+def _local_maxima(values, r, candidates):
     h, w = values.shape
-    for dy in range(-r, r + 1):
-        rr = np.clip(rows + dy, 0, h - 1)
-        for dx in range(-r, r + 1):
-            if dy or dx:
-                keep &= values[rr, np.clip(cols + dx, 0, w - 1)] <= v
-    out = np.zeros(values.shape, bool)
-    out[rows[keep], cols[keep]] = True
+    out = np.zeros((h, w), np.bool_)
+    for i in range(h):
+        for j in range(w):
+            if not candidates[i, j]:
+                continue
+            v = values[i, j]
+            peak = True
+            for a in range(max(i - r, 0), min(i + r, h - 1) + 1):
+                for b in range(max(j - r, 0), min(j + r, w - 1) + 1):
+                    if values[a, b] > v:
+                        peak = False
+                        break
+                if not peak:
+                    break
+            out[i, j] = peak
     return out
 
 
@@ -178,24 +236,34 @@ def group_pixels(foreground: np.ndarray, offsets: np.ndarray, centers_rc: np.nda
 
     Returns
     -------
-    (H, W) int64, 0 = background or no centre, i + 1 = joined ``centers_rc[i]`` (of equally near centres, the
+    (H, W) int32, 0 = background or no centre, i + 1 = joined ``centers_rc[i]`` (of equally near centres, the
     first).
     """
-    out = np.zeros(foreground.shape, np.int64)
     if len(centers_rc) == 0:
-        return out
-    rows, cols = np.nonzero(foreground)
-    vy = (rows + offsets[0, rows, cols]).astype(np.float64)
-    vx = (cols + offsets[1, rows, cols]).astype(np.float64)
-    out[rows, cols] = _nearest_centres(vy, vx, np.ascontiguousarray(centers_rc, np.float64), _CELL_PX) + 1
+        return np.zeros(foreground.shape, np.int32)
+    return _group_pixels(np.ascontiguousarray(foreground, bool), np.ascontiguousarray(offsets, np.float32),
+                         np.ascontiguousarray(centers_rc, np.float64), _CELL_PX)
+
+
+@numba.njit(cache=True, nogil=True)
+def _group_pixels(foreground, offsets, centers, cell):
+    """:func:`group_pixels` in one pass over the pixels (votes in float64, as numpy's int + float32 gives)."""
+    y0, x0, gh, gw, order, start = _centre_grid(centers, cell)
+    h, w = foreground.shape
+    out = np.zeros((h, w), np.int32)  # int32: a tile's fresh int64 array cost ~10 ms more in page faults
+    for i in range(h):
+        for j in range(w):
+            if foreground[i, j]:
+                y = np.float64(i) + np.float64(offsets[0, i, j])
+                x = np.float64(j) + np.float64(offsets[1, i, j])
+                out[i, j] = _nearest(y, x, centers, cell, y0, x0, gh, gw, order, start) + 1
     return out
 
 
 @numba.njit(cache=True, nogil=True)
-def _nearest_centres(vy, vx, centers, cell):
-    """Index of the centre nearest to each vote ``(vy, vx)``: the centres binned in a
-    grid of ``cell`` px, each vote searching rings of cells around its own until no unsearched cell can hold a
-    nearer centre (a cell in ring r + 1 is at least r * cell away)."""
+def _centre_grid(centers, cell):
+    """The centres binned in a grid of ``cell`` px: origin, shape, the centres' order by cell (index order within
+    a cell) and each cell's start in it."""
     n = centers.shape[0]
     y0, x0 = centers[:, 0].min(), centers[:, 1].min()
     gh = int((centers[:, 0].max() - y0) / cell) + 1
@@ -203,41 +271,43 @@ def _nearest_centres(vy, vx, centers, cell):
     key = np.empty(n, np.int64)
     for j in range(n):
         key[j] = int((centers[j, 0] - y0) / cell) * gw + int((centers[j, 1] - x0) / cell)
-    order = np.argsort(key, kind="mergesort")  # centres by cell, in index order within a cell
+    order = np.argsort(key, kind="mergesort")
     start = np.zeros(gh * gw + 1, np.int64)
     for j in range(n):
         start[key[j] + 1] += 1
     for c in range(gh * gw):
         start[c + 1] += start[c]
-    out = np.empty(len(vy), np.int64)
-    for i in range(len(vy)):
-        y, x = vy[i], vx[i]
-        qy = int(np.floor((y - y0) / cell))
-        qx = int(np.floor((x - x0) / cell))
-        best, bi = np.inf, -1
-        r = max(0, -qy, qy - (gh - 1), -qx, qx - (gw - 1))  # rings nearer than this hold no cell of the grid
-        while True:
-            for gy in range(max(qy - r, 0), min(qy + r, gh - 1) + 1):
-                if gy == qy - r or gy == qy + r:  # the ring's first and last rows: all its cells
-                    lo, hi, step = max(qx - r, 0), min(qx + r, gw - 1), 1
-                else:  # the rows between: its two end cells
-                    lo, hi, step = qx - r, qx + r, 2 * r
-                for gx in range(lo, hi + 1, step):
-                    if gx < 0 or gx >= gw:
-                        continue
-                    c = gy * gw + gx
-                    for k in range(start[c], start[c + 1]):
-                        j = order[k]
-                        d = (y - centers[j, 0]) ** 2 + (x - centers[j, 1]) ** 2
-                        if d < best or (d == best and j < bi):
-                            best, bi = d, j
-            if bi >= 0 and best <= (r * cell) ** 2:
-                break
-            if qy - r <= 0 and qy + r >= gh - 1 and qx - r <= 0 and qx + r >= gw - 1:
-                break  # the whole grid searched
-            r += 1
-        out[i] = bi
-    return out
+    return y0, x0, gh, gw, order, start
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _nearest(y, x, centers, cell, y0, x0, gh, gw, order, start):
+    """Index of the centre nearest to ``(y, x)``: rings of cells around the vote's own, until no unsearched cell
+    can hold a nearer centre (a cell in ring r + 1 is at least r * cell away); ties to the lower index."""
+    qy = int(np.floor((y - y0) / cell))
+    qx = int(np.floor((x - x0) / cell))
+    best, bi = np.inf, -1
+    r = max(0, -qy, qy - (gh - 1), -qx, qx - (gw - 1))  # rings nearer than this hold no cell of the grid
+    while True:
+        for gy in range(max(qy - r, 0), min(qy + r, gh - 1) + 1):
+            if gy == qy - r or gy == qy + r:  # the ring's first and last rows: all its cells
+                lo, hi, step = max(qx - r, 0), min(qx + r, gw - 1), 1
+            else:  # the rows between: its two end cells
+                lo, hi, step = qx - r, qx + r, 2 * r
+            for gx in range(lo, hi + 1, step):
+                if gx < 0 or gx >= gw:
+                    continue
+                c = gy * gw + gx
+                for k in range(start[c], start[c + 1]):
+                    j = order[k]
+                    d = (y - centers[j, 0]) ** 2 + (x - centers[j, 1]) ** 2
+                    if d < best or (d == best and j < bi):
+                        best, bi = d, j
+        if bi >= 0 and best <= (r * cell) ** 2:
+            return bi
+        if qy - r <= 0 and qy + r >= gh - 1 and qx - r <= 0 and qx + r >= gw - 1:
+            return bi  # the whole grid searched
+        r += 1
 
 
 def postprocess(maps: dict[str, np.ndarray], config: PostprocessConfig = PostprocessConfig(),
@@ -262,17 +332,13 @@ def postprocess(maps: dict[str, np.ndarray], config: PostprocessConfig = Postpro
         if config.grouping == "nearest_center":
             offsets = np.zeros_like(offsets)
         assigned = group_pixels(fg, offsets, peaks)
-    # connected pieces of constant assignment (4-connectivity)
-    pieces = _pieces(assigned)
-    n_pieces = int(pieces.max())
+    # connected pieces of constant assignment (4-connectivity), their areas and owner centres
+    pieces, area, owner = _pieces(assigned)
+    n_pieces = len(area)
     types = maps.get("types")
     if n_pieces == 0:
         empty_types = None if types is None else np.zeros((0, types.shape[0]), np.float32)
         return Segmentation(np.zeros(fg.shape, np.uint32), np.zeros((0, 2)), np.zeros(0, np.float32), empty_types)
-    flat = pieces.ravel()
-    area = np.bincount(flat, minlength=n_pieces + 1)[1:]
-    owner = np.zeros(n_pieces, np.int64)
-    owner[flat[flat > 0] - 1] = assigned.ravel()[flat > 0]  # each piece has one owner centre
     # largest piece per owner centre
     order = np.lexsort((-area, owner))
     first = np.ones(n_pieces, bool)
@@ -335,8 +401,70 @@ def instance_centroids_rc(labels: np.ndarray) -> np.ndarray:
                          np.bincount(flat, cols.ravel(), minlength=n + 1)[1:] / count], axis=1)
 
 
-def _pieces(assigned: np.ndarray) -> np.ndarray:
-    """Label 4-connected regions of equal non-zero value."""
-    from skimage.measure import label
+def _pieces(assigned: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """4-connected regions of equal non-zero value: (H, W) int32 labels 1..P numbered in raster order of their
+    first pixel (as ``skimage.measure.label(assigned, background=0, connectivity=1)``), each region's area and
+    value (P,) int64."""
+    return _label_equal(np.ascontiguousarray(assigned))
 
-    return label(assigned, background=0, connectivity=1).astype(np.int64)
+
+@numba.njit(cache=True, nogil=True)
+def _find(parent, a):
+    while parent[a] != a:
+        parent[a] = parent[parent[a]]
+        a = parent[a]
+    return a
+
+
+@numba.njit(cache=True, nogil=True)
+def _label_equal(assigned):
+    """Two-pass union-find labelling; a region's first pixel in raster order makes its smallest provisional
+    label, which stays its root (unions keep the smaller root), so numbering roots in order gives raster order."""
+    h, w = assigned.shape
+    lab = np.zeros((h, w), np.int32)
+    parent = np.zeros(1024, np.int32)
+    n = 0
+    for i in range(h):
+        for j in range(w):
+            v = assigned[i, j]
+            if v == 0:
+                continue
+            up = lab[i - 1, j] if i > 0 and assigned[i - 1, j] == v else 0
+            left = lab[i, j - 1] if j > 0 and assigned[i, j - 1] == v else 0
+            if up == 0 and left == 0:
+                n += 1
+                if n == len(parent):  # grow
+                    grown = np.zeros(2 * len(parent), np.int32)
+                    grown[: len(parent)] = parent
+                    parent = grown
+                parent[n] = n
+                lab[i, j] = n
+            elif up == 0 or left == 0 or up == left:
+                lab[i, j] = max(up, left)
+            else:
+                a, b = _find(parent, up), _find(parent, left)
+                if a < b:
+                    parent[b] = a
+                elif b < a:
+                    parent[a] = b
+                lab[i, j] = min(a, b)
+    final = np.zeros(n + 1, np.int32)
+    count = 0
+    for k in range(1, n + 1):
+        root = _find(parent, k)
+        if root == k:
+            count += 1
+            final[k] = count
+        else:
+            final[k] = final[root]  # root < k: numbered already
+    area = np.zeros(count, np.int64)
+    value = np.zeros(count, np.int64)
+    for i in range(h):
+        for j in range(w):
+            k = lab[i, j]
+            if k:
+                f = final[k]
+                lab[i, j] = f
+                area[f - 1] += 1
+                value[f - 1] = assigned[i, j]
+    return lab, area, value

@@ -16,6 +16,7 @@ from pronet_wsi.export import (
     feature_bodies,
     feature_text,
     nucleus_uuid,
+    nucleus_uuids,
     read_geojson,
 )
 from pronet_wsi.geometry import Box, Frame
@@ -81,6 +82,9 @@ def test_uuids_are_deterministic_and_distinct():
     ids = [nucleus_uuid("slide", i) for i in range(1, 1000)]
     assert len(set(ids)) == 999 and ids[0] == nucleus_uuid("slide", 1) != nucleus_uuid("other", 1)
     assert uuid.UUID(ids[5]).version == 5
+    assert nucleus_uuids("slide", 1, 999) == ids  # the batch form: the same strings
+    assert nucleus_uuids("ü/x", 98, 5) == [nucleus_uuid("ü/x", i) for i in range(98, 103)]
+    assert nucleus_uuids("slide", 7, 0) == []
 
 
 def test_labels_writer_chunks(tmp_path):

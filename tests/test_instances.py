@@ -158,6 +158,9 @@ def test_texts_of_all_rings_and_measurements_equal_the_one_at_a_time_ones():
     coords, offsets = np.concatenate(rings), np.cumsum([0] + [len(r) for r in rings])
     assert ring_texts(coords, offsets) == [ring_json(r) for r in rings]
     assert json.loads(ring_texts(coords, offsets)[0]) == [[[0, 0], [2.5, 0], [2.5, 2.5], [0, 2.5], [0, 0]]]
+    for one in ([square], [speck, square + 7], [square + 0.5, speck]):  # a single ring of text (a tile's edge)
+        coords, offsets = np.concatenate(one), np.cumsum([0] + [len(r) for r in one])
+        assert ring_texts(coords, offsets) == [ring_json(r) for r in one]
     inst = replace(inst, center_score=inst.center_score.copy())
     inst.center_score[1] = np.nan  # left out, as measurements(i) leaves it out
     parsed = [json.loads("{" + t + "}") for t in inst.measurement_texts()]

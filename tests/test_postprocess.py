@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from pronet_wsi.images import read_labels
 from pronet_wsi.metrics import evaluate_image
@@ -190,3 +191,42 @@ def test_fragment_centroids_equal_center_of_mass():
     ref = np.asarray(ndi.center_of_mass(labels > 0, labels, np.nonzero(fragment)[0] + 1), float).reshape(-1, 2)
     assert fragment.sum() > 100
     assert np.array_equal(_fragment_centroids(labels, fragment), ref)
+
+
+def test_pieces_equal_skimage_labels_in_raster_order_with_areas_and_values():
+    """The union-find labelling of equal-valued 4-connected regions numbers them as skimage does (raster order of
+    their first pixel) and returns each region's area and value."""
+    from skimage.measure import label
+
+    from pronet_wsi.postprocess import _pieces
+
+    rng = np.random.default_rng(3)
+    for shape, k in (((60, 70), 4), ((33, 1), 2), ((1, 40), 3), ((80, 80), 2)):
+        coarse = rng.integers(0, k, (shape[0] // 4 + 1, shape[1] // 4 + 1))
+        assigned = ndi.zoom(coarse, 4, order=0)[: shape[0], : shape[1]]
+        assigned = np.where(rng.random(shape) < 0.05, rng.integers(0, k, shape), assigned)  # specks and U-shapes
+        got, area, value = _pieces(assigned)
+        want = label(assigned, background=0, connectivity=1)
+        assert np.array_equal(got, want)
+        assert np.array_equal(area, np.bincount(want.ravel(), minlength=want.max() + 1)[1:])
+        first = ndi.labeled_comprehension(assigned, want, np.arange(1, want.max() + 1), lambda v: v[0], np.int64, 0)
+        assert np.array_equal(value, first)
+    empty, area, value = _pieces(np.zeros((5, 6), np.int64))
+    assert not empty.any() and len(area) == len(value) == 0
+
+
+def test_plateau_centroids_equal_8_connected_labels_in_raster_order():
+    """Peak groups (plateaus of equal maxima) are the 8-connected components of the peak mask, numbered as
+    ``ndi.label`` numbers them, each at its centroid; U- and V-shaped groups merge."""
+    from pronet_wsi.postprocess import _plateau_centroids
+
+    rng = np.random.default_rng(5)
+    for density in (0.02, 0.2, 0.45):
+        peak = rng.random((57, 64)) < density
+        peak[10, 10:15] = peak[11, 10] = peak[11, 14] = True  # a U opening downwards... and upwards
+        peak[20, 30] = peak[21, 31] = peak[20, 32] = True  # a V joined only diagonally
+        comp, n = ndi.label(peak, structure=np.ones((3, 3)))
+        want = np.array(ndi.center_of_mass(peak, comp, np.arange(1, n + 1)))
+        got = _plateau_centroids(peak)
+        assert got.shape == (n, 2) and np.allclose(got, want, rtol=0, atol=1e-9)
+    assert _plateau_centroids(np.zeros((4, 4), bool)).shape == (0, 2)

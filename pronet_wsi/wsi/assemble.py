@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from pronet_wsi.export import LabelsWriter, Overlay, SplitGeoJSONWriter, feature_text, nucleus_uuid
+from pronet_wsi.export import LabelsWriter, Overlay, SplitGeoJSONWriter, feature_text, nucleus_uuids
 from pronet_wsi.stitching import Candidates, Resolver
 from pronet_wsi.table import NucleiTableWriter
 from pronet_wsi.tiling import Tile, TileGrid
@@ -67,7 +67,7 @@ def write_outputs(plan: SlidePlan, store: TileStore, ids_key: str) -> dict:
             km = keep[tl.index]
             texts = store.load_texts(tl.key)
             base = gid_start[tl.index]
-            ids = [nucleus_uuid(ids_key, base + n) for n in range(1, int(km.sum()) + 1)]
+            ids = nucleus_uuids(ids_key, base + 1, int(km.sum()))
             for fid, i in zip(ids, np.nonzero(km)[0], strict=True):
                 writer.write(feature_text(fid, texts[i]))
             kept = store.load(tl.key).select(km)
