@@ -310,8 +310,8 @@ class Overlay:
 
 
 def _png_bytes(img: Image.Image) -> bytes:
-    """PNG at zlib level 1: the 2048 px overlay took 0.55 s at PIL's default 6, a quarter of a small slide's
-    export."""
+    """PNG at zlib level 1: the 2048 px overlay took 0.49 s at PIL's default level 6 (a quarter of a small
+    slide's export) and takes 0.20 s, 3 % larger."""
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()

@@ -226,11 +226,16 @@ class PRONet(nn.Module):
             out["types"] = types[..., :h, :w]
         return out
 
-    def raw_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def raw_maps(self, x: torch.Tensor, crop: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The maps of :meth:`forward` as one (B, 4, H, W) tensor, foreground logit, (dy, dx) / ``offset_scale``,
         centre logit, and the type logits (or None): what an exported graph returns (:class:`~pronet_wsi.runtime.
         MapsNet`). With the stride-2 stem's refinement this is the network's own last tensor: slicing and scaling
-        it at full resolution inside OpenVINO cost ~20 % of the INT8 forward (benchmarks/RESULTS.md)."""
+        it at full resolution inside OpenVINO cost ~20 % of the INT8 forward (benchmarks/RESULTS.md).
+
+        crop : cut the maps back to the input's size; False returns them at the size padded to the stride (for an
+        input already padded the same, as the exported graph's is, the cut is the identity yet cost ~10 % of the
+        INT8 forward as a dynamic slice in OpenVINO).
+        """
         h, w = x.shape[-2:]
         foreground, offsets, centers, types, full = self._heads(x)
         if self.refine is not None:
@@ -239,6 +244,8 @@ class PRONet(nn.Module):
                 types = F.interpolate(types, scale_factor=2.0, mode="bilinear", align_corners=False)
         else:
             maps = torch.cat([foreground, offsets / self.config.offset_scale, centers], dim=1)
+        if not crop:
+            return maps, types
         return maps[..., :h, :w], None if types is None else types[..., :h, :w]
 
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,

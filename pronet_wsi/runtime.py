@@ -98,7 +98,8 @@ def auto_streams(threads: int = 0) -> int:
 class MapsNet(nn.Module):
     """The network plus its input normalisation, as one exportable graph.
 
-    tiles : (B, H, W, 3) uint8 RGB, H and W multiples of the network's stride -> ``(maps,)``, the network's
+    tiles : (B, H, W, 3) uint8 RGB, H and W multiples of the network's stride (:func:`pad_to_stride`; the graph
+    returns the maps at the size it is given, no crop) -> ``(maps,)``, the network's
     :meth:`~pronet_wsi.model.PRONet.raw_maps` (B, 4, H, W) float32 (foreground logit, offsets / offset_scale,
     centre logit), and for a typed model ``(maps, types)`` with ``types`` (B, K, H, W) class probabilities.
     :func:`activate_maps` turns ``maps`` into ``Predictor``'s maps: the sigmoids and the offsets' scale run in
@@ -114,7 +115,7 @@ class MapsNet(nn.Module):
 
     def forward(self, tiles: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = tiles.permute(0, 3, 1, 2).float() / 255.0
-        maps, types = self.model.raw_maps((x - self.mean) / self.std)
+        maps, types = self.model.raw_maps((x - self.mean) / self.std, crop=False)  # tiles come padded
         return (maps,) if types is None else (maps, torch.softmax(types, dim=1))
 
 

@@ -28,6 +28,9 @@ class TilingConfig:
 
     The default tile is 1792 px: with two OpenVINO forwards at once (``segment`` on a CPU) it ran 10-15 % faster
     than one forward on 2048 px tiles at the same peak memory (two 2048 px forwards: +0.7 GB; benchmarks/RESULTS.md).
+    Larger tiles waste less on the halo at more memory: with the shipped model's INT8 graph the 1 Gpx benchmark
+    slide took 4.9 / 4.4 / 4.2 s/mm² at tiles of 1792 / 2304 / 2560 px, peak RSS 1.7 / 2.4 / 2.8 GB; the float
+    graph in fp32 needs ~0.6 GB more at 1792 and ~1 GB more at 2304, which would pass 3 GB.
     The halo is the model's ``context_px`` in ``segment`` (v3: 96, its maps identical beyond it; v4: 160). At 2048 /
     96 the model computes 1.22x the core's pixels (a 16384 px side: reads of 2016 px for cores of 1824); 1024 / 128
     computed 1.80x:

@@ -50,6 +50,12 @@ def test_raw_maps_are_forwards_maps_in_one_tensor(stem_stride, classes):
     assert (types is None) == (not classes)
     if classes:
         assert torch.allclose(types, out["types"], atol=1e-6)
+    with torch.no_grad():  # uncropped: the maps of the input padded to the stride (what the exported graph returns)
+        padded, _ = model.raw_maps(x, crop=False)
+        same, _ = model.raw_maps(x[..., :64, :64], crop=False)
+    assert padded.shape[-2:] == (77 + (-77) % model.stride, 90 + (-90) % model.stride)
+    assert torch.equal(padded[..., :77, :90], maps)
+    assert same.shape[-2:] == (64, 64)
 
 
 def test_vgg16_encoder_has_13_convs_and_width_scales_channels():
