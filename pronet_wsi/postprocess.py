@@ -158,22 +158,10 @@ def _plateau_centroids(peak):
                     best = lo
             if best == 0:
                 n += 1
-                if n == len(parent):
-                    grown = np.zeros(2 * len(parent), np.int32)
-                    grown[: len(parent)] = parent
-                    parent = grown
-                parent[n] = n
+                parent = _with_label(parent, n)
                 best = n
             lab[i, j] = best
-    final = np.zeros(n + 1, np.int64)
-    count = 0
-    for k in range(1, n + 1):
-        root = _find(parent, k)
-        if root == k:
-            count += 1
-            final[k] = count
-        else:
-            final[k] = final[root]
+    final, count = _number_roots(parent, n)
     sums = np.zeros((count, 3))
     for i in range(h):
         for j in range(w):
@@ -409,6 +397,33 @@ def _pieces(assigned: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @numba.njit(cache=True, nogil=True)
+def _with_label(parent, n):
+    """``parent`` with provisional label ``n`` as its own root (grown by doubling when full)."""
+    if n >= len(parent):
+        grown = np.zeros(2 * len(parent), np.int32)
+        grown[: len(parent)] = parent
+        parent = grown
+    parent[n] = n
+    return parent
+
+
+@numba.njit(cache=True, nogil=True)
+def _number_roots(parent, n):
+    """Final ids of provisional labels 1..n: roots numbered 1, 2, ... in label order, others their root's id
+    (a root is the smallest label of its set, so it is numbered before the rest); and how many there are."""
+    final = np.zeros(n + 1, np.int32)
+    count = 0
+    for k in range(1, n + 1):
+        root = _find(parent, k)
+        if root == k:
+            count += 1
+            final[k] = count
+        else:
+            final[k] = final[root]
+    return final, count
+
+
+@numba.njit(cache=True, nogil=True)
 def _find(parent, a):
     while parent[a] != a:
         parent[a] = parent[parent[a]]
@@ -433,11 +448,7 @@ def _label_equal(assigned):
             left = lab[i, j - 1] if j > 0 and assigned[i, j - 1] == v else 0
             if up == 0 and left == 0:
                 n += 1
-                if n == len(parent):  # grow
-                    grown = np.zeros(2 * len(parent), np.int32)
-                    grown[: len(parent)] = parent
-                    parent = grown
-                parent[n] = n
+                parent = _with_label(parent, n)
                 lab[i, j] = n
             elif up == 0 or left == 0 or up == left:
                 lab[i, j] = max(up, left)
@@ -448,15 +459,7 @@ def _label_equal(assigned):
                 elif b < a:
                     parent[a] = b
                 lab[i, j] = min(a, b)
-    final = np.zeros(n + 1, np.int32)
-    count = 0
-    for k in range(1, n + 1):
-        root = _find(parent, k)
-        if root == k:
-            count += 1
-            final[k] = count
-        else:
-            final[k] = final[root]  # root < k: numbered already
+    final, count = _number_roots(parent, n)
     area = np.zeros(count, np.int64)
     value = np.zeros(count, np.int64)
     for i in range(h):
