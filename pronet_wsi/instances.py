@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 import shapely
-from scipy import ndimage as ndi
 
 from pronet_wsi.cells import expand_labels, fit_cells
 from pronet_wsi.geometry import Box, Frame, rc_to_xy
-from pronet_wsi.measurements import MeasureConfig, label_stats, shape_measurements, stain_od
+from pronet_wsi.measurements import MeasureConfig, label_sums, shape_measurements, stain_stats
 from pronet_wsi.postprocess import Segmentation
+from pronet_wsi.texts import member_texts, ring_texts_rounded
 
 SIMPLIFY_PX = 0.5
 GRID_PX = 0.01
@@ -153,16 +153,8 @@ class Instances:
 
     def measurement_texts(self) -> list[str]:
         """The JSON members of each nucleus's ``measurements`` object (``"name":value,...``), the values of
-        :meth:`measurements`; one pass per column instead of a dict per nucleus."""
-        parts: list[list[str]] = [[] for _ in range(len(self))]
-        for name, col, nd in self.measurement_columns():
-            key = json.dumps(name, ensure_ascii=False)
-            values = np.asarray(col, np.float64)
-            finite = np.isfinite(values).tolist()
-            for part, v, ok in zip(parts, values.tolist(), finite, strict=True):
-                if ok:
-                    part.append(f"{key}:{round(v, nd)!r}")
-        return [",".join(p) for p in parts]
+        :meth:`measurements`, written for all nuclei at once (:func:`~pronet_wsi.texts.member_texts`)."""
+        return member_texts(self.measurement_columns(), len(self))
 
     @classmethod
     def empty(cls, with_masks: bool = False, typed: bool = False, measure: MeasureConfig | None = None
@@ -214,14 +206,14 @@ def tile_instances(seg: Segmentation, foreground: np.ndarray, read: Box, core: B
         return empty
     centers_p = rc_to_xy(centers_rc, (read.x0, read.y0))  # processing frame
     cand = core.expand(match_radius_px).contains_xy(centers_p)
-    objs = ndi.find_objects(labels, max_label=n)
-    present = np.array([o is not None for o in objs], bool)
+    # pixel counts, foreground sums and bounding boxes of every label in one pass
+    pixels, fg_sums, boxes = label_sums(labels, n, foreground)
     cells = measure.cells_um > 0
-    ids = np.nonzero(present & (cand | cells))[0] + 1  # with cells: every nucleus (its neighbours count)
+    ids = np.nonzero((pixels[1:] > 0) & (cand | cells))[0] + 1  # with cells: every nucleus (its neighbours count)
     if not cand[ids - 1].any():
         return empty
-    bbox = _bboxes(objs, ids)
-    lab = np.ascontiguousarray(labels, dtype=np.int64) if labels.dtype != np.int64 else labels
+    bbox = boxes[ids]
+    lab = np.ascontiguousarray(labels)  # int32 from postprocess: the kernels take it as it is
     if clip is None:
         clip = Box(0, 0, frame.level0_shape[1], frame.level0_shape[0])
     polys = _outlines(lab, ids, bbox, read, frame, clip)
@@ -230,17 +222,13 @@ def tile_instances(seg: Segmentation, foreground: np.ndarray, read: Box, core: B
     cell_polys = None
     if cells:
         cell_lab = expand_labels(lab, measure.cells_um / model_mpp)
-        raw = _outlines(cell_lab, ids, _bboxes(ndi.find_objects(cell_lab, max_label=n), ids), read, frame, clip)
+        raw = _outlines(cell_lab, ids, label_sums(cell_lab, n, foreground)[2][ids], read, frame, clip)
         cell_polys = fit_cells(polys, raw, frame.to_level0(centers_p[ids - 1]))
         keep = cand[ids - 1]
         ids, bbox, polys, cell_polys = ids[keep], bbox[keep], polys[keep], cell_polys[keep]
     if len(ids) == 0:
         return empty
-    flat = lab.ravel()
-    inside = np.flatnonzero(flat)  # nuclei cover a fraction of the tile: sum the foreground over their pixels only
-    counts = np.bincount(flat[inside], minlength=n + 1)[ids].astype(np.float64)
-    fg_sum = np.bincount(flat[inside], weights=np.asarray(foreground).ravel()[inside].astype(np.float64),
-                         minlength=n + 1)[ids]
+    counts, fg_sum = pixels[ids].astype(np.float64), fg_sums[ids]
     c_p = centers_p[ids - 1]
     order = np.lexsort((c_p[:, 0], c_p[:, 1]))
     ids, bbox, polys, counts, fg_sum, c_p = ids[order], bbox[order], polys[order], counts[order], fg_sum[order], \
@@ -279,12 +267,6 @@ def tile_instances(seg: Segmentation, foreground: np.ndarray, read: Box, core: B
     )
 
 
-def _bboxes(objs: list, ids: np.ndarray) -> np.ndarray:
-    """(N, 4) int64 ``(r0, c0, r1, c1)`` of labels ``ids`` from :func:`scipy.ndimage.find_objects`."""
-    return np.array([[objs[i - 1][0].start, objs[i - 1][1].start, objs[i - 1][0].stop, objs[i - 1][1].stop]
-                     for i in ids], np.int64).reshape(-1, 4)
-
-
 def _outlines(lab: np.ndarray, ids: np.ndarray, bbox: np.ndarray, read: Box, frame: Frame, clip: Box) -> np.ndarray:
     """(N,) valid level-0 polygons of labels ``ids`` (empty where one collapses)."""
     if len(ids) == 0:
@@ -311,18 +293,14 @@ def _measure(measure: MeasureConfig, coords: np.ndarray, offsets: np.ndarray, po
     if measure.level == "all":
         if image is None:
             raise ValueError("stain measurements need the tile image (tile_instances(image=...))")
-        where = np.nonzero((lab if cell_lab is None else cell_lab) > 0)  # only the pixels of nuclei (cells)
-        hema, eosin = stain_od(image[where])
-        nuc = lab[where]
-        h = label_stats(hema, nuc, ids)
-        cols["Nucleus: Hematoxylin OD mean"] = h["mean"]
-        cols["Nucleus: Hematoxylin OD std dev"] = h["std"]
-        cols["Nucleus: Hematoxylin OD max"] = h["max"]
-        cols["Nucleus: Eosin OD mean"] = label_stats(eosin, nuc, ids)["mean"]
+        nucleus = stain_stats(lab, image, ids)
+        cols["Nucleus: Hematoxylin OD mean"] = nucleus["h_mean"]
+        cols["Nucleus: Hematoxylin OD std dev"] = nucleus["h_std"]
+        cols["Nucleus: Hematoxylin OD max"] = nucleus["h_max"]
+        cols["Nucleus: Eosin OD mean"] = nucleus["e_mean"]
         if cell_lab is not None:
-            cell = cell_lab[where]
-            cols["Cell: Eosin OD mean"] = label_stats(eosin, cell, ids)["mean"]
-            cols["Cytoplasm: Eosin OD mean"] = label_stats(eosin, np.where(nuc > 0, 0, cell), ids)["mean"]
+            cols["Cell: Eosin OD mean"] = stain_stats(cell_lab, image, ids)["e_mean"]
+            cols["Cytoplasm: Eosin OD mean"] = stain_stats(np.where(lab > 0, 0, cell_lab), image, ids)["e_mean"]
     return cols
 
 
@@ -346,31 +324,8 @@ def ring_texts(coords: np.ndarray, offsets: np.ndarray) -> list[str]:
         polys = shapely.from_ragged_array(shapely.GeometryType.POLYGON, sub_coords,
                                           (sub_offsets, np.arange(len(idx) + 1, dtype=np.int64)))
         ok[idx] = shapely.is_valid(polys) & ~shapely.is_empty(polys)
-    texts = _ring_texts_at_once(rounded, offsets, ok)
+    texts = ring_texts_rounded(coords, offsets, ok)
     return [texts[i] if ok[i] else ring_json(coords[offsets[i] : offsets[i + 1]]) for i in range(n)]
-
-
-def _ring_texts_at_once(rounded: np.ndarray, offsets: np.ndarray, ok: np.ndarray) -> list[str]:
-    """:func:`_ring_text` of the rings where ``ok`` ("" elsewhere) from one ``json.dumps`` of them all (one call
-    per ring took ~50 ms of a tile's 2,700 nuclei): the text of ``[[ring_1], [ring_2], ...]`` split between
-    rings, where ``]]],[[[`` occurs and nowhere inside a ring."""
-    idx = np.nonzero(ok)[0]
-    if len(idx) == 0:
-        return [""] * len(ok)
-    whole_vertices = np.concatenate([[0], np.cumsum(np.all(rounded == np.rint(rounded), axis=1))])
-    integral = (whole_vertices[offsets[1:]] - whole_vertices[offsets[:-1]] == np.diff(offsets))[idx]
-    rings = [[(rounded[offsets[i] : offsets[i + 1]].astype(np.int64) if whole
-               else rounded[offsets[i] : offsets[i + 1]]).tolist()] for i, whole in zip(idx, integral, strict=True)]
-    parts = json.dumps(rings, separators=(",", ":"))[1:-1].split("]]],[[[")
-    if len(parts) != len(idx):  # cannot happen for rings of numbers; the plain way if it ever did
-        parts = [_ring_text(rounded[offsets[i] : offsets[i + 1]])[3:-3] for i in idx]
-    else:
-        parts[0] = parts[0][3:]
-        parts[-1] = parts[-1][:-3]  # the same part when there is one ring
-    out = [""] * len(ok)
-    for i, part in zip(idx, parts, strict=True):
-        out[i] = f"[[[{part}]]]"
-    return out
 
 
 def _ring_text(ring: np.ndarray) -> str:

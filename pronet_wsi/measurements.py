@@ -192,6 +192,91 @@ def stain_od(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return amounts[:, 0].reshape(shape), amounts[:, 1].reshape(shape)
 
 
+def _stain_tables() -> tuple[np.ndarray, np.ndarray]:
+    """The OD of each 8-bit value (256,) and the inverse stain matrix's hematoxylin and eosin columns (3, 2), both
+    float32 as :func:`stain_od` computes them."""
+    inv = np.linalg.inv(stain_matrix()).astype(np.float32)
+    od = -np.log10(np.maximum(np.arange(256, dtype=np.float32), 1.0) / np.float32(BACKGROUND_RGB))
+    return od.astype(np.float32), np.ascontiguousarray(inv[:, :2])
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _stain(od: np.ndarray, column: np.ndarray, red: int, green: int, blue: int) -> float:
+    """One stain's amount at a pixel as float32 ``od @ inv`` gives it: exact products accumulated in order with
+    one rounding each (a fused multiply-add chain, what BLAS does; a plain sum differs in the last bit)."""
+    acc = np.float32(np.float64(od[red]) * np.float64(column[0]))
+    acc = np.float32(np.float64(acc) + np.float64(od[green]) * np.float64(column[1]))
+    acc = np.float32(np.float64(acc) + np.float64(od[blue]) * np.float64(column[2]))
+    return np.float64(acc)
+
+
+@numba.njit(cache=True, nogil=True)
+def _stain_sums(labels: np.ndarray, image: np.ndarray, od: np.ndarray, inv: np.ndarray, n: int) -> np.ndarray:
+    """(5, n + 1): per label 0..n, pixel count, hematoxylin sum, sum of squares and max, eosin sum; one pass over
+    the labelled pixels in raster order (the order ``np.bincount`` sums them in)."""
+    out = np.zeros((5, n + 1))
+    out[3, :] = -np.inf
+    hcol, ecol = inv[:, 0].copy(), inv[:, 1].copy()
+    h, w = labels.shape
+    for r in range(h):
+        for c in range(w):
+            k = labels[r, c]
+            if k <= 0 or k > n:
+                continue
+            red, green, blue = image[r, c, 0], image[r, c, 1], image[r, c, 2]
+            hema = _stain(od, hcol, red, green, blue)
+            out[0, k] += 1.0
+            out[1, k] += hema
+            out[2, k] += hema * hema
+            out[3, k] = max(out[3, k], hema)
+            out[4, k] += _stain(od, ecol, red, green, blue)
+    return out
+
+
+def stain_stats(labels: np.ndarray, image: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Hematoxylin OD mean, std dev and max and eosin OD mean over the pixels of each label in ``ids``.
+
+    labels : (H, W) int, 0 = none; image : (H, W, 3) uint8. The statistics of :func:`label_stats` of
+    :func:`stain_od`'s values, from one pass over the labelled pixels (gathering them, deconvolving and summing
+    by label took ~50 ms of a 2112² tile). Keys ``h_mean``, ``h_std``, ``h_max``, ``e_mean``.
+    """
+    ids = np.asarray(ids, np.int64)
+    n = int(max(np.max(labels, initial=0), ids.max(initial=0)))
+    sums = _stain_sums(np.ascontiguousarray(labels), np.ascontiguousarray(image, np.uint8), *_STAIN_TABLES, n)
+    count, s, s2, vmax, e = (row[ids] for row in sums)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, s / count, np.nan)
+        var = np.where(count > 1, (s2 - count * mean**2) / (count - 1), np.nan)
+        e_mean = np.where(count > 0, e / count, np.nan)
+    return {"h_mean": mean, "h_std": np.sqrt(np.maximum(var, 0)), "h_max": np.where(count > 0, vmax, np.nan),
+            "e_mean": e_mean}
+
+
+@numba.njit(cache=True, nogil=True)
+def label_sums(labels: np.ndarray, n: int, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per label 0..n of a 2-D label image: pixel count, the sum of ``weights`` (float64, raster order, as
+    ``np.bincount``) and the bounding box ``(r0, c0, r1, c1)`` (``scipy.ndimage.find_objects``'s slices; all 0
+    where a label is absent), in one pass. Labels outside 1..n are ignored."""
+    count = np.zeros(n + 1, np.int64)
+    total = np.zeros(n + 1)
+    box = np.zeros((n + 1, 4), np.int64)
+    h, w = labels.shape
+    for r in range(h):
+        for c in range(w):
+            k = labels[r, c]
+            if k <= 0 or k > n:
+                continue
+            if count[k] == 0:
+                box[k, 0], box[k, 1], box[k, 2], box[k, 3] = r, c, r + 1, c + 1
+            else:
+                box[k, 1] = min(box[k, 1], c)
+                box[k, 2] = r + 1
+                box[k, 3] = max(box[k, 3], c + 1)
+            count[k] += 1
+            total[k] += weights[r, c]
+    return count, total, box
+
+
 def stain_matrix() -> np.ndarray:
     """(3, 3) rows: unit hematoxylin, eosin and residual OD vectors (R, G, B)."""
     h = np.asarray(HEMATOXYLIN_OD, np.float64)
@@ -201,24 +286,7 @@ def stain_matrix() -> np.ndarray:
     return np.stack([h, e, r / np.linalg.norm(r)])
 
 
-def label_stats(values: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Mean, std dev (sample, n - 1) and max of ``values`` over the pixels of each label in ``ids``.
-
-    values : float array; labels : int array of the same shape, 0 = none; ids : (N,) labels to report. NaN where
-    a label has no pixels (std dev: fewer than two), as QuPath's RunningStatistics.
-    """
-    flat = np.asarray(labels).ravel().astype(np.int64)
-    v = np.asarray(values, np.float64).ravel()
-    top = int(max(flat.max(initial=0), ids.max(initial=0))) + 1
-    count = np.bincount(flat, minlength=top)[ids].astype(np.float64)
-    s = np.bincount(flat, weights=v, minlength=top)[ids]
-    s2 = np.bincount(flat, weights=v * v, minlength=top)[ids]
-    vmax = np.full(top, -np.inf)
-    np.maximum.at(vmax, flat, v)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(count > 0, s / count, np.nan)
-        var = np.where(count > 1, (s2 - count * mean**2) / (count - 1), np.nan)
-    return {"mean": mean, "std": np.sqrt(np.maximum(var, 0)), "max": np.where(count > 0, vmax[ids], np.nan)}
+_STAIN_TABLES = _stain_tables()
 
 
 @dataclass(frozen=True)

@@ -75,13 +75,45 @@ def test_stain_od_of_known_stains_and_glass():
     assert M.HEMATOXYLIN_OD == (0.65111, 0.70119, 0.29049) and M.EOSIN_OD == (0.2159, 0.8012, 0.5581)
 
 
-def test_label_stats():
-    labels = np.array([[1, 1, 2], [1, 0, 2]])
-    values = np.array([[1.0, 2.0, 5.0], [3.0, 9.0, 7.0]])
-    s = M.label_stats(values, labels, np.array([1, 2, 3]))
-    assert s["mean"][:2].tolist() == [2.0, 6.0] and np.isnan(s["mean"][2])
-    assert s["std"][:2] == pytest.approx([1.0, np.sqrt(2)])
-    assert s["max"][:2].tolist() == [3.0, 7.0]
+def test_stain_stats_are_the_per_label_statistics_of_stain_od():
+    """One pass over the labelled pixels gives, bit for bit, the mean, std dev (n - 1), max of hematoxylin and the
+    mean of eosin that stain_od's per-pixel values give; labels without pixels (or one pixel: std) are NaN."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    labels = rng.integers(0, 6, (40, 50)).astype(np.int32)
+    labels[labels == 4] = 0  # label 4 absent
+    labels[labels == 5] = 0
+    labels[0, 0] = 5  # label 5: one pixel
+    h, e = M.stain_od(image)
+    got = M.stain_stats(labels, image, np.array([1, 2, 3, 4, 5, 6]))
+    for j, k in enumerate([1, 2, 3]):
+        hv, ev = h[labels == k].astype(np.float64), e[labels == k].astype(np.float64)
+        assert got["h_mean"][j] == pytest.approx(hv.mean(), rel=1e-12) and got["h_max"][j] == hv.max()
+        assert got["h_std"][j] == pytest.approx(hv.std(ddof=1), rel=1e-9)
+        assert got["e_mean"][j] == pytest.approx(ev.mean(), rel=1e-12)
+    assert np.isnan(got["h_mean"][3]) and np.isnan(got["h_max"][3]) and np.isnan(got["e_mean"][5])
+    assert got["h_mean"][4] == h[0, 0] and np.isnan(got["h_std"][4])
+    # the per-pixel values themselves: the same float32 as stain_od's matrix product
+    sums = M._stain_sums(labels, image, *M._stain_tables(), 5)
+    assert sums[3, 1] == h[labels == 1].max() and sums[0].sum() == (labels > 0).sum()
+
+
+def test_label_sums_match_bincount_and_find_objects():
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 9, (30, 40)).astype(np.int32)
+    labels[labels == 7] = 0
+    weights = rng.random((30, 40)).astype(np.float32)
+    count, total, box = M.label_sums(labels, 8, weights)
+    flat = labels.ravel()
+    assert count[0] == 0 and count[1:].tolist() == np.bincount(flat, minlength=9)[1:9].tolist()
+    inside = flat > 0
+    want = np.bincount(flat[inside], weights=weights.ravel()[inside].astype(np.float64), minlength=9)
+    assert np.array_equal(total[1:], want[1:])
+    for k, sl in enumerate(ndi.find_objects(labels, max_label=8), start=1):
+        assert (box[k].tolist() == [0, 0, 0, 0]) if sl is None else \
+            (box[k].tolist() == [sl[0].start, sl[1].start, sl[0].stop, sl[1].stop])
 
 
 def test_names_are_qupaths():
