@@ -165,7 +165,7 @@ def _member_bytes(values: np.ndarray, decimals: np.ndarray, keys: np.ndarray, ke
                 pos += 1
             out[pos] = 58  # :
             pos += 1
-            pos = _put_number(out, pos, np.int64(r), np.signbit(r), int(decimals[c]), False)
+            pos = _put_number(out, pos, int(r), np.signbit(r), int(decimals[c]), False)
         ends[i] = pos
     return ends, unsure
 
