@@ -353,8 +353,9 @@ class OpenVINOForward:
         x = np.ascontiguousarray(pad_to_stride(tiles, self.stride))
         request = self._requests.get()
         try:
-            outputs = request.infer([x]).to_tuple()
-            # new arrays (activate_maps, the copy): the request reuses its output buffers
+            # no copies in or out (~25 ms of a 2112² tile): the request's own output buffers are read before the
+            # request is handed back, into new arrays (activate_maps, the copy)
+            outputs = request.infer([x], share_inputs=True, share_outputs=True).to_tuple()
             maps = activate_maps(outputs[0][..., :h, :w], self.offset_scale)
             if self.typed:
                 maps["types"] = np.array(outputs[1][..., :h, :w], dtype=np.float32, copy=True)

@@ -22,7 +22,7 @@ def pyramid(tmp_path_factory):
 def test_pyramid_tiff_reads_in_both_backends(pyramid, backend):
     path, img = pyramid
     with open_slide(path, backend) as s:
-        assert s.backend == ("openslide" if backend == "auto" else backend)
+        assert s.backend == ("tiffslide" if backend == "auto" else backend)  # auto: a generic TIFF, tiffslide
         assert s.mpp == pytest.approx(0.5) and s.mpp_source == "slide"
         assert s.level_count == 3 and s.level_downsamples == (1.0, 2.0, 4.0)
         assert s.shape == (600, 900) and s.level_shapes[1] == (300, 450)
@@ -100,9 +100,16 @@ def test_bad_inputs_are_one_line_input_errors(tmp_path, pyramid):
 @pytest.mark.data
 def test_real_slides(slides_dir):
     with open_slide(slides_dir / "CMU-1-Small-Region.svs") as s:
-        assert s.mpp == pytest.approx(0.499) and s.shape == (2967, 2220) and s.backend == "openslide"
+        assert s.mpp == pytest.approx(0.499) and s.shape == (2967, 2220) and s.backend == "tiffslide"
         tile = s.read_box(Box(1000, 1000, 1256, 1256), (256, 256))
         assert tile.dtype == np.uint8 and tile.shape == (256, 256, 3) and tile.std() > 5
+    for name in ("CMU-1-Small-Region.svs", "TCGA-CR-7395-01A-01-TS1.svs"):  # Aperio JPEG, JPEG 2000
+        with open_slide(slides_dir / name, "openslide", mpp=0.25) as a, \
+                open_slide(slides_dir / name, "tiffslide", mpp=0.25) as b:
+            assert a.level_shapes == b.level_shapes and a.level_downsamples == pytest.approx(b.level_downsamples)
+            for box in (Box(0, 0, 700, 500), Box(1500, 1100, 2012, 1612), Box(0, 0, 2000, 2000)):
+                assert np.array_equal(a.read_box(box, (500, 700) if box.x1 == 700 else (512, 512)),
+                                      b.read_box(box, (500, 700) if box.x1 == 700 else (512, 512)))
     tcga = slides_dir / "TCGA-CR-7395-01A-01-TS1.svs"
     with pytest.raises(InputError, match="--mpp") as exc:
         open_slide(tcga)
@@ -110,6 +117,20 @@ def test_real_slides(slides_dir):
     with open_slide(tcga, mpp=0.25) as s:
         assert s.level_count == 2 and s.level_downsamples[1] == pytest.approx(2.0005, abs=1e-4)
         assert s.read_box(Box(0, 0, 4443, 3567), (64, 64)).shape == (64, 64, 3)
+
+
+def test_auto_leaves_other_vendors_and_formats_to_openslide(pyramid, tmp_path, monkeypatch):
+    import tiffslide
+
+    path, _ = pyramid
+    other = tmp_path / "p.weird"  # not a TIFF name: OpenSlide first, whatever tiffslide would say
+    other.write_bytes(path.read_bytes())
+    with open_slide(other) as s:
+        assert s.backend == "openslide"
+    # a TIFF that tiffslide names another vendor's (Philips, Leica, ...): OpenSlide's
+    monkeypatch.setattr(tiffslide.TiffSlide, "properties", property(lambda self: {"tiffslide.vendor": "philips"}))
+    with open_slide(path) as s:
+        assert s.backend == "openslide"
 
 
 def test_bounds_from_properties_for_both_backends():
