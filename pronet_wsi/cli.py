@@ -613,7 +613,9 @@ def pseudo_labels(image: Path, points: Path, outdir: Path, lam: float | None, eu
               help="Model folder (default: the shipped model).")
 @click.option("--mpp", type=float, default=None,
               help="Slide pixel size in um (needed when the file has none; a manifest's mpp column wins).")
-@click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default="auto", show_default=True,
+              help="Slide reader. auto: tiffslide for Aperio SVS and generic TIFFs (the same pixels, less CPU), "
+                   "OpenSlide first for every other format.")
 @click.option("--tile-px", type=int, default=1792, show_default=True,  # TilingConfig's (a test checks)
               help="Largest model input tile side (px at model mpp); the grid splits the slide evenly.")
 @click.option("--halo-px", type=int, default=None,

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "openslide", "tiffslide", "image")
 PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 #: ``auto`` reads these with tiffslide first when tiffslide names them Aperio or a generic TIFF: the same pixels as
-#: OpenSlide (checked on Aperio JPEG and JPEG 2000 slides and pyramidal TIFFs) for 1.5-4x less CPU per read
+#: OpenSlide (checked on Aperio JPEG and JPEG 2000 slides and pyramidal TIFFs) for 1.1-4.6x less CPU per read
 #: (OpenSlide's RGBA image, its copy and the alpha check; benchmarks/RESULTS.md). Other vendors' TIFFs and every
 #: other format: OpenSlide first.
 TIFFSLIDE_FIRST = (".svs", ".tif", ".tiff")
