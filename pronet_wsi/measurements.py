@@ -236,9 +236,10 @@ def _stain_sums(labels: np.ndarray, image: np.ndarray, od: np.ndarray, inv: np.n
 def stain_stats(labels: np.ndarray, image: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
     """Hematoxylin OD mean, std dev and max and eosin OD mean over the pixels of each label in ``ids``.
 
-    labels : (H, W) int, 0 = none; image : (H, W, 3) uint8. The statistics of :func:`label_stats` of
-    :func:`stain_od`'s values, from one pass over the labelled pixels (gathering them, deconvolving and summing
-    by label took ~50 ms of a 2112² tile). Keys ``h_mean``, ``h_std``, ``h_max``, ``e_mean``.
+    labels : (H, W) int, 0 = none; image : (H, W, 3) uint8. The per-label statistics of :func:`stain_od`'s
+    values (std dev with n - 1; NaN without pixels, or with fewer than two for the std dev, as QuPath's
+    RunningStatistics), from one pass over the labelled pixels (gathering them, deconvolving and summing by label
+    took ~50 ms of a 2112² tile). Keys ``h_mean``, ``h_std``, ``h_max``, ``e_mean``.
     """
     ids = np.asarray(ids, np.int64)
     n = int(max(np.max(labels, initial=0), ids.max(initial=0)))
