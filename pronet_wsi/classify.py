@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from pronet_wsi.errors import InputError
+from pronet_wsi.measurements import STAIN_TABLES, stain_amount
 
 #: Ring around each nucleus whose colour is measured (its cytoplasm or the stroma it lies in), um.
 RING_UM = 2.0
@@ -47,52 +49,95 @@ def nucleus_features(image: np.ndarray, labels: np.ndarray, type_probs: np.ndarr
     """
     from skimage.segmentation import expand_labels
 
-    from pronet_wsi.measurements import stain_od
-
     n = len(type_probs)
     if n == 0:
         return np.zeros((0, len(LOOK_FEATURES) + 2 * type_probs.shape[1]))
     if image.shape[:2] != labels.shape:
         raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in shape")
     lab = np.asarray(labels, np.int64)
-    grown = expand_labels(lab, distance=max(1, round(RING_UM / mpp)))
-    rows, cols = np.nonzero(grown)
-    ids = grown[rows, cols]
-    inside = lab[rows, cols] > 0
-    pix = image[rows, cols].astype(np.float64)
-    hema, eosin = stain_od(image[rows, cols])
-    channels = [pix[:, 0], pix[:, 1], pix[:, 2], hema.astype(np.float64), eosin.astype(np.float64)]
-
-    def stats(v: np.ndarray, where: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        cnt = np.bincount(ids[where], minlength=n + 1)[1:].astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.bincount(ids[where], weights=v[where], minlength=n + 1)[1:] / cnt
-            dev = v[where] - np.nan_to_num(mean)[ids[where] - 1]
-            var = np.bincount(ids[where], weights=dev * dev, minlength=n + 1)[1:] / cnt
-        return mean, np.sqrt(var)
-
-    r, c = rows[inside].astype(np.float64), cols[inside].astype(np.float64)
-    k = ids[inside]
-    cnt = np.bincount(k, minlength=n + 1)[1:].astype(np.float64)
+    grown = np.ascontiguousarray(expand_labels(lab, distance=max(1, round(RING_UM / mpp))))
+    # per nucleus, inside it (0) and in its ring (1): pixel counts, sums of R, G, B, H, E and of the row and column
+    # (first pass), then sums of squared deviations (second pass), in raster order as np.bincount sums them
+    image = np.ascontiguousarray(image, np.uint8)
+    od, inv = STAIN_TABLES
+    counts, sums = _look_sums(lab, grown, image, od, inv, n)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mr = np.bincount(k, weights=r, minlength=n + 1)[1:] / cnt
-        mc = np.bincount(k, weights=c, minlength=n + 1)[1:] / cnt
-        dr, dc = r - np.nan_to_num(mr)[k - 1], c - np.nan_to_num(mc)[k - 1]
+        means = sums / counts[:, None, :]  # (2, 7, n + 1): R, G, B, H, E, row, col
+    devs = _look_deviations(lab, grown, image, od, inv, np.nan_to_num(means))
+    cnt = counts[0, 1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
         # second central moments (+1/12: a pixel is a unit square, as skimage's regionprops)
-        srr = np.bincount(k, weights=dr * dr, minlength=n + 1)[1:] / cnt + 1 / 12
-        scc = np.bincount(k, weights=dc * dc, minlength=n + 1)[1:] / cnt + 1 / 12
-        src = np.bincount(k, weights=dr * dc, minlength=n + 1)[1:] / cnt
+        srr = devs[0, 5, 1:] / cnt + 1 / 12
+        scc = devs[0, 6, 1:] / cnt + 1 / 12
+        src = devs[0, 7, 1:] / cnt
         half = np.sqrt(((srr - scc) / 2) ** 2 + src**2)
         l1, l2 = (srr + scc) / 2 + half, np.maximum((srr + scc) / 2 - half, 0)
         ecc = np.sqrt(np.maximum(1 - l2 / l1, 0))
-    cols_out = [cnt * mpp**2, 4 * np.sqrt(l1) * mpp, 4 * np.sqrt(l2) * mpp, ecc]
-    for where in (inside, ~inside):
-        for v in channels:
-            cols_out.extend(stats(v, where))
+        cols_out = [cnt * mpp**2, 4 * np.sqrt(l1) * mpp, 4 * np.sqrt(l2) * mpp, ecc]
+        for where in (0, 1):
+            for ch in range(5):
+                cols_out += [means[where, ch, 1:], np.sqrt(devs[where, ch, 1:] / counts[where, 1:])]
+    mr, mc = means[0, 5, 1:], means[0, 6, 1:]
     look = np.nan_to_num(np.stack(cols_out, axis=1))  # a nucleus without ring pixels: 0
     probs = np.asarray(type_probs, np.float64)
     near = neighbour_mean(np.stack([np.nan_to_num(mr), np.nan_to_num(mc)], axis=1), probs, NEIGHBOUR_UM / mpp)
     return np.concatenate([look, np.log(np.clip(probs, 1e-4, 1.0)), np.log(np.clip(near, 1e-4, 1.0))], axis=1)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _look_values(image: np.ndarray, od: np.ndarray, inv: np.ndarray, r: int, c: int, out: np.ndarray) -> None:
+    """R, G, B, hematoxylin and eosin OD (:func:`~pronet_wsi.measurements.stain_od`'s float32, bit for bit) of
+    pixel (r, c), and its row and column, into ``out[:7]``."""
+    red, green, blue = image[r, c, 0], image[r, c, 1], image[r, c, 2]
+    out[0], out[1], out[2] = red, green, blue
+    out[3] = stain_amount(od, inv[:, 0], red, green, blue)
+    out[4] = stain_amount(od, inv[:, 1], red, green, blue)
+    out[5], out[6] = r, c
+
+
+@numba.njit(cache=True, nogil=True)
+def _look_sums(lab: np.ndarray, grown: np.ndarray, image: np.ndarray, od: np.ndarray, inv: np.ndarray,
+               n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(2, n + 1) pixel counts and (2, 7, n + 1) sums of :func:`_look_values` per label, inside the nuclei (0)
+    and in their rings (1, labelled in ``grown`` only)."""
+    counts = np.zeros((2, n + 1))
+    sums = np.zeros((2, 7, n + 1))
+    v = np.empty(7)
+    h, w = grown.shape
+    for r in range(h):
+        for c in range(w):
+            k = grown[r, c]
+            if k <= 0 or k > n:
+                continue
+            where = 0 if lab[r, c] > 0 else 1
+            _look_values(image, od, inv, r, c, v)
+            counts[where, k] += 1.0
+            for ch in range(7):
+                sums[where, ch, k] += v[ch]
+    return counts, sums
+
+
+@numba.njit(cache=True, nogil=True)
+def _look_deviations(lab: np.ndarray, grown: np.ndarray, image: np.ndarray, od: np.ndarray, inv: np.ndarray,
+                     means: np.ndarray) -> np.ndarray:
+    """(2, 8, n + 1) sums of squared deviations from ``means`` of R, G, B, H, E, row and column per label and
+    region as :func:`_look_sums`, and (row 7) the sum of row deviation times column deviation."""
+    n = means.shape[2] - 1
+    out = np.zeros((2, 8, n + 1))
+    v = np.empty(7)
+    h, w = grown.shape
+    for r in range(h):
+        for c in range(w):
+            k = grown[r, c]
+            if k <= 0 or k > n:
+                continue
+            where = 0 if lab[r, c] > 0 else 1
+            _look_values(image, od, inv, r, c, v)
+            for ch in range(7):
+                d = v[ch] - means[where, ch, k]
+                out[where, ch, k] += d * d
+            out[where, 7, k] += (v[5] - means[where, 5, k]) * (v[6] - means[where, 6, k])
+    return out
 
 
 def neighbour_mean(points: np.ndarray, values: np.ndarray, radius: float) -> np.ndarray:

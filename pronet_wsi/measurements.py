@@ -201,7 +201,7 @@ def _stain_tables() -> tuple[np.ndarray, np.ndarray]:
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _stain(od: np.ndarray, column: np.ndarray, red: int, green: int, blue: int) -> float:
+def stain_amount(od: np.ndarray, column: np.ndarray, red: int, green: int, blue: int) -> float:
     """One stain's amount at a pixel as float32 ``od @ inv`` gives it: exact products accumulated in order with
     one rounding each (a fused multiply-add chain, what BLAS does; a plain sum differs in the last bit)."""
     acc = np.float32(np.float64(od[red]) * np.float64(column[0]))
@@ -224,12 +224,12 @@ def _stain_sums(labels: np.ndarray, image: np.ndarray, od: np.ndarray, inv: np.n
             if k <= 0 or k > n:
                 continue
             red, green, blue = image[r, c, 0], image[r, c, 1], image[r, c, 2]
-            hema = _stain(od, hcol, red, green, blue)
+            hema = stain_amount(od, hcol, red, green, blue)
             out[0, k] += 1.0
             out[1, k] += hema
             out[2, k] += hema * hema
             out[3, k] = max(out[3, k], hema)
-            out[4, k] += _stain(od, ecol, red, green, blue)
+            out[4, k] += stain_amount(od, ecol, red, green, blue)
     return out
 
 
@@ -243,7 +243,7 @@ def stain_stats(labels: np.ndarray, image: np.ndarray, ids: np.ndarray) -> dict[
     """
     ids = np.asarray(ids, np.int64)
     n = int(max(np.max(labels, initial=0), ids.max(initial=0)))
-    sums = _stain_sums(np.ascontiguousarray(labels), np.ascontiguousarray(image, np.uint8), *_STAIN_TABLES, n)
+    sums = _stain_sums(np.ascontiguousarray(labels), np.ascontiguousarray(image, np.uint8), *STAIN_TABLES, n)
     count, s, s2, vmax, e = (row[ids] for row in sums)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, s / count, np.nan)
@@ -287,7 +287,8 @@ def stain_matrix() -> np.ndarray:
     return np.stack([h, e, r / np.linalg.norm(r)])
 
 
-_STAIN_TABLES = _stain_tables()
+#: :func:`_stain_tables`: the 8-bit OD table and the hematoxylin and eosin columns of the inverse stain matrix.
+STAIN_TABLES = _stain_tables()
 
 
 @dataclass(frozen=True)

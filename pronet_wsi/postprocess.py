@@ -109,13 +109,30 @@ def mean_type_probs(labels: np.ndarray, types: np.ndarray) -> np.ndarray:
     k = types.shape[0]
     if n == 0:
         return np.zeros((0, k), np.float32)
-    flat = labels.ravel().astype(np.int64)
-    count = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
-    sums = np.stack([np.bincount(flat, weights=types[c].ravel().astype(np.float64), minlength=n + 1)[1:]
-                     for c in range(k)], axis=1)
+    count, sums = _class_sums(np.ascontiguousarray(labels), np.ascontiguousarray(types, np.float32), n)
+    count, sums = count[1:], sums[1:]
     with np.errstate(invalid="ignore", divide="ignore"):
         probs = np.where(count[:, None] > 0, sums / count[:, None], 1.0 / k)
     return probs.astype(np.float32)
+
+
+@numba.njit(cache=True, nogil=True)
+def _class_sums(labels: np.ndarray, types: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel count (n + 1,) and per-class probability sums (n + 1, K) of labels 0..n, in raster order (as
+    ``np.bincount`` sums them; one pass instead of one per class)."""
+    k = types.shape[0]
+    count = np.zeros(n + 1)
+    sums = np.zeros((n + 1, k))
+    h, w = labels.shape
+    for r in range(h):
+        for c in range(w):
+            i = labels[r, c]
+            if i < 0 or i > n:
+                continue
+            count[i] += 1.0
+            for j in range(k):
+                sums[i, j] += types[j, r, c]
+    return count, sums
 
 
 def find_centers(centers: np.ndarray, config: PostprocessConfig = PostprocessConfig()) -> np.ndarray:

@@ -94,7 +94,7 @@ def test_stain_stats_are_the_per_label_statistics_of_stain_od():
     assert np.isnan(got["h_mean"][3]) and np.isnan(got["h_max"][3]) and np.isnan(got["e_mean"][5])
     assert got["h_mean"][4] == h[0, 0] and np.isnan(got["h_std"][4])
     # the per-pixel values themselves: the same float32 as stain_od's matrix product
-    sums = M._stain_sums(labels, image, *M._stain_tables(), 5)
+    sums = M._stain_sums(labels, image, *M.STAIN_TABLES, 5)
     assert sums[3, 1] == h[labels == 1].max() and sums[0].sum() == (labels > 0).sum()
 
 
