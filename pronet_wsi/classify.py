@@ -47,7 +47,7 @@ def nucleus_features(image: np.ndarray, labels: np.ndarray, type_probs: np.ndarr
     class probabilities (before any class weights); mpp : um per pixel of ``labels``. A nucleus's neighbours are
     the others whose centroid lies within :data:`NEIGHBOUR_UM` of its own; with none, their mean is uniform.
     """
-    from skimage.segmentation import expand_labels
+    from pronet_wsi.cells import expand_labels
 
     n = len(type_probs)
     if n == 0:
@@ -55,7 +55,7 @@ def nucleus_features(image: np.ndarray, labels: np.ndarray, type_probs: np.ndarr
     if image.shape[:2] != labels.shape:
         raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in shape")
     lab = np.asarray(labels, np.int64)
-    grown = np.ascontiguousarray(expand_labels(lab, distance=max(1, round(RING_UM / mpp))))
+    grown = expand_labels(lab, max(1, round(RING_UM / mpp)))
     # per nucleus, inside it (0) and in its ring (1): pixel counts, sums of R, G, B, H, E and of the row and column
     # (first pass), then sums of squared deviations (second pass), in raster order as np.bincount sums them
     image = np.ascontiguousarray(image, np.uint8)

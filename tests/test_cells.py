@@ -1,6 +1,7 @@
 """Cells from nuclei (pronet_wsi/cells.py)."""
 
 import numpy as np
+import pytest
 import shapely
 
 from pronet_wsi.cells import expand_labels, fit_cells
@@ -19,6 +20,26 @@ def test_two_growing_nuclei_split_halfway_and_stop_at_the_distance():
     assert (row[14:19] == 1).all() and (row[19:24] == 2).all()
     assert row[4] == 1 and row[3] == 0  # 6 px out at most
     assert cells[1, 11] == 0 and cells[2, 11] == 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_expand_labels_is_skimages_pixel_for_pixel(seed):
+    """Same labels as skimage's expand_labels (scipy's exact feature transform), equidistant pixels included:
+    scattered pixels, blocks and distances where many integer distances tie."""
+    from skimage.segmentation import expand_labels as reference
+
+    rng = np.random.default_rng(seed)
+    for _ in range(60):
+        h, w = (int(v) for v in rng.integers(1, 50, 2))
+        labels = (rng.random((h, w)) < rng.choice([0.002, 0.02, 0.1, 0.4])) * rng.integers(1, 7, (h, w))
+        if rng.random() < 0.4:  # blocks
+            labels = np.zeros((h, w), np.int32)
+            for k in range(int(rng.integers(1, 6))):
+                r, c = rng.integers(0, h), rng.integers(0, w)
+                labels[max(r - 3, 0):r + 2, max(c - 2, 0):c + 3] = k + 1
+        for distance in (1, 2.5, 5, 8, 50.0):
+            assert np.array_equal(expand_labels(labels, distance), reference(labels, distance=distance))
+    assert expand_labels(np.zeros((4, 5), np.int32), 3).tolist() == np.zeros((4, 5), int).tolist()
 
 
 def test_fit_cells_partition_holds_each_nucleus():
