@@ -60,10 +60,10 @@ def _grow(labels: np.ndarray, distance: float) -> np.ndarray:
                 s1, s2 = sites[top], sites[top - 1]
                 a = float(s1 - s2)
                 b = float(x - s1)
-                c = a + b
+                ab = a + b
                 u = float(near[r, s2] - r) ** 2
                 v = float(near[r, s1] - r) ** 2
-                if c * v - b * u - a * dx - a * b * c <= 0.0:
+                if ab * v - b * u - a * dx - a * b * ab <= 0.0:
                     break
                 top -= 1
             top += 1
