@@ -60,10 +60,9 @@ def nucleus_features(image: np.ndarray, labels: np.ndarray, type_probs: np.ndarr
     # (first pass), then sums of squared deviations (second pass), in raster order as np.bincount sums them
     image = np.ascontiguousarray(image, np.uint8)
     od, inv = STAIN_TABLES
-    counts, sums = _look_sums(lab, grown, image, od, inv, n)
+    counts, sums, devs = _look_moments(lab, grown, image, od, inv, n)
     with np.errstate(invalid="ignore", divide="ignore"):
         means = sums / counts[:, None, :]  # (2, 7, n + 1): R, G, B, H, E, row, col
-    devs = _look_deviations(lab, grown, image, od, inv, np.nan_to_num(means))
     cnt = counts[0, 1:]
     with np.errstate(invalid="ignore", divide="ignore"):
         # second central moments (+1/12: a pixel is a unit square, as skimage's regionprops)
@@ -96,48 +95,39 @@ def _look_values(image: np.ndarray, od: np.ndarray, inv: np.ndarray, r: int, c: 
 
 
 @numba.njit(cache=True, nogil=True)
-def _look_sums(lab: np.ndarray, grown: np.ndarray, image: np.ndarray, od: np.ndarray, inv: np.ndarray,
-               n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(2, n + 1) pixel counts and (2, 7, n + 1) sums of :func:`_look_values` per label, inside the nuclei (0)
-    and in their rings (1, labelled in ``grown`` only)."""
+def _look_moments(lab: np.ndarray, grown: np.ndarray, image: np.ndarray, od: np.ndarray, inv: np.ndarray,
+                  n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per label 0..n, inside the nuclei (0) and in their rings (1, labelled in ``grown`` only): (2, n + 1) pixel
+    counts, (2, 7, n + 1) sums of :func:`_look_values` (first pass) and (2, 8, n + 1) sums of their squared
+    deviations from the means, row 7 the row deviation times the column deviation (second pass); raster order."""
     counts = np.zeros((2, n + 1))
     sums = np.zeros((2, 7, n + 1))
+    means = np.zeros((2, 7, n + 1))  # 0 where a label has no pixels (np.nan_to_num of 0 / 0)
+    devs = np.zeros((2, 8, n + 1))
     v = np.empty(7)
     h, w = grown.shape
-    for r in range(h):
-        for c in range(w):
-            k = grown[r, c]
-            if k <= 0 or k > n:
-                continue
-            where = 0 if lab[r, c] > 0 else 1
-            _look_values(image, od, inv, r, c, v)
-            counts[where, k] += 1.0
-            for ch in range(7):
-                sums[where, ch, k] += v[ch]
-    return counts, sums
-
-
-@numba.njit(cache=True, nogil=True)
-def _look_deviations(lab: np.ndarray, grown: np.ndarray, image: np.ndarray, od: np.ndarray, inv: np.ndarray,
-                     means: np.ndarray) -> np.ndarray:
-    """(2, 8, n + 1) sums of squared deviations from ``means`` of R, G, B, H, E, row and column per label and
-    region as :func:`_look_sums`, and (row 7) the sum of row deviation times column deviation."""
-    n = means.shape[2] - 1
-    out = np.zeros((2, 8, n + 1))
-    v = np.empty(7)
-    h, w = grown.shape
-    for r in range(h):
-        for c in range(w):
-            k = grown[r, c]
-            if k <= 0 or k > n:
-                continue
-            where = 0 if lab[r, c] > 0 else 1
-            _look_values(image, od, inv, r, c, v)
-            for ch in range(7):
-                d = v[ch] - means[where, ch, k]
-                out[where, ch, k] += d * d
-            out[where, 7, k] += (v[5] - means[where, 5, k]) * (v[6] - means[where, 6, k])
-    return out
+    for second in (False, True):
+        if second:
+            for where in range(2):
+                for k in range(n + 1):
+                    if counts[where, k] > 0:
+                        means[where, :, k] = sums[where, :, k] / counts[where, k]
+        for r in range(h):
+            for c in range(w):
+                k = grown[r, c]
+                if k <= 0 or k > n:
+                    continue
+                where = 0 if lab[r, c] > 0 else 1
+                _look_values(image, od, inv, r, c, v)
+                if not second:
+                    counts[where, k] += 1.0
+                    sums[where, :, k] += v
+                    continue
+                for ch in range(7):
+                    d = v[ch] - means[where, ch, k]
+                    devs[where, ch, k] += d * d
+                devs[where, 7, k] += (v[5] - means[where, 5, k]) * (v[6] - means[where, 6, k])
+    return counts, sums, devs
 
 
 def neighbour_mean(points: np.ndarray, values: np.ndarray, radius: float) -> np.ndarray:
