@@ -317,6 +317,8 @@ def check_resume_options(ctx: click.Context, saved) -> None:
     differs += [n for n, on in (("freeze_trunk", saved.freeze_trunk), ("euclidean", not saved.pseudo.geodesic),
                                 ("no_offsets", not saved.use_offsets), ("no_refine", not saved.use_refinement))
                 if given(n) and p[n] and not on]
+    if given("keep_start") and p["keep_start"] != saved.loss.lambda_keep:
+        differs.append("keep_start")
     if given("recipe") and any(getattr(saved, k) != v for k, v in RECIPES[p["recipe"]].items()
                                if k not in RESUME_FIXED.values() and not saved.init):
         differs.append("recipe")
@@ -433,6 +435,10 @@ def _names(value: str | None) -> list[str] | None:
                    "5,000 classed clicks on, else 1).")
 @click.option("--freeze-trunk", is_flag=True,
               help="With classed points and --init: train only the type head (the start model's nuclei unchanged).")
+@click.option("--keep-start", type=float, default=None,
+              help="With --init: weight of a term that keeps the nuclei maps near the start model's while the "
+                   "clicks teach (0 = off; default: 1 from fewer than 5,000 clicks, classed clicks for classed "
+                   "points, else 0).")
 @click.option("--euclidean", is_flag=True, help="Euclidean instead of geodesic pseudo labels (ablation).")
 @click.option("--no-offsets", is_flag=True, help="No offset module: centre map + binary only (ablation).")
 @click.option("--no-refine", is_flag=True, help="No EM point refinement (ablation).")
@@ -455,14 +461,15 @@ def _names(value: str | None) -> list[str] | None:
 def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide_list, val_images, val_labels,
           val_names, recipe, init,
           width, epochs, batch_size, lr, weight_decay, schedule, patch_px, patches_per_image, mpp, model_mpp,
-          holdout, type_lr_factor, freeze_trunk, euclidean, no_offsets, no_refine, max_minutes, seed, device, resume,
-          drop_outside, drop_unmatched, quiet, outdir) -> None:
+          holdout, type_lr_factor, freeze_trunk, keep_start, euclidean, no_offsets, no_refine, max_minutes, seed,
+          device, resume, drop_outside, drop_unmatched, quiet, outdir) -> None:
     """Train PROnet from point annotations (image folders + points, or QuPath points on a slide)."""
     from pathlib import Path
 
     from pronet_wsi.training.inputs import load_items, load_slide_items, read_slide_list, resample_items
     from pronet_wsi.training.loop import CHECKPOINT, TrainConfig
     from pronet_wsi.training.loop import train as run_training
+    from pronet_wsi.training.losses import LossConfig
     from pronet_wsi.training.pseudolabels import PseudoLabelConfig
     from pronet_wsi.wsi.pipeline import check_writable
 
@@ -495,7 +502,8 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
             freeze_trunk=True if freeze_trunk else None, holdout=holdout, type_lr_factor=type_lr_factor,
             seed=seed, device=device, max_minutes=max_minutes, use_offsets=False if no_offsets else None,
             use_refinement=False if no_refine else None,
-            pseudo=PseudoLabelConfig(geodesic=False) if euclidean else None)
+            pseudo=PseudoLabelConfig(geodesic=False) if euclidean else None,
+            loss=LossConfig(lambda_keep=keep_start) if keep_start is not None else None)
     if slide or slide_list:
         if images or labels or (slide and slide_list) or (slide_list and (points or regions)):
             raise click.UsageError("give --slide with --points, or --slide-list, and no --images/--labels")
@@ -540,6 +548,10 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
 @click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for <stem>_voronoi.png, <stem>_cluster.png, <stem>_pseudolabels.png (+ .json).")
 @click.option("--lam", type=float, default=None, help="Geodesic weight in [0, 1] (default: PseudoLabelConfig's).")
+@click.option("--keep-start", type=float, default=None,
+              help="With --init: weight of a term that keeps the nuclei maps near the start model's while the "
+                   "clicks teach (0 = off; default: 1 from fewer than 5,000 clicks, classed clicks for classed "
+                   "points, else 0).")
 @click.option("--euclidean", is_flag=True, help="Euclidean instead of geodesic distance (the paper's ablation).")
 @click.option("--d-star", type=float, default=None, help="Distance truncation for k-means (paper: 70 MoNuSeg).")
 @click.option("--drop-outside", is_flag=True, help="Drop points outside the image instead of failing.")

@@ -6,6 +6,7 @@ the current points), EM refinement after ``refine_start_epoch``.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -211,8 +212,8 @@ RECIPES: dict[str, dict] = {
 # images held back when they hold enough clicks (``holdout_min_clicks``) to choose the epoch and the thresholds.
 FINE_TUNE: dict = dict(lr=5e-4, warmup_epochs=0, offset_start_epoch=0, refine_start_epoch=0, predict_every=3,
                        epochs=40, patches_per_image=8, val_every=3, type_lr_factor=None, min_patches=64,
-                       holdout=0.1)
-# type_lr_factor None: by the number of classed clicks (type_lr_factor_for).
+                       holdout=0.1, loss=LossConfig(lambda_keep=None))
+# type_lr_factor and lambda_keep None: by the number of classed clicks (type_lr_factor_for, keep_weight_for).
 MANY_TYPED_CLICKS = 5000
 """From this many classed clicks on, a new type head learns at 5x the rate, below it at 1x. Measured (benchmarks/
 RESULTS.md, "Nucleus types"; mean class F1 on the test splits): 5x wins with all clicks (CoNSeP 17,033: held-back
@@ -227,6 +228,25 @@ def type_lr_factor_for(n_typed_clicks: int) -> float:
     (1.0, 5.0)
     """
     return 5.0 if n_typed_clicks >= MANY_TYPED_CLICKS else 1.0
+
+
+KEEP_FEW_CLICKS = 1.0
+"""The keep term's weight (:func:`~pronet_wsi.training.losses.keep_loss`) for a fine-tune from fewer than
+:data:`MANY_TYPED_CLICKS` clicks (classed clicks for a typed run). Measured (benchmarks/RESULTS.md, "Keeping the
+start model's nuclei"; validation splits, ten images each): typed CoNSeP mean class F1 0.476 -> 0.483, F_d 0.699
+-> 0.740 (weight 0.3: 0.478 / 0.712; 3: 0.457 / 0.741), typed CRCHisto 0.501 -> 0.506, F_d 0.772 -> 0.777;
+untyped CoNSeP F_d 0.673 -> 0.731, AJI 0.390 -> 0.431 (the start model 0.738 / 0.453), untyped CRCHisto F_d
+0.774 -> 0.771 (a new lab at 20x still adapts: the start model 0.665). With all of CoNSeP's 17,033 classed
+clicks it lost (0.532 -> 0.524, F_d 0.764 both): there the clicks teach more than the start model knew."""
+
+
+def keep_weight_for(n_clicks: int) -> float:
+    """The keep term's weight for a fine-tune from ``n_clicks`` clicks (classed clicks for a typed run).
+
+    >>> keep_weight_for(344), keep_weight_for(17033)
+    (1.0, 0.0)
+    """
+    return KEEP_FEW_CLICKS if n_clicks < MANY_TYPED_CLICKS else 0.0
 
 
 def _lr_factor(config: TrainConfig, epoch: int, minutes: float = 0.0) -> float:
@@ -276,6 +296,7 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
     work.mkdir(parents=True, exist_ok=True)
     samples = prepare_samples(train_items, config.pseudo, work / "cache", config.classes)  # V, K, cells (2.1)
     predictor, opt = _learner(config, start_model(config, samples))
+    start = _frozen_copy(predictor.model) if config.init and config.loss.lambda_keep else None
     run = _Run(config, work, predictor, opt, samples, val_items or [], held, resume, progress)
     mcfg = predictor.bundle.config
     dataset = PatchDataset(samples, config.patch_px, config.patches_per_image, mcfg.center_radius_px, mcfg.mean,
@@ -283,10 +304,18 @@ def train(config: TrainConfig, train_items: list, outdir: str | Path, val_items:
                            min_patches=max(config.batch_size, config.min_patches))
     for epoch in range(run.start_epoch, config.epochs):
         _set_learning_rate(opt, config, epoch, run.minutes())
-        stats = em_epoch(config, epoch, predictor, opt, samples, dataset)
+        stats = em_epoch(config, epoch, predictor, opt, samples, dataset, start)
         if run.end_epoch(epoch, stats):
             break
     return _finish(config, run, outdir)
+
+
+def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The start network as it is now, fixed (eval mode, no gradients): the keep term's targets."""
+    start = copy.deepcopy(model).eval()
+    for p in start.parameters():
+        p.requires_grad_(False)
+    return start
 
 
 def _check_run_folder(outdir: Path, resume: bool) -> None:
@@ -307,11 +336,17 @@ def with_point_classes(config: TrainConfig, train_items: list) -> TrainConfig:
                   for name in config.classes]
         config = replace(config, loss=replace(config.loss, class_weights=balanced_class_weights(counts)))
         log.info("type loss weights %s for %s clicks of %s", config.loss.class_weights, counts, config.classes)
+    n = sum(c in config.classes for it in train_items if len(it) > 4 and it[4] for c in it[4])
     if config.type_lr_factor is None:
-        n = sum(c in config.classes for it in train_items if len(it) > 4 and it[4] for c in it[4])
         config = replace(config, type_lr_factor=type_lr_factor_for(n))
         if config.classes:
             log.info("type head learning rate %gx (%d classed clicks)", config.type_lr_factor, n)
+    if config.loss.lambda_keep is None:
+        n_clicks = n if config.classes else sum(len(it[2]) for it in train_items)
+        config = replace(config, loss=replace(config.loss, lambda_keep=keep_weight_for(n_clicks)))
+        if config.loss.lambda_keep:
+            log.info("keeping the nuclei maps near the start model's (weight %g; %d %sclicks)",
+                     config.loss.lambda_keep, n_clicks, "classed " if config.classes else "")
     if config.freeze_trunk and not config.classes:
         raise InputError("--freeze-trunk trains only the type head; the points carry no classes")
     return config
@@ -339,7 +374,7 @@ def _set_learning_rate(opt: torch.optim.Optimizer, config: TrainConfig, epoch: i
 
 
 def em_epoch(config: TrainConfig, epoch: int, predictor: Predictor, opt: torch.optim.Optimizer,
-             samples: list[Sample], dataset: PatchDataset) -> dict[str, float]:
+             samples: list[Sample], dataset: PatchDataset, start: torch.nn.Module | None = None) -> dict[str, float]:
     """One epoch of the paper's EM (section 2): the E-step predicts every image (every ``predict_every`` epochs):
     its masks give the offset targets (2.2) and, once refinement starts, each point moves to its cell's
     offset-vote peak (Eq. 5); the M-step minimises Eq. 2-4 and 6 over the epoch's patches. Returns the mean loss
@@ -358,7 +393,7 @@ def em_epoch(config: TrainConfig, epoch: int, predictor: Predictor, opt: torch.o
     dataset.epoch = epoch
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-    sums, n = m_step_epoch(predictor, opt, loader, config.loss, use_offsets, config.freeze_trunk)
+    sums, n = m_step_epoch(predictor, opt, loader, config.loss, use_offsets, config.freeze_trunk, start)
     log.info("epoch %d: predict+refine %.1f s, %d steps %.1f s", epoch, t_pred, n, time.monotonic() - t0 - t_pred)
     return {**{k: v / n for k, v in sums.items()}, "mean_movement": movement}
 
@@ -369,8 +404,8 @@ class _Run:
     after every epoch, the time limit and the progress bar. Opening one with ``resume`` restores weights,
     optimiser and refined points from the checkpoint."""
 
-    FIELDS = ["epoch", "minutes", "lr", "loss", "voronoi", "cluster", "center", "offset", "type", "mean_movement",
-              "val_object_dice", "val_aji", "val_clicks"]
+    FIELDS = ["epoch", "minutes", "lr", "loss", "voronoi", "cluster", "center", "offset", "type", "keep",
+              "mean_movement", "val_object_dice", "val_aji", "val_clicks"]
 
     def __init__(self, config: TrainConfig, work: Path, predictor: Predictor, opt: torch.optim.Optimizer,
                  samples: list[Sample], val_items: list, held: list, resume: bool, progress: bool) -> None:
@@ -540,7 +575,7 @@ def predict_and_refine(predictor: Predictor, samples: list[Sample], refine: Refi
 
 
 def m_step_epoch(predictor: Predictor, opt, loader, loss: LossConfig, use_offsets: bool,
-                 freeze_trunk: bool = False) -> tuple[dict[str, float], int]:
+                 freeze_trunk: bool = False, start: torch.nn.Module | None = None) -> tuple[dict[str, float], int]:
     """One pass over the patches minimising Eq. 2-4 and 6 (offsets only once ``use_offsets``; the type loss for
     a typed model); returns the summed loss terms and the number of steps. ``freeze_trunk``: the trunk stays in
     eval mode (batch-norm statistics fixed) and only the type head learns."""
@@ -558,8 +593,11 @@ def m_step_epoch(predictor: Predictor, opt, loader, loss: LossConfig, use_offset
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             out = model(x)
+            if start is not None:
+                with torch.no_grad():
+                    start_maps = {k: v.float() for k, v in start(x).items()}
         out = {k: v.float() for k, v in out.items()}
-        terms = pronet_loss(out, batch, loss, use_offsets)
+        terms = pronet_loss(out, batch, loss, use_offsets, start_maps if start is not None else None)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         opt.step()

@@ -20,6 +20,11 @@ class LossConfig:
 
     class_weights : per-class weights of the type loss (empty: all 1); ``train`` sets them from the click counts
         (:func:`balanced_class_weights`) so a rare class is not drowned by the common ones.
+    lambda_keep : weight of a term that keeps the instance maps near the start model's (``train --init``; the
+        start model's foreground, centre and offset maps on the same patch are soft targets, as in "learning
+        without forgetting"): a few clicks then teach types and adapt the nuclei without unlearning what the start
+        model knew. 0 = off; None (the fine-tune recipe's) = by the number of classed clicks (``train``,
+        :func:`~pronet_wsi.training.loop.keep_weight_for`).
     type_background : weight of a background term in the type loss: pixels the pseudo labels call background
         (target -2) are taught "no class" (every class logit below a fixed 0 logit); 0 = ignored there, the
         default: 1 lowered the validation mean class F1 of both all-click runs (CoNSeP 0.488 -> 0.428, CRCHisto
@@ -34,10 +39,12 @@ class LossConfig:
     lambda_t: float = 1.0
     class_weights: tuple[float, ...] = ()
     type_background: float = 0.0
+    lambda_keep: float | None = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("lambda_b", "lambda_o", "lambda_c", "alpha", "beta", "lambda_t", "type_background"):
-            if getattr(self, name) < 0:
+        for name in ("lambda_b", "lambda_o", "lambda_c", "alpha", "beta", "lambda_t", "type_background",
+                     "lambda_keep"):
+            if (getattr(self, name) or 0) < 0:
                 raise InputError(f"{name}={getattr(self, name)}: must be >= 0")
         object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))
         if any(not w > 0 for w in self.class_weights):
@@ -129,9 +136,23 @@ def type_ce(logits: torch.Tensor, target: torch.Tensor, weights: tuple[float, ..
     return typed + background * bg_loss
 
 
+def keep_loss(out: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> torch.Tensor:
+    """How far the instance maps ``out`` moved from the start model's ``start`` (same patch): cross-entropy to its
+    foreground probabilities (mean over pixels) and to its centre probabilities (normalised by the start map's
+    centre mass, as the focal loss is by the number of points), plus the L1 of the offsets weighted by its
+    foreground probability. Minimal (the targets' entropy) where the maps agree."""
+    p_fg = torch.sigmoid(start["foreground"].float())
+    p_c = torch.sigmoid(start["centers"].float())
+    l_fg = F.binary_cross_entropy_with_logits(out["foreground"].float(), p_fg)
+    l_c = F.binary_cross_entropy_with_logits(out["centers"].float(), p_c, reduction="sum") / p_c.sum().clamp(min=1)
+    l_o = ((out["offsets"].float() - start["offsets"].float()).abs().sum(dim=1, keepdim=True) * p_fg).mean()
+    return l_fg + l_c + l_o
+
+
 def pronet_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], config: LossConfig,
-                use_offsets: bool) -> dict[str, torch.Tensor]:
-    """All terms and the weighted total, for logging and backward."""
+                use_offsets: bool, start: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """All terms and the weighted total, for logging and backward; ``start``: the start model's maps of the same
+    patch, for the keep term (``lambda_keep``)."""
     l_v = masked_bce(out["foreground"], batch["voronoi"])
     l_k = masked_bce(out["foreground"], batch["cluster"])
     l_c = focal_center_loss(out["centers"], batch["heatmap"], config.alpha, config.beta, batch.get("valid"))
@@ -143,5 +164,8 @@ def pronet_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], co
     terms = {"loss": total, "voronoi": l_v, "cluster": l_k, "center": l_c, "offset": l_o}
     if "types" in out and "types" in batch:
         terms["type"] = type_ce(out["types"], batch["types"], config.class_weights, config.type_background)
-        terms["loss"] = total + config.lambda_t * terms["type"]
+        terms["loss"] = terms["loss"] + config.lambda_t * terms["type"]
+    if start is not None and config.lambda_keep:
+        terms["keep"] = keep_loss(out, start)
+        terms["loss"] = terms["loss"] + config.lambda_keep * terms["keep"]
     return terms

@@ -16,6 +16,7 @@ from pronet_wsi.synthetic import synthetic_nuclei
 from pronet_wsi.training import loop
 from pronet_wsi.training.inputs import load_items, load_val_items
 from pronet_wsi.training.loop import TrainConfig, train
+from pronet_wsi.training.losses import LossConfig
 
 NAMES = ["TCGA-A7-A13E-01Z-00-DX1", "TCGA-B0-5711-01Z-00-DX1"]
 
@@ -82,9 +83,9 @@ def test_first_epochs_run_without_offsets_and_refinement(synthetic_items, tmp_pa
         calls.append(("predict", refine is not None))
         return real_predict(predictor, samples, refine)
 
-    def m_step_spy(predictor, opt, loader, loss, use_offsets, freeze_trunk=False):
+    def m_step_spy(predictor, opt, loader, loss, use_offsets, *rest):
         calls.append(("m_step", use_offsets))
-        return real_m_step(predictor, opt, loader, loss, use_offsets, freeze_trunk)
+        return real_m_step(predictor, opt, loader, loss, use_offsets, *rest)
 
     monkeypatch.setattr(loop, "predict_and_refine", predict_spy)
     monkeypatch.setattr(loop, "m_step_epoch", m_step_spy)
@@ -310,6 +311,11 @@ def test_the_readme_states_the_fine_tune_settings():
     assert (f"learning rate {type_lr_factor_for(MANY_TYPED_CLICKS):g}x from {MANY_TYPED_CLICKS:,} classed clicks on, "
             f"{type_lr_factor_for(MANY_TYPED_CLICKS - 1):g}x below") in text
     assert FINE_TUNE["offset_start_epoch"] == FINE_TUNE["refine_start_epoch"] == 0  # "from the first epoch"
+    from pronet_wsi.training.loop import KEEP_FEW_CLICKS, keep_weight_for
+
+    assert FINE_TUNE["loss"].lambda_keep is None and keep_weight_for(MANY_TYPED_CLICKS) == 0  # by the click count:
+    assert (f"From fewer than {MANY_TYPED_CLICKS:,} clicks" in text
+            and f"frozen copy of it; weight {KEEP_FEW_CLICKS:g}," in text)
 
 
 def test_the_type_head_rate_follows_the_number_of_classed_clicks():
@@ -323,6 +329,25 @@ def test_the_type_head_rate_follows_the_number_of_classed_clicks():
     assert few.classes == many.classes == ("S", "T")
     assert (few.type_lr_factor, many.type_lr_factor) == (1.0, 5.0)
     assert with_point_classes(TrainConfig(type_lr_factor=2.0), items(10)).type_lr_factor == 2.0  # given: kept
+
+
+def test_the_keep_term_follows_the_number_of_classed_clicks():
+    from pronet_wsi.training.loop import FINE_TUNE, KEEP_FEW_CLICKS, MANY_TYPED_CLICKS, with_point_classes
+
+    def items(n, classed=True):
+        return [("a", None, np.zeros((n, 2)), None, ["T" if i % 2 else "S" for i in range(n)] if classed else None)]
+
+    auto = FINE_TUNE["loss"]
+    assert auto.lambda_keep is None
+    few = with_point_classes(TrainConfig(loss=auto), items(MANY_TYPED_CLICKS - 1))
+    many = with_point_classes(TrainConfig(loss=auto), items(MANY_TYPED_CLICKS))
+    untyped = [with_point_classes(TrainConfig(loss=auto), items(n, classed=False))
+               for n in (MANY_TYPED_CLICKS - 1, MANY_TYPED_CLICKS)]
+    assert (few.loss.lambda_keep, many.loss.lambda_keep) == (KEEP_FEW_CLICKS, 0.0)
+    assert [u.loss.lambda_keep for u in untyped] == [KEEP_FEW_CLICKS, 0.0]  # untyped: all clicks count
+    given = TrainConfig(loss=LossConfig(lambda_keep=0.5))
+    assert with_point_classes(given, items(10)).loss.lambda_keep == 0.5  # given: kept
+    assert TrainConfig.from_json(few.to_json()).loss.lambda_keep == KEEP_FEW_CLICKS  # a resumed run keeps it
 
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated"])

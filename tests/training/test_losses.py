@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pronet_wsi.training.losses import LossConfig, focal_center_loss, masked_bce, offset_l1, pronet_loss
+from pronet_wsi.training.losses import LossConfig, focal_center_loss, keep_loss, masked_bce, offset_l1, pronet_loss
 
 
 def test_masked_bce_ignores_label_2_and_normalises_by_labelled_count():
@@ -53,3 +53,30 @@ def test_pronet_loss_weights_and_offset_switch():
     assert on["loss"].item() == pytest.approx(off["loss"].item() + 3 * 2.0, rel=1e-5)
     with pytest.raises(ValueError, match="lambda_b"):
         LossConfig(lambda_b=-1)
+
+
+def _maps(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(2, c, 8, 8, generator=g) * 3 for k, c in (("foreground", 1), ("centers", 1), ("offsets", 2))}
+
+
+def test_keep_loss_is_least_where_the_maps_agree_with_the_start_model():
+    start = _maps(0)
+    same = {k: v.clone().requires_grad_(True) for k, v in start.items()}
+    at_start = keep_loss(same, start)
+    at_start.backward()
+    assert all(float(v.grad.abs().max()) < 1e-6 for v in same.values())  # a minimum: no pull where they agree
+    assert keep_loss(_maps(1), start) > at_start + 0.1
+    moved = {**start, "offsets": start["offsets"] + 1.0}
+    assert keep_loss(moved, start) > at_start  # offsets count where the start model sees foreground
+
+
+def test_pronet_loss_adds_the_keep_term_only_with_its_weight_and_the_start_maps():
+    out, start = _maps(1), _maps(0)
+    batch = {"voronoi": torch.ones(2, 8, 8, dtype=torch.uint8), "cluster": torch.zeros(2, 8, 8, dtype=torch.uint8),
+             "heatmap": torch.zeros(2, 8, 8), "offsets": torch.zeros(2, 2, 8, 8),
+             "offset_mask": torch.ones(2, 8, 8, dtype=torch.bool)}
+    plain = pronet_loss(out, batch, LossConfig(), True, start)
+    kept = pronet_loss(out, batch, LossConfig(lambda_keep=2.0), True, start)
+    assert "keep" not in plain and "keep" not in pronet_loss(out, batch, LossConfig(lambda_keep=2.0), True)
+    assert kept["loss"].item() == pytest.approx(plain["loss"].item() + 2 * keep_loss(out, start).item(), rel=1e-5)

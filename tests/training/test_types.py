@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import logging
@@ -19,7 +20,7 @@ from pronet_wsi.synthetic import synthetic_typed_nuclei
 from pronet_wsi.training.dataset import type_target
 from pronet_wsi.training.inputs import item_classes, load_items, resample_items
 from pronet_wsi.training.loop import TrainConfig, start_model, train
-from pronet_wsi.training.losses import type_ce
+from pronet_wsi.training.losses import LossConfig, type_ce
 from pronet_wsi.training.points import centroids_from_labels, read_points_classes, read_regions, write_points_csv
 
 
@@ -185,6 +186,28 @@ def test_freeze_trunk_trains_only_the_type_head(tmp_path):
     assert load_model(out).config.classes == ("Dark", "Pale")
     with pytest.raises(InputError, match="no classes"):
         train(cfg, [(n, im, p) for n, im, p, *_ in _typed_items(1, 96)], tmp_path / "m2", progress=False)
+
+
+def test_keep_start_holds_the_nuclei_maps_near_the_start_model(tmp_path):
+    """--keep-start: the same fine-tune moves the instance maps less from the start model's, and logs the term."""
+    torch.manual_seed(0)
+    start = save_model(PRONet(ModelConfig(width=0.0625)), tmp_path / "start")
+    items = _typed_items(1, 96)
+    x = torch.from_numpy(items[0][1]).permute(2, 0, 1)[None].float() / 255
+
+    def moved(keep: float) -> float:
+        cfg = TrainConfig.recipe(init=str(start), width=0.0625, epochs=2, patch_px=64, patches_per_image=200,
+                                 batch_size=2, lr=1e-2, tune_thresholds=False, num_threads=1, holdout=0.0,
+                                 nucleus_classifier=False, loss=LossConfig(lambda_keep=keep))
+        out = train(cfg, items, tmp_path / f"m{keep}", progress=False)
+        rows = list(csv.DictReader(open(out / "train" / "log.csv")))
+        assert (rows[-1]["keep"] != "") == (keep > 0)
+        a, b = load_model(start).model.eval(), load_model(out).model.eval()
+        with torch.no_grad():
+            fa, fb = a(x), b(x)
+        return float(sum((torch.sigmoid(fa[k]) - torch.sigmoid(fb[k])).abs().mean() for k in ("foreground", "centers")))
+
+    assert moved(10.0) < 0.5 * moved(0.0)  # measured 0.03 vs 0.17
 
 
 def test_type_head_learns_the_class_that_follows_the_look(tmp_path):
