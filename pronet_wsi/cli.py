@@ -548,10 +548,6 @@ def train(images, points, labels, names, shift, slide, slide_mpp, regions, slide
 @click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for <stem>_voronoi.png, <stem>_cluster.png, <stem>_pseudolabels.png (+ .json).")
 @click.option("--lam", type=float, default=None, help="Geodesic weight in [0, 1] (default: PseudoLabelConfig's).")
-@click.option("--keep-start", type=float, default=None,
-              help="With --init: weight of a term that keeps the nuclei maps near the start model's while the "
-                   "clicks teach (0 = off; default: 1 from fewer than 5,000 clicks, classed clicks for classed "
-                   "points, else 0).")
 @click.option("--euclidean", is_flag=True, help="Euclidean instead of geodesic distance (the paper's ablation).")
 @click.option("--d-star", type=float, default=None, help="Distance truncation for k-means (paper: 70 MoNuSeg).")
 @click.option("--drop-outside", is_flag=True, help="Drop points outside the image instead of failing.")

@@ -85,8 +85,9 @@ def test_resume_refuses_the_options_it_would_ignore(folder):
     res = run("train", "--images", folder / "imgs", "--points", folder / "pts", *TINY, "-o", folder / "m")
     assert res.exit_code == 0, res.output
     res = run("train", "--images", folder / "imgs", "--points", folder / "pts", "--resume", "--lr", "1e-4",
-              "--width", "0.125", "--batch-size", "2", "-o", folder / "m")
-    assert res.exit_code == 2 and "would ignore --width, --lr;" in res.output and "--epochs" in res.output
+              "--width", "0.125", "--batch-size", "2", "--keep-start", "1", "-o", folder / "m")
+    assert res.exit_code == 2 and "would ignore --width, --lr, --keep-start;" in res.output
+    assert "--epochs" in res.output
     before = (folder / "m" / "weights.pt").read_bytes()
     res = run("train", "--images", folder / "imgs", "--points", folder / "pts", "--resume", *TINY[:-3],  # as before
               "--epochs", "2", "--quiet", "-o", folder / "m")
